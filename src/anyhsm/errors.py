@@ -1,0 +1,271 @@
+"""The one error hierarchy of anyhsm.
+
+Every error anyhsm raises derives from :class:`HsmError`. Each class carries a
+stable string ``code`` (for ``--json`` output and programs that branch on it)
+and a process ``exit_code`` used by the CLI. Messages say what failed and what
+to do; they never contain secret material.
+"""
+
+from __future__ import annotations
+
+
+class HsmError(Exception):
+    """Root of every anyhsm error."""
+
+    code: str = "hsm_error"
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message} ({hint})")
+
+    def to_dict(self) -> dict[str, str]:
+        """A JSON-ready description: stable code, class name, message, hint."""
+        out = {"code": self.code, "error": type(self).__name__, "message": self.message}
+        if self.hint:
+            out["hint"] = self.hint
+        return out
+
+
+# --- configuration -----------------------------------------------------------
+
+
+class ConfigError(HsmError):
+    """The configuration is missing, malformed or unsafe for its environment."""
+
+    code = "config_error"
+    exit_code = 3
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, problems: list[str] | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.problems = list(problems or [])
+
+
+# --- providers ---------------------------------------------------------------
+
+
+class ProviderError(HsmError):
+    """A provider (backend) failed."""
+
+    code = "provider_error"
+    exit_code = 4
+
+
+class ProviderUnavailable(ProviderError):
+    """A provider cannot be reached, or the key's provider is not open."""
+
+    code = "provider_unavailable"
+
+
+class ProviderTimeout(ProviderUnavailable):
+    """A provider did not answer within its time bound."""
+
+    code = "provider_timeout"
+
+
+class ProviderNotInstalled(ProviderUnavailable):
+    """The optional backend package for a provider is not installed."""
+
+    code = "provider_not_installed"
+
+
+class UnsupportedOperation(ProviderError):
+    """The provider cannot do what was asked (checked before any work is done)."""
+
+    code = "unsupported_operation"
+
+    def __init__(self, provider: str, capability: str, *, hint: str | None = None) -> None:
+        self.provider = provider
+        self.capability = capability
+        super().__init__(
+            f"provider {provider!r} does not support {capability}",
+            hint=hint or "use a key held by a provider that declares this capability",
+        )
+
+
+class AuthenticationFailed(ProviderError):
+    """A PIN, passphrase or other credential was rejected."""
+
+    code = "authentication_failed"
+    exit_code = 5
+
+
+class PinRejected(AuthenticationFailed):
+    """The PKCS#11 token rejected the PIN."""
+
+    code = "pin_rejected"
+
+
+class PinLocked(AuthenticationFailed):
+    """The PKCS#11 token's PIN is locked after too many wrong attempts."""
+
+    code = "pin_locked"
+
+
+# --- keystore ----------------------------------------------------------------
+
+
+class KeystoreError(HsmError):
+    """The encrypted software keystore failed."""
+
+    code = "keystore_error"
+    exit_code = 8
+
+
+class WrongPassphrase(KeystoreError, AuthenticationFailed):
+    """The passphrase does not open the keystore."""
+
+    code = "wrong_passphrase"
+    exit_code = 5
+
+
+class KeystoreCorrupted(KeystoreError):
+    """A keystore file is unreadable (truncated, not JSON, bad checksum)."""
+
+    code = "keystore_corrupted"
+
+
+class KeystoreTampered(KeystoreError):
+    """A keystore record failed authentication: it was edited, swapped or forged."""
+
+    code = "keystore_tampered"
+
+
+class UnsupportedFormatVersion(KeystoreError):
+    """A file was written by a newer (or unknown) format version."""
+
+    code = "unsupported_format_version"
+
+
+class KeystoreNotFound(KeystoreError):
+    """No keystore exists at the configured path."""
+
+    code = "keystore_not_found"
+    exit_code = 3
+
+
+class KeystoreExists(KeystoreError):
+    """A keystore already exists where a new one was to be created."""
+
+    code = "keystore_exists"
+
+
+class LockTimeout(KeystoreError):
+    """Another process held the keystore lock for too long."""
+
+    code = "lock_timeout"
+
+
+# --- keys ----------------------------------------------------------------------
+
+
+class HsmKeyError(HsmError):
+    """Base for key-level problems (named so that it never hides the built-in KeyError)."""
+
+    code = "key_error"
+    exit_code = 6
+
+
+class KeyNotFound(HsmKeyError):
+    """No key with that id or label."""
+
+    code = "key_not_found"
+
+
+class KeyExists(HsmKeyError):
+    """A key with that label already exists."""
+
+    code = "key_exists"
+
+
+class ExportNotAllowed(HsmKeyError):
+    """Export was asked for a key or provider that forbids it."""
+
+    code = "export_not_allowed"
+    exit_code = 7
+
+
+class InvalidKeyMaterial(HsmKeyError):
+    """Imported key material is malformed or out of range."""
+
+    code = "invalid_key_material"
+
+
+class InvalidDigest(HsmError):
+    """A digest to sign is not exactly 32 bytes."""
+
+    code = "invalid_digest"
+    exit_code = 2
+
+
+class SigningFailed(ProviderError):
+    """The provider returned no usable signature."""
+
+    code = "signing_failed"
+
+
+# --- policy ----------------------------------------------------------------------
+
+
+class PolicyViolation(HsmError):
+    """The security policy refused an operation."""
+
+    code = "policy_violation"
+    exit_code = 7
+
+
+class SecurityLevelTooLow(PolicyViolation):
+    """No provider at or above the minimum security level could be opened."""
+
+    code = "security_level_too_low"
+
+
+class NetworkMismatch(PolicyViolation):
+    """An address, key or PSBT belongs to another network than the configured one."""
+
+    code = "network_mismatch"
+
+
+class AllProvidersFailed(ProviderUnavailable):
+    """Every provider in the fallback chain failed to open."""
+
+    code = "all_providers_failed"
+
+
+# --- audit -----------------------------------------------------------------------
+
+
+class AuditError(HsmError):
+    """The audit log cannot be written or read."""
+
+    code = "audit_error"
+    exit_code = 8
+
+
+class AuditWriteFailed(AuditError):
+    """An audit entry could not be written; the operation was not performed."""
+
+    code = "audit_write_failed"
+
+
+class AuditTampered(AuditError):
+    """The audit log's chain is broken (edited, deleted, reordered, inserted or truncated)."""
+
+    code = "audit_tampered"
+
+    def __init__(self, message: str, *, line: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.line = line
+
+
+# --- Bitcoin -----------------------------------------------------------------------
+
+
+class BitcoinError(HsmError):
+    """Base for errors of the Bitcoin layer."""
+
+    code = "bitcoin_error"
+    exit_code = 2

@@ -1,0 +1,142 @@
+"""The contract every provider meets.
+
+Providers hold keys and sign 32-byte digests; they know nothing of Bitcoin.
+Optional abilities (import, export, BIP32 derivation) are separate small
+protocols whose presence is declared by :meth:`Provider.capabilities`, never
+discovered with ``hasattr``. :func:`require` turns a missing capability into
+:class:`~anyhsm.errors.UnsupportedOperation` before any work is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from anyhsm.errors import InvalidDigest, UnsupportedOperation
+from anyhsm.types import (
+    Capabilities,
+    DerivedPublicKey,
+    Environment,
+    Health,
+    KeyInfo,
+    KeyRef,
+    KeySpec,
+    KeyType,
+    Network,
+    SecurityLevel,
+    SigScheme,
+    SignParams,
+)
+
+if TYPE_CHECKING:
+    from anyhsm.secret import SecretBytes
+
+
+@dataclass(frozen=True)
+class ProviderContext:
+    """What the factory tells a provider about the deployment it serves."""
+
+    environment: Environment
+    network: Network
+    config_dir: Path
+    settings: dict[str, object] = field(default_factory=dict)  # the provider's own config table
+    software_settings: dict[str, object] = field(default_factory=dict)  # [providers.software]
+    passphrase: SecretBytes | None = None
+    allow_export: bool = False
+    timeout_s: float = 2.0
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A backend that holds keys and signs digests."""
+
+    name: str
+
+    def open(self) -> None:
+        """Connect and authenticate; raise a typed error if that is impossible."""
+
+    def close(self) -> None:
+        """Release sessions and wipe secrets held in memory."""
+
+    def health(self) -> Health:
+        """Report reachability and state (the handle adds the signing probe)."""
+
+    def capabilities(self) -> Capabilities: ...
+
+    def security_level(self) -> SecurityLevel: ...
+
+    def production_ready(self) -> bool:
+        """Whether this provider may serve a production deployment at all."""
+
+    def store_id(self) -> str:
+        """Identity of the store the keys live in; the same store reached two
+        ways (passphrase or TPM) has one id, so fallback loses no key."""
+
+    def generate_key(self, spec: KeySpec) -> KeyInfo: ...
+
+    def list_keys(self) -> list[KeyInfo]: ...
+
+    def get_key(self, key: KeyRef) -> KeyInfo: ...
+
+    def public_key(self, key: KeyRef) -> bytes: ...
+
+    def sign_digest(
+        self, key: KeyRef, digest: bytes, scheme: SigScheme, params: SignParams | None = None
+    ) -> bytes: ...
+
+    def delete_key(self, key: KeyRef) -> None: ...
+
+
+@runtime_checkable
+class KeyImporter(Protocol):
+    """Providers that accept key material from outside (``can_import``)."""
+
+    def import_key(
+        self, label: str, secret: SecretBytes, key_type: KeyType, *, exportable: bool = False
+    ) -> KeyInfo: ...
+
+
+@runtime_checkable
+class KeyExporter(Protocol):
+    """Providers that can hand out private material (``can_export``), when allowed."""
+
+    def export_key(self, key: KeyRef) -> SecretBytes: ...
+
+
+@runtime_checkable
+class Bip32Deriver(Protocol):
+    """Providers that derive BIP32 children inside themselves (``can_derive``)."""
+
+    def derive_public(self, key: KeyRef, path: tuple[int, ...]) -> DerivedPublicKey: ...
+
+
+def require(provider: Provider, capability: str, ok: bool, hint: str | None = None) -> None:
+    """Raise UnsupportedOperation unless ``ok``; call before doing any work."""
+    if not ok:
+        raise UnsupportedOperation(provider.name, capability, hint=hint)
+
+
+def check_sign_request(
+    provider: Provider, digest: bytes, scheme: SigScheme, params: SignParams | None
+) -> SignParams:
+    """Validate a sign request against the provider's capabilities up front."""
+    if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
+        raise InvalidDigest(
+            "digest must be exactly 32 bytes",
+            hint="hash the message first (for Bitcoin, the sighash)",
+        )
+    caps = provider.capabilities()
+    require(provider, f"the {scheme.value} signature scheme", scheme in caps.schemes)
+    p = params or SignParams()
+    if p.path:
+        require(provider, "BIP32 derivation", caps.can_derive, "use the key as a single key")
+    if p.tweak is not None:
+        require(provider, "taproot key tweaking", caps.can_tweak)
+        if scheme is not SigScheme.SCHNORR:
+            raise UnsupportedOperation(provider.name, "a tweak with ECDSA")
+        if len(p.tweak) != 32:
+            raise InvalidDigest("a tweak must be 32 bytes")
+    if p.aux_rand is not None and len(p.aux_rand) != 32:
+        raise InvalidDigest("aux_rand must be 32 bytes")
+    return p

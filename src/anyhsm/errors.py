@@ -269,3 +269,74 @@ class BitcoinError(HsmError):
 
     code = "bitcoin_error"
     exit_code = 2
+
+
+class EncodingError(BitcoinError):
+    """Base58Check, Bech32/Bech32m or compact-size data is malformed."""
+
+    code = "encoding_error"
+
+
+class TransactionError(BitcoinError):
+    """A transaction is malformed."""
+
+    code = "transaction_error"
+
+
+class ScriptError(BitcoinError):
+    """A script is malformed or of a kind that is not supported here."""
+
+    code = "script_error"
+
+
+class AddressError(BitcoinError):
+    """An address is malformed or belongs to another network."""
+
+    code = "address_error"
+
+
+class Bip32Error(BitcoinError):
+    """A BIP32 extended key or derivation path is invalid."""
+
+    code = "bip32_error"
+
+
+class MnemonicError(BitcoinError):
+    """A BIP39 mnemonic is invalid (unknown word, wrong length, bad checksum)."""
+
+    code = "mnemonic_error"
+
+
+class DescriptorError(BitcoinError):
+    """An output descriptor is malformed or has a wrong checksum."""
+
+    code = "descriptor_error"
+
+
+class MessageError(BitcoinError):
+    """A signed message (BIP137 / BIP322) is malformed or does not verify."""
+
+    code = "message_error"
+
+
+class PsbtError(BitcoinError):
+    """A PSBT is malformed; the message names the field that is wrong."""
+
+    code = "psbt_error"
+
+    def __init__(self, message: str, *, field: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.field = field
+
+
+class SigningPolicyError(PolicyViolation):
+    """The Bitcoin signing policy refused to sign (missing UTXO, absurd fee, sighash...)."""
+
+    code = "signing_policy"
+
+
+class NothingSigned(BitcoinError):
+    """No input of the PSBT could be signed with the keys available."""
+
+    code = "nothing_signed"
+    exit_code = 9

@@ -25,8 +25,8 @@ from anyhsm.types import (
     KeyType,
     Network,
     SecurityLevel,
-    SigScheme,
     SignParams,
+    SigScheme,
 )
 
 if TYPE_CHECKING:

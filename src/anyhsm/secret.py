@@ -14,6 +14,7 @@ What Python can and cannot guarantee (see docs/security-model.md):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hmac
@@ -53,7 +54,9 @@ def _mlock(buf: bytearray) -> bool:
         return False
     _mlock_state["attempted"] += 1
     try:
-        ok = _libc.mlock(ctypes.c_void_p(_buffer_address(buf)), ctypes.c_size_t(len(buf))) == 0
+        ok = bool(
+            _libc.mlock(ctypes.c_void_p(_buffer_address(buf)), ctypes.c_size_t(len(buf))) == 0
+        )
     except (AttributeError, OSError):
         ok = False
     if ok:
@@ -64,10 +67,8 @@ def _mlock(buf: bytearray) -> bool:
 def _munlock(buf: bytearray) -> None:
     if _libc is None or not buf:
         return
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         _libc.munlock(ctypes.c_void_p(_buffer_address(buf)), ctypes.c_size_t(len(buf)))
-    except (AttributeError, OSError):  # pragma: no cover
-        pass
 
 
 def wipe(buf: bytearray | memoryview) -> None:
@@ -75,9 +76,7 @@ def wipe(buf: bytearray | memoryview) -> None:
     view = memoryview(buf).cast("B")
     n = len(view)
     if n:
-        ctypes.memset(
-            ctypes.addressof((ctypes.c_char * n).from_buffer(view)), 0, n
-        )
+        ctypes.memset(ctypes.addressof((ctypes.c_char * n).from_buffer(view)), 0, n)
 
 
 class SecretBytes:
@@ -150,10 +149,9 @@ class SecretBytes:
         self.wipe()
 
     def __del__(self) -> None:
-        try:
+        # Nothing useful can be done about a failure during interpreter teardown.
+        with contextlib.suppress(Exception):
             self.wipe()
-        except Exception:  # noqa: S110 - nothing useful to do during interpreter teardown
-            pass
 
     def __repr__(self) -> str:
         return f"<SecretBytes len={len(self._buf)}{' wiped' if self._wiped else ''}>"

@@ -27,7 +27,9 @@ class SigScheme(enum.Enum):
             names = ", ".join(s.value for s in cls)
             from anyhsm.errors import HsmError
 
-            raise HsmError(f"unknown signature scheme {text!r}", hint=f"use one of: {names}") from None
+            raise HsmError(
+                f"unknown signature scheme {text!r}", hint=f"use one of: {names}"
+            ) from None
 
 
 class KeyType(enum.Enum):
@@ -215,7 +217,9 @@ class Health:
             "name": self.provider,
             "status": self.status,
             "reason": self.reason,
-            "security_level": self.security_level.label if self.security_level is not None else None,
+            "security_level": self.security_level.label
+            if self.security_level is not None
+            else None,
             "elapsed_ms": round(self.elapsed_ms, 3),
             "details": dict(self.details),
         }

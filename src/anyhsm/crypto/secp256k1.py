@@ -224,7 +224,9 @@ def schnorr_sign(
             raise CurveError("schnorr signing failed")
         return bytes(ffi.buffer(sig, 64))
     finally:
-        ffi.memmove(keypair, bytes(ffi.sizeof("secp256k1_keypair")), ffi.sizeof("secp256k1_keypair"))
+        ffi.memmove(
+            keypair, bytes(ffi.sizeof("secp256k1_keypair")), ffi.sizeof("secp256k1_keypair")
+        )
 
 
 def xonly(pub33: bytes) -> bytes:
@@ -268,7 +270,9 @@ def bip32_master(seed: SecretBuf) -> tuple[bytearray, bytes]:
     chain = bytes(i[32:])
     i[:] = bytes(64)
     if not valid_secret(key):
-        raise CurveError("seed gives an invalid master key (probability < 2^-127); use another seed")
+        raise CurveError(
+            "seed gives an invalid master key (probability < 2^-127); use another seed"
+        )
     return key, chain
 
 

@@ -1,0 +1,183 @@
+"""Bitcoin transactions: parse and serialise (BIP144 segwit serialisation included).
+
+Every reader takes a binary stream (``read_from``) and every writer returns
+bytes (``serialize``), the pairing from which parse and serialize follow.
+Hashes are kept in internal byte order; ``txid_hex`` gives the display form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from anyhsm.bitcoin.encoding import (
+    as_stream,
+    compact_size,
+    read_compact_size,
+    read_exact,
+    read_var_bytes,
+    sha256d,
+    var_bytes,
+)
+from anyhsm.errors import EncodingError, TransactionError
+
+MAX_MONEY = 21_000_000 * 100_000_000
+_MAX_COUNT = 100_000
+
+
+@dataclass(frozen=True)
+class OutPoint:
+    txid: bytes  # 32 bytes, internal byte order
+    vout: int
+
+    def serialize(self) -> bytes:
+        return self.txid + self.vout.to_bytes(4, "little")
+
+    @classmethod
+    def read_from(cls, stream: BinaryIO) -> OutPoint:
+        txid = read_exact(stream, 32, "outpoint")
+        return cls(txid, int.from_bytes(read_exact(stream, 4, "outpoint"), "little"))
+
+    def __str__(self) -> str:
+        return f"{self.txid[::-1].hex()}:{self.vout}"
+
+
+@dataclass
+class TxIn:
+    prevout: OutPoint
+    script_sig: bytes = b""
+    sequence: int = 0xFFFFFFFF
+    witness: list[bytes] = field(default_factory=list)
+
+    def serialize(self) -> bytes:
+        return (
+            self.prevout.serialize()
+            + var_bytes(self.script_sig)
+            + self.sequence.to_bytes(4, "little")
+        )
+
+    @classmethod
+    def read_from(cls, stream: BinaryIO) -> TxIn:
+        prevout = OutPoint.read_from(stream)
+        script_sig = read_var_bytes(stream, "scriptSig")
+        sequence = int.from_bytes(read_exact(stream, 4, "sequence"), "little")
+        return cls(prevout, script_sig, sequence)
+
+
+@dataclass
+class TxOut:
+    value: int  # satoshis
+    script_pubkey: bytes
+
+    def serialize(self) -> bytes:
+        return self.value.to_bytes(8, "little") + var_bytes(self.script_pubkey)
+
+    @classmethod
+    def read_from(cls, stream: BinaryIO) -> TxOut:
+        value = int.from_bytes(read_exact(stream, 8, "output amount"), "little", signed=True)
+        if not 0 <= value <= MAX_MONEY:
+            raise TransactionError(f"output amount {value} is out of range")
+        return cls(value, read_var_bytes(stream, "scriptPubKey"))
+
+    @classmethod
+    def parse(cls, data: bytes) -> TxOut:
+        stream = as_stream(data)
+        out = cls.read_from(stream)
+        if stream.read(1):
+            raise TransactionError("trailing bytes after output")
+        return out
+
+
+@dataclass
+class Transaction:
+    version: int = 2
+    inputs: list[TxIn] = field(default_factory=list)
+    outputs: list[TxOut] = field(default_factory=list)
+    locktime: int = 0
+
+    @property
+    def has_witness(self) -> bool:
+        return any(i.witness for i in self.inputs)
+
+    def serialize(self, include_witness: bool = True) -> bytes:
+        witness = include_witness and self.has_witness
+        parts = [self.version.to_bytes(4, "little", signed=True)]
+        if witness:
+            parts.append(b"\x00\x01")
+        parts.append(compact_size(len(self.inputs)))
+        parts.extend(i.serialize() for i in self.inputs)
+        parts.append(compact_size(len(self.outputs)))
+        parts.extend(o.serialize() for o in self.outputs)
+        if witness:
+            for i in self.inputs:
+                parts.append(compact_size(len(i.witness)))
+                parts.extend(var_bytes(item) for item in i.witness)
+        parts.append(self.locktime.to_bytes(4, "little"))
+        return b"".join(parts)
+
+    def txid(self) -> bytes:
+        """Transaction id in internal byte order."""
+        return sha256d(self.serialize(include_witness=False))
+
+    def txid_hex(self) -> str:
+        return self.txid()[::-1].hex()
+
+    def wtxid(self) -> bytes:
+        return sha256d(self.serialize(include_witness=True))
+
+    @classmethod
+    def read_from(cls, stream: BinaryIO, *, allow_witness: bool = True) -> Transaction:
+        try:
+            version = int.from_bytes(read_exact(stream, 4, "version"), "little", signed=True)
+            n_in = read_compact_size(stream, "input count")
+            segwit = False
+            if n_in == 0 and allow_witness:
+                flag = read_exact(stream, 1, "segwit flag")[0]
+                if flag != 1:
+                    raise TransactionError("invalid segwit flag byte")
+                segwit = True
+                n_in = read_compact_size(stream, "input count")
+                if n_in == 0:
+                    raise TransactionError("segwit transaction with no inputs")
+            if n_in > _MAX_COUNT:
+                raise TransactionError("too many inputs")
+            inputs = [TxIn.read_from(stream) for _ in range(n_in)]
+            n_out = read_compact_size(stream, "output count")
+            if n_out > _MAX_COUNT:
+                raise TransactionError("too many outputs")
+            outputs = [TxOut.read_from(stream) for _ in range(n_out)]
+            if segwit:
+                for txin in inputs:
+                    n_items = read_compact_size(stream, "witness item count")
+                    if n_items > _MAX_COUNT:
+                        raise TransactionError("too many witness items")
+                    txin.witness = [read_var_bytes(stream, "witness item") for _ in range(n_items)]
+                if not any(i.witness for i in inputs):
+                    raise TransactionError("segwit serialisation with empty witnesses")
+            locktime = int.from_bytes(read_exact(stream, 4, "locktime"), "little")
+        except EncodingError as e:
+            raise TransactionError(f"malformed transaction: {e.message}") from None
+        return cls(version, inputs, outputs, locktime)
+
+    @classmethod
+    def parse(cls, data: bytes | str, *, allow_witness: bool = True) -> Transaction:
+        """Parse raw bytes or hex; trailing bytes are an error."""
+        if isinstance(data, str):
+            try:
+                data = bytes.fromhex(data.strip())
+            except ValueError:
+                raise TransactionError("transaction hex is not valid hexadecimal") from None
+        stream = as_stream(data)
+        tx = cls.read_from(stream, allow_witness=allow_witness)
+        if stream.read(1):
+            raise TransactionError("trailing bytes after transaction")
+        return tx
+
+    def copy(self) -> Transaction:
+        return Transaction.parse(self.serialize())
+
+    def vsize(self) -> int:
+        base = len(self.serialize(include_witness=False))
+        total = len(self.serialize(include_witness=True))
+        weight = base * 3 + total
+        return (weight + 3) // 4

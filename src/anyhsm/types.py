@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 KeyRef = str
 """A key is named by its stable id or by its operator-chosen label."""
 
+INTERNAL_LABEL_PREFIX = "anyhsm:"
+"""Labels with this prefix are anyhsm's own keys (the health probe key); operators
+cannot create them and listings hide them. Providers persist the flag this way."""
+
+HEALTH_PROBE_LABEL = INTERNAL_LABEL_PREFIX + "health-probe"
+
 
 class SigScheme(enum.Enum):
     """Signature schemes a provider may offer."""
@@ -137,7 +143,11 @@ class KeySpec:
     label: str
     key_type: KeyType = KeyType.SECP256K1
     exportable: bool = False
-    internal: bool = False  # anyhsm's own keys (health probe); hidden from listings
+
+    @property
+    def internal(self) -> bool:
+        """anyhsm's own keys (health probe); hidden from listings."""
+        return self.label.startswith(INTERNAL_LABEL_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -152,8 +162,11 @@ class KeyInfo:
     store: str = ""  # where the key lives (e.g. "keystore:<id>", "pkcs11:<serial>")
     exportable: bool = False
     created_at: str = ""
-    internal: bool = False
     chain_code: bytes | None = field(default=None, repr=False)  # BIP32 master chain code (public)
+
+    @property
+    def internal(self) -> bool:
+        return self.label.startswith(INTERNAL_LABEL_PREFIX)
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {

@@ -74,9 +74,7 @@ def _munlock(buf: bytearray) -> None:
 def wipe(buf: bytearray | memoryview) -> None:
     """Overwrite a mutable buffer with zeros in place."""
     view = memoryview(buf).cast("B")
-    n = len(view)
-    if n:
-        ctypes.memset(ctypes.addressof((ctypes.c_char * n).from_buffer(view)), 0, n)
+    view[:] = bytes(len(view))  # same-length slice assignment writes in place
 
 
 class SecretBytes:

@@ -1,0 +1,144 @@
+"""Passphrase key derivation: memory-hard (Argon2id by default, scrypt supported).
+
+Parameters are stored with the keystore so they can be raised later
+(``Keystore.change_passphrase`` re-wraps the master key under new ones).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from anyhsm.errors import ConfigError, KeystoreCorrupted, UnsupportedFormatVersion
+from anyhsm.secret import SecretBytes
+
+# What production requires at least (OWASP 2023 guidance for Argon2id / scrypt).
+PRODUCTION_MIN_ARGON2_MEMORY_KIB = 64 * 1024
+PRODUCTION_MIN_ARGON2_ITERATIONS = 3
+PRODUCTION_MIN_SCRYPT_N = 2**17
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    """A KDF choice with its cost parameters and salt."""
+
+    name: str = "argon2id"  # "argon2id" | "scrypt"
+    memory_kib: int = 64 * 1024  # argon2id memory cost
+    iterations: int = 3  # argon2id time cost
+    lanes: int = 1  # argon2id parallelism
+    n: int = 2**17  # scrypt CPU/memory cost
+    r: int = 8
+    p: int = 1
+    salt: bytes = b""
+
+    def with_salt(self) -> KdfParams:
+        return KdfParams(
+            self.name, self.memory_kib, self.iterations, self.lanes, self.n, self.r, self.p,
+            os.urandom(16),
+        )  # fmt: skip
+
+    def weaknesses(self) -> list[str]:
+        """Reasons these parameters are too weak for production (empty if fine)."""
+        out = []
+        if self.name == "argon2id":
+            if self.memory_kib < PRODUCTION_MIN_ARGON2_MEMORY_KIB:
+                out.append(
+                    f"argon2id memory_kib={self.memory_kib} is below "
+                    f"{PRODUCTION_MIN_ARGON2_MEMORY_KIB}"
+                )
+            if self.iterations < PRODUCTION_MIN_ARGON2_ITERATIONS:
+                out.append(
+                    f"argon2id iterations={self.iterations} is below "
+                    f"{PRODUCTION_MIN_ARGON2_ITERATIONS}"
+                )
+        elif self.name == "scrypt" and self.n < PRODUCTION_MIN_SCRYPT_N:
+            out.append(f"scrypt n={self.n} is below {PRODUCTION_MIN_SCRYPT_N}")
+        return out
+
+    def to_dict(self) -> dict[str, object]:
+        common: dict[str, object] = {
+            "name": self.name,
+            "salt": base64.b64encode(self.salt).decode(),
+        }
+        if self.name == "argon2id":
+            common.update(memory_kib=self.memory_kib, iterations=self.iterations, lanes=self.lanes)
+        else:
+            common.update(n=self.n, r=self.r, p=self.p)
+        return common
+
+    @classmethod
+    def from_dict(cls, data: object) -> KdfParams:
+        if not isinstance(data, dict):
+            raise KeystoreCorrupted("keystore header: 'kdf' is not an object")
+        name = data.get("name")
+        if name not in ("argon2id", "scrypt"):
+            raise UnsupportedFormatVersion(
+                f"keystore uses an unknown KDF {name!r}",
+                hint="upgrade anyhsm to a version that knows it",
+            )
+        try:
+            salt = base64.b64decode(str(data["salt"]), validate=True)
+            if name == "argon2id":
+                return cls(
+                    "argon2id",
+                    memory_kib=_int(data["memory_kib"]),
+                    iterations=_int(data["iterations"]),
+                    lanes=_int(data["lanes"]),
+                    salt=salt,
+                )
+            return cls("scrypt", n=_int(data["n"]), r=_int(data["r"]), p=_int(data["p"]), salt=salt)
+        except (KeyError, ValueError, TypeError) as e:
+            raise KeystoreCorrupted(f"keystore header: bad KDF parameters ({e})") from None
+
+    @classmethod
+    def from_settings(cls, settings: object) -> KdfParams:
+        """KDF choice from a ``[providers.software.kdf]`` config table (no salt)."""
+        if settings is None:
+            return cls()
+        if not isinstance(settings, dict):
+            raise ConfigError("providers.software.kdf must be a table")
+        name = str(settings.get("name", "argon2id"))
+        if name not in ("argon2id", "scrypt"):
+            raise ConfigError(f"unknown KDF {name!r}", hint="use argon2id or scrypt")
+        try:
+            if name == "argon2id":
+                return cls(
+                    "argon2id",
+                    memory_kib=int(settings.get("memory_kib", 64 * 1024)),
+                    iterations=int(settings.get("iterations", 3)),
+                    lanes=int(settings.get("lanes", 1)),
+                )
+            return cls(
+                "scrypt",
+                n=int(settings.get("n", 2**17)),
+                r=int(settings.get("r", 8)),
+                p=int(settings.get("p", 1)),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"providers.software.kdf: {e}") from None
+
+
+def _int(v: object) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{v!r} is not a positive integer")
+    return v
+
+
+def derive_kek(passphrase: SecretBytes, params: KdfParams) -> SecretBytes:
+    """Derive the 32-byte key-encryption key from the passphrase."""
+    if params.name == "argon2id":
+        kdf: Argon2id | Scrypt = Argon2id(
+            salt=params.salt,
+            length=32,
+            iterations=params.iterations,
+            lanes=params.lanes,
+            memory_cost=params.memory_kib,
+        )
+    else:
+        kdf = Scrypt(salt=params.salt, length=32, n=params.n, r=params.r, p=params.p)
+    # cryptography returns bytes; copy into a wipeable buffer at once.
+    return SecretBytes(kdf.derive(bytes(passphrase.buffer)))

@@ -1,0 +1,126 @@
+"""Signing with key material held in this process (software keystore, simulator).
+
+Shared by the providers whose secrets live in process memory, so that both
+sign, derive and tweak in exactly one way: through libsecp256k1, with every
+intermediate secret in a buffer that is wiped before returning.
+"""
+
+from __future__ import annotations
+
+import os
+
+from anyhsm.crypto import secp256k1 as curve
+from anyhsm.errors import InvalidKeyMaterial, UnsupportedOperation
+from anyhsm.types import DerivedPublicKey, KeyType, SignParams, SigScheme
+
+SecretView = bytearray | memoryview
+
+LOCAL_KEY_TYPES = frozenset({KeyType.SECP256K1, KeyType.BIP32})
+
+
+def new_secret(key_type: KeyType, extra_entropy: bytes | None = None) -> bytearray:
+    """Fresh key material: 32-byte scalar, or 64-byte BIP32 seed. Optional extra
+    entropy (e.g. from a TPM RNG) is XOR-ed in, which can only add entropy."""
+    size = 64 if key_type is KeyType.BIP32 else 32
+    while True:
+        buf = bytearray(os.urandom(size))
+        if extra_entropy:
+            for i in range(min(size, len(extra_entropy))):
+                buf[i] ^= extra_entropy[i]
+        if key_type is KeyType.BIP32:
+            try:
+                master, _ = curve.bip32_master(buf)
+            except curve.CurveError:
+                buf[:] = bytes(size)
+                continue
+            master[:] = bytes(32)
+            return buf
+        if curve.valid_secret(buf):
+            return buf
+        buf[:] = bytes(size)
+
+
+def check_material(key_type: KeyType, secret: SecretView) -> None:
+    """Reject out-of-range scalars and malformed seeds before storing them."""
+    if key_type is KeyType.SECP256K1:
+        if not curve.valid_secret(secret):
+            raise InvalidKeyMaterial(
+                "a secp256k1 private key must be 32 bytes, non-zero and below the curve order"
+            )
+    elif key_type is KeyType.BIP32:
+        if not 16 <= len(secret) <= 64:
+            raise InvalidKeyMaterial("a BIP32 seed must be 16 to 64 bytes")
+        try:
+            master, _ = curve.bip32_master(secret)
+        except curve.CurveError as e:
+            raise InvalidKeyMaterial(str(e)) from None
+        master[:] = bytes(32)
+    else:
+        raise InvalidKeyMaterial(f"key type {key_type.value} is not supported here")
+
+
+def public_facts(key_type: KeyType, secret: SecretView) -> tuple[bytes, bytes | None]:
+    """(compressed public key, chain code or None) of stored material."""
+    if key_type is KeyType.BIP32:
+        master, chain = curve.bip32_master(secret)
+        try:
+            return curve.public_key(master), chain
+        finally:
+            master[:] = bytes(32)
+    return curve.public_key(secret), None
+
+
+def sign(
+    provider: str,
+    key_type: KeyType,
+    secret: SecretView,
+    digest: bytes,
+    scheme: SigScheme,
+    params: SignParams,
+) -> bytes:
+    """Sign with stored material (deriving the BIP32 child at ``params.path`` first)."""
+    if key_type is KeyType.BIP32:
+        master, chain = curve.bip32_master(secret)
+        try:
+            child, _, _, _ = curve.bip32_derive_priv(master, chain, params.path)
+        finally:
+            master[:] = bytes(32)
+        try:
+            return _sign_scalar(child, digest, scheme, params)
+        finally:
+            child[:] = bytes(32)
+    if params.path:
+        raise UnsupportedOperation(
+            provider,
+            "BIP32 derivation on a single (non-HD) key",
+            hint="sign without a path, or use a key of type bip32",
+        )
+    return _sign_scalar(secret, digest, scheme, params)
+
+
+def _sign_scalar(secret: SecretView, digest: bytes, scheme: SigScheme, params: SignParams) -> bytes:
+    if scheme is SigScheme.ECDSA:
+        return curve.ecdsa_sign(secret, digest, grind_low_r=params.grind_low_r)
+    return curve.schnorr_sign(secret, digest, params.aux_rand, params.tweak)
+
+
+def derive_public(
+    provider: str, key_type: KeyType, secret: SecretView, path: tuple[int, ...]
+) -> DerivedPublicKey:
+    if key_type is not KeyType.BIP32:
+        raise UnsupportedOperation(provider, "BIP32 derivation on a single (non-HD) key")
+    master, chain = curve.bip32_master(secret)
+    try:
+        master_fp = curve.hash160(curve.public_key(master))[:4]
+        child, child_chain, parent_pub, pub = curve.bip32_derive_priv(master, chain, path)
+        child[:] = bytes(32)
+    finally:
+        master[:] = bytes(32)
+    return DerivedPublicKey(
+        public_key=pub,
+        chain_code=child_chain,
+        depth=len(path),
+        parent_fingerprint=curve.hash160(parent_pub)[:4] if path else bytes(4),
+        child_number=path[-1] if path else 0,
+        master_fingerprint=master_fp,
+    )

@@ -1,0 +1,264 @@
+"""The software provider: keys sealed in the encrypted file keystore.
+
+It is the embedded default and the base of the TPM and HSM-wrapped providers,
+which reach the same keystore by unsealing its master key instead of
+deriving it from the passphrase (override :meth:`SoftwareProvider._unlock`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from anyhsm.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    ExportNotAllowed,
+    KeystoreError,
+    UnsupportedOperation,
+)
+from anyhsm.keystore import KdfParams, KeyRecord, Keystore
+from anyhsm.provider import ProviderContext, check_sign_request, require
+from anyhsm.providers import local_signing
+from anyhsm.secret import SecretBytes, mlock_status
+from anyhsm.types import (
+    Capabilities,
+    DerivedPublicKey,
+    Environment,
+    Health,
+    KeyInfo,
+    KeyRef,
+    KeySpec,
+    KeyType,
+    SecurityLevel,
+    SignParams,
+    SigScheme,
+)
+
+MIN_PRODUCTION_PASSPHRASE = 32
+
+
+def keystore_path(context: ProviderContext) -> Path:
+    raw = context.software_settings.get("path", "keystore")
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError("providers.software.path must be a non-empty string")
+    p = Path(raw).expanduser()
+    return p if p.is_absolute() else (context.config_dir / p)
+
+
+def passphrase_problems(passphrase: SecretBytes | None, kdf: KdfParams) -> list[str]:
+    """What makes this unlock unfit for production (empty if fine)."""
+    out = list(kdf.weaknesses())
+    if passphrase is not None:
+        try:
+            chars = len(bytes(passphrase.buffer).decode("utf-8"))
+        except UnicodeDecodeError:
+            chars = len(passphrase)
+        if chars < MIN_PRODUCTION_PASSPHRASE:
+            out.append(
+                f"the passphrase has {chars} characters; production needs at least "
+                f"{MIN_PRODUCTION_PASSPHRASE}"
+            )
+    return out
+
+
+class SoftwareProvider:
+    """Keys in the envelope-encrypted keystore, opened with the passphrase."""
+
+    name = "software"
+
+    def __init__(self, context: ProviderContext) -> None:
+        self._ctx = context
+        self._path = keystore_path(context)
+        self._ks: Keystore | None = None
+
+    # --- hooks for providers that unlock the same keystore another way ----------------
+
+    def _unlock(self, keystore: Keystore) -> None:
+        passphrase = self._ctx.passphrase
+        if passphrase is None:
+            raise AuthenticationFailed(
+                f"no passphrase to open the keystore at {self._path}",
+                hint="set ANYHSM_PASSPHRASE, use --passphrase-file, or enroll a TPM",
+            )
+        keystore.unlock_with_passphrase(passphrase)
+        if self._ctx.environment is Environment.PRODUCTION:
+            problems = passphrase_problems(passphrase, keystore.kdf)
+            if problems:
+                keystore.close()
+                raise ConfigError(
+                    "the keystore is not fit for production: " + "; ".join(problems),
+                    hint="use a passphrase of 32+ characters and 'anyhsm keystore passwd' "
+                    "to raise the KDF cost",
+                )
+
+    def _extra_entropy(self) -> bytes | None:
+        """Extra randomness to mix into new keys (a TPM RNG); None by default."""
+        return None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        ks = Keystore.load(self._path)
+        self._unlock(ks)
+        self._ks = ks
+
+    def close(self) -> None:
+        if self._ks is not None:
+            self._ks.close()
+            self._ks = None
+
+    @property
+    def keystore(self) -> Keystore:
+        if self._ks is None:
+            raise KeystoreError(f"provider {self.name!r} is not open")
+        return self._ks
+
+    def health(self) -> Health:
+        t0 = time.perf_counter()
+        ks = self.keystore
+        ks.refresh()
+        details = {
+            "keystore": str(self._path),
+            "store_id": ks.store_id,
+            "unlocked_by": ks.unlocked_by,
+            "kdf": ks.kdf.name,
+            "mlock": mlock_status(),
+            "records": str(len(ks.records())),
+        }
+        weak = ks.kdf.weaknesses()
+        if weak:
+            details["kdf_upgrade"] = "recommended: " + "; ".join(weak)
+        if ks.problems:
+            details["damaged_records"] = ",".join(sorted(ks.problems))
+            return Health(
+                self.name,
+                False,
+                "degraded",
+                f"{len(ks.problems)} key record(s) fail authentication: "
+                + "; ".join(e.message for e in ks.problems.values()),
+                self.security_level(),
+                (time.perf_counter() - t0) * 1000,
+                details,
+            )
+        return Health(
+            self.name,
+            True,
+            "ok",
+            "",
+            self.security_level(),
+            (time.perf_counter() - t0) * 1000,
+            details,
+        )
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            key_types=local_signing.LOCAL_KEY_TYPES,
+            schemes=frozenset({SigScheme.ECDSA, SigScheme.SCHNORR}),
+            can_import=True,
+            can_export=True,
+            can_derive=True,
+            can_tweak=True,
+            controls_nonce=True,
+            persistent=True,
+        )
+
+    def security_level(self) -> SecurityLevel:
+        return SecurityLevel.SOFTWARE
+
+    def production_ready(self) -> bool:
+        return True
+
+    def store_id(self) -> str:
+        return f"keystore:{self.keystore.store_id}"
+
+    # --- keys -----------------------------------------------------------------------------
+
+    def _info(self, rec: KeyRecord) -> KeyInfo:
+        return KeyInfo(
+            id=rec.id,
+            label=rec.label,
+            provider=self.name,
+            public_key=rec.public_key,
+            key_type=rec.key_type,
+            store=self.store_id(),
+            exportable=rec.exportable,
+            created_at=rec.created_at,
+            chain_code=rec.chain_code,
+        )
+
+    def _sealed(self, key: KeyRef) -> KeyRecord:
+        rec = self.keystore.find(key)
+        if rec.kind != "sealed":
+            raise UnsupportedOperation(
+                self.name,
+                f"key {rec.label!r}, which lives in provider {rec.provider!r}",
+            )
+        return rec
+
+    def _store(
+        self, label: str, key_type: KeyType, secret: bytearray | memoryview, exportable: bool
+    ) -> KeyInfo:
+        require(self, f"key type {key_type.value}", key_type in local_signing.LOCAL_KEY_TYPES)
+        local_signing.check_material(key_type, secret)
+        pub, chain = local_signing.public_facts(key_type, secret)
+        with SecretBytes(secret) as sb:
+            rec = self.keystore.add_sealed(
+                label, key_type, sb, pub, exportable=exportable, chain_code=chain
+            )
+        return self._info(rec)
+
+    def generate_key(self, spec: KeySpec) -> KeyInfo:
+        require(
+            self, f"key type {spec.key_type.value}", spec.key_type in local_signing.LOCAL_KEY_TYPES
+        )
+        buf = local_signing.new_secret(spec.key_type, self._extra_entropy())
+        try:
+            return self._store(spec.label, spec.key_type, buf, spec.exportable)
+        finally:
+            buf[:] = bytes(len(buf))
+
+    def import_key(
+        self, label: str, secret: SecretBytes, key_type: KeyType, *, exportable: bool = False
+    ) -> KeyInfo:
+        return self._store(label, key_type, secret.buffer, exportable)
+
+    def export_key(self, key: KeyRef) -> SecretBytes:
+        rec = self._sealed(key)
+        if not (rec.exportable and self._ctx.allow_export):
+            raise ExportNotAllowed(
+                f"key {rec.label!r} may not be exported",
+                hint="only keys created or imported with exportable=true can be exported, and "
+                "only when the configuration sets [policy] allow_export = true",
+            )
+        with self.keystore.secret(rec) as view:
+            return SecretBytes(view)
+
+    def list_keys(self) -> list[KeyInfo]:
+        return [self._info(r) for r in self.keystore.records() if r.kind == "sealed"]
+
+    def references(self) -> list[KeyRecord]:
+        """Keys that live in other stores, recorded so routing can name them."""
+        return [r for r in self.keystore.records() if r.kind == "reference"]
+
+    def get_key(self, key: KeyRef) -> KeyInfo:
+        return self._info(self._sealed(key))
+
+    def public_key(self, key: KeyRef) -> bytes:
+        return self._sealed(key).public_key
+
+    def sign_digest(
+        self, key: KeyRef, digest: bytes, scheme: SigScheme, params: SignParams | None = None
+    ) -> bytes:
+        p = check_sign_request(self, digest, scheme, params)
+        rec = self._sealed(key)
+        with self.keystore.secret(rec) as view:
+            return local_signing.sign(self.name, rec.key_type, view, bytes(digest), scheme, p)
+
+    def derive_public(self, key: KeyRef, path: tuple[int, ...]) -> DerivedPublicKey:
+        rec = self._sealed(key)
+        with self.keystore.secret(rec) as view:
+            return local_signing.derive_public(self.name, rec.key_type, view, path)
+
+    def delete_key(self, key: KeyRef) -> None:
+        self.keystore.delete(self._sealed(key).id)

@@ -22,7 +22,7 @@ from anyhsm.bitcoin.bip32 import (
     format_path,
     parse_path,
 )
-from anyhsm.bitcoin.presets import ScriptType
+from anyhsm.bitcoin.presets import OutputType
 from anyhsm.errors import Bip32Error, HsmError
 from anyhsm.types import Network
 
@@ -137,25 +137,25 @@ _SEED = bytes.fromhex("000102030405060708090a0b0c0d0e0f")
 @pytest.mark.parametrize(
     ("version", "hint", "network"),
     [
-        ("ypub", ScriptType.P2SH_P2WPKH, Network.MAINNET),
-        ("zpub", ScriptType.P2WPKH, Network.MAINNET),
-        ("Ypub", ScriptType.P2SH_P2WSH, Network.MAINNET),
-        ("Zpub", ScriptType.P2WSH, Network.MAINNET),
-        ("yprv", ScriptType.P2SH_P2WPKH, Network.MAINNET),
-        ("zprv", ScriptType.P2WPKH, Network.MAINNET),
-        ("Yprv", ScriptType.P2SH_P2WSH, Network.MAINNET),
-        ("Zprv", ScriptType.P2WSH, Network.MAINNET),
-        ("upub", ScriptType.P2SH_P2WPKH, Network.TESTNET),
-        ("vpub", ScriptType.P2WPKH, Network.TESTNET),
-        ("Upub", ScriptType.P2SH_P2WSH, Network.TESTNET),
-        ("Vpub", ScriptType.P2WSH, Network.TESTNET),
-        ("uprv", ScriptType.P2SH_P2WPKH, Network.TESTNET),
-        ("vprv", ScriptType.P2WPKH, Network.TESTNET),
-        ("Uprv", ScriptType.P2SH_P2WSH, Network.TESTNET),
-        ("Vprv", ScriptType.P2WSH, Network.TESTNET),
+        ("ypub", OutputType.P2SH_P2WPKH, Network.MAINNET),
+        ("zpub", OutputType.P2WPKH, Network.MAINNET),
+        ("Ypub", OutputType.P2SH_P2WSH, Network.MAINNET),
+        ("Zpub", OutputType.P2WSH, Network.MAINNET),
+        ("yprv", OutputType.P2SH_P2WPKH, Network.MAINNET),
+        ("zprv", OutputType.P2WPKH, Network.MAINNET),
+        ("Yprv", OutputType.P2SH_P2WSH, Network.MAINNET),
+        ("Zprv", OutputType.P2WSH, Network.MAINNET),
+        ("upub", OutputType.P2SH_P2WPKH, Network.TESTNET),
+        ("vpub", OutputType.P2WPKH, Network.TESTNET),
+        ("Upub", OutputType.P2SH_P2WSH, Network.TESTNET),
+        ("Vpub", OutputType.P2WSH, Network.TESTNET),
+        ("uprv", OutputType.P2SH_P2WPKH, Network.TESTNET),
+        ("vprv", OutputType.P2WPKH, Network.TESTNET),
+        ("Uprv", OutputType.P2SH_P2WSH, Network.TESTNET),
+        ("Vprv", OutputType.P2WSH, Network.TESTNET),
     ],
 )
-def test_slip132_round_trip(version: str, hint: ScriptType, network: Network) -> None:
+def test_slip132_round_trip(version: str, hint: OutputType, network: Network) -> None:
     key = ExtendedKey.from_seed(_SEED, network).derive("m/84h/1h/0h")
     if version.endswith("pub"):
         key = key.neuter()
@@ -216,7 +216,7 @@ def test_slip132_published_vectors(path: str, prv: str, pub: str) -> None:
     parsed = ExtendedKey.parse(prv)
     assert parsed == key
     assert ExtendedKey.parse(pub) == key.neuter()
-    expected_hint = {"x": None, "y": ScriptType.P2SH_P2WPKH, "z": ScriptType.P2WPKH}[prv[0]]
+    expected_hint = {"x": None, "y": OutputType.P2SH_P2WPKH, "z": OutputType.P2WPKH}[prv[0]]
     assert parsed.script_hint is expected_hint
 
 

@@ -23,7 +23,7 @@ from typing import Self
 
 from anyhsm.bitcoin.encoding import b58check_encode, b58decode, hash160, sha256d
 from anyhsm.bitcoin.networks import networks_for_bip32_version, params
-from anyhsm.bitcoin.presets import ScriptType
+from anyhsm.bitcoin.presets import OutputType
 from anyhsm.crypto import secp256k1 as ec
 from anyhsm.errors import Bip32Error, EncodingError
 from anyhsm.secret import SecretBytes, wipe
@@ -41,14 +41,14 @@ class _Version:
     name: str
     family: Network  # MAINNET or TESTNET (the test family)
     private: bool
-    hint: ScriptType | None
+    hint: OutputType | None
 
 
 _VERSION_TABLE: dict[bytes, _Version] = {}
 
 
 def _add(
-    hex_version: str, name: str, family: Network, private: bool, hint: ScriptType | None
+    hex_version: str, name: str, family: Network, private: bool, hint: OutputType | None
 ) -> None:
     _VERSION_TABLE[bytes.fromhex(hex_version)] = _Version(name, family, private, hint)
 
@@ -57,24 +57,24 @@ _M, _T = Network.MAINNET, Network.TESTNET
 for _hex, _name, _fam, _priv, _hint in (
     ("0488ade4", "xprv", _M, True, None),
     ("0488b21e", "xpub", _M, False, None),
-    ("049d7878", "yprv", _M, True, ScriptType.P2SH_P2WPKH),
-    ("049d7cb2", "ypub", _M, False, ScriptType.P2SH_P2WPKH),
-    ("0295b005", "Yprv", _M, True, ScriptType.P2SH_P2WSH),
-    ("0295b43f", "Ypub", _M, False, ScriptType.P2SH_P2WSH),
-    ("04b2430c", "zprv", _M, True, ScriptType.P2WPKH),
-    ("04b24746", "zpub", _M, False, ScriptType.P2WPKH),
-    ("02aa7a99", "Zprv", _M, True, ScriptType.P2WSH),
-    ("02aa7ed3", "Zpub", _M, False, ScriptType.P2WSH),
+    ("049d7878", "yprv", _M, True, OutputType.P2SH_P2WPKH),
+    ("049d7cb2", "ypub", _M, False, OutputType.P2SH_P2WPKH),
+    ("0295b005", "Yprv", _M, True, OutputType.P2SH_P2WSH),
+    ("0295b43f", "Ypub", _M, False, OutputType.P2SH_P2WSH),
+    ("04b2430c", "zprv", _M, True, OutputType.P2WPKH),
+    ("04b24746", "zpub", _M, False, OutputType.P2WPKH),
+    ("02aa7a99", "Zprv", _M, True, OutputType.P2WSH),
+    ("02aa7ed3", "Zpub", _M, False, OutputType.P2WSH),
     ("04358394", "tprv", _T, True, None),
     ("043587cf", "tpub", _T, False, None),
-    ("044a4e28", "uprv", _T, True, ScriptType.P2SH_P2WPKH),
-    ("044a5262", "upub", _T, False, ScriptType.P2SH_P2WPKH),
-    ("024285b5", "Uprv", _T, True, ScriptType.P2SH_P2WSH),
-    ("024289ef", "Upub", _T, False, ScriptType.P2SH_P2WSH),
-    ("045f18bc", "vprv", _T, True, ScriptType.P2WPKH),
-    ("045f1cf6", "vpub", _T, False, ScriptType.P2WPKH),
-    ("02575048", "Vprv", _T, True, ScriptType.P2WSH),
-    ("02575483", "Vpub", _T, False, ScriptType.P2WSH),
+    ("044a4e28", "uprv", _T, True, OutputType.P2SH_P2WPKH),
+    ("044a5262", "upub", _T, False, OutputType.P2SH_P2WPKH),
+    ("024285b5", "Uprv", _T, True, OutputType.P2SH_P2WSH),
+    ("024289ef", "Upub", _T, False, OutputType.P2SH_P2WSH),
+    ("045f18bc", "vprv", _T, True, OutputType.P2WPKH),
+    ("045f1cf6", "vpub", _T, False, OutputType.P2WPKH),
+    ("02575048", "Vprv", _T, True, OutputType.P2WSH),
+    ("02575483", "Vpub", _T, False, OutputType.P2WSH),
 ):
     _add(_hex, _name, _fam, _priv, _hint)
 
@@ -262,7 +262,7 @@ class ExtendedKey:
         chain_code: bytes,
         public_key: bytes,
         secret: SecretBytes | None = None,
-        script_hint: ScriptType | None = None,
+        script_hint: OutputType | None = None,
     ) -> None:
         """Low-level constructor; ``secret`` (if any) is taken over, not copied.
 
@@ -441,7 +441,7 @@ class ExtendedKey:
         return self._secret is not None
 
     @property
-    def script_hint(self) -> ScriptType | None:
+    def script_hint(self) -> OutputType | None:
         """The script type a SLIP-132 version implied on import (None for x/t forms)."""
         return self._script_hint
 

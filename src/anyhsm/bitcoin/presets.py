@@ -17,8 +17,12 @@ from anyhsm.types import Network
 HARDENED = 0x80000000
 
 
-class ScriptType(enum.Enum):
-    """Output script kinds, as wallets name them."""
+class OutputType(enum.Enum):
+    """What kind of output script a wallet account uses (Bitcoin Core's "output type").
+
+    Not to be confused with :class:`anyhsm.bitcoin.script.ScriptType`, which classifies an
+    arbitrary scriptPubKey.
+    """
 
     P2PKH = "p2pkh"
     P2SH_P2WPKH = "p2sh-p2wpkh"
@@ -37,7 +41,7 @@ class Purpose(enum.IntEnum):
     BIP86 = 86
 
     @property
-    def script_type(self) -> ScriptType:
+    def output_type(self) -> OutputType:
         return _SCRIPT_TYPES[self]
 
     @classmethod
@@ -65,24 +69,24 @@ class Purpose(enum.IntEnum):
 
 
 _SCRIPT_TYPES = {
-    Purpose.BIP44: ScriptType.P2PKH,
-    Purpose.BIP49: ScriptType.P2SH_P2WPKH,
-    Purpose.BIP84: ScriptType.P2WPKH,
-    Purpose.BIP86: ScriptType.P2TR,
+    Purpose.BIP44: OutputType.P2PKH,
+    Purpose.BIP49: OutputType.P2SH_P2WPKH,
+    Purpose.BIP84: OutputType.P2WPKH,
+    Purpose.BIP86: OutputType.P2TR,
 }
 
 
-def script_type(purpose: Purpose) -> ScriptType:
-    """The output script type a purpose's accounts use."""
+def script_type(purpose: Purpose) -> OutputType:
+    """The output type a purpose's accounts use (BIP44 P2PKH ... BIP86 P2TR)."""
     return _SCRIPT_TYPES[Purpose(purpose)]
 
 
-def purpose_for(stype: ScriptType) -> Purpose:
-    """The purpose whose accounts use ``stype`` (single-key types only)."""
+def purpose_for(output_type: OutputType) -> Purpose:
+    """The purpose whose accounts use ``output_type`` (single-key types only)."""
     for purpose, st in _SCRIPT_TYPES.items():
-        if st is stype:
+        if st is output_type:
             return purpose
-    raise Bip32Error(f"no single-key account purpose uses {stype.value}")
+    raise Bip32Error(f"no single-key account purpose uses {output_type.value}")
 
 
 def coin_type(network: Network) -> int:

@@ -18,13 +18,20 @@ class HsmError(Exception):
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message = message
         self.hint = hint
+        self.details: list[dict[str, object]] = []
         super().__init__(message if hint is None else f"{message} ({hint})")
 
-    def to_dict(self) -> dict[str, str]:
-        """A JSON-ready description: stable code, class name, message, hint."""
-        out = {"code": self.code, "error": type(self).__name__, "message": self.message}
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready description: stable code, class name, message, hint, details."""
+        out: dict[str, object] = {
+            "code": self.code,
+            "error": type(self).__name__,
+            "message": self.message,
+        }
         if self.hint:
             out["hint"] = self.hint
+        if self.details:
+            out["details"] = self.details
         return out
 
 

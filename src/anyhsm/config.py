@@ -1,0 +1,619 @@
+"""Configuration: a TOML file plus ``ANYHSM_*`` environment overrides, loaded into
+typed objects, and a validator that reports every problem at once.
+
+Environment overrides use double underscores for nesting, with values parsed as
+TOML where possible: ``ANYHSM_NETWORK=signet``,
+``ANYHSM_FALLBACK__CHAIN='["tpm","software"]'``,
+``ANYHSM_PROVIDERS__PKCS11__TOKEN_LABEL=prod``. Secrets are never read from
+the config file: the passphrase comes from ``ANYHSM_PASSPHRASE`` or a
+passphrase file, the PKCS#11 PIN from ``ANYHSM_PKCS11_PIN`` or a PIN file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anyhsm.errors import ConfigError
+from anyhsm.fsutil import readable_by_others
+from anyhsm.types import Environment, Network, SecurityLevel
+
+KNOWN_PROVIDERS = ("pkcs11", "tpm", "pkcs11-wrapped", "software", "simulator")
+
+_PROVIDER_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
+    "software": {"path": (str,), "passphrase_file": (str,), "kdf": (dict,), "timeout_ms": (int,)},
+    "simulator": {
+        "latency_ms": (int, float),
+        "failure_rate": (int, float),
+        "offline": (bool,),
+        "fail_after": (int,),
+        "hang": (bool,),
+        "seed": (int,),
+        "corrupt_signatures": (bool,),
+        "timeout_ms": (int,),
+    },
+    "pkcs11": {
+        "module": (str,),
+        "token_label": (str,),
+        "token_serial": (str,),
+        "pool_size": (int,),
+        "pin_file": (str,),
+        "threadsafe_module": (bool,),
+        "wrap_key_label": (str,),
+        "timeout_ms": (int,),
+    },
+    "pkcs11-wrapped": {"timeout_ms": (int,)},
+    "tpm": {
+        "tcti": (str,),
+        "pcrs": (list,),
+        "pcr_bank": (str,),
+        "use_rng": (bool,),
+        "timeout_ms": (int,),
+    },
+}
+_KDF_KEYS = {"name": (str,), "memory_kib": (int,), "iterations": (int,), "lanes": (int,)} | {
+    "n": (int,),
+    "r": (int,),
+    "p": (int,),
+}
+_TOP_KEYS = {
+    "environment": (str,),
+    "network": (str,),
+    "min_security_level": (str,),
+    "fallback": (dict,),
+    "providers": (dict,),
+    "audit": (dict,),
+    "policy": (dict,),
+}
+_FALLBACK_KEYS = {"chain": (list,), "allow_below_minimum": (bool,), "timeout_ms": (int,)}
+_AUDIT_KEYS = {"path": (str,), "durability": (str,), "flush_interval_ms": (int,)}
+_POLICY_KEYS = {
+    "allow_export": (bool,),
+    "allowed_sighash_types": (list,),
+    "max_fee_sat": (int,),
+    "max_fee_rate_sat_vb": (int, float),
+    "deterministic_schnorr": (bool,),
+}
+_SECRET_NAMES = ("pin", "passphrase", "password", "secret")
+_NOT_OVERRIDES = {"ANYHSM_PASSPHRASE", "ANYHSM_PKCS11_PIN", "ANYHSM_CONFIG"}
+
+
+def default_min_level(environment: Environment, network: Network) -> SecurityLevel:
+    """Development: anything; staging and production on test networks: software;
+    production on mainnet: hardware-backed (tpm or better)."""
+    if environment is Environment.DEVELOPMENT:
+        return SecurityLevel.SIMULATOR
+    if environment is Environment.PRODUCTION and network is Network.MAINNET:
+        return SecurityLevel.TPM
+    return SecurityLevel.SOFTWARE
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One configuration finding: the setting, its value, what is wrong, the fix."""
+
+    setting: str
+    value: str
+    message: str
+    fix: str
+    severity: str = "error"  # "error" | "warning"
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.setting} = {self.value}: {self.message} (fix: {self.fix})"
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "severity": self.severity,
+            "setting": self.setting,
+            "value": self.value,
+            "message": self.message,
+            "fix": self.fix,
+        }
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    chain: tuple[str, ...] = ("software",)
+    allow_below_minimum: bool = False
+    timeout_ms: int = 2000
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: Path | None = None
+    durability: str = "batched"  # "batched" | "fsync"
+    flush_interval_ms: int = 5
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    allow_export: bool = False
+    allowed_sighash_types: tuple[int, ...] = (0, 1)
+    max_fee_sat: int = 10_000_000  # 0.1 BTC
+    max_fee_rate_sat_vb: float = 1000.0
+    deterministic_schnorr: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """Typed configuration. Build with :meth:`load` or :meth:`from_mapping`."""
+
+    environment: Environment = Environment.DEVELOPMENT
+    network: Network = Network.REGTEST
+    min_security_level: SecurityLevel | None = None  # None: the environment's default
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    providers: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    config_dir: Path = field(default_factory=Path.cwd)
+    source: Path | None = None
+    raw: Mapping[str, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def effective_min_level(self) -> SecurityLevel:
+        if self.min_security_level is not None:
+            return self.min_security_level
+        return default_min_level(self.environment, self.network)
+
+    def provider_settings(self, name: str) -> dict[str, object]:
+        return dict(self.providers.get(name, {}))
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.config_dir / p
+
+    # --- loading ----------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+        p = Path(path).expanduser().resolve()
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"config file {p} does not exist",
+                hint="create one with 'anyhsm init --dir DIR' or pass --config",
+            ) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        return cls.from_mapping(raw, config_dir=p.parent, source=p, env=env)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        raw: Mapping[str, object],
+        *,
+        config_dir: Path | None = None,
+        source: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Config:
+        """Build a Config; raise ConfigError listing every structural problem."""
+        merged = apply_env_overrides(dict(raw), os.environ if env is None else env)
+        problems = structural_problems(merged)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            raise ConfigError(
+                f"configuration has {len(errors)} problem(s): "
+                + "; ".join(f"{p.setting}: {p.message}" for p in errors),
+                hint="run 'anyhsm config check' for the full report",
+                problems=[str(p) for p in errors],
+            )
+        return _build(merged, config_dir or Path.cwd(), source)
+
+    def check(self) -> list[Problem]:
+        """Every problem, structural and environment-specific (production rules)."""
+        return structural_problems(self.raw) + semantic_problems(self)
+
+
+def _parse_env_value(text: str) -> object:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env_overrides(raw: dict[str, object], env: Mapping[str, str]) -> dict[str, object]:
+    out: dict[str, object] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for name, value in sorted(env.items()):
+        if not name.startswith("ANYHSM_") or name in _NOT_OVERRIDES:
+            continue
+        parts = [p.lower() for p in name[len("ANYHSM_") :].split("__")]
+        if parts[0] not in _TOP_KEYS:
+            continue
+        if parts[0] == "providers" and len(parts) > 1:
+            parts[1] = parts[1].replace("_", "-") if parts[1] == "pkcs11_wrapped" else parts[1]
+        node: dict[str, object] = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = _parse_env_value(value)
+    return out
+
+
+def _type_ok(value: object, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def _check_table(
+    table: Mapping[str, object],
+    known: Mapping[str, tuple[type, ...]],
+    prefix: str,
+    problems: list[Problem],
+) -> None:
+    for key, value in table.items():
+        setting = f"{prefix}{key}"
+        if any(s in key.lower() for s in _SECRET_NAMES) and key not in known:
+            problems.append(
+                Problem(
+                    setting,
+                    "<hidden>",
+                    "secrets must never be written in the config file",
+                    "remove it; use ANYHSM_PASSPHRASE / ANYHSM_PKCS11_PIN or a 0600 file "
+                    "named by passphrase_file / pin_file",
+                )
+            )
+            continue
+        if key not in known:
+            problems.append(
+                Problem(
+                    setting,
+                    repr(value),
+                    "unknown setting",
+                    "remove it or fix its spelling; known: " + ", ".join(sorted(known)),
+                )
+            )
+            continue
+        if not _type_ok(value, known[key]):
+            want = " or ".join(t.__name__ for t in known[key])
+            problems.append(
+                Problem(setting, repr(value), f"must be of type {want}", f"write a {want}")
+            )
+
+
+def structural_problems(raw: Mapping[str, object]) -> list[Problem]:
+    """Unknown keys, wrong types and invalid enumerations."""
+    problems: list[Problem] = []
+    _check_table(raw, _TOP_KEYS, "", problems)
+    env = raw.get("environment", "development")
+    if isinstance(env, str) and env not in {e.value for e in Environment}:
+        problems.append(
+            Problem(
+                "environment",
+                repr(env),
+                "unknown environment",
+                "use development, staging or production",
+            )
+        )
+    net = raw.get("network", "regtest")
+    if isinstance(net, str) and net not in {n.value for n in Network}:
+        problems.append(
+            Problem(
+                "network",
+                repr(net),
+                "unknown network",
+                "use mainnet, testnet, testnet4, signet or regtest",
+            )
+        )
+    level = raw.get("min_security_level")
+    if isinstance(level, str):
+        try:
+            SecurityLevel.parse(level)
+        except ConfigError:
+            problems.append(
+                Problem(
+                    "min_security_level",
+                    repr(level),
+                    "unknown security level",
+                    "use simulator, software, tpm, hsm-wrapped or hsm",
+                )
+            )
+    for name, known in (("fallback", _FALLBACK_KEYS), ("audit", _AUDIT_KEYS)):
+        table = raw.get(name, {})
+        if isinstance(table, dict):
+            _check_table(table, known, f"{name}.", problems)
+    policy = raw.get("policy", {})
+    if isinstance(policy, dict):
+        _check_table(policy, _POLICY_KEYS, "policy.", problems)
+    fb = raw.get("fallback", {})
+    if isinstance(fb, dict):
+        chain = fb.get("chain", ["software"])
+        if isinstance(chain, list):
+            if not chain:
+                problems.append(
+                    Problem(
+                        "fallback.chain", "[]", "the chain is empty", "list at least one provider"
+                    )
+                )
+            for item in chain:
+                if item not in KNOWN_PROVIDERS:
+                    problems.append(
+                        Problem(
+                            "fallback.chain",
+                            repr(item),
+                            "unknown provider",
+                            "use one of: " + ", ".join(KNOWN_PROVIDERS),
+                        )
+                    )
+            if len(set(map(str, chain))) != len(chain):
+                problems.append(
+                    Problem(
+                        "fallback.chain",
+                        repr(chain),
+                        "a provider is listed twice",
+                        "list each provider once",
+                    )
+                )
+    audit = raw.get("audit", {})
+    if isinstance(audit, dict):
+        dur = audit.get("durability", "batched")
+        if isinstance(dur, str) and dur not in ("batched", "fsync"):
+            problems.append(
+                Problem("audit.durability", repr(dur), "unknown mode", "use batched or fsync")
+            )
+    providers = raw.get("providers", {})
+    if isinstance(providers, dict):
+        for pname, table in providers.items():
+            if pname not in _PROVIDER_KEYS:
+                problems.append(
+                    Problem(
+                        f"providers.{pname}",
+                        "{...}",
+                        "unknown provider table",
+                        "use one of: " + ", ".join(KNOWN_PROVIDERS),
+                    )
+                )
+                continue
+            if not isinstance(table, dict):
+                problems.append(
+                    Problem(f"providers.{pname}", repr(table), "must be a table", "write a table")
+                )
+                continue
+            _check_table(table, _PROVIDER_KEYS[pname], f"providers.{pname}.", problems)
+            kdf = table.get("kdf") if pname == "software" else None
+            if isinstance(kdf, dict):
+                _check_table(kdf, _KDF_KEYS, "providers.software.kdf.", problems)
+    return problems
+
+
+def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> Config:
+    fb = raw.get("fallback", {})
+    au = raw.get("audit", {})
+    po = raw.get("policy", {})
+    pr = raw.get("providers", {})
+    assert isinstance(fb, dict) and isinstance(au, dict)
+    assert isinstance(po, dict) and isinstance(pr, dict)
+    level = raw.get("min_security_level")
+    audit_path = au.get("path")
+    cfg = Config(
+        environment=Environment(str(raw.get("environment", "development"))),
+        network=Network(str(raw.get("network", "regtest"))),
+        min_security_level=SecurityLevel.parse(level) if isinstance(level, str) else None,
+        fallback=FallbackConfig(
+            chain=tuple(str(x) for x in fb.get("chain", ["software"])),
+            allow_below_minimum=bool(fb.get("allow_below_minimum", False)),
+            timeout_ms=int(fb.get("timeout_ms", 2000)),
+        ),
+        providers={str(k): dict(v) for k, v in pr.items() if isinstance(v, dict)},
+        audit=AuditConfig(
+            path=None,
+            durability=str(au.get("durability", "batched")),
+            flush_interval_ms=int(au.get("flush_interval_ms", 5)),
+        ),
+        policy=PolicyConfig(
+            allow_export=bool(po.get("allow_export", False)),
+            allowed_sighash_types=tuple(int(x) for x in po.get("allowed_sighash_types", [0, 1])),
+            max_fee_sat=int(po.get("max_fee_sat", 10_000_000)),
+            max_fee_rate_sat_vb=float(po.get("max_fee_rate_sat_vb", 1000.0)),
+            deterministic_schnorr=bool(po.get("deterministic_schnorr", False)),
+        ),
+        config_dir=config_dir,
+        source=source,
+        raw=dict(raw),
+    )
+    if isinstance(audit_path, str) and audit_path:
+        cfg = _replace_audit_path(cfg, cfg.resolve(audit_path))
+    return cfg
+
+
+def _replace_audit_path(cfg: Config, path: Path) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, audit=replace(cfg.audit, path=path))
+
+
+def semantic_problems(cfg: Config) -> list[Problem]:
+    """Rules that depend on the environment and network, and on files on disk."""
+    out: list[Problem] = []
+    prod = cfg.environment is Environment.PRODUCTION
+    default = default_min_level(cfg.environment, cfg.network)
+    chain = cfg.fallback.chain
+    if "simulator" in chain and (prod or cfg.network is Network.MAINNET):
+        out.append(
+            Problem(
+                "fallback.chain",
+                repr(list(chain)),
+                f"the simulator is refused in {cfg.environment.value} on {cfg.network.value}",
+                "remove 'simulator' from the chain",
+            )
+        )
+    if cfg.min_security_level is not None and cfg.min_security_level < default:
+        out.append(
+            Problem(
+                "min_security_level",
+                cfg.min_security_level.label,
+                f"lowers the default minimum ({default.label}) for "
+                f"{cfg.environment.value}/{cfg.network.value}",
+                "remove the override unless this is deliberate",
+                "warning",
+            )
+        )
+    if cfg.audit.path is None:
+        out.append(
+            Problem(
+                "audit.path",
+                "<unset>",
+                "no audit log path is configured",
+                'set [audit] path = "audit.log"',
+                "error" if cfg.environment is not Environment.DEVELOPMENT else "warning",
+            )
+        )
+    if prod and cfg.fallback.allow_below_minimum:
+        out.append(
+            Problem(
+                "fallback.allow_below_minimum",
+                "true",
+                "production may fall back below its minimum security level",
+                "set it to false unless a software fallback is an accepted risk",
+                "warning",
+            )
+        )
+    if prod and cfg.policy.allow_export:
+        out.append(
+            Problem(
+                "policy.allow_export",
+                "true",
+                "private keys may be exported in production",
+                "set it to false",
+                "warning",
+            )
+        )
+    from anyhsm.factory import PROVIDER_LEVELS
+
+    levels = [PROVIDER_LEVELS.get(p, SecurityLevel.SIMULATOR) for p in chain]
+    if levels and max(levels) < cfg.effective_min_level and not cfg.fallback.allow_below_minimum:
+        out.append(
+            Problem(
+                "fallback.chain",
+                repr(list(chain)),
+                f"no provider in the chain reaches the minimum level "
+                f"{cfg.effective_min_level.label} for {cfg.environment.value} on "
+                f"{cfg.network.value}; opening will always fail",
+                "add a tpm or pkcs11 provider, or give explicit consent with "
+                "fallback.allow_below_minimum = true",
+            )
+        )
+    sw = cfg.provider_settings("software")
+    uses_keystore = any(p in ("software", "tpm", "pkcs11-wrapped") for p in chain) or bool(sw)
+    if uses_keystore:
+        kdf = sw.get("kdf")
+        if prod and isinstance(kdf, dict):
+            from anyhsm.keystore.kdf import KdfParams
+
+            try:
+                weak = KdfParams.from_settings(kdf).weaknesses()
+            except ConfigError as e:
+                weak = [e.message]
+            for w in weak:
+                out.append(
+                    Problem(
+                        "providers.software.kdf",
+                        repr(kdf),
+                        w,
+                        "raise the KDF cost (defaults are production grade)",
+                    )
+                )
+        ks_path = cfg.resolve(str(sw.get("path", "keystore")))
+        if ks_path.exists():
+            exposed = [ks_path] if readable_by_others(ks_path) else []
+            for sub in sorted(ks_path.rglob("*")):
+                if sub.is_file() and readable_by_others(sub):
+                    exposed.append(sub)
+            for p in exposed[:10]:
+                out.append(
+                    Problem(
+                        "providers.software.path",
+                        str(p),
+                        "keystore file or directory is accessible to group/others",
+                        f"chmod go-rwx {p}",
+                    )
+                )
+        elif prod or cfg.environment is Environment.STAGING:
+            out.append(
+                Problem(
+                    "providers.software.path",
+                    str(ks_path),
+                    "the keystore does not exist",
+                    "create it with 'anyhsm init'",
+                )
+            )
+    for name, key in (("software", "passphrase_file"), ("pkcs11", "pin_file")):
+        f = cfg.provider_settings(name).get(key)
+        if isinstance(f, str):
+            fp = cfg.resolve(f)
+            if not fp.exists():
+                out.append(
+                    Problem(
+                        f"providers.{name}.{key}",
+                        str(fp),
+                        "file does not exist",
+                        "create it (mode 0600) or fix the path",
+                    )
+                )
+            elif readable_by_others(fp):
+                out.append(
+                    Problem(
+                        f"providers.{name}.{key}",
+                        str(fp),
+                        "secret file is accessible to group/others",
+                        f"chmod 600 {fp}",
+                        "error" if prod else "warning",
+                    )
+                )
+    if "pkcs11" in chain:
+        p11 = cfg.provider_settings("pkcs11")
+        module = p11.get("module")
+        if not isinstance(module, str):
+            out.append(
+                Problem(
+                    "providers.pkcs11.module",
+                    "<unset>",
+                    "pkcs11 is in the chain but no module is configured",
+                    "set the path of the vendor's PKCS#11 library",
+                )
+            )
+        elif not Path(module).exists():
+            out.append(
+                Problem(
+                    "providers.pkcs11.module",
+                    module,
+                    "module file does not exist on this machine",
+                    "install the vendor library or fix the path",
+                    "warning",
+                )
+            )
+        if "token_label" not in p11 and "token_serial" not in p11:
+            out.append(
+                Problem(
+                    "providers.pkcs11.token_label",
+                    "<unset>",
+                    "no token selected",
+                    "set token_label or token_serial",
+                )
+            )
+    if "tpm" in chain and "tcti" not in cfg.provider_settings("tpm"):
+        out.append(
+            Problem(
+                "providers.tpm.tcti",
+                "<unset>",
+                "tpm is in the chain but no TCTI is configured",
+                'set tcti = "device:/dev/tpmrm0" or a swtpm TCTI',
+            )
+        )
+    if cfg.network is Network.MAINNET and cfg.environment is not Environment.PRODUCTION:
+        out.append(
+            Problem(
+                "network",
+                "mainnet",
+                f"mainnet in {cfg.environment.value}: real funds under non-production rules",
+                'use environment = "production" for mainnet, or a test network',
+                "warning",
+            )
+        )
+    return out

@@ -1,0 +1,314 @@
+"""Provider registry, the fallback chain and the security policy.
+
+:func:`open_hsm` walks the configured chain in order. Each provider's open,
+health check and signing probe run in a worker thread bounded by a timeout;
+the first provider that passes and meets the minimum security level becomes
+active. Anything below the minimum fails closed unless the configuration
+gives explicit consent (``fallback.allow_below_minimum``), and every skip is
+logged as a warning and written to the audit log.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from anyhsm.config import Config
+from anyhsm.crypto import secp256k1 as curve
+from anyhsm.errors import (
+    AllProvidersFailed,
+    ConfigError,
+    HsmError,
+    ProviderNotInstalled,
+    ProviderTimeout,
+    ProviderUnavailable,
+    SecurityLevelTooLow,
+    SigningFailed,
+)
+from anyhsm.provider import Provider, ProviderContext
+from anyhsm.secret import SecretBytes
+from anyhsm.types import (
+    HEALTH_PROBE_LABEL,
+    Environment,
+    KeySpec,
+    Network,
+    SecurityLevel,
+)
+
+log = logging.getLogger("anyhsm")
+
+PROVIDERS: dict[str, str] = {
+    "software": "anyhsm.providers.software:SoftwareProvider",
+    "simulator": "anyhsm.providers.simulator:SimulatorProvider",
+    "pkcs11": "anyhsm.providers.pkcs11:Pkcs11Provider",
+    "pkcs11-wrapped": "anyhsm.providers.pkcs11_wrap:Pkcs11WrappedProvider",
+    "tpm": "anyhsm.providers.tpm:TpmProvider",
+}
+"""Provider name -> import string. Imported only when the chain names it."""
+
+PROVIDER_LEVELS: dict[str, SecurityLevel] = {
+    "simulator": SecurityLevel.SIMULATOR,
+    "software": SecurityLevel.SOFTWARE,
+    "tpm": SecurityLevel.TPM,
+    "pkcs11-wrapped": SecurityLevel.HSM_WRAPPED,
+    "pkcs11": SecurityLevel.HSM,
+}
+"""Declared levels, known without importing or opening a provider."""
+
+_EXTRAS = {"pkcs11": "pkcs11", "pkcs11-wrapped": "pkcs11", "tpm": "tpm"}
+
+T = TypeVar("T")
+
+
+def load_provider_class(name: str) -> Callable[[ProviderContext], Provider]:
+    target = PROVIDERS.get(name)
+    if target is None:
+        raise ConfigError(f"unknown provider {name!r}", hint="use one of: " + ", ".join(PROVIDERS))
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        extra = _EXTRAS.get(name, "all")
+        raise ProviderNotInstalled(
+            f"provider {name!r} is not available: {e.name} is not installed",
+            hint=f"pip install 'anyhsm[{extra}]'",
+        ) from None
+    cls: Callable[[ProviderContext], Provider] = getattr(module, attr)
+    return cls
+
+
+def run_bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
+    """Run ``fn`` in a daemon thread; raise ProviderTimeout if it takes longer.
+
+    A hung device call cannot be interrupted from Python; the thread is left
+    behind (daemon) and the provider is abandoned, which is the best any
+    caller of a blocking C library can do.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # re-raised in the caller's thread
+            error.append(e)
+
+    t = threading.Thread(target=target, name=f"anyhsm-{what}", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise ProviderTimeout(
+            f"{what} did not answer within {timeout_s * 1000:.0f} ms",
+            hint="check the device or raise its timeout_ms",
+        )
+    if error:
+        raise error[0]
+    return result[0]
+
+
+@dataclass
+class Attempt:
+    """What happened to one provider of the chain when the chain was walked."""
+
+    name: str
+    status: str  # "ok" | "unavailable" | "timeout" | "below_minimum" | "refused" | "not_tried"
+    reason: str = ""
+    elapsed_ms: float = 0.0
+    security_level: SecurityLevel | None = None
+    error_code: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+            "security_level": self.security_level.label if self.security_level else None,
+            "error_code": self.error_code,
+        }
+
+
+def resolve_passphrase(
+    config: Config, given: SecretBytes | str | bytes | None
+) -> SecretBytes | None:
+    """Passphrase from the caller, ANYHSM_PASSPHRASE or the configured passphrase file."""
+    if isinstance(given, SecretBytes):
+        return given
+    if isinstance(given, str):
+        return SecretBytes(given.encode())
+    if isinstance(given, bytes):
+        return SecretBytes(given)
+    env = os.environ.get("ANYHSM_PASSPHRASE")
+    if env:
+        return SecretBytes(env.encode())
+    pf = config.provider_settings("software").get("passphrase_file")
+    if isinstance(pf, str):
+        return read_secret_file(config.resolve(pf), "passphrase")
+    return None
+
+
+def read_secret_file(path: Path, what: str) -> SecretBytes:
+    try:
+        data = bytearray(path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"cannot read the {what} file {path}: {e.strerror}") from None
+    while data and data[-1] in (0x0A, 0x0D):
+        data.pop()
+    return SecretBytes.take(data)
+
+
+def provider_context(config: Config, name: str, passphrase: SecretBytes | None) -> ProviderContext:
+    settings = config.provider_settings(name)
+    timeout_ms = settings.get("timeout_ms", config.fallback.timeout_ms)
+    return ProviderContext(
+        environment=config.environment,
+        network=config.network,
+        config_dir=config.config_dir,
+        settings=settings,
+        software_settings=config.provider_settings("software"),
+        passphrase=passphrase,
+        allow_export=config.policy.allow_export,
+        timeout_s=float(timeout_ms) / 1000 if isinstance(timeout_ms, int | float) else 2.0,
+    )
+
+
+def refusal(config: Config, name: str) -> str | None:
+    """Why policy forbids a provider outright in this deployment, or None."""
+    if name == "simulator":
+        if config.environment is Environment.PRODUCTION:
+            return "the simulator is refused in production"
+        if config.network is Network.MAINNET:
+            return "the simulator is refused on mainnet"
+    return None
+
+
+def probe_key(provider: Provider) -> bytes:
+    """The public key of the provider's health-probe key, created on first use."""
+    for info in provider.list_keys():
+        if info.label == HEALTH_PROBE_LABEL:
+            return info.public_key
+    return provider.generate_key(KeySpec(HEALTH_PROBE_LABEL)).public_key
+
+
+def signing_probe(provider: Provider, public_key: bytes) -> None:
+    """Sign a fresh random digest and verify it against the key we already hold,
+    so a provider returning constant or garbage signatures never passes."""
+    from anyhsm.types import SigScheme
+
+    digest = secrets.token_bytes(32)
+    sig = provider.sign_digest(HEALTH_PROBE_LABEL, digest, SigScheme.ECDSA)
+    if not curve.ecdsa_verify(public_key, digest, sig):
+        raise SigningFailed(
+            f"provider {provider.name!r} returned a signature that does not verify",
+            hint="the device is faulty or not the one expected; do not use it",
+        )
+
+
+def open_provider(
+    config: Config, name: str, passphrase: SecretBytes | None
+) -> tuple[Provider, bytes]:
+    """Construct, open, health-check and probe one provider (unbounded)."""
+    cls = load_provider_class(name)
+    provider = cls(provider_context(config, name, passphrase))
+    try:
+        provider.open()
+        h = provider.health()
+        if not h.ok:
+            raise ProviderUnavailable(
+                f"provider {name!r} is unhealthy: {h.reason or h.status}",
+                hint="see 'anyhsm health' for details",
+            )
+        pub = probe_key(provider)
+        signing_probe(provider, pub)
+    except BaseException:
+        try:
+            provider.close()
+        except HsmError:
+            log.debug("closing failed provider %s raised", name)
+        raise
+    return provider, pub
+
+
+@dataclass
+class ChainResult:
+    provider: Provider
+    probe_public_key: bytes
+    attempts: list[Attempt]
+
+
+def walk_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
+    """Open the first healthy provider of the chain that policy allows."""
+    minimum = config.effective_min_level
+    attempts: list[Attempt] = []
+    chosen: tuple[Provider, bytes] | None = None
+    below: list[str] = []
+    for name in config.fallback.chain:
+        level = PROVIDER_LEVELS.get(name, SecurityLevel.SIMULATOR)
+        if chosen is not None:
+            attempts.append(Attempt(name, "not_tried", "an earlier provider is active", 0, level))
+            continue
+        refused = refusal(config, name)
+        if refused:
+            attempts.append(Attempt(name, "refused", refused, 0, level, "policy_violation"))
+            continue
+        if level < minimum and not config.fallback.allow_below_minimum:
+            reason = (
+                f"security level {level.label} is below the minimum {minimum.label} for "
+                f"{config.environment.value} on {config.network.value}"
+            )
+            attempts.append(
+                Attempt(name, "below_minimum", reason, 0, level, "security_level_too_low")
+            )
+            below.append(name)
+            continue
+        ctx_timeout = provider_context(config, name, None).timeout_s
+        t0 = time.perf_counter()
+        try:
+            chosen = run_bounded(
+                lambda n=name: open_provider(config, n, passphrase),  # type: ignore[misc]
+                ctx_timeout,
+                f"provider {name!r}",
+            )
+            attempts.append(Attempt(name, "ok", "", (time.perf_counter() - t0) * 1000, level))
+        except ProviderTimeout as e:
+            attempts.append(
+                Attempt(
+                    name, "timeout", e.message, (time.perf_counter() - t0) * 1000, level, e.code
+                )
+            )
+        except HsmError as e:
+            attempts.append(
+                Attempt(
+                    name,
+                    "unavailable",
+                    e.message + (f" ({e.hint})" if e.hint else ""),
+                    (time.perf_counter() - t0) * 1000,
+                    level,
+                    e.code,
+                )
+            )
+    if chosen is None:
+        reasons = "; ".join(f"{a.name}: {a.reason}" for a in attempts)
+        err: HsmError
+        if below:
+            err = SecurityLevelTooLow(
+                f"no provider at or above {minimum.label} could be opened ({reasons})",
+                hint="fix the hardware provider, or give explicit consent with "
+                "fallback.allow_below_minimum = true",
+            )
+        else:
+            err = AllProvidersFailed(
+                f"every provider in the chain failed ({reasons})",
+                hint="see 'anyhsm health --json' for each provider's reason",
+            )
+        err.details = [a.to_dict() for a in attempts]
+        raise err
+    return ChainResult(chosen[0], chosen[1], attempts)

@@ -1,0 +1,679 @@
+"""The HSM handle: routes each operation to the provider that owns the key,
+enforces the security policy, and writes the audit log.
+
+Keys are never swapped between stores: a key lives where it was made, and an
+operation on a key whose store is not reachable fails with
+:class:`ProviderUnavailable` naming the provider and the key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from anyhsm.audit import AuditLog, VerifyResult, verify_log
+from anyhsm.config import Config
+from anyhsm.crypto import secp256k1 as curve
+from anyhsm.errors import (
+    AuditError,
+    ConfigError,
+    HsmError,
+    InvalidDigest,
+    InvalidKeyMaterial,
+    KeyExists,
+    KeyNotFound,
+    ProviderError,
+    ProviderUnavailable,
+    SecurityLevelTooLow,
+    UnsupportedOperation,
+)
+from anyhsm.factory import (
+    PROVIDER_LEVELS,
+    Attempt,
+    ChainResult,
+    resolve_passphrase,
+    signing_probe,
+    walk_chain,
+)
+from anyhsm.fsutil import atomic_write
+from anyhsm.keystore import Keystore
+from anyhsm.provider import Bip32Deriver, KeyExporter, KeyImporter, Provider, ProviderContext
+from anyhsm.providers.software import SoftwareProvider
+from anyhsm.secret import SecretBytes, mlock_status
+from anyhsm.types import (
+    INTERNAL_LABEL_PREFIX,
+    Capabilities,
+    DerivedPublicKey,
+    KeyInfo,
+    KeyRef,
+    KeySpec,
+    KeyType,
+    Network,
+    SecurityLevel,
+    SignParams,
+    SigScheme,
+)
+
+log = logging.getLogger("anyhsm")
+T = TypeVar("T")
+
+AUDIT_KEY_PURPOSE = "anyhsm/v1/audit"
+CHECKPOINT_FILE = "audit-checkpoint.json"
+
+
+@dataclass
+class HealthReport:
+    """What ``anyhsm health`` prints."""
+
+    ok: bool
+    active_provider: str
+    security_level: SecurityLevel
+    min_security_level: SecurityLevel
+    environment: str
+    network: str
+    providers: list[dict[str, object]] = field(default_factory=list)
+    audit: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "active_provider": self.active_provider,
+            "security_level": self.security_level.label,
+            "min_security_level": self.min_security_level.label,
+            "environment": self.environment,
+            "network": self.network,
+            "providers": self.providers,
+            "audit": self.audit,
+        }
+
+
+class _Anchor:
+    """Where the audit key (and the key directory) comes from: the keystore."""
+
+    def __init__(self, keystore: Keystore | None, owner: SoftwareProvider | None) -> None:
+        self.keystore = keystore
+        self.owner = owner  # a provider we opened only for this, closed with the handle
+
+
+def _audit_key_from_file(path: Path) -> SecretBytes:
+    """Development without a keystore: the audit key is a 0600 file beside the log."""
+    kp = path.with_name(path.name + ".key")
+    try:
+        return SecretBytes(kp.read_bytes())
+    except FileNotFoundError:
+        key = os.urandom(32)
+        atomic_write(kp, key)
+        return SecretBytes(key)
+
+
+class Hsm:
+    """One handle over the fallback chain. Build it with :func:`open_hsm`."""
+
+    def __init__(self, config: Config, passphrase: SecretBytes | None = None) -> None:
+        self._config = config
+        self._passphrase = passphrase
+        self._lock = threading.RLock()
+        self._cache: dict[str, tuple[Provider, KeyInfo]] = {}
+        self._unhealthy: dict[str, str] = {}
+        self._audit: AuditLog | None = None
+        self._anchor = _Anchor(None, None)
+        self._closed = False
+        chain = walk_chain(config, passphrase)
+        try:
+            self._install(chain)
+        except BaseException:
+            chain.provider.close()
+            raise
+
+    # --- set-up ------------------------------------------------------------------------
+
+    def _install(self, chain: ChainResult) -> None:
+        self._active = chain.provider
+        self._probe_pub = chain.probe_public_key
+        self._attempts = chain.attempts
+        self._anchor = self._open_anchor()
+        self._audit = self._open_audit()
+        self._record_chain()
+
+    def _open_anchor(self) -> _Anchor:
+        if isinstance(self._active, SoftwareProvider):
+            return _Anchor(self._active.keystore, None)
+        cfg = self._config
+        if "software" in cfg.providers or "software" in cfg.fallback.chain:
+            from anyhsm.factory import provider_context
+
+            sw = SoftwareProvider(provider_context(cfg, "software", self._passphrase))
+            try:
+                sw.open()
+            except HsmError as e:
+                raise AuditError(
+                    f"cannot open the keystore that holds the audit key: {e.message}",
+                    hint=e.hint or "provide the keystore passphrase (ANYHSM_PASSPHRASE)",
+                ) from None
+            return _Anchor(sw.keystore, sw)
+        return _Anchor(None, None)
+
+    def _checkpoint_io(
+        self, path: Path
+    ) -> tuple[Callable[[], bytes | None], Callable[[bytes], None]]:
+        """Checkpoint kept with the keystore (or beside the log without one)."""
+        ks = self._anchor.keystore
+        if ks is not None:
+            store = ks
+
+            def read_ks() -> bytes | None:
+                return store.read_side_file(CHECKPOINT_FILE)
+
+            def write_ks(data: bytes) -> None:
+                store.write_side_file(CHECKPOINT_FILE, data)
+
+            return read_ks, write_ks
+        cp = path.with_name(path.name + ".checkpoint")
+
+        def read_file() -> bytes | None:
+            return cp.read_bytes() if cp.exists() else None
+
+        def write_file(data: bytes) -> None:
+            atomic_write(cp, data)
+
+        return read_file, write_file
+
+    def _audit_key(self, path: Path) -> SecretBytes:
+        ks = self._anchor.keystore
+        return ks.subkey(AUDIT_KEY_PURPOSE) if ks is not None else _audit_key_from_file(path)
+
+    def _open_audit(self) -> AuditLog:
+        cfg = self._config
+        path = cfg.audit.path or (cfg.config_dir / "audit.log")
+        reader, writer = self._checkpoint_io(path)
+        with self._audit_key(path) as key:
+            return AuditLog(
+                path,
+                key,
+                durability=cfg.audit.durability,
+                flush_interval_ms=cfg.audit.flush_interval_ms,
+                read_checkpoint=reader,
+                write_checkpoint=writer,
+            )
+
+    def _record_chain(self) -> None:
+        assert self._audit is not None
+        for a in self._attempts:
+            if a.status in ("ok", "not_tried"):
+                continue
+            log.warning("anyhsm: provider %s skipped: %s", a.name, a.reason)
+            self._audit.append(
+                "fallback_skip",
+                a.status,
+                provider=a.name,
+                error=a.error_code or None,
+                detail={"reason": a.reason[:300]},
+            )
+        first = self._config.fallback.chain[0]
+        if self._active.name != first:
+            log.warning(
+                "anyhsm: fell back from %s to %s (security level %s)",
+                first,
+                self._active.name,
+                self.security_level.label,
+            )
+        self._audit.append(
+            "open",
+            "ok",
+            provider=self._active.name,
+            detail={
+                "security_level": self.security_level.label,
+                "environment": self._config.environment.value,
+                "network": self._config.network.value,
+                "fallback": "yes" if self._active.name != first else "no",
+            },
+        )
+
+    # --- public facts ---------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def active_provider(self) -> str:
+        return self._active.name
+
+    @property
+    def security_level(self) -> SecurityLevel:
+        return self._active.security_level()
+
+    @property
+    def network(self) -> Network:
+        return self._config.network
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        return list(self._attempts)
+
+    @property
+    def audit_path(self) -> Path:
+        assert self._audit is not None
+        return self._audit.path
+
+    def capabilities(self, key: KeyRef | None = None) -> Capabilities:
+        """Capabilities of the provider holding ``key`` (or of the active one)."""
+        if key is None:
+            return self._active.capabilities()
+        return self._route(key)[0].capabilities()
+
+    # --- routing ----------------------------------------------------------------------------
+
+    def _open_providers(self) -> list[Provider]:
+        out = [self._active]
+        if self._anchor.owner is not None:
+            out.append(self._anchor.owner)
+        return out
+
+    def _route(self, key: KeyRef) -> tuple[Provider, KeyInfo]:
+        if not isinstance(key, str) or not key:
+            raise KeyNotFound("a key must be named by its id or label")
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        for provider in self._open_providers():
+            try:
+                info = self._call(provider, lambda p=provider: p.get_key(key))  # type: ignore[misc]
+            except KeyNotFound:
+                continue
+            if info.internal and not key.startswith(INTERNAL_LABEL_PREFIX):
+                continue
+            self._cache[info.id] = self._cache[info.label] = (provider, info)
+            return provider, info
+        ks = self._anchor.keystore
+        if ks is not None:
+            for ref in ks.records():
+                if ref.kind == "reference" and key in (ref.id, ref.label):
+                    why = next((a.reason for a in self._attempts if a.name == ref.provider), "")
+                    raise ProviderUnavailable(
+                        f"key {ref.label!r} lives in provider {ref.provider!r}, which is not "
+                        f"available{': ' + why if why else ''}",
+                        hint="keys are never moved between providers; restore that provider",
+                    )
+        raise KeyNotFound(f"no key {key!r}", hint="list keys with 'anyhsm key list'")
+
+    def _forget(self, info: KeyInfo) -> None:
+        self._cache.pop(info.id, None)
+        self._cache.pop(info.label, None)
+
+    def _call(self, provider: Provider, fn: Callable[[], T]) -> T:
+        """Run a provider call; provider-level failures mark it unhealthy."""
+        try:
+            result = fn()
+        except (ProviderUnavailable, ProviderError) as e:
+            if not isinstance(e, UnsupportedOperation):
+                self._unhealthy[provider.name] = e.message
+            raise
+        if self._unhealthy:
+            self._unhealthy.pop(provider.name, None)
+        return result
+
+    def _check_level(self, provider: Provider, info: KeyInfo) -> None:
+        level = provider.security_level()
+        minimum = self._config.effective_min_level
+        if level < minimum and not self._config.fallback.allow_below_minimum:
+            raise SecurityLevelTooLow(
+                f"key {info.label!r} is in provider {provider.name!r} at level {level.label}, "
+                f"below the minimum {minimum.label}",
+                hint="use a key held by a hardware-backed provider",
+            )
+
+    @contextmanager
+    def _audited(
+        self, op: str, provider: str | None = None, key_id: str | None = None
+    ) -> Iterator[dict[str, str]]:
+        """Audit the ``with`` block's outcome; the caller may add detail fields."""
+        if self._closed:
+            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        detail: dict[str, str] = {}
+        audit = self._audit
+        assert audit is not None
+        try:
+            yield detail
+        except HsmError as e:
+            audit.append(op, "error", provider=provider, key_id=key_id, error=e.code, detail=detail)
+            raise
+        except Exception as e:
+            audit.append(
+                op, "error", provider=provider, key_id=key_id, error=type(e).__name__, detail=detail
+            )
+            raise
+        audit.append(op, "ok", provider=provider or detail.pop("_provider", None),
+                     key_id=key_id or detail.pop("_key", None), detail=detail)  # fmt: skip
+
+    # --- key operations ----------------------------------------------------------------------
+
+    @staticmethod
+    def _check_label(label: str) -> None:
+        if not isinstance(label, str) or not label.strip() or len(label) > 128:
+            raise InvalidKeyMaterial("a key label must be 1 to 128 characters")
+        if label.startswith(INTERNAL_LABEL_PREFIX):
+            raise InvalidKeyMaterial(f"labels starting with {INTERNAL_LABEL_PREFIX!r} are reserved")
+        if any(ord(c) < 32 for c in label):
+            raise InvalidKeyMaterial("a key label may not contain control characters")
+
+    def _check_label_free(self, label: str) -> None:
+        try:
+            self._route(label)
+        except KeyNotFound:
+            return
+        except ProviderUnavailable:
+            pass
+        raise KeyExists(f"a key labelled {label!r} already exists", hint="choose another label")
+
+    def _remember(self, provider: Provider, info: KeyInfo) -> None:
+        """Record keys made outside the keystore, so routing can name their provider later."""
+        ks = self._anchor.keystore
+        if (
+            ks is not None
+            and not isinstance(provider, SoftwareProvider)
+            and provider.capabilities().persistent
+        ):
+            ks.add_reference(info.id, info.label, info.public_key, provider.name, info.store)
+        self._cache[info.id] = self._cache[info.label] = (provider, info)
+
+    def generate_key(
+        self, label: str, key_type: KeyType = KeyType.SECP256K1, *, exportable: bool = False
+    ) -> KeyInfo:
+        """Create a key in the active provider (secp256k1 by default)."""
+        with self._lock, self._audited("generate_key", self._active.name) as d:
+            d["label"] = label
+            d["key_type"] = key_type.value
+            self._check_label(label)
+            self._check_label_free(label)
+            provider = self._active
+            info = self._call(
+                provider, lambda: provider.generate_key(KeySpec(label, key_type, exportable))
+            )
+            self._remember(provider, info)
+            d["_key"] = info.id
+            return info
+
+    def import_key(
+        self,
+        label: str,
+        secret: bytes | bytearray | SecretBytes,
+        key_type: KeyType = KeyType.SECP256K1,
+        *,
+        exportable: bool = False,
+    ) -> KeyInfo:
+        """Import key material (32-byte secp256k1 scalar, or a 16-64 byte BIP32 seed)."""
+        provider = self._active
+        with self._lock, self._audited("import_key", provider.name) as d:
+            d["label"] = label
+            d["key_type"] = key_type.value
+            self._check_label(label)
+            caps = provider.capabilities()
+            if not caps.can_import or not isinstance(provider, KeyImporter):
+                raise UnsupportedOperation(provider.name, "key import")
+            self._check_label_free(label)
+            own = not isinstance(secret, SecretBytes)
+            sb = secret if isinstance(secret, SecretBytes) else SecretBytes(secret)
+            try:
+                info = self._call(
+                    provider,
+                    lambda: provider.import_key(label, sb, key_type, exportable=exportable),
+                )
+            finally:
+                if own:
+                    sb.wipe()
+            self._remember(provider, info)
+            d["_key"] = info.id
+            return info
+
+    def export_key(self, key: KeyRef) -> SecretBytes:
+        """Private material of an exportable key, where provider and config allow it."""
+        provider, info = self._route(key)
+        with self._audited("export_key", provider.name, info.id):
+            if not provider.capabilities().can_export or not isinstance(provider, KeyExporter):
+                raise UnsupportedOperation(provider.name, "key export")
+            return self._call(provider, lambda: provider.export_key(info.id))
+
+    def list_keys(self) -> list[KeyInfo]:
+        """Keys in every reachable store (internal keys hidden)."""
+        out: list[KeyInfo] = []
+        seen: set[str] = set()
+        for provider in self._open_providers():
+            for info in self._call(provider, provider.list_keys):
+                if not info.internal and info.id not in seen:
+                    seen.add(info.id)
+                    out.append(info)
+        return out
+
+    def get_key(self, key: KeyRef) -> KeyInfo:
+        return self._route(key)[1]
+
+    def public_key(self, key: KeyRef) -> bytes:
+        """33-byte compressed SEC1 public key."""
+        return self._route(key)[1].public_key
+
+    def derive_public(self, key: KeyRef, path: tuple[int, ...] | list[int]) -> DerivedPublicKey:
+        """BIP32 child public data at ``path`` (computed inside the provider)."""
+        provider, info = self._route(key)
+        if not provider.capabilities().can_derive or not isinstance(provider, Bip32Deriver):
+            raise UnsupportedOperation(provider.name, "BIP32 derivation", hint="use a single key")
+        return self._call(provider, lambda: provider.derive_public(info.id, tuple(path)))
+
+    def sign(
+        self,
+        key: KeyRef,
+        digest: bytes,
+        scheme: SigScheme = SigScheme.ECDSA,
+        *,
+        params: SignParams | None = None,
+    ) -> bytes:
+        """Sign a 32-byte digest: strict DER low-S ECDSA, or 64-byte BIP340 Schnorr."""
+        if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
+            raise InvalidDigest("digest must be exactly 32 bytes", hint="hash the message first")
+        provider, info = self._route(key)
+        with self._audited("sign", provider.name, info.id) as d:
+            d["scheme"] = scheme.value
+            self._check_level(provider, info)
+            try:
+                sig = self._call(
+                    provider, lambda: provider.sign_digest(info.id, bytes(digest), scheme, params)
+                )
+            except KeyNotFound:
+                self._forget(info)  # deleted by another process
+                raise
+            if scheme is SigScheme.ECDSA:
+                sig = curve.normalize_der(sig)
+            return sig
+
+    def sign_many(
+        self,
+        key: KeyRef,
+        requests: list[tuple[bytes, SigScheme, SignParams | None]],
+    ) -> list[bytes]:
+        """Sign several digests with one key (one audit entry per signature)."""
+        return [self.sign(key, d, s, params=p) for d, s, p in requests]
+
+    def verify(
+        self,
+        key: KeyRef,
+        digest: bytes,
+        signature: bytes,
+        scheme: SigScheme = SigScheme.ECDSA,
+        *,
+        path: tuple[int, ...] = (),
+        tweak: bytes | None = None,
+    ) -> bool:
+        """Verify against the key's public key (no private operation)."""
+        info = self._route(key)[1]
+        pub = self.derive_public(key, path).public_key if path else info.public_key
+        with self._audited("verify", None, info.id) as d:
+            if scheme is SigScheme.ECDSA:
+                ok = curve.ecdsa_verify(pub, bytes(digest), bytes(signature))
+            else:
+                xo = curve.xonly(pub)
+                if tweak is not None:
+                    xo, _ = curve.xonly_tweak_add(xo, tweak)
+                ok = curve.schnorr_verify(xo, bytes(digest), bytes(signature))
+            d["valid"] = "yes" if ok else "no"
+            return ok
+
+    def delete_key(self, key: KeyRef) -> None:
+        provider, info = self._route(key)
+        with self._lock, self._audited("delete_key", provider.name, info.id) as d:
+            d["label"] = info.label
+            self._call(provider, lambda: provider.delete_key(info.id))
+            self._forget(info)
+
+    # --- health, reload, audit ----------------------------------------------------------------
+
+    def health(self) -> HealthReport:
+        """Re-check the active provider (status + signing probe); report the chain."""
+        rows: list[dict[str, object]] = []
+        ok = True
+        for a in self._attempts:
+            row = a.to_dict()
+            if a.name == self._active.name:
+                t0 = time.perf_counter()
+                try:
+                    h = self._active.health()
+                    if not h.ok:
+                        raise ProviderUnavailable(h.reason or h.status)
+                    signing_probe(self._active, self._probe_pub)
+                    row.update(status="ok", reason="", details=h.details)
+                    self._unhealthy.pop(a.name, None)
+                except HsmError as e:
+                    ok = False
+                    self._unhealthy[a.name] = e.message
+                    row.update(status="unhealthy", reason=e.message, error_code=e.code)
+                row["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+                row["active"] = True
+            else:
+                row["active"] = False
+                if a.status not in ("ok", "not_tried"):
+                    row["status"] = a.status
+            rows.append(row)
+        audit: dict[str, object] = {
+            "path": str(self.audit_path),
+            "last_seq": self._audit.last_seq if self._audit else 0,
+        }
+        audit["durability"] = self._config.audit.durability
+        audit["key_source"] = "keystore" if self._anchor.keystore is not None else "key-file"
+        audit["mlock"] = mlock_status()
+        report = HealthReport(
+            ok=ok,
+            active_provider=self._active.name,
+            security_level=self.security_level,
+            min_security_level=self._config.effective_min_level,
+            environment=self._config.environment.value,
+            network=self._config.network.value,
+            providers=rows,
+            audit=audit,
+        )
+        assert self._audit is not None
+        self._audit.append("health", "ok" if ok else "error", provider=self._active.name)
+        return report
+
+    def verify_audit(self) -> VerifyResult:
+        """Verify the whole audit log chain and its checkpoint."""
+        assert self._audit is not None
+        self._audit.flush()
+        reader, _ = self._checkpoint_io(self._audit.path)
+        with self._audit_key(self._audit.path) as key:
+            return verify_log(self._audit.path, key, reader())
+
+    def reload(self, config: Config | str | Path | None = None) -> None:
+        """Re-read the configuration and re-run the chain. Keys stay where they are;
+        the audit log continues (same chain) if its path and key are unchanged."""
+        with self._lock:
+            if config is None:
+                if self._config.source is None:
+                    raise ConfigError("this handle was built from an in-memory Config; pass one")
+                new_cfg = Config.load(self._config.source)
+            else:
+                new_cfg = config if isinstance(config, Config) else Config.load(config)
+            assert self._audit is not None
+            self._audit.append("reload", "started", provider=self._active.name)
+            old_cfg, old_attempts, old_probe = self._config, self._attempts, self._probe_pub
+            old_active, old_anchor, old_audit = self._active, self._anchor, self._audit
+            try:
+                chain = walk_chain(new_cfg, self._passphrase or resolve_passphrase(new_cfg, None))
+            except HsmError as e:
+                old_audit.append("reload", "error", provider=old_active.name, error=e.code)
+                raise
+            self._config = new_cfg
+            self._cache.clear()
+            self._unhealthy.clear()
+            try:
+                self._install(chain)
+            except BaseException as e:
+                chain.provider.close()
+                self._config, self._attempts, self._probe_pub = old_cfg, old_attempts, old_probe
+                self._active, self._anchor, self._audit = old_active, old_anchor, old_audit
+                code = e.code if isinstance(e, HsmError) else type(e).__name__
+                old_audit.append("reload", "error", provider=old_active.name, error=code)
+                raise
+            old_audit.close()
+            if old_anchor.owner is not None:
+                old_anchor.owner.close()
+            if old_active is not self._active:
+                old_active.close()
+            assert self._audit is not None
+            self._audit.append("reload", "ok", provider=self._active.name)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            if self._audit is not None:
+                try:
+                    self._audit.append("close", "ok", provider=self._active.name)
+                except AuditError:
+                    log.error("anyhsm: could not write the close entry to the audit log")
+                self._audit.close()
+            if self._anchor.owner is not None:
+                self._anchor.owner.close()
+            self._active.close()
+            if self._passphrase is not None:
+                self._passphrase.wipe()
+            self._closed = True
+
+    def __enter__(self) -> Hsm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Hsm active={self.active_provider} level={self.security_level.label}>"
+
+
+def open_hsm(
+    config: Config | str | Path | None = None,
+    *,
+    passphrase: SecretBytes | str | bytes | None = None,
+) -> Hsm:
+    """Open the configured fallback chain and return the HSM handle.
+
+    ``config`` is a path to a TOML file or a :class:`Config`; None reads
+    ``ANYHSM_CONFIG``. The passphrase, when one is needed, comes from the
+    argument, ``ANYHSM_PASSPHRASE`` or ``[providers.software] passphrase_file``.
+    """
+    if config is None:
+        env = os.environ.get("ANYHSM_CONFIG")
+        if not env:
+            raise ConfigError("no configuration given", hint="pass a path or set ANYHSM_CONFIG")
+        config = env
+    cfg = config if isinstance(config, Config) else Config.load(config)
+    pw = resolve_passphrase(cfg, passphrase)
+    own = pw if not isinstance(passphrase, SecretBytes) else SecretBytes(pw.buffer) if pw else None
+    return Hsm(cfg, own)
+
+
+__all__ = ["PROVIDER_LEVELS", "HealthReport", "Hsm", "ProviderContext", "open_hsm"]

@@ -26,6 +26,7 @@ import hmac
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,15 @@ from anyhsm.errors import AuditError, AuditTampered, AuditWriteFailed
 from anyhsm.secret import SecretBytes
 
 GENESIS = bytes(32)
+CHECKPOINT_INTERVAL_S = 1.0
 _TAIL_READ = 1 << 16
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def _canonical(obj: Mapping[str, object]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def entry_mac(key: SecretBytes, prev: bytes, body: Mapping[str, object]) -> bytes:
@@ -86,6 +91,7 @@ class AuditLog:
         self._end = -1
         self._synced_seq = 0
         self._checkpointed_seq = 0
+        self._checkpoint_at = 0.0
         self._failed: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,9 +157,9 @@ class AuditLog:
                         body["error"] = error
                     if detail:
                         body["detail"] = dict(detail)
-                    mac = entry_mac(self._key, self._mac, body)
-                    line = json.dumps({**body, "mac": mac.hex()}, separators=(",", ":")) + "\n"
-                    data = line.encode()
+                    canon = _canonical(body)
+                    mac = hmac.digest(self._key.buffer, self._mac + canon, "sha256")
+                    data = canon[:-1] + b',"mac":"' + mac.hex().encode() + b'"}\n'
                     written = os.write(self._fd, data)
                     if written != len(data):
                         raise OSError(28, "short write to audit log")
@@ -161,7 +167,7 @@ class AuditLog:
                         os.fsync(self._fd)
                     self._seq += 1
                     self._mac = mac
-                    self._end = os.fstat(self._fd).st_size
+                    self._end += len(data)
                     seq = self._seq
                 finally:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -173,10 +179,12 @@ class AuditLog:
                 ) from None
             if self._durability == "fsync":
                 self._synced_seq = seq
-                self._maybe_checkpoint(force=False)
+                mac_now = self._mac
             else:
                 self._dirty.set()
-            return seq
+        if self._durability == "fsync":
+            self._maybe_checkpoint(seq, mac_now, force=False)
+        return seq
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
@@ -188,32 +196,43 @@ class AuditLog:
                 self.flush()
 
     def flush(self) -> None:
-        """fsync the log now and advance the checkpoint."""
+        """fsync the log now and advance the checkpoint.
+
+        Disk work (fsync, checkpoint write) runs outside the append lock, so
+        appends are never stalled behind the disk; entries appended meanwhile
+        are covered by the next flush.
+        """
         with self._lock:
-            if not self._dirty.is_set() and self._synced_seq == self._seq:
+            if self._fd < 0 or (not self._dirty.is_set() and self._synced_seq == self._seq):
                 return
             self._dirty.clear()
-            try:
-                os.fsync(self._fd)
-            except OSError as e:
+            target, target_mac, fd = self._seq, self._mac, self._fd
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            with self._lock:
                 self._failed = e.strerror or str(e)
-                raise AuditWriteFailed(f"cannot fsync the audit log: {self._failed}") from None
-            self._synced_seq = self._seq
-            self._maybe_checkpoint(force=False)
+            raise AuditWriteFailed(f"cannot fsync the audit log: {e.strerror}") from None
+        with self._lock:
+            self._synced_seq = max(self._synced_seq, target)
+        self._maybe_checkpoint(target, target_mac, force=False)
 
-    def _maybe_checkpoint(self, force: bool) -> None:
-        """Advance the checkpoint (at most every 64 entries unless forced); never backwards."""
-        if self._write_cp is None or self._synced_seq == 0:
+    def _maybe_checkpoint(self, seq: int, mac: bytes, *, force: bool) -> None:
+        """Advance the checkpoint to a synced entry (at most once a second unless
+        forced); never backwards, in case another process got further."""
+        if self._write_cp is None or seq == 0 or seq <= self._checkpointed_seq:
             return
-        if not force and self._synced_seq - self._checkpointed_seq < 64:
+        now = time.monotonic()
+        if not force and now - self._checkpoint_at < CHECKPOINT_INTERVAL_S:
             return
+        self._checkpoint_at = now
         current = parse_checkpoint(self._read_cp() if self._read_cp else None)
-        if current is not None and current[0] >= self._synced_seq:
+        if current is not None and current[0] >= seq:
             self._checkpointed_seq = current[0]
             return
         try:
-            self._write_cp(make_checkpoint(self._key, self._seq, self._mac))
-            self._checkpointed_seq = self._seq
+            self._write_cp(make_checkpoint(self._key, seq, mac))
+            self._checkpointed_seq = seq
         except OSError as e:
             raise AuditWriteFailed(f"cannot write the audit checkpoint: {e.strerror}") from None
 
@@ -235,7 +254,7 @@ class AuditLog:
                         os.fsync(self._fd)
                         self._synced_seq = self._seq
                         if self._failed is None:
-                            self._maybe_checkpoint(force=True)
+                            self._maybe_checkpoint(self._seq, self._mac, force=True)
                     finally:
                         fcntl.flock(self._fd, fcntl.LOCK_UN)
                 except (OSError, AuditError):

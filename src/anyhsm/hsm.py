@@ -478,19 +478,34 @@ class Hsm:
         if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
             raise InvalidDigest("digest must be exactly 32 bytes", hint="hash the message first")
         provider, info = self._route(key)
-        with self._audited("sign", provider.name, info.id) as d:
-            d["scheme"] = scheme.value
+        audit = self._audit
+        if self._closed or audit is None:
+            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        # The hot path: audited inline rather than through _audited().
+        detail = {"scheme": scheme.value}
+        try:
             self._check_level(provider, info)
             try:
-                sig = self._call(
-                    provider, lambda: provider.sign_digest(info.id, bytes(digest), scheme, params)
-                )
+                sig = provider.sign_digest(info.id, bytes(digest), scheme, params)
             except KeyNotFound:
                 self._forget(info)  # deleted by another process
                 raise
+            except (ProviderUnavailable, ProviderError) as e:
+                if not isinstance(e, UnsupportedOperation):
+                    self._unhealthy[provider.name] = e.message
+                raise
             if scheme is SigScheme.ECDSA:
                 sig = curve.normalize_der(sig)
-            return sig
+        except HsmError as e:
+            audit.append("sign", "error", provider=provider.name, key_id=info.id, error=e.code,
+                         detail=detail)  # fmt: skip
+            raise
+        except Exception as e:
+            audit.append("sign", "error", provider=provider.name, key_id=info.id,
+                         error=type(e).__name__, detail=detail)  # fmt: skip
+            raise
+        audit.append("sign", "ok", provider=provider.name, key_id=info.id, detail=detail)
+        return sig
 
     def sign_many(
         self,

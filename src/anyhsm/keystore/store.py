@@ -183,6 +183,7 @@ class Keystore:
         self._records: dict[str, KeyRecord] = {}
         self._aads: dict[str, bytes] = {}
         self._scratch = threading.local()
+        self._keys_str = str(path / KEYS_DIR)
         self._mtimes: dict[str, int] = {}
         self.problems: dict[str, HsmError] = {}
         self.unlocked_by = ""
@@ -466,7 +467,7 @@ class Keystore:
         elsewhere means deleted here too)."""
         self._require_master()
         rec = self._lookup(ref)
-        if rec is not None and not (self.keys_dir / f"{rec.id}.json").exists():
+        if rec is not None and not os.path.exists(f"{self._keys_str}/{rec.id}.json"):
             rec = None
         if rec is None:
             self.refresh()

@@ -151,17 +151,19 @@ class SoftwareProvider:
             details,
         )
 
+    _CAPABILITIES = Capabilities(
+        key_types=local_signing.LOCAL_KEY_TYPES,
+        schemes=frozenset({SigScheme.ECDSA, SigScheme.SCHNORR}),
+        can_import=True,
+        can_export=True,
+        can_derive=True,
+        can_tweak=True,
+        controls_nonce=True,
+        persistent=True,
+    )
+
     def capabilities(self) -> Capabilities:
-        return Capabilities(
-            key_types=local_signing.LOCAL_KEY_TYPES,
-            schemes=frozenset({SigScheme.ECDSA, SigScheme.SCHNORR}),
-            can_import=True,
-            can_export=True,
-            can_derive=True,
-            can_tweak=True,
-            controls_nonce=True,
-            persistent=True,
-        )
+        return self._CAPABILITIES
 
     def security_level(self) -> SecurityLevel:
         return SecurityLevel.SOFTWARE

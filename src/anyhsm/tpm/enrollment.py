@@ -1,0 +1,115 @@
+"""Enrolling a keystore with a TPM: the library side of ``anyhsm tpm enroll|unenroll|status``.
+
+Enrolment seals the keystore's master key to the TPM and writes the blob
+beside the keystore (``tpm-sealed.json``, atomically). The passphrase-wrapped
+copy of the master key in the keystore header is never touched, so the
+recovery passphrase keeps opening the same keys whatever happens to the TPM.
+"""
+
+from __future__ import annotations
+
+from anyhsm.errors import HsmError, KeystoreError
+from anyhsm.keystore import Keystore
+from anyhsm.tpm.blob import SealedBlob
+from anyhsm.tpm.device import tpm_info
+from anyhsm.tpm.errors import TpmCommandFailed, TpmNotEnrolled, TpmPolicyMismatch
+from anyhsm.tpm.sealing import seal, unseal
+from anyhsm.tpm.settings import TpmSettings
+
+SIDE_FILE = "tpm-sealed.json"
+NOT_ENROLLED_HINT = (
+    "run 'anyhsm tpm enroll' (it needs the passphrase once), or open the keystore with the "
+    "passphrase"
+)
+
+
+def _summary(blob: SealedBlob) -> dict[str, object]:
+    return {
+        "pcrs": list(blob.pcrs),
+        "pcr_bank": blob.pcr_bank,
+        "policy_digest": blob.policy_digest.hex(),
+        "primary_template": blob.primary_template,
+        "primary_name": blob.primary_name.hex(),
+        "sealed_at": blob.sealed_at,
+        "no_da": True,
+    }
+
+
+def enroll(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
+    """Seal the (unlocked) keystore's master key to the TPM and store the blob.
+
+    The new blob is unsealed and compared before it replaces any previous one,
+    so a failed enrolment never leaves a keystore that the TPM cannot open.
+    Returns a summary without secrets.
+    """
+    with keystore.master_key() as master:
+        blob = seal(settings, master)
+        with unseal(settings, blob) as back:
+            if not back.equals(master):
+                raise TpmCommandFailed(
+                    "the TPM returned another value than the one sealed; nothing was written"
+                )
+    replaced = keystore.read_side_file(SIDE_FILE) is not None
+    keystore.write_side_file(SIDE_FILE, blob)
+    if keystore.read_side_file(SIDE_FILE) != blob:
+        raise KeystoreError(f"{SIDE_FILE} did not read back as written", hint="check the disk")
+    out: dict[str, object] = {
+        "enrolled": True,
+        "file": str(keystore.path / SIDE_FILE),
+        "tcti": settings.tcti,
+        "replaced": replaced,
+    }
+    out.update(_summary(SealedBlob.from_json(blob)))
+    return out
+
+
+def unenroll(keystore: Keystore) -> bool:
+    """Remove the sealed blob; True if there was one. The passphrase path is unaffected."""
+    return bool(keystore.remove_side_file(SIDE_FILE))
+
+
+def read_blob(keystore: Keystore) -> bytes:
+    """The sealed blob beside the keystore, or TpmNotEnrolled."""
+    raw = keystore.read_side_file(SIDE_FILE)
+    if raw is None:
+        raise TpmNotEnrolled(
+            f"TPM not enrolled: run anyhsm tpm enroll (no {SIDE_FILE} in {keystore.path})",
+            hint=NOT_ENROLLED_HINT,
+        )
+    return raw
+
+
+def status(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
+    """Enrolment and TPM state for ``anyhsm tpm status``: never raises for TPM trouble,
+    reports it. ``opens_keystore`` means the unsealed key really opens this keystore."""
+    out: dict[str, object] = {"settings": settings.describe(), "enrolled": False}
+    try:
+        out["tpm"] = tpm_info(settings)
+        out["reachable"] = True
+    except HsmError as exc:
+        out["reachable"] = False
+        out["tpm_error"] = exc.to_dict()
+    raw = keystore.read_side_file(SIDE_FILE)
+    if raw is None:
+        out["reason"] = "not enrolled"
+        return out
+    out["enrolled"] = True
+    try:
+        out.update(_summary(SealedBlob.from_json(raw)))
+        with unseal(settings, raw) as master:
+            probe = Keystore.load(keystore.path)
+            try:
+                probe.unlock_with_master_key(master, via="tpm")
+            finally:
+                probe.close()
+    except HsmError as exc:
+        out["unsealable"] = False
+        out["opens_keystore"] = False
+        out["reason"] = exc.message
+        out["error"] = exc.to_dict()
+        if isinstance(exc, TpmPolicyMismatch):
+            out["changed_pcrs"] = list(exc.changed_pcrs)
+        return out
+    out["unsealable"] = True
+    out["opens_keystore"] = True
+    return out

@@ -43,6 +43,7 @@ class KeyType(enum.Enum):
 
     SECP256K1 = "secp256k1"  # a single secp256k1 private key
     BIP32 = "bip32"  # a BIP32 seed (secp256k1 HD tree); signs with children by path
+    BIP32_NODE = "bip32-node"  # an imported master xprv: chain code (32) || private key (32)
     ED25519 = "ed25519"  # reserved: no provider implements it yet
     P256 = "p256"  # reserved: no provider implements it yet
 

@@ -15,7 +15,24 @@ from anyhsm.types import DerivedPublicKey, KeyType, SignParams, SigScheme
 
 SecretView = bytearray | memoryview
 
-LOCAL_KEY_TYPES = frozenset({KeyType.SECP256K1, KeyType.BIP32})
+LOCAL_KEY_TYPES = frozenset({KeyType.SECP256K1, KeyType.BIP32, KeyType.BIP32_NODE})
+HD_KEY_TYPES = frozenset({KeyType.BIP32, KeyType.BIP32_NODE})
+
+
+def hd_master(key_type: KeyType, secret: SecretView) -> tuple[bytearray, bytes]:
+    """(master private key, chain code) of HD material; the caller wipes the key.
+
+    A seed goes through BIP32's HMAC; an imported master node is stored as
+    chain code || key and used as is."""
+    if key_type is KeyType.BIP32_NODE:
+        if len(secret) != 64:
+            raise InvalidKeyMaterial("a BIP32 node must be 64 bytes (chain code || key)")
+        key = bytearray(secret[32:])
+        if not curve.valid_secret(key):
+            key[:] = bytes(32)
+            raise InvalidKeyMaterial("the BIP32 node's private key is out of range")
+        return key, bytes(secret[:32])
+    return curve.bip32_master(secret)
 
 
 def new_secret(key_type: KeyType, extra_entropy: bytes | None = None) -> bytearray:
@@ -47,11 +64,11 @@ def check_material(key_type: KeyType, secret: SecretView) -> None:
             raise InvalidKeyMaterial(
                 "a secp256k1 private key must be 32 bytes, non-zero and below the curve order"
             )
-    elif key_type is KeyType.BIP32:
-        if not 16 <= len(secret) <= 64:
+    elif key_type in HD_KEY_TYPES:
+        if key_type is KeyType.BIP32 and not 16 <= len(secret) <= 64:
             raise InvalidKeyMaterial("a BIP32 seed must be 16 to 64 bytes")
         try:
-            master, _ = curve.bip32_master(secret)
+            master, _ = hd_master(key_type, secret)
         except curve.CurveError as e:
             raise InvalidKeyMaterial(str(e)) from None
         master[:] = bytes(32)
@@ -61,8 +78,8 @@ def check_material(key_type: KeyType, secret: SecretView) -> None:
 
 def public_facts(key_type: KeyType, secret: SecretView) -> tuple[bytes, bytes | None]:
     """(compressed public key, chain code or None) of stored material."""
-    if key_type is KeyType.BIP32:
-        master, chain = curve.bip32_master(secret)
+    if key_type in HD_KEY_TYPES:
+        master, chain = hd_master(key_type, secret)
         try:
             return curve.public_key(master), chain
         finally:
@@ -79,8 +96,8 @@ def sign(
     params: SignParams,
 ) -> bytes:
     """Sign with stored material (deriving the BIP32 child at ``params.path`` first)."""
-    if key_type is KeyType.BIP32:
-        master, chain = curve.bip32_master(secret)
+    if key_type in HD_KEY_TYPES:
+        master, chain = hd_master(key_type, secret)
         try:
             child, _, _, _ = curve.bip32_derive_priv(master, chain, params.path)
         finally:
@@ -107,9 +124,9 @@ def _sign_scalar(secret: SecretView, digest: bytes, scheme: SigScheme, params: S
 def derive_public(
     provider: str, key_type: KeyType, secret: SecretView, path: tuple[int, ...]
 ) -> DerivedPublicKey:
-    if key_type is not KeyType.BIP32:
+    if key_type not in HD_KEY_TYPES:
         raise UnsupportedOperation(provider, "BIP32 derivation on a single (non-HD) key")
-    master, chain = curve.bip32_master(secret)
+    master, chain = hd_master(key_type, secret)
     try:
         master_fp = curve.hash160(curve.public_key(master))[:4]
         child, child_chain, parent_pub, pub = curve.bip32_derive_priv(master, chain, path)

@@ -1,0 +1,104 @@
+"""Shared plumbing for CLI commands: config, passphrase, the HSM handle, results.
+
+Commands are thin: they parse arguments, call the library and return a
+:class:`Result` that ``main`` prints as text or as ``--json``. Secrets never
+come from the command line: the passphrase comes from ``ANYHSM_PASSPHRASE``,
+``--passphrase-file`` or an interactive prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeAlias
+
+from anyhsm.config import Config
+from anyhsm.errors import ConfigError, HsmError
+from anyhsm.factory import read_secret_file
+from anyhsm.hsm import Hsm, open_hsm
+from anyhsm.secret import SecretBytes
+
+
+@dataclass
+class Result:
+    """What a command produced: a JSON object, human text, and the exit status."""
+
+    data: dict[str, object]
+    text: list[str] = field(default_factory=list)
+    exit_code: int = 0
+
+
+Handler = Callable[[argparse.Namespace, "App"], Result]
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class App:
+    """Per-invocation state: lazily loaded config and HSM handle."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._config: Config | None = None
+        self._hsm: Hsm | None = None
+
+    @property
+    def json(self) -> bool:
+        return bool(getattr(self.args, "json", False))
+
+    def config_path(self) -> Path:
+        raw = getattr(self.args, "config", None) or os.environ.get("ANYHSM_CONFIG")
+        if not raw:
+            raise ConfigError(
+                "no configuration file given",
+                hint="pass --config PATH or set ANYHSM_CONFIG (create one with 'anyhsm init')",
+            )
+        return Path(raw)
+
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = Config.load(self.config_path())
+        return self._config
+
+    def passphrase(
+        self, *, prompt: str = "Keystore passphrase: ", confirm: bool = False
+    ) -> SecretBytes | None:
+        """From --passphrase-file, ANYHSM_PASSPHRASE, or a prompt on a terminal."""
+        pf = getattr(self.args, "passphrase_file", None)
+        if pf:
+            return read_secret_file(Path(pf), "passphrase")
+        env = os.environ.get("ANYHSM_PASSPHRASE")
+        if env:
+            return SecretBytes(env.encode())
+        if self._config is not None or getattr(self.args, "config", None):
+            try:
+                cfg = self.config()
+                f = cfg.provider_settings("software").get("passphrase_file")
+                if isinstance(f, str):
+                    return read_secret_file(cfg.resolve(f), "passphrase")
+            except ConfigError:
+                pass
+        if sys.stdin is not None and sys.stdin.isatty():
+            first = getpass.getpass(prompt)
+            if confirm and getpass.getpass("Repeat: ") != first:
+                raise HsmError("the passphrases do not match")
+            return SecretBytes(first.encode())
+        return None
+
+    def hsm(self) -> Hsm:
+        if self._hsm is None:
+            cfg = self.config()
+            needs_pw = any(
+                p in ("software", "pkcs11", "simulator") for p in cfg.fallback.chain
+            ) or ("software" in cfg.providers)
+            pw = self.passphrase() if needs_pw else None
+            self._hsm = open_hsm(cfg, passphrase=pw)
+        return self._hsm
+
+    def close(self) -> None:
+        if self._hsm is not None:
+            self._hsm.close()
+            self._hsm = None

@@ -366,7 +366,8 @@ def encode_op(op: ScriptOp) -> bytes:
     if op.data is None:
         return bytes([op.opcode])
     width = {OP_PUSHDATA1: 1, OP_PUSHDATA2: 2, OP_PUSHDATA4: 4}.get(op.opcode, 0)
-    return bytes([op.opcode]) + len(op.data).to_bytes(width, "little") + op.data
+    length = len(op.data).to_bytes(width, "little") if width else b""
+    return bytes([op.opcode]) + length + op.data
 
 
 def is_minimal_push(op: ScriptOp) -> bool:

@@ -27,7 +27,7 @@ PCR_BANKS: dict[str, tuple[int, int]] = {
 # /dev/tpmrm0), the swtpm and mssim simulators, and the tpm2-abrmd daemon.
 TCTI_NAMES = frozenset({"device", "swtpm", "mssim", "tabrmd"})
 
-KNOWN_KEYS = frozenset({"tcti", "pcrs", "pcr_bank", "use_rng", "timeout_s"})
+KNOWN_KEYS = frozenset({"tcti", "pcrs", "pcr_bank", "use_rng", "timeout_ms", "timeout_s"})
 # Keys the factory may keep in every provider table; accepted and ignored here.
 GENERIC_KEYS = frozenset({"enabled", "module", "priority", "label"})
 
@@ -152,7 +152,15 @@ class TpmSettings:
             problems.append("use_rng must be true or false")
             use_rng = False
 
-        timeout = settings.get("timeout_s", default_timeout_s)
+        timeout: object = settings.get("timeout_s", default_timeout_s)
+        if "timeout_ms" in settings:
+            ms = settings["timeout_ms"]
+            if "timeout_s" in settings:
+                problems.append("set timeout_ms or timeout_s, not both")
+            elif isinstance(ms, bool) or not isinstance(ms, int | float):
+                problems.append("timeout_ms must be a number of milliseconds")
+            else:
+                timeout = ms / 1000
         timeout_s = 2.0
         if (
             isinstance(timeout, bool)
@@ -160,7 +168,10 @@ class TpmSettings:
             or not math.isfinite(timeout)
             or not 0 < timeout <= MAX_TIMEOUT_S
         ):
-            problems.append(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+            problems.append(
+                f"the timeout must be above 0 and at most {MAX_TIMEOUT_S:g} s "
+                f"({MAX_TIMEOUT_S * 1000:g} ms)"
+            )
         else:
             timeout_s = float(timeout)
 

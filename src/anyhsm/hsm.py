@@ -342,13 +342,11 @@ class Hsm:
         assert audit is not None
         try:
             yield detail
-        except HsmError as e:
-            audit.append(op, "error", provider=provider, key_id=key_id, error=e.code, detail=detail)
-            raise
         except Exception as e:
-            audit.append(
-                op, "error", provider=provider, key_id=key_id, error=type(e).__name__, detail=detail
-            )
+            code = e.code if isinstance(e, HsmError) else type(e).__name__
+            prov = provider or detail.pop("_provider", None)
+            kid = key_id or detail.pop("_key", None)
+            audit.append(op, "error", provider=prov, key_id=kid, error=code, detail=detail)
             raise
         audit.append(op, "ok", provider=provider or detail.pop("_provider", None),
                      key_id=key_id or detail.pop("_key", None), detail=detail)  # fmt: skip
@@ -435,8 +433,10 @@ class Hsm:
 
     def export_key(self, key: KeyRef) -> SecretBytes:
         """Private material of an exportable key, where provider and config allow it."""
-        provider, info = self._route(key)
-        with self._audited("export_key", provider.name, info.id):
+        with self._audited("export_key") as d:
+            d["key_ref"] = str(key)[:128]
+            provider, info = self._route(key)
+            d["_provider"], d["_key"] = provider.name, info.id
             if not provider.capabilities().can_export or not isinstance(provider, KeyExporter):
                 raise UnsupportedOperation(provider.name, "key export")
             return self._call(provider, lambda: provider.export_key(info.id))
@@ -475,15 +475,20 @@ class Hsm:
         params: SignParams | None = None,
     ) -> bytes:
         """Sign a 32-byte digest: strict DER low-S ECDSA, or 64-byte BIP340 Schnorr."""
-        if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
-            raise InvalidDigest("digest must be exactly 32 bytes", hint="hash the message first")
-        provider, info = self._route(key)
         audit = self._audit
         if self._closed or audit is None:
             raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
         # The hot path: audited inline rather than through _audited().
         detail = {"scheme": scheme.value}
+        provider_name: str | None = None
+        key_id: str | None = None
         try:
+            if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
+                raise InvalidDigest(
+                    "digest must be exactly 32 bytes", hint="hash the message first"
+                )
+            provider, info = self._route(key)
+            provider_name, key_id = provider.name, info.id
             self._check_level(provider, info)
             try:
                 sig = provider.sign_digest(info.id, bytes(digest), scheme, params)
@@ -496,15 +501,14 @@ class Hsm:
                 raise
             if scheme is SigScheme.ECDSA:
                 sig = curve.normalize_der(sig)
-        except HsmError as e:
-            audit.append("sign", "error", provider=provider.name, key_id=info.id, error=e.code,
+        except Exception as e:
+            if key_id is None:
+                detail["key_ref"] = str(key)[:128]
+            code = e.code if isinstance(e, HsmError) else type(e).__name__
+            audit.append("sign", "error", provider=provider_name, key_id=key_id, error=code,
                          detail=detail)  # fmt: skip
             raise
-        except Exception as e:
-            audit.append("sign", "error", provider=provider.name, key_id=info.id,
-                         error=type(e).__name__, detail=detail)  # fmt: skip
-            raise
-        audit.append("sign", "ok", provider=provider.name, key_id=info.id, detail=detail)
+        audit.append("sign", "ok", provider=provider_name, key_id=key_id, detail=detail)
         return sig
 
     def sign_many(
@@ -540,9 +544,10 @@ class Hsm:
             return ok
 
     def delete_key(self, key: KeyRef) -> None:
-        provider, info = self._route(key)
-        with self._lock, self._audited("delete_key", provider.name, info.id) as d:
-            d["label"] = info.label
+        with self._lock, self._audited("delete_key") as d:
+            d["key_ref"] = str(key)[:128]
+            provider, info = self._route(key)
+            d["_provider"], d["_key"] = provider.name, info.id
             self._call(provider, lambda: provider.delete_key(info.id))
             self._forget(info)
 

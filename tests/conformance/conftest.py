@@ -1,0 +1,115 @@
+"""One contract suite, parametrised over every provider available here.
+
+Each backend yields an open :class:`anyhsm.Hsm` whose active provider is that
+backend, on real components: the software keystore on disk, the simulator,
+PKCS#11 on a real SoftHSM2 token, and the TPM path on a real swtpm. A backend
+whose component is not installed is skipped with the reason (CI installs
+them all, so nothing is skipped there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from anyhsm import Hsm, open_hsm
+from anyhsm.deploy import FAST_DEV_KDF, init_deployment
+from anyhsm.secret import SecretBytes
+from tests.conftest import PASSPHRASE
+
+BACKENDS = ["software", "simulator", "pkcs11", "tpm"]
+
+
+def _config(directory: Path, chain: str, extra: str = "") -> Path:
+    path = directory / f"{chain}.toml"
+    path.write_text(
+        f"""
+environment = "development"
+network = "regtest"
+[fallback]
+chain = ["{chain}"]
+[providers.software]
+path = "keystore"
+[audit]
+path = "audit.log"
+{extra}
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> object:
+    try:
+        from tests.support.softhsm import find_softhsm_module, init_softhsm
+    except ImportError:
+        pytest.skip("tests/support/softhsm.py is not available")
+    if find_softhsm_module() is None:
+        pytest.skip("SoftHSM2 is not installed (scripts/install-softhsm.sh installs it)")
+    if importlib.util.find_spec("pkcs11") is None:
+        pytest.skip("python-pkcs11 is not installed (pip install 'anyhsm[pkcs11]')")
+    return init_softhsm(tmp_path_factory.mktemp("softhsm-conformance"), label="conformance")
+
+
+@pytest.fixture(scope="session")
+def swtpm_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    try:
+        from tests.support.swtpm import start_swtpm, swtpm_available
+    except ImportError:
+        pytest.skip("tests/support/swtpm.py is not available")
+    if not swtpm_available():
+        pytest.skip("swtpm is not installed (scripts/install-tpm.sh installs it)")
+    if importlib.util.find_spec("tpm2_pytss") is None:
+        pytest.skip("tpm2-pytss is not installed (pip install 'anyhsm[tpm]')")
+    tpm = start_swtpm(tmp_path_factory.mktemp("swtpm-conformance"))
+    yield tpm
+    tpm.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def hsm(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Hsm]:
+    name: str = request.param
+    monkeypatch.setenv("ANYHSM_PASSPHRASE", PASSPHRASE)
+    directory = tmp_path / "dep"
+    init_deployment(directory, SecretBytes(PASSPHRASE.encode()), kdf=FAST_DEV_KDF)
+    if name == "pkcs11":
+        token = request.getfixturevalue("softhsm_token")
+        monkeypatch.setenv("ANYHSM_PKCS11_PIN", token.pin)  # type: ignore[attr-defined]
+        cfg = _config(
+            directory,
+            "pkcs11",
+            f"""[providers.pkcs11]
+module = "{token.module}"
+token_label = "{token.label}"
+""",  # type: ignore[attr-defined]
+        )
+    elif name == "tpm":
+        tpm = request.getfixturevalue("swtpm_instance")
+        tcti = tpm.tcti  # type: ignore[attr-defined]
+        cfg = _config(directory, "tpm", f'[providers.tpm]\ntcti = "{tcti}"\n')
+        from anyhsm.keystore import Keystore
+        from anyhsm.tpm.sealing import TpmSettings, enroll
+
+        ks = Keystore.load(directory / "keystore")
+        ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
+        enroll(ks, TpmSettings.from_mapping({"tcti": tcti}))
+        ks.close()
+        monkeypatch.delenv("ANYHSM_PASSPHRASE")  # the TPM path needs no passphrase
+    else:
+        cfg = _config(directory, name)
+    handle = open_hsm(cfg)
+    assert handle.active_provider == name
+    yield handle
+    handle.close()
+    if name == "pkcs11":
+        # Tokens persist across tests: remove what this test made.
+        pass
+    os.environ.pop("ANYHSM_PKCS11_PIN", None)

@@ -1,0 +1,180 @@
+"""The provider contract, run against every backend through the HSM handle."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+
+import coincurve
+import pytest
+
+from anyhsm import Hsm, KeyType, SigScheme, SignParams
+from anyhsm.crypto import secp256k1 as curve
+from anyhsm.errors import (
+    ExportNotAllowed,
+    InvalidDigest,
+    InvalidKeyMaterial,
+    KeyExists,
+    KeyNotFound,
+    UnsupportedOperation,
+)
+
+
+def label() -> str:
+    return f"k-{uuid.uuid4().hex[:12]}"
+
+
+def test_identity(hsm: Hsm) -> None:
+    assert hsm.active_provider in ("software", "simulator", "pkcs11", "tpm")
+    assert hsm.security_level is not None
+    caps = hsm.capabilities()
+    assert SigScheme.ECDSA in caps.schemes
+
+
+def test_generate_list_show_delete(hsm: Hsm) -> None:
+    name = label()
+    info = hsm.generate_key(name)
+    assert info.label == name
+    assert info.provider == hsm.active_provider
+    assert len(info.public_key) == 33 and info.public_key[0] in (2, 3)
+    assert curve.valid_public_key(info.public_key)
+    listed = {k.id: k for k in hsm.list_keys()}
+    assert info.id in listed and listed[info.id].public_key == info.public_key
+    assert hsm.get_key(name).id == info.id
+    assert hsm.get_key(info.id).label == name
+    assert hsm.public_key(name) == info.public_key
+    hsm.delete_key(name)
+    with pytest.raises(KeyNotFound):
+        hsm.get_key(name)
+    assert info.id not in {k.id for k in hsm.list_keys()}
+
+
+def test_internal_probe_key_hidden(hsm: Hsm) -> None:
+    assert all(not k.label.startswith("anyhsm:") for k in hsm.list_keys())
+
+
+def test_duplicate_label_refused(hsm: Hsm) -> None:
+    name = label()
+    hsm.generate_key(name)
+    with pytest.raises(KeyExists):
+        hsm.generate_key(name)
+
+
+def test_reserved_label_refused(hsm: Hsm) -> None:
+    with pytest.raises(InvalidKeyMaterial):
+        hsm.generate_key("anyhsm:mine")
+
+
+def test_ecdsa_signatures_verify_independently(hsm: Hsm) -> None:
+    info = hsm.generate_key(label())
+    pub = coincurve.PublicKey(info.public_key)
+    for _ in range(20):
+        digest = secrets.token_bytes(32)
+        sig = hsm.sign(info.label, digest)
+        r, s = curve.der_decode(sig)  # strict DER
+        assert s <= curve.HALF_ORDER  # low-S
+        assert pub.verify(sig, digest, hasher=None)
+        assert hsm.verify(info.label, digest, sig)
+        assert not hsm.verify(info.label, secrets.token_bytes(32), sig)
+
+
+def test_schnorr_or_unsupported(hsm: Hsm) -> None:
+    info = hsm.generate_key(label())
+    digest = secrets.token_bytes(32)
+    if SigScheme.SCHNORR in hsm.capabilities(info.id).schemes:
+        sig = hsm.sign(info.id, digest, SigScheme.SCHNORR)
+        assert len(sig) == 64
+        xonly = curve.xonly(info.public_key)
+        assert curve.schnorr_verify(xonly, digest, sig)
+        assert hsm.verify(info.id, digest, sig, SigScheme.SCHNORR)
+    else:
+        with pytest.raises(UnsupportedOperation) as e:
+            hsm.sign(info.id, digest, SigScheme.SCHNORR)
+        assert hsm.active_provider in str(e.value)
+        assert "schnorr" in str(e.value)
+
+
+def test_taproot_tweak_or_unsupported(hsm: Hsm) -> None:
+    info = hsm.generate_key(label())
+    digest = secrets.token_bytes(32)
+    tweak = secrets.token_bytes(32)
+    if hsm.capabilities(info.id).can_tweak:
+        sig = hsm.sign(info.id, digest, SigScheme.SCHNORR, params=SignParams(tweak=tweak))
+        q, _ = curve.xonly_tweak_add(curve.xonly(info.public_key), tweak)
+        assert curve.schnorr_verify(q, digest, sig)
+    else:
+        with pytest.raises(UnsupportedOperation):
+            hsm.sign(info.id, digest, SigScheme.SCHNORR, params=SignParams(tweak=tweak))
+
+
+def test_bip32_or_unsupported(hsm: Hsm) -> None:
+    caps = hsm.capabilities()
+    if KeyType.BIP32 not in caps.key_types:
+        with pytest.raises(UnsupportedOperation):
+            hsm.generate_key(label(), KeyType.BIP32)
+        return
+    info = hsm.generate_key(label(), KeyType.BIP32)
+    path = (0x80000054, 0x80000000, 0x80000000, 0, 5)
+    child = hsm.derive_public(info.id, path)
+    assert child.depth == 5 and child.child_number == 5
+    digest = secrets.token_bytes(32)
+    sig = hsm.sign(info.id, digest, params=SignParams(path=path))
+    assert curve.ecdsa_verify(child.public_key, digest, sig)
+    assert hsm.verify(info.id, digest, sig, path=path)
+
+
+def test_digest_must_be_32_bytes(hsm: Hsm) -> None:
+    info = hsm.generate_key(label())
+    for bad in (b"", b"x" * 31, b"x" * 33):
+        with pytest.raises(InvalidDigest):
+            hsm.sign(info.id, bad)
+
+
+def test_unknown_key(hsm: Hsm) -> None:
+    with pytest.raises(KeyNotFound):
+        hsm.sign("no-such-key", os.urandom(32))
+
+
+def test_import_or_unsupported(hsm: Hsm) -> None:
+    secret = coincurve.PrivateKey().secret
+    if hsm.capabilities().can_import:
+        info = hsm.import_key(label(), secret)
+        assert info.public_key == coincurve.PrivateKey(secret).public_key.format()
+        with pytest.raises(InvalidKeyMaterial):
+            hsm.import_key(label(), b"\x00" * 32)
+        with pytest.raises(InvalidKeyMaterial):
+            hsm.import_key(label(), bytes.fromhex("ff" * 32))
+    else:
+        with pytest.raises(UnsupportedOperation):
+            hsm.import_key(label(), secret)
+
+
+def test_export_refused_by_default(hsm: Hsm) -> None:
+    info = hsm.generate_key(label())
+    with pytest.raises((ExportNotAllowed, UnsupportedOperation)):
+        hsm.export_key(info.id)
+
+
+def test_health_signs_a_probe(hsm: Hsm) -> None:
+    report = hsm.health()
+    assert report.ok
+    assert report.active_provider == hsm.active_provider
+    active = [p for p in report.providers if p["active"]]
+    assert active and active[0]["status"] == "ok"
+
+
+def test_every_operation_is_audited(hsm: Hsm) -> None:
+    info = hsm.generate_key(label())
+    hsm.sign(info.id, os.urandom(32))
+    with pytest.raises(InvalidDigest):
+        hsm.sign(info.id, b"short")
+    with pytest.raises(KeyNotFound):
+        hsm.delete_key("missing-key")
+    result = hsm.verify_audit()
+    assert result.ok, result.reason
+    lines = hsm.audit_path.read_text().splitlines()
+    ops = [line for line in lines if '"op":"sign"' in line]
+    assert ops and all(info.id in line for line in ops)
+    # no secret material and no full digest appear
+    assert all("secret" not in line for line in lines)

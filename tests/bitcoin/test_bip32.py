@@ -480,3 +480,28 @@ def test_fuzz_parse_path(text: str) -> None:
 def test_fuzz_key_origin(text: str) -> None:
     with contextlib.suppress(Bip32Error):
         KeyOrigin.parse(text)
+
+
+def test_constructor_rejects_mismatched_private_key() -> None:
+    from anyhsm.secret import SecretBytes
+
+    key = ExtendedKey.from_seed(_SEED)
+    with pytest.raises(Bip32Error, match="does not match"):
+        ExtendedKey(
+            network=Network.MAINNET,
+            depth=0,
+            parent_fingerprint=b"\0\0\0\0",
+            child_number=0,
+            chain_code=key.chain_code,
+            public_key=key.public_key,
+            secret=SecretBytes(b"\1" * 32),
+        )
+    with pytest.raises(Bip32Error, match="depth-0"):
+        ExtendedKey(
+            network=Network.MAINNET,
+            depth=0,
+            parent_fingerprint=b"\0\0\0\1",
+            child_number=0,
+            chain_code=key.chain_code,
+            public_key=key.public_key,
+        )

@@ -278,6 +278,10 @@ class ExtendedKey:
             raise Bip32Error("a depth-0 key has parent fingerprint 0 and child number 0")
         if len(public_key) != 33 or not ec.valid_public_key(public_key):
             raise Bip32Error("public key is not a valid 33-byte compressed secp256k1 point")
+        if secret is not None and (
+            len(secret) != 32 or ec.public_key(secret.buffer) != bytes(public_key)
+        ):
+            raise Bip32Error("the private key does not match the public key")
         self._network = _family(network)
         self._depth = depth
         self._parent_fingerprint = bytes(parent_fingerprint)

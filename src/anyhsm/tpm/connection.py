@@ -166,12 +166,14 @@ def translate(exc: Exception, step: str, tcti: str) -> HsmError:
         return ProviderUnavailable(f"the TPM is busy ({text})", hint="try again shortly")
     if code == RC_INITIALIZE:
         return ProviderUnavailable(
-            "the TPM has not been started (TPM2_Startup was never sent)",
+            f"the TPM has not been started: TPM2_Startup was never sent ({text})",
             hint="the firmware or kernel normally does this; for a simulator start it with "
             "startup flags (swtpm --flags startup-clear) or run tpm2_startup -c once",
         )
     if code == RC_FAILURE:
-        return ProviderUnavailable("the TPM is in failure mode", hint="reboot the machine")
+        return ProviderUnavailable(
+            f"the TPM is in failure mode ({text})", hint="reboot the machine"
+        )
     if step.startswith("load"):
         # The TPM checks the private blob's integrity under its parent: any failure here
         # means the blob was edited, or its parent (the primary key) is not the one it had.
@@ -183,7 +185,7 @@ def translate(exc: Exception, step: str, tcti: str) -> HsmError:
     if code in (RC_AUTH_FAIL, RC_BAD_AUTH) and step.startswith("create the storage primary"):
         return ProviderUnavailable(
             "the TPM owner hierarchy has an authorisation value; anyhsm seals under the "
-            "owner hierarchy with empty owner authorisation",
+            f"owner hierarchy with empty owner authorisation ({text})",
             hint="clear the owner password (tpm2_changeauth -c owner) or use another TPM",
         )
     if code == RC_INTEGRITY:

@@ -188,8 +188,11 @@ class KeyOrigin:
     path: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fingerprint, bytes) or len(self.fingerprint) != 4:
+        if not isinstance(self.fingerprint, bytes | bytearray | memoryview) or (
+            len(self.fingerprint) != 4
+        ):
             raise Bip32Error("a key origin fingerprint is exactly 4 bytes")
+        object.__setattr__(self, "fingerprint", bytes(self.fingerprint))
         object.__setattr__(self, "path", _as_path(self.path))
 
     def to_string(self, hardened_marker: str = "'", *, brackets: bool = True) -> str:

@@ -66,13 +66,13 @@ def _probe(port: int) -> bool:
                     return False
                 header += chunk
             _tag, size, rc = struct.unpack(">HII", header)
-            remaining = size - 10
+            remaining = int(size) - 10
             while remaining > 0:
                 chunk = s.recv(remaining)
                 if not chunk:
                     return False
                 remaining -= len(chunk)
-            return rc == 0
+            return int(rc) == 0
     except OSError:
         return False
 

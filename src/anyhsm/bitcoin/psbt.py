@@ -1,0 +1,576 @@
+"""Partially Signed Bitcoin Transactions: BIP174 (v0), BIP370 (v2), BIP371 (taproot fields).
+
+``Psbt.parse`` takes raw bytes, base64 or hex and either returns a fully validated,
+typed PSBT or raises :class:`PsbtError` naming the field that is wrong; no other
+exception escapes it. ``serialize`` writes known fields in ascending key-type order and
+keeps unknown and proprietary pairs byte for byte, so a canonical PSBT round-trips
+exactly.
+
+Both versions share one model: the transaction is held in the per-input and per-output
+maps (previous txid, index, sequence; amount, script) plus the global transaction
+version and lock time. A v0 PSBT writes them as PSBT_GLOBAL_UNSIGNED_TX, a v2 PSBT as
+its own fields, which makes ``to_v0`` / ``to_v2`` a change of ``version`` only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+
+from anyhsm.bitcoin.bip32 import KeyOrigin
+from anyhsm.bitcoin.encoding import compact_size, read_compact_size, read_exact, var_bytes
+from anyhsm.bitcoin.psbt_fields import (
+    MAGIC,
+    V2_ONLY_GLOBAL,
+    GlobalType,
+    InputType,
+    LeafScript,
+    OutputType,
+    ProprietaryField,
+    TapKeyOrigin,
+    TapLeaf,
+    UnknownField,
+    check_pubkey,
+    decode_origin,
+    encode_origin,
+    exact_compact_size,
+    global_name,
+    input_name,
+    parse_proprietary,
+    u32,
+)
+from anyhsm.bitcoin.psbt_maps import (
+    PsbtInput,
+    PsbtOutput,
+    Record,
+    field_context,
+    iter_fields,
+    no_key_data,
+    ordered_records,
+)
+from anyhsm.bitcoin.tx import Transaction, TxIn, TxOut
+from anyhsm.errors import BitcoinError, EncodingError, PsbtError, TransactionError
+
+__all__ = [
+    "GlobalType",
+    "InputType",
+    "LeafScript",
+    "OutputType",
+    "ProprietaryField",
+    "Psbt",
+    "PsbtGlobals",
+    "PsbtInput",
+    "PsbtOutput",
+    "TapKeyOrigin",
+    "TapLeaf",
+    "UnknownField",
+]
+
+_MAX_VALUE = 4_000_000 * 4  # larger than any transaction a PSBT can carry
+_TX_MODIFIABLE_INPUTS = 0x01
+_TX_MODIFIABLE_OUTPUTS = 0x02
+
+
+@dataclass
+class PsbtGlobals:
+    """The global map, less the transaction itself (held by the input and output maps).
+
+    ``version_field`` is PSBT_GLOBAL_VERSION as written (None when absent, which means 0).
+    ``fallback_locktime`` is PSBT_GLOBAL_FALLBACK_LOCKTIME in v2 and the unsigned
+    transaction's nLockTime in v0.
+    """
+
+    tx_version: int = 2
+    fallback_locktime: int | None = None
+    tx_modifiable: int | None = None
+    version_field: int | None = None
+    xpubs: dict[bytes, KeyOrigin] = field(default_factory=dict)  # 78-byte xpub -> origin
+    proprietary: list[ProprietaryField] = field(default_factory=list)
+    unknown: list[UnknownField] = field(default_factory=list)
+
+
+@dataclass
+class Psbt:
+    """A PSBT of version 0 or 2. Build one with :meth:`parse`, :meth:`from_unsigned_tx` or
+    :meth:`create_v2`."""
+
+    global_map: PsbtGlobals = field(default_factory=PsbtGlobals)
+    inputs: list[PsbtInput] = field(default_factory=list)
+    outputs: list[PsbtOutput] = field(default_factory=list)
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_unsigned_tx(cls, tx: Transaction) -> Psbt:
+        """BIP174 Creator: a v0 PSBT around a transaction with empty scriptSigs and witnesses."""
+        name = global_name(GlobalType.UNSIGNED_TX)
+        for i, txin in enumerate(tx.inputs):
+            if txin.script_sig or txin.witness:
+                raise PsbtError(
+                    f"{name}: input {i} has a scriptSig or witness; the unsigned "
+                    "transaction must have neither",
+                    field=name,
+                )
+        return cls(
+            PsbtGlobals(tx_version=tx.version, fallback_locktime=tx.locktime),
+            [PsbtInput.from_outpoint(i.prevout, i.sequence) for i in tx.inputs],
+            [PsbtOutput.from_txout(o) for o in tx.outputs],
+        )
+
+    @classmethod
+    def create_v2(
+        cls,
+        inputs: Sequence[PsbtInput] = (),
+        outputs: Sequence[PsbtOutput] = (),
+        *,
+        tx_version: int = 2,
+        fallback_locktime: int | None = None,
+        tx_modifiable: int | None = None,
+    ) -> Psbt:
+        """BIP370 Creator (and Constructor, when inputs and outputs are given)."""
+        if tx_modifiable is not None and not 0 <= tx_modifiable <= 0xFF:
+            raise PsbtError("PSBT_GLOBAL_TX_MODIFIABLE: flags must fit in one byte")
+        g = PsbtGlobals(
+            tx_version=tx_version,
+            fallback_locktime=fallback_locktime,
+            tx_modifiable=tx_modifiable,
+            version_field=2,
+        )
+        return cls(g, list(inputs), list(outputs))
+
+    def add_input(self, inp: PsbtInput) -> None:
+        """BIP370 Constructor: append an input if PSBT_GLOBAL_TX_MODIFIABLE allows it."""
+        self._check_modifiable(_TX_MODIFIABLE_INPUTS, "inputs")
+        self.inputs.append(inp)
+
+    def add_output(self, out: PsbtOutput) -> None:
+        """BIP370 Constructor: append an output if PSBT_GLOBAL_TX_MODIFIABLE allows it."""
+        self._check_modifiable(_TX_MODIFIABLE_OUTPUTS, "outputs")
+        self.outputs.append(out)
+
+    def _check_modifiable(self, flag: int, what: str) -> None:
+        name = global_name(GlobalType.TX_MODIFIABLE)
+        if self.version != 2:
+            raise PsbtError(f"{what} can only be added to a version 2 PSBT", field=name)
+        if not (self.global_map.tx_modifiable or 0) & flag:
+            raise PsbtError(f"{name}: the {what} modifiable flag is not set", field=name)
+
+    # --- the transaction ------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """The PSBT version: 0 or 2."""
+        return self.global_map.version_field or 0
+
+    def locktime(self) -> int:
+        """nLockTime: v0 takes the unsigned transaction's; v2 runs BIP370's algorithm."""
+        fallback = self.global_map.fallback_locktime or 0
+        heights = [i.required_height_locktime for i in self.inputs]
+        times = [i.required_time_locktime for i in self.inputs]
+        constrained = [
+            (h, t) for h, t in zip(heights, times, strict=True) if (h, t) != (None, None)
+        ]
+        if not constrained:
+            return fallback
+        if all(h is not None for h, _ in constrained):
+            return max(h for h, _ in constrained if h is not None)
+        if all(t is not None for _, t in constrained):
+            return max(t for _, t in constrained if t is not None)
+        name = input_name(InputType.REQUIRED_TIME_LOCKTIME)
+        raise PsbtError(
+            f"{name}: the inputs require both a time-based and a height-based lock time "
+            "and no one lock time type satisfies all of them",
+            field=name,
+        )
+
+    def unsigned_tx(self) -> Transaction:
+        """The transaction being signed (empty scriptSigs and witnesses), for either version."""
+        return Transaction(
+            self.global_map.tx_version,
+            [TxIn(i.prevout, b"", i.sequence) for i in self.inputs],
+            [o.txout() for o in self.outputs],
+            self.locktime(),
+        )
+
+    def unique_id(self) -> bytes:
+        """The PSBT's identity (internal byte order): the unsigned txid in v0; in v2 the txid
+        with every sequence set to 0, as BIP370 defines it."""
+        tx = self.unsigned_tx()
+        if self.version == 2:
+            for txin in tx.inputs:
+                txin.sequence = 0
+        return tx.txid()
+
+    def spent_outputs(self) -> list[TxOut] | None:
+        """The outputs every input spends, or None if any input lacks its UTXO."""
+        spent = [i.spent_output() for i in self.inputs]
+        if any(s is None for s in spent):
+            return None
+        return [s for s in spent if s is not None]
+
+    def fee(self) -> int | None:
+        spent = self.spent_outputs()
+        if spent is None:
+            return None
+        return sum(s.value for s in spent) - sum(o.amount for o in self.outputs)
+
+    # --- roles ----------------------------------------------------------------------------
+
+    def copy(self) -> Psbt:
+        return copy.deepcopy(self)
+
+    def to_v0(self) -> Psbt:
+        """The same transaction as a version 0 PSBT (lock time and sequences made explicit)."""
+        new = self.copy()
+        g = new.global_map
+        g.fallback_locktime = self.locktime()
+        g.tx_modifiable = None
+        g.version_field = None
+        for inp in new.inputs:
+            inp.sequence_number = inp.sequence
+            inp.required_time_locktime = inp.required_height_locktime = None
+        return new
+
+    def to_v2(self) -> Psbt:
+        """The same transaction as a version 2 PSBT."""
+        new = self.copy()
+        new.global_map.fallback_locktime = self.locktime()
+        new.global_map.version_field = 2
+        return new
+
+    def combine(self, other: Psbt) -> Psbt:
+        """BIP174 Combiner: a new PSBT with every key-value pair of both (ours on a clash)."""
+        if self.version != other.version:
+            raise PsbtError(
+                f"cannot combine a version {self.version} PSBT with a version {other.version} one",
+                field="PSBT_GLOBAL_VERSION",
+            )
+        if (
+            len(self.inputs) != len(other.inputs)
+            or len(self.outputs) != len(other.outputs)
+            or self.unique_id() != other.unique_id()
+        ):
+            raise PsbtError(
+                "cannot combine PSBTs for different transactions", field="PSBT_GLOBAL_UNSIGNED_TX"
+            )
+        new, theirs = self.copy(), other.copy()
+        g, h = new.global_map, theirs.global_map
+        if g.fallback_locktime is None:
+            g.fallback_locktime = h.fallback_locktime
+        if g.tx_modifiable is None:
+            g.tx_modifiable = h.tx_modifiable
+        for k, v in h.xpubs.items():
+            g.xpubs.setdefault(k, v)
+        keys = {p.key for p in g.proprietary}
+        g.proprietary += [p for p in h.proprietary if p.key not in keys]
+        keys = {u.key for u in g.unknown}
+        g.unknown += [u for u in h.unknown if u.key not in keys]
+        for a, b in zip(new.inputs, theirs.inputs, strict=True):
+            a.merge(b)
+        for c, d in zip(new.outputs, theirs.outputs, strict=True):
+            c.merge(d)
+        return new
+
+    def is_finalized(self) -> bool:
+        return all(i.is_finalized for i in self.inputs)
+
+    def extract_transaction(self) -> Transaction:
+        """BIP174 Transaction Extractor: the network transaction, once every input is final."""
+        tx = self.unsigned_tx()
+        for n, (inp, txin) in enumerate(zip(self.inputs, tx.inputs, strict=True)):
+            if not inp.is_finalized:
+                raise PsbtError(
+                    f"input {n} is not finalized (no PSBT_IN_FINAL_SCRIPTSIG or "
+                    "PSBT_IN_FINAL_SCRIPTWITNESS)",
+                    field="PSBT_IN_FINAL_SCRIPTSIG",
+                    hint="run a finalizer before extracting",
+                )
+            txin.script_sig = inp.final_scriptsig or b""
+            txin.witness = list(inp.final_scriptwitness or [])
+        return tx
+
+    # --- serialisation --------------------------------------------------------------------
+
+    def _global_records(self) -> list[Record]:
+        g = self.global_map
+        T = GlobalType
+        known: list[tuple[int, bytes, bytes]] = []
+        if self.version == 0:
+            if g.tx_modifiable is not None or any(
+                i.required_time_locktime is not None or i.required_height_locktime is not None
+                for i in self.inputs
+            ):
+                raise PsbtError(
+                    "a version 0 PSBT cannot hold PSBT_GLOBAL_TX_MODIFIABLE or required lock "
+                    "times; convert with to_v0() first",
+                    field="PSBT_GLOBAL_VERSION",
+                )
+            known.append((T.UNSIGNED_TX, b"\x00", self.unsigned_tx().serialize(False)))
+        known += [(T.XPUB, b"\x01" + k, encode_origin(v)) for k, v in g.xpubs.items()]
+        if self.version == 2:
+            known.append((T.TX_VERSION, b"\x02", g.tx_version.to_bytes(4, "little", signed=True)))
+            if g.fallback_locktime is not None:
+                known.append(
+                    (T.FALLBACK_LOCKTIME, b"\x03", g.fallback_locktime.to_bytes(4, "little"))
+                )
+            known.append((T.INPUT_COUNT, b"\x04", compact_size(len(self.inputs))))
+            known.append((T.OUTPUT_COUNT, b"\x05", compact_size(len(self.outputs))))
+            if g.tx_modifiable is not None:
+                known.append((T.TX_MODIFIABLE, b"\x06", bytes([g.tx_modifiable])))
+        if g.version_field is not None:
+            known.append((T.VERSION, b"\xfb", g.version_field.to_bytes(4, "little")))
+        return ordered_records(known, g.proprietary, g.unknown)
+
+    def serialize(self) -> bytes:
+        """The binary PSBT."""
+        parts = [MAGIC]
+
+        def write_map(records: list[Record]) -> None:
+            parts.extend(var_bytes(k) + var_bytes(v) for k, v in records)
+            parts.append(b"\x00")
+
+        write_map(self._global_records())
+        for inp in self.inputs:
+            write_map(inp.records(self.version))
+        for out in self.outputs:
+            write_map(out.records(self.version))
+        return b"".join(parts)
+
+    def to_base64(self) -> str:
+        return base64.b64encode(self.serialize()).decode("ascii")
+
+    def to_hex(self) -> str:
+        return self.serialize().hex()
+
+    # --- parsing --------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, data: bytes | bytearray | memoryview | str) -> Psbt:
+        """Parse raw bytes, base64 text or hex text. Raises only :class:`PsbtError`."""
+        try:
+            return cls._parse_raw(_decode_container(data))
+        except PsbtError:
+            raise
+        except (BitcoinError, ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
+            detail = e.message if isinstance(e, BitcoinError) else str(e)
+            raise PsbtError(f"malformed PSBT: {detail}") from None
+
+    @classmethod
+    def _parse_raw(cls, raw: bytes) -> Psbt:
+        stream = BytesIO(raw)
+        if stream.read(len(MAGIC)) != MAGIC:
+            raise PsbtError(
+                "not a PSBT: the data does not start with the magic bytes 'psbt\\xff'",
+                field="magic",
+            )
+        global_records = _read_map(stream, "global map")
+        g, unsigned_tx, counts = _parse_globals(global_records)
+        version = g.version_field or 0
+        if unsigned_tx is not None:
+            n_in, n_out = len(unsigned_tx.inputs), len(unsigned_tx.outputs)
+        else:
+            n_in, n_out = counts
+        inputs = []
+        for i in range(n_in):
+            records = _read_map(stream, f"input {i}")
+            tx_in = unsigned_tx.inputs[i] if unsigned_tx is not None else None
+            inputs.append(PsbtInput.from_records(records, version=version, index=i, tx_in=tx_in))
+        outputs = []
+        for i in range(n_out):
+            records = _read_map(stream, f"output {i}")
+            tx_out = unsigned_tx.outputs[i] if unsigned_tx is not None else None
+            outputs.append(
+                PsbtOutput.from_records(records, version=version, index=i, tx_out=tx_out)
+            )
+        rest = stream.read()
+        if rest:
+            raise PsbtError(
+                f"{len(rest)} bytes of trailing data after the last output map",
+                field="trailing data",
+            )
+        if unsigned_tx is not None:
+            g.tx_version = unsigned_tx.version
+            g.fallback_locktime = unsigned_tx.locktime
+        return cls(g, inputs, outputs)
+
+    def __str__(self) -> str:
+        return f"Psbt(v{self.version}, {len(self.inputs)} inputs, {len(self.outputs)} outputs)"
+
+
+# --- parsing helpers --------------------------------------------------------------------------
+
+
+def _decode_container(data: bytes | bytearray | memoryview | str) -> bytes:
+    """Raw PSBT bytes from raw bytes, base64 or hex (text or ASCII bytes)."""
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if isinstance(data, bytes):
+        if data.startswith(MAGIC):
+            return data
+        try:
+            data = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise PsbtError(
+                "not a PSBT: the data is neither raw PSBT bytes, base64 nor hex", field="magic"
+            ) from None
+    if not isinstance(data, str):
+        raise PsbtError("a PSBT must be given as bytes or text", field="magic")
+    text = "".join(data.split())
+    if not text.startswith(_BASE64_MAGIC) and _is_hex(text):
+        return bytes.fromhex(text)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise PsbtError("not a PSBT: the text is neither base64 nor hex", field="magic") from None
+
+
+_BASE64_MAGIC = base64.b64encode(MAGIC).decode()[:6]  # "cHNidP"
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) % 2 == 0 and all(c in _HEX_DIGITS for c in text)
+
+
+def _read_map(stream: BytesIO, where: str) -> list[Record]:
+    """The raw key-value records of one map, up to and without its 0x00 separator."""
+    if not stream.read(1):
+        raise PsbtError(
+            f"{where} is missing: the PSBT ends before all its maps (the transaction has more "
+            "inputs or outputs than the PSBT has maps)",
+            field=where,
+        )
+    stream.seek(-1, 1)
+    records: list[Record] = []
+    while True:
+        try:
+            key_len = read_compact_size(stream, "key length")
+        except EncodingError:
+            raise PsbtError(
+                f"{where}: the PSBT ends before the map's 0x00 separator", field=where
+            ) from None
+        if key_len == 0:
+            return records
+        try:
+            key = read_exact(stream, key_len, "key")
+            value_len = read_compact_size(stream, "value length")
+            if value_len > _MAX_VALUE:
+                raise EncodingError(f"value length {value_len} is implausibly large")
+            value = read_exact(stream, value_len, "value")
+        except EncodingError as e:
+            raise PsbtError(
+                f"{where}: key-value pair {len(records)} runs past the end of the data "
+                f"({e.message})",
+                field=where,
+            ) from None
+        records.append((key, value))
+
+
+def _parse_globals(
+    records: list[Record],
+) -> tuple[PsbtGlobals, Transaction | None, tuple[int, int]]:
+    where = "global map"
+    g = PsbtGlobals()
+    tx: Transaction | None = None
+    counts = [0, 0]
+    seen: set[int] = set()
+    T = GlobalType
+    for key_type, name, key_data, key, value in iter_fields(
+        records, global_name, "PSBT_GLOBAL", where
+    ):
+        with field_context(name, where):
+            if key_type == T.XPUB:
+                if len(key_data) != 78:
+                    raise PsbtError(f"key holds {len(key_data)} bytes, an extended key is 78 bytes")
+                check_pubkey(key_data[45:], "extended key's public key")
+                g.xpubs[key_data] = decode_origin(value)
+            elif key_type == T.PROPRIETARY:
+                g.proprietary.append(parse_proprietary(key_data, value))
+            elif key_type in _GLOBAL_SCALARS:
+                no_key_data(key_data)
+                if key_type == T.UNSIGNED_TX:
+                    tx = _parse_unsigned_tx(value)
+                elif key_type == T.TX_VERSION:
+                    g.tx_version = int.from_bytes(_four(value), "little", signed=True)
+                elif key_type == T.FALLBACK_LOCKTIME:
+                    g.fallback_locktime = u32(value)
+                elif key_type == T.INPUT_COUNT:
+                    counts[0] = exact_compact_size(value)
+                elif key_type == T.OUTPUT_COUNT:
+                    counts[1] = exact_compact_size(value)
+                elif key_type == T.TX_MODIFIABLE:
+                    if len(value) != 1:
+                        raise PsbtError(f"value is {len(value)} bytes, the flags are 1 byte")
+                    g.tx_modifiable = value[0]
+                else:  # VERSION
+                    g.version_field = u32(value)
+            else:
+                g.unknown.append(UnknownField(key, value))
+        seen.add(key_type)
+    version = g.version_field or 0
+    if version == 0:
+        if T.UNSIGNED_TX not in seen:
+            name = global_name(T.UNSIGNED_TX)
+            raise PsbtError(f"{name}: missing (required in PSBT version 0)", field=name)
+        for key_type in sorted(seen & V2_ONLY_GLOBAL):
+            name = global_name(key_type)
+            raise PsbtError(f"{name}: not allowed in PSBT version 0", field=name)
+    elif version == 2:
+        if T.UNSIGNED_TX in seen:
+            name = global_name(T.UNSIGNED_TX)
+            raise PsbtError(
+                f"{name}: not allowed in PSBT version 2 (PSBT_GLOBAL_VERSION is 2)", field=name
+            )
+        for required in (T.TX_VERSION, T.INPUT_COUNT, T.OUTPUT_COUNT):
+            if required not in seen:
+                name = global_name(required)
+                raise PsbtError(f"{name}: missing (required in PSBT version 2)", field=name)
+    else:
+        name = global_name(T.VERSION)
+        raise PsbtError(
+            f"{name}: unsupported PSBT version {version} (this parser reads versions 0 and 2)",
+            field=name,
+        )
+    return g, tx, (counts[0], counts[1])
+
+
+_GLOBAL_SCALARS = frozenset(
+    {
+        GlobalType.UNSIGNED_TX,
+        GlobalType.TX_VERSION,
+        GlobalType.FALLBACK_LOCKTIME,
+        GlobalType.INPUT_COUNT,
+        GlobalType.OUTPUT_COUNT,
+        GlobalType.TX_MODIFIABLE,
+        GlobalType.VERSION,
+    }
+)
+
+
+def _four(value: bytes) -> bytes:
+    if len(value) != 4:
+        raise PsbtError(f"value is {len(value)} bytes, expected a 4-byte integer")
+    return value
+
+
+def _parse_unsigned_tx(value: bytes) -> Transaction:
+    """PSBT_GLOBAL_UNSIGNED_TX: always the non-witness serialisation, with empty scriptSigs."""
+    try:
+        tx = Transaction.parse(value, allow_witness=False)
+    except TransactionError as e:
+        if value[4:6] == b"\x00\x01":
+            raise PsbtError(
+                "the transaction uses the segwit serialisation; an unsigned transaction is "
+                f"always serialised without witness data ({e.message})"
+            ) from None
+        raise
+    for i, txin in enumerate(tx.inputs):
+        if txin.script_sig:
+            raise PsbtError(
+                f"input {i} has a non-empty scriptSig; an unsigned transaction has none"
+            )
+    return tx

@@ -221,7 +221,9 @@ def open_provider(
     try:
         provider.open()
         h = provider.health()
-        if not h.ok:
+        # "degraded" (e.g. one damaged key record) still serves its intact keys;
+        # health keeps reporting it, and the damaged keys fail with their own error.
+        if not h.ok and h.status != "degraded":
             raise ProviderUnavailable(
                 f"provider {name!r} is unhealthy: {h.reason or h.status}",
                 hint="see 'anyhsm health' for details",

@@ -26,17 +26,26 @@ EXIT_INTERNAL = 70
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _global_options(suppress: bool) -> argparse.ArgumentParser:
+    """The global options; after the command they must not reset values given before it."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (default: $ANYHSM_CONFIG)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--passphrase-file", help="file holding the keystore passphrase")
+    extra: dict[str, object] = {"default": argparse.SUPPRESS} if suppress else {}
+    common.add_argument("--config", help="config file (default: $ANYHSM_CONFIG)", **extra)  # type: ignore[arg-type]
+    common.add_argument("--json", action="store_true", help="machine-readable output", **extra)  # type: ignore[arg-type]
+    common.add_argument("--passphrase-file", help="file holding the keystore passphrase", **extra)  # type: ignore[arg-type]
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _global_options(suppress=False)
     parser = argparse.ArgumentParser(
         prog="anyhsm",
         description="Bitcoin keys in HSMs, TPMs and an encrypted keystore; fallback and audit.",
         parents=[common],
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_parser_with(common))
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_parser_with(_global_options(suppress=True))
+    )
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)

@@ -14,8 +14,8 @@ from anyhsm.errors import (
     AuthenticationFailed,
     ConfigError,
     ExportNotAllowed,
+    KeyNotFound,
     KeystoreError,
-    UnsupportedOperation,
 )
 from anyhsm.keystore import KdfParams, KeyRecord, Keystore
 from anyhsm.provider import ProviderContext, check_sign_request, require
@@ -192,9 +192,10 @@ class SoftwareProvider:
     def _sealed(self, key: KeyRef) -> KeyRecord:
         rec = self.keystore.find(key)
         if rec.kind != "sealed":
-            raise UnsupportedOperation(
-                self.name,
-                f"key {rec.label!r}, which lives in provider {rec.provider!r}",
+            raise KeyNotFound(
+                f"key {rec.label!r} is not in this keystore: it lives in provider "
+                f"{rec.provider!r}",
+                hint="keys are never moved between providers",
             )
         return rec
 

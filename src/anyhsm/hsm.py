@@ -550,6 +550,11 @@ class Hsm:
             d["_provider"], d["_key"] = provider.name, info.id
             self._call(provider, lambda: provider.delete_key(info.id))
             self._forget(info)
+            ks = self._anchor.keystore
+            if ks is not None and not isinstance(provider, SoftwareProvider):
+                for ref in ks.records():
+                    if ref.kind == "reference" and ref.label == info.label:
+                        ks.delete(ref.id)
 
     # --- health, reload, audit ----------------------------------------------------------------
 

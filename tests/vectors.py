@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,8 +18,11 @@ def vectors_dir() -> Path:
     return REPO_ROOT.parent / "shared" / "vectors"
 
 
-def load_json(name: str) -> object:
-    """Parse one vectors file by name (``"bip143.json"`` or just ``"bip143"``)."""
+def load_json(name: str) -> Any:
+    """Parse one vectors file by name (``"bip143.json"`` or just ``"bip143"``).
+
+    Typed ``Any`` on purpose: tests index into the parsed JSON directly.
+    """
     if not name.endswith(".json"):
         name += ".json"
     with (vectors_dir() / name).open(encoding="utf-8") as fh:

@@ -371,8 +371,8 @@ def encode_op(op: ScriptOp) -> bytes:
 
 
 def is_minimal_push(op: ScriptOp) -> bool:
-    """Whether a push uses its shortest form (BIP62 rule 3); non-pushes are True,
-    except OP_1NEGATE/OP_1..OP_16 which are always minimal too."""
+    """Whether a push uses its shortest form (BIP62 rule 3). Opcodes that carry no
+    data (OP_1NEGATE and OP_1..OP_16 included) count as minimal."""
     if op.data is None:
         return True
     return push_data(op.data) == encode_op(op)

@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from tests.providers.tpm.tpmtools import extend_pcr, loaded_handles
 from tests.support.swtpm import Swtpm
 
@@ -307,3 +310,52 @@ def test_missing_tpm2_pytss_is_provider_not_installed(monkeypatch: pytest.Monkey
     with pytest.raises(ProviderNotInstalled) as info:
         tpm_info(settings)
     assert "pip install 'anyhsm[tpm]'" in (info.value.hint or "")
+
+
+@hypothesis_settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_fuzz_tpm_objects_never_yield_a_secret(settings: TpmSettings, data: st.DataObject) -> None:
+    """Any mutation of the TPM objects in a real blob is refused with a typed error
+    (the TPM's integrity check covers every byte); it never unseals to anything."""
+    blob = _fuzz_blob(settings)
+    d = json.loads(blob)
+    part = data.draw(st.sampled_from(["public", "private"]))
+    raw = bytearray.fromhex(d[part])
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] ^= data.draw(st.integers(1, 255))
+    d[part] = raw.hex()
+    with pytest.raises((TpmBlobInvalid, TpmForeignBlob)):
+        unseal(settings, json.dumps(d).encode())
+
+
+_FUZZ_BLOBS: dict[str, bytes] = {}
+
+
+def _fuzz_blob(s: TpmSettings) -> bytes:
+    if s.tcti not in _FUZZ_BLOBS:
+        _FUZZ_BLOBS[s.tcti] = seal(s, _secret())
+    return _FUZZ_BLOBS[s.tcti]
+
+
+def test_concurrent_unseals_are_serialised(settings: TpmSettings) -> None:
+    blob = seal(settings, _secret())
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(3):
+                with unseal(settings, blob) as back:
+                    results.append(back.equals(SECRET))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert results == [True] * 18

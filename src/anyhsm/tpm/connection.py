@@ -112,10 +112,14 @@ def pytss_available() -> bool:
 
 
 def _unreachable(tcti: str, detail: str) -> ProviderUnavailable:
+    check = (
+        "check that this user may open the device (usually group 'tss')"
+        if tcti.startswith("device:")
+        else "check that the TPM (or swtpm) is running and [providers.tpm] tcti points at it"
+    )
     return ProviderUnavailable(
         f"TPM not reachable at {tcti!r} ({detail})",
-        hint="check that the TPM (or swtpm) is running and [providers.tpm] tcti points at it; "
-        "the recovery passphrase still opens the keystore",
+        hint=check + "; the recovery passphrase still opens the keystore",
     )
 
 

@@ -28,7 +28,7 @@ EXIT_USAGE = 2
 
 def _global_options(suppress: bool) -> argparse.ArgumentParser:
     """The global options; after the command they must not reset values given before it."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     extra: dict[str, object] = {"default": argparse.SUPPRESS} if suppress else {}
     common.add_argument("--config", help="config file (default: $ANYHSM_CONFIG)", **extra)  # type: ignore[arg-type]
     common.add_argument("--json", action="store_true", help="machine-readable output", **extra)  # type: ignore[arg-type]
@@ -39,6 +39,7 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = _global_options(suppress=False)
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # "--passphrase X" must never be read as --passphrase-file X
         prog="anyhsm",
         description="Bitcoin keys in HSMs, TPMs and an encrypted keystore; fallback and audit.",
         parents=[common],
@@ -63,6 +64,7 @@ def _parser_with(common: argparse.ArgumentParser) -> type[argparse.ArgumentParse
     class _Parser(argparse.ArgumentParser):
         def __init__(self, **kwargs: object) -> None:
             parents = list(kwargs.pop("parents", []) or [])  # type: ignore[call-overload]
+            kwargs["allow_abbrev"] = False
             super().__init__(parents=[*parents, common], **kwargs)  # type: ignore[arg-type]
 
     return _Parser

@@ -1,0 +1,178 @@
+"""The CLI end to end: stable --json shapes, exit codes, one-line errors, no tracebacks,
+passphrases never on the command line. Real subprocesses where it matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import coincurve
+import pytest
+
+from anyhsm.cli.main import main
+from tests.conftest import PASSPHRASE
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("ANYHSM_")}
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "anyhsm.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=60,
+    )
+
+
+def test_init_prints_config_path_last(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text(PASSPHRASE)
+    r = cli("--passphrase-file", str(pw), "init", "--dir", str(tmp_path / "d"), "--insecure-fast-kdf",
+            "--network", "signet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert Path(last) == tmp_path / "d" / "anyhsm.toml"
+    assert 'network = "signet"' in Path(last).read_text()
+    assert (tmp_path / "d" / "keystore" / "keystore.json").exists()
+    assert (tmp_path / "d" / "audit.log").exists()
+
+
+def test_key_lifecycle_json(deployment: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    c = ["--config", str(deployment)]
+    code, out, _ = run(capsys, *c, "key", "create", "--label", "hot", "--json")
+    assert code == 0
+    created = json.loads(out)
+    assert {"id", "label", "provider", "public_key"} <= set(created)
+    assert created["label"] == "hot" and created["provider"] == "software"
+    pub = bytes.fromhex(created["public_key"])
+    assert len(pub) == 33
+
+    code, out, _ = run(capsys, *c, "key", "show", "hot", "--json")
+    assert json.loads(out)["id"] == created["id"]
+    code, out, _ = run(capsys, *c, "key", "list", "--json")
+    assert [k["label"] for k in json.loads(out)["keys"]] == ["hot"]
+
+    digest = "11" * 32
+    code, out, _ = run(capsys, *c, "sign", "--key", "hot", "--digest", digest, "--json")
+    sig = bytes.fromhex(json.loads(out)["signature"])
+    assert coincurve.PublicKey(pub).verify(sig, bytes.fromhex(digest), hasher=None)
+    code, out, _ = run(capsys, *c, "verify", "--key", "hot", "--digest", digest,
+                       "--signature", sig.hex(), "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["valid"] is True
+    code, out, _ = run(capsys, *c, "verify", "--key", "hot", "--digest", "22" * 32,
+                       "--signature", sig.hex())  # fmt: skip
+    assert code == 1 and "INVALID" in out
+
+    code, out, _ = run(capsys, *c, "sign", "--key", "hot", "--digest", digest, "--scheme",
+                       "schnorr", "--json")  # fmt: skip
+    assert len(bytes.fromhex(json.loads(out)["signature"])) == 64
+
+    code, _, err = run(capsys, *c, "key", "delete", "hot")
+    assert code != 0 and "--yes" in err
+    code, out, _ = run(capsys, *c, "key", "delete", "hot", "--yes", "--json")
+    assert code == 0 and json.loads(out)["deleted"] == created["id"]
+    code, out, err = run(capsys, *c, "key", "show", "hot", "--json")
+    assert code == 6
+    assert json.loads(out)["error"]["code"] == "key_not_found"
+    assert err.count("\n") == 1 and err.startswith("anyhsm: error:")
+
+
+def test_errors_are_one_line_without_traceback(deployment: Path) -> None:
+    r = cli("--config", str(deployment), "sign", "--key", "nope", "--digest", "00" * 32,
+            env={"ANYHSM_PASSPHRASE": PASSPHRASE})  # fmt: skip
+    assert r.returncode == 6
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    r = cli("--config", str(deployment), "sign", "--key", "x", "--digest", "zz",
+            env={"ANYHSM_PASSPHRASE": PASSPHRASE})  # fmt: skip
+    assert r.returncode == 2 and "hexadecimal" in r.stderr
+
+
+def test_wrong_passphrase_exit_code(deployment: Path) -> None:
+    r = cli("--config", str(deployment), "key", "list", env={"ANYHSM_PASSPHRASE": "nope"})
+    assert r.returncode == 4  # every provider failed; the reason names the passphrase
+    assert "passphrase" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_no_passphrase_option_on_the_command_line() -> None:
+    r = cli("key", "list", "--passphrase", "secret")
+    assert r.returncode == 2  # argparse refuses: there is no such option
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    r = cli("--config", str(tmp_path / "missing.toml"), "health")
+    assert r.returncode == 3 and "does not exist" in r.stderr
+
+
+def test_passphrase_file(deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.delenv("ANYHSM_PASSPHRASE")
+    pw = tmp_path / "pw"
+    pw.write_text(PASSPHRASE + "\n")
+    code, out, _ = run(capsys, "--config", str(deployment), "--passphrase-file", str(pw),
+                       "health", "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["active_provider"] == "software"
+
+
+def test_export_requires_policy_and_flag(deployment: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    c = ["--config", str(deployment)]
+    secret = tmp_path / "s.hex"
+    secret.write_text("22" * 32)
+    code, out, err = run(capsys, *c, "key", "import", "--label", "imp", "--secret-file",
+                         str(secret), "--exportable", "--json")  # fmt: skip
+    assert code == 0, err
+    out_file = tmp_path / "out.hex"
+    code, _, err = run(capsys, *c, "key", "export", "imp", "--out", str(out_file))
+    assert code == 7 and "allow_export" in err  # policy forbids by default
+    text = deployment.read_text() + "\n[policy]\nallow_export = true\n"
+    deployment.write_text(text)
+    code, _, err = run(capsys, *c, "key", "export", "imp", "--out", str(out_file))
+    assert code == 0, err
+    assert out_file.read_text().strip() == "22" * 32
+    assert oct(out_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_import_wif_and_network_check(deployment: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from anyhsm.bitcoin.address import wif_encode
+    from anyhsm.types import Network
+
+    c = ["--config", str(deployment)]
+    wif_regtest = wif_encode(bytes.fromhex("33" * 32), Network.REGTEST)
+    code, out, err = run(capsys, *c, "key", "import", "--label", "w", "--wif", wif_regtest, "--json")
+    assert code == 0, err
+    assert json.loads(out)["public_key"] == coincurve.PrivateKey(b"\x33" * 32).public_key.format().hex()
+    wif_main = wif_encode(bytes.fromhex("44" * 32), Network.MAINNET)
+    code, _, err = run(capsys, *c, "key", "import", "--label", "w2", "--wif", wif_main)
+    assert code == 7 and "mainnet" in err
+
+
+def test_import_mnemonic(deployment: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    words = "abandon " * 11 + "about"
+    code, out, err = run(capsys, "--config", str(deployment), "key", "import", "--label", "hd",
+                         "--mnemonic", words, "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["key_type"] == "bip32"
+    code, _, err = run(capsys, "--config", str(deployment), "key", "import", "--label", "bad",
+                       "--mnemonic", "abandon " * 12)  # fmt: skip
+    assert code == 2 and "checksum" in err.lower()
+
+
+def test_create_bip32_with_mnemonic_shows_it_once(deployment: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    code, out, _ = run(capsys, "--config", str(deployment), "key", "create", "--label", "hd",
+                       "--type", "bip32", "--mnemonic-words", "24", "--json")  # fmt: skip
+    data = json.loads(out)
+    assert code == 0 and len(data["mnemonic"].split()) == 24
+    code, out, _ = run(capsys, "--config", str(deployment), "key", "show", "hd", "--json")
+    assert "mnemonic" not in json.loads(out)
+    assert data["mnemonic"] not in (deployment.parent / "audit.log").read_text()

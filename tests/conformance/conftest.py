@@ -96,7 +96,8 @@ token_label = "{token.label}"
         tcti = tpm.tcti  # type: ignore[attr-defined]
         cfg = _config(directory, "tpm", f'[providers.tpm]\ntcti = "{tcti}"\n')
         from anyhsm.keystore import Keystore
-        from anyhsm.tpm.sealing import TpmSettings, enroll
+        from anyhsm.tpm.enrollment import enroll
+        from anyhsm.tpm.settings import TpmSettings
 
         ks = Keystore.load(directory / "keystore")
         ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))

@@ -263,6 +263,22 @@ class Hsm:
         assert self._audit is not None
         return self._audit.path
 
+    @property
+    def keystore(self) -> Keystore:
+        """The open software keystore (for administration: TPM enrolment, wrapping)."""
+        ks = self._anchor.keystore
+        if ks is None:
+            raise ConfigError(
+                "this deployment has no software keystore open",
+                hint="add [providers.software] to the configuration",
+            )
+        return ks
+
+    def record_event(self, op: str, outcome: str, detail: dict[str, str] | None = None) -> None:
+        """Write an administrative event (enrolment, recovery) to the audit log."""
+        assert self._audit is not None
+        self._audit.append(op, outcome, provider=self._active.name, detail=detail)
+
     def capabilities(self, key: KeyRef | None = None) -> Capabilities:
         """Capabilities of the provider holding ``key`` (or of the active one)."""
         if key is None:

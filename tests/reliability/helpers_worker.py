@@ -1,0 +1,286 @@
+"""A worker process for the reliability tests, and the test-side helpers that drive it.
+
+Run as a script (``python helpers_worker.py MODE CONFIG ...``) it opens the
+deployment with :func:`anyhsm.open_hsm` (passphrase from ``ANYHSM_PASSPHRASE``)
+and works against the real keystore and audit log, printing one line per
+*acknowledged* result, flushed only after the library call returned:
+
+    READY <pid>
+    KEY <id> <label> <public key hex>
+    SIG <key id> <digest hex> <signature hex>
+    EXISTS <label>
+    DELETED <id>
+    DONE
+
+Modes:
+    generate CONFIG PREFIX [--count N] [--signs-per-key M] [--go FILE]
+        make keys PREFIX-0, PREFIX-1, ... (forever unless --count), signing M
+        random digests with each one after it is acknowledged.
+    race CONFIG BARRIER_DIR NPROCS LABEL...
+        for each label, meet the other NPROCS-1 workers at a file barrier, then
+        try to create that label; print KEY on success, EXISTS on KeyExists.
+    delete CONFIG REF
+        delete one key.
+    create CONFIG LABEL
+        create one key.
+
+Any other error escapes with a traceback and a non-zero exit status, which
+the tests report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORKER = Path(__file__).resolve()
+
+
+# --- worker side --------------------------------------------------------------------------
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _wait_for_file(path: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"worker: {path} never appeared")
+        time.sleep(0.001)
+
+
+def _barrier(directory: Path, name: str, nprocs: int, timeout_s: float = 60.0) -> None:
+    """Meet the other workers: each drops a file, then waits until all are there."""
+    (directory / f"{name}.{os.getpid()}").touch()
+    deadline = time.monotonic() + timeout_s
+    prefix = f"{name}."
+    while sum(1 for n in os.listdir(directory) if n.startswith(prefix)) < nprocs:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"worker: barrier {name} timed out")
+        time.sleep(0.0005)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from anyhsm import open_hsm
+
+    hsm = open_hsm(args.config)
+    _say(f"READY {os.getpid()}")
+    if args.go:
+        _wait_for_file(Path(args.go))
+    i = 0
+    while args.count is None or i < args.count:
+        label = f"{args.prefix}-{i}"
+        info = hsm.generate_key(label)
+        _say(f"KEY {info.id} {info.label} {info.public_key.hex()}")
+        for _ in range(args.signs_per_key):
+            digest = os.urandom(32)
+            sig = hsm.sign(info.id, digest)
+            _say(f"SIG {info.id} {digest.hex()} {sig.hex()}")
+        i += 1
+    hsm.close()
+    _say("DONE")
+
+
+def _race(args: argparse.Namespace) -> None:
+    from anyhsm import open_hsm
+    from anyhsm.errors import KeyExists
+
+    hsm = open_hsm(args.config)
+    _say(f"READY {os.getpid()}")
+    barrier = Path(args.barrier_dir)
+    for label in args.labels:
+        _barrier(barrier, label, args.nprocs)
+        try:
+            info = hsm.generate_key(label)
+        except KeyExists:
+            _say(f"EXISTS {label}")
+            continue
+        _say(f"KEY {info.id} {info.label} {info.public_key.hex()}")
+    hsm.close()
+    _say("DONE")
+
+
+def _delete(args: argparse.Namespace) -> None:
+    from anyhsm import open_hsm
+
+    with open_hsm(args.config) as hsm:
+        info = hsm.get_key(args.ref)
+        hsm.delete_key(args.ref)
+        _say(f"DELETED {info.id}")
+    _say("DONE")
+
+
+def _create(args: argparse.Namespace) -> None:
+    from anyhsm import open_hsm
+
+    with open_hsm(args.config) as hsm:
+        info = hsm.generate_key(args.label)
+        _say(f"KEY {info.id} {info.label} {info.public_key.hex()}")
+    _say("DONE")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    g = sub.add_parser("generate")
+    g.add_argument("config")
+    g.add_argument("prefix")
+    g.add_argument("--count", type=int, default=None)
+    g.add_argument("--signs-per-key", type=int, default=0)
+    g.add_argument("--go", default="")
+    r = sub.add_parser("race")
+    r.add_argument("config")
+    r.add_argument("barrier_dir")
+    r.add_argument("nprocs", type=int)
+    r.add_argument("labels", nargs="+")
+    d = sub.add_parser("delete")
+    d.add_argument("config")
+    d.add_argument("ref")
+    c = sub.add_parser("create")
+    c.add_argument("config")
+    c.add_argument("label")
+    args = ap.parse_args(argv)
+    {"generate": _generate, "race": _race, "delete": _delete, "create": _create}[args.mode](args)
+
+
+# --- test side ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AckedKey:
+    id: str
+    label: str
+    public_key: bytes
+
+
+@dataclass(frozen=True)
+class AckedSig:
+    key_id: str
+    digest: bytes
+    signature: bytes
+
+
+@dataclass
+class Output:
+    """What a worker acknowledged (complete lines only)."""
+
+    pid: int = 0
+    keys: list[AckedKey] = field(default_factory=list)
+    sigs: list[AckedSig] = field(default_factory=list)
+    exists: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    done: bool = False
+
+    def add(self, line: str) -> None:
+        parts = line.split()
+        if not parts:
+            return
+        tag = parts[0]
+        if tag == "READY":
+            self.pid = int(parts[1])
+        elif tag == "KEY":
+            self.keys.append(AckedKey(parts[1], parts[2], bytes.fromhex(parts[3])))
+        elif tag == "SIG":
+            self.sigs.append(AckedSig(parts[1], bytes.fromhex(parts[2]), bytes.fromhex(parts[3])))
+        elif tag == "EXISTS":
+            self.exists.append(parts[1])
+        elif tag == "DELETED":
+            self.deleted.append(parts[1])
+        elif tag == "DONE":
+            self.done = True
+
+
+class Worker:
+    """A running worker; lines are collected by a reader thread as they arrive."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(os.environ),
+        )
+        self.output = Output()
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stderr = b""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            if raw.endswith(b"\n"):  # a line cut by a kill was never acknowledged
+                self._lines.put(raw.decode())
+        self._lines.put(None)
+
+    def _take(self, line: str) -> None:
+        self.output.add(line)
+
+    def wait_for(self, tag: str, timeout_s: float = 60.0) -> None:
+        """Block until the worker printed a line starting with ``tag``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"worker printed no {tag} line in {timeout_s} s") from None
+            if line is None:
+                self.finish(timeout_s)
+                raise AssertionError(
+                    f"worker exited ({self.proc.returncode}) before printing {tag}:\n" + self.stderr
+                )
+            self._take(line)
+            if line.startswith(tag):
+                return
+
+    def kill(self) -> Output:
+        """SIGKILL the worker and collect every complete line it printed."""
+        self.proc.kill()
+        return self.finish(30.0)
+
+    def finish(self, timeout_s: float = 120.0) -> Output:
+        """Wait for exit; collect the remaining lines."""
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout_s)
+        while True:
+            line = self._lines.get_nowait() if not self._lines.empty() else None
+            if line is None:
+                break
+            self._take(line)
+        assert self.proc.stderr is not None
+        self._stderr = self.proc.stderr.read()
+        self.proc.stderr.close()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return self.output
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr.decode(errors="replace")
+
+    def check_ok(self) -> Output:
+        """Wait for a normal exit and insist on it."""
+        out = self.finish()
+        assert self.proc.returncode == 0, f"worker failed ({self.proc.returncode}):\n{self.stderr}"
+        assert out.done, "worker exited without DONE"
+        return out
+
+
+if __name__ == "__main__":
+    main()

@@ -414,9 +414,7 @@ def _decode_container(data: bytes | bytearray | memoryview | str) -> bytes:
         try:
             data = data.decode("ascii")
         except UnicodeDecodeError:
-            raise PsbtError(
-                "not a PSBT: the data is neither raw PSBT bytes, base64 nor hex", field="magic"
-            ) from None
+            raise PsbtError(_NOT_A_PSBT, field="magic") from None
     if not isinstance(data, str):
         raise PsbtError("a PSBT must be given as bytes or text", field="magic")
     text = "".join(data.split())
@@ -428,6 +426,10 @@ def _decode_container(data: bytes | bytearray | memoryview | str) -> bytes:
         raise PsbtError("not a PSBT: the text is neither base64 nor hex", field="magic") from None
 
 
+_NOT_A_PSBT = (
+    "not a PSBT: the data is neither raw bytes starting with the magic bytes 'psbt\\xff' "
+    "nor base64 or hex text of such bytes"
+)
 _BASE64_MAGIC = base64.b64encode(MAGIC).decode()[:6]  # "cHNidP"
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
@@ -447,12 +449,12 @@ def _read_map(stream: BytesIO, where: str) -> list[Record]:
     stream.seek(-1, 1)
     records: list[Record] = []
     while True:
+        at_end = stream.tell() >= len(stream.getbuffer())
         try:
             key_len = read_compact_size(stream, "key length")
-        except EncodingError:
-            raise PsbtError(
-                f"{where}: the PSBT ends before the map's 0x00 separator", field=where
-            ) from None
+        except EncodingError as e:
+            detail = "the PSBT ends before the map's 0x00 separator" if at_end else e.message
+            raise PsbtError(f"{where}: {detail}", field=where) from None
         if key_len == 0:
             return records
         try:

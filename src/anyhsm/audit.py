@@ -20,7 +20,6 @@ the tail when another process has written since.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
 import hmac
 import json
@@ -44,6 +43,20 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 def _canonical(obj: Mapping[str, object]) -> bytes:
     return _ENCODER.encode(obj).encode()
+
+
+_ts_cache: list[object] = [-1, ""]
+
+
+def _timestamp() -> str:
+    """ISO 8601 UTC with microseconds, like datetime.isoformat, at a third of the cost
+    (the date-time prefix is formatted once per second)."""
+    ns = time.time_ns()
+    sec, us = divmod(ns // 1000, 1_000_000)
+    if _ts_cache[0] != sec:
+        _ts_cache[0] = sec
+        _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_ts_cache[1]}.{us:06d}+00:00"
 
 
 def entry_mac(key: SecretBytes, prev: bytes, body: Mapping[str, object]) -> bytes:
@@ -79,6 +92,7 @@ class AuditLog:
     ) -> None:
         self.path = path
         self._key = SecretBytes(key.buffer)
+        self._keybuf = self._key.buffer
         self._durability = durability
         self._interval = max(flush_interval_ms, 1) / 1000
         self._read_cp = read_checkpoint
@@ -144,7 +158,7 @@ class AuditLog:
                     self._sync_tail()
                     body: dict[str, object] = {
                         "seq": self._seq + 1,
-                        "ts": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+                        "ts": _timestamp(),
                         "op": op,
                         "outcome": outcome,
                         "pid": os.getpid(),
@@ -158,7 +172,7 @@ class AuditLog:
                     if detail:
                         body["detail"] = dict(detail)
                     canon = _canonical(body)
-                    mac = hmac.digest(self._key.buffer, self._mac + canon, "sha256")
+                    mac = hmac.digest(self._keybuf, self._mac + canon, "sha256")
                     data = canon[:-1] + b',"mac":"' + mac.hex().encode() + b'"}\n'
                     written = os.write(self._fd, data)
                     if written != len(data):
@@ -180,7 +194,7 @@ class AuditLog:
             if self._durability == "fsync":
                 self._synced_seq = seq
                 mac_now = self._mac
-            else:
+            elif not self._dirty.is_set():
                 self._dirty.set()
         if self._durability == "fsync":
             self._maybe_checkpoint(seq, mac_now, force=False)

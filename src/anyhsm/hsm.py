@@ -339,7 +339,9 @@ class Hsm:
     def _check_level(self, provider: Provider, info: KeyInfo) -> None:
         level = provider.security_level()
         minimum = self._config.effective_min_level
-        if level < minimum and not self._config.fallback.allow_below_minimum:
+        if level >= minimum:
+            return
+        if not self._config.fallback.allow_below_minimum:
             raise SecurityLevelTooLow(
                 f"key {info.label!r} is in provider {provider.name!r} at level {level.label}, "
                 f"below the minimum {minimum.label}",

@@ -117,10 +117,16 @@ def require(provider: Provider, capability: str, ok: bool, hint: str | None = No
         raise UnsupportedOperation(provider.name, capability, hint=hint)
 
 
+_NO_PARAMS = SignParams()
+
+
 def check_sign_request(
     provider: Provider, digest: bytes, scheme: SigScheme, params: SignParams | None
 ) -> SignParams:
     """Validate a sign request against the provider's capabilities up front."""
+    if params is None and type(digest) is bytes and len(digest) == 32:
+        if scheme in provider.capabilities().schemes:
+            return _NO_PARAMS  # the common case, checked cheaply
     if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
         raise InvalidDigest(
             "digest must be exactly 32 bytes",

@@ -196,8 +196,12 @@ def der_from_raw(raw: bytes) -> bytes:
 
 
 def normalize_der(der: bytes) -> bytes:
-    """Any DER ECDSA signature to its low-S form (re-encoded strictly)."""
-    return der_encode(*normalize_low_s(*der_decode(der)))
+    """Any strict-DER ECDSA signature to its low-S form; already-low signatures
+    are returned unchanged (der_decode has checked they are canonical)."""
+    r, s = der_decode(der)
+    if s <= HALF_ORDER:
+        return bytes(der)
+    return der_encode(r, CURVE_ORDER - s)
 
 
 # --- BIP340 Schnorr ------------------------------------------------------------------

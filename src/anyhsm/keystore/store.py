@@ -31,9 +31,10 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from anyhsm.errors import (
     AuthenticationFailed,
@@ -66,6 +67,7 @@ VERSION = 1
 HEADER_FILE = "keystore.json"
 KEYS_DIR = "keys"
 LOCK_FILE = ".lock"
+T = TypeVar("T")
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _SIDE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -560,6 +562,30 @@ class Keystore:
             self._records.pop(rec.id, None)
             self._mtimes.pop(rec.id, None)
         return rec
+
+    def use_secret(self, rec: KeyRecord, fn: Callable[[memoryview], T]) -> T:
+        """Call ``fn`` with the decrypted secret, then wipe it (the hot signing path;
+        same guarantees as :meth:`secret`, without a generator's overhead)."""
+        if rec.kind != "sealed":
+            raise KeyNotFound(f"key {rec.label!r} is held by provider {rec.provider!r}, not here")
+        key = self._record_key
+        if key is None:
+            raise KeystoreError("the keystore is locked", hint="unlock it first")
+        scratch: SecretBytes | None = getattr(self._scratch, "buf", None)
+        if scratch is None or scratch.wiped:
+            scratch = self._scratch.buf = SecretBytes(128)
+        buf = scratch.buffer
+        aad = self._aads.get(rec.id) or canonical(rec.metadata(self.store_id))
+        try:
+            n = key.open_into(rec.nonce, rec.sealed, aad, buf)
+        except aead.OpenFailed:
+            raise KeystoreTampered(f"key record {rec.id} fails authentication") from None
+        view = memoryview(buf)[:n]
+        try:
+            return fn(view)
+        finally:
+            view[:] = bytes(n)
+            view.release()
 
     @contextlib.contextmanager
     def secret(self, rec: KeyRecord) -> Iterator[memoryview]:

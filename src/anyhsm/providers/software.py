@@ -193,8 +193,7 @@ class SoftwareProvider:
         rec = self.keystore.find(key)
         if rec.kind != "sealed":
             raise KeyNotFound(
-                f"key {rec.label!r} is not in this keystore: it lives in provider "
-                f"{rec.provider!r}",
+                f"key {rec.label!r} is not in this keystore: it lives in provider {rec.provider!r}",
                 hint="keys are never moved between providers",
             )
         return rec
@@ -255,8 +254,10 @@ class SoftwareProvider:
     ) -> bytes:
         p = check_sign_request(self, digest, scheme, params)
         rec = self._sealed(key)
-        with self.keystore.secret(rec) as view:
-            return local_signing.sign(self.name, rec.key_type, view, bytes(digest), scheme, p)
+        d = bytes(digest)
+        return self.keystore.use_secret(
+            rec, lambda view: local_signing.sign(self.name, rec.key_type, view, d, scheme, p)
+        )
 
     def derive_public(self, key: KeyRef, path: tuple[int, ...]) -> DerivedPublicKey:
         rec = self._sealed(key)

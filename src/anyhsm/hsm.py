@@ -366,8 +366,13 @@ class Hsm:
             kid = key_id or detail.pop("_key", None)
             audit.append(op, "error", provider=prov, key_id=kid, error=code, detail=detail)
             raise
-        audit.append(op, "ok", provider=provider or detail.pop("_provider", None),
-                     key_id=key_id or detail.pop("_key", None), detail=detail)  # fmt: skip
+        audit.append(
+            op,
+            "ok",
+            provider=provider or detail.pop("_provider", None),
+            key_id=key_id or detail.pop("_key", None),
+            detail=detail,
+        )
 
     # --- key operations ----------------------------------------------------------------------
 
@@ -523,8 +528,9 @@ class Hsm:
             if key_id is None:
                 detail["key_ref"] = str(key)[:128]
             code = e.code if isinstance(e, HsmError) else type(e).__name__
-            audit.append("sign", "error", provider=provider_name, key_id=key_id, error=code,
-                         detail=detail)  # fmt: skip
+            audit.append(
+                "sign", "error", provider=provider_name, key_id=key_id, error=code, detail=detail
+            )
             raise
         audit.append("sign", "ok", provider=provider_name, key_id=key_id, detail=detail)
         return sig

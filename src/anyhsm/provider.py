@@ -124,9 +124,13 @@ def check_sign_request(
     provider: Provider, digest: bytes, scheme: SigScheme, params: SignParams | None
 ) -> SignParams:
     """Validate a sign request against the provider's capabilities up front."""
-    if params is None and type(digest) is bytes and len(digest) == 32:
-        if scheme in provider.capabilities().schemes:
-            return _NO_PARAMS  # the common case, checked cheaply
+    if (
+        params is None
+        and type(digest) is bytes
+        and len(digest) == 32
+        and scheme in provider.capabilities().schemes
+    ):
+        return _NO_PARAMS  # the common case, checked cheaply
     if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
         raise InvalidDigest(
             "digest must be exactly 32 bytes",

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import PASSPHRASE
 
 from anyhsm.cli.main import main
-from tests.conftest import PASSPHRASE
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,10 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, 
 
 
 def test_enroll_then_no_passphrase(
-    deployment: Path, tpm: object, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    deployment: Path,
+    tpm: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     tcti = tpm.tcti  # type: ignore[attr-defined]
     text = deployment.read_text().replace('chain = ["software"]', 'chain = ["tpm", "software"]')
@@ -69,7 +72,9 @@ def test_enroll_then_no_passphrase(
         assert {"via-passphrase", "via-tpm"} <= {k["label"] for k in out["keys"]}  # type: ignore[union-attr]
         code, out = run(capsys, *c, "audit", "verify", "--json")
         assert code == 0
-        entries = [json.loads(x) for x in (deployment.parent / "audit.log").read_text().splitlines()]
+        entries = [
+            json.loads(x) for x in (deployment.parent / "audit.log").read_text().splitlines()
+        ]
         assert any(e["op"] == "tpm_enroll" and e["outcome"] == "ok" for e in entries)
         # the recovery (TPM skipped, passphrase used) is in the audit log
         assert any(e["op"] == "fallback_skip" and e["provider"] == "tpm" for e in entries)

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import PASSPHRASE
 
 from anyhsm import Hsm, open_hsm
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
 from anyhsm.secret import SecretBytes
-from tests.conftest import PASSPHRASE
 
 BACKENDS = ["software", "simulator", "pkcs11", "tpm"]
 

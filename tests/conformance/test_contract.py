@@ -9,7 +9,7 @@ import uuid
 import coincurve
 import pytest
 
-from anyhsm import Hsm, KeyType, SigScheme, SignParams
+from anyhsm import Hsm, KeyType, SignParams, SigScheme
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import (
     ExportNotAllowed,
@@ -72,7 +72,7 @@ def test_ecdsa_signatures_verify_independently(hsm: Hsm) -> None:
     for _ in range(20):
         digest = secrets.token_bytes(32)
         sig = hsm.sign(info.label, digest)
-        r, s = curve.der_decode(sig)  # strict DER
+        _r, s = curve.der_decode(sig)  # strict DER
         assert s <= curve.HALF_ORDER  # low-S
         assert pub.verify(sig, digest, hasher=None)
         assert hsm.verify(info.label, digest, sig)

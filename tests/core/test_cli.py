@@ -11,9 +11,9 @@ from pathlib import Path
 
 import coincurve
 import pytest
+from tests.conftest import PASSPHRASE
 
 from anyhsm.cli.main import main
-from tests.conftest import PASSPHRASE
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -37,8 +37,16 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_init_prints_config_path_last(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text(PASSPHRASE)
-    r = cli("--passphrase-file", str(pw), "init", "--dir", str(tmp_path / "d"), "--insecure-fast-kdf",
-            "--network", "signet")  # fmt: skip
+    r = cli(
+        "--passphrase-file",
+        str(pw),
+        "init",
+        "--dir",
+        str(tmp_path / "d"),
+        "--insecure-fast-kdf",
+        "--network",
+        "signet",
+    )
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert Path(last) == tmp_path / "d" / "anyhsm.toml"
@@ -66,15 +74,18 @@ def test_key_lifecycle_json(deployment: Path, capsys: pytest.CaptureFixture[str]
     code, out, _ = run(capsys, *c, "sign", "--key", "hot", "--digest", digest, "--json")
     sig = bytes.fromhex(json.loads(out)["signature"])
     assert coincurve.PublicKey(pub).verify(sig, bytes.fromhex(digest), hasher=None)
-    code, out, _ = run(capsys, *c, "verify", "--key", "hot", "--digest", digest,
-                       "--signature", sig.hex(), "--json")  # fmt: skip
+    code, out, _ = run(
+        capsys, *c, "verify", "--key", "hot", "--digest", digest, "--signature", sig.hex(), "--json"
+    )
     assert code == 0 and json.loads(out)["valid"] is True
-    code, out, _ = run(capsys, *c, "verify", "--key", "hot", "--digest", "22" * 32,
-                       "--signature", sig.hex())  # fmt: skip
+    code, out, _ = run(
+        capsys, *c, "verify", "--key", "hot", "--digest", "22" * 32, "--signature", sig.hex()
+    )
     assert code == 1 and "INVALID" in out
 
-    code, out, _ = run(capsys, *c, "sign", "--key", "hot", "--digest", digest, "--scheme",
-                       "schnorr", "--json")  # fmt: skip
+    code, out, _ = run(
+        capsys, *c, "sign", "--key", "hot", "--digest", digest, "--scheme", "schnorr", "--json"
+    )
     assert len(bytes.fromhex(json.loads(out)["signature"])) == 64
 
     code, _, err = run(capsys, *c, "key", "delete", "hot")
@@ -88,12 +99,28 @@ def test_key_lifecycle_json(deployment: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_errors_are_one_line_without_traceback(deployment: Path) -> None:
-    r = cli("--config", str(deployment), "sign", "--key", "nope", "--digest", "00" * 32,
-            env={"ANYHSM_PASSPHRASE": PASSPHRASE})  # fmt: skip
+    r = cli(
+        "--config",
+        str(deployment),
+        "sign",
+        "--key",
+        "nope",
+        "--digest",
+        "00" * 32,
+        env={"ANYHSM_PASSPHRASE": PASSPHRASE},
+    )
     assert r.returncode == 6
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
-    r = cli("--config", str(deployment), "sign", "--key", "x", "--digest", "zz",
-            env={"ANYHSM_PASSPHRASE": PASSPHRASE})  # fmt: skip
+    r = cli(
+        "--config",
+        str(deployment),
+        "sign",
+        "--key",
+        "x",
+        "--digest",
+        "zz",
+        env={"ANYHSM_PASSPHRASE": PASSPHRASE},
+    )
     assert r.returncode == 2 and "hexadecimal" in r.stderr
 
 
@@ -113,23 +140,39 @@ def test_missing_config(tmp_path: Path) -> None:
     assert r.returncode == 3 and "does not exist" in r.stderr
 
 
-def test_passphrase_file(deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_passphrase_file(
+    deployment: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("ANYHSM_PASSPHRASE")
     pw = tmp_path / "pw"
     pw.write_text(PASSPHRASE + "\n")
-    code, out, _ = run(capsys, "--config", str(deployment), "--passphrase-file", str(pw),
-                       "health", "--json")  # fmt: skip
+    code, out, _ = run(
+        capsys, "--config", str(deployment), "--passphrase-file", str(pw), "health", "--json"
+    )
     assert code == 0 and json.loads(out)["active_provider"] == "software"
 
 
-def test_export_requires_policy_and_flag(deployment: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_export_requires_policy_and_flag(
+    deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     c = ["--config", str(deployment)]
     secret = tmp_path / "s.hex"
     secret.write_text("22" * 32)
-    code, out, err = run(capsys, *c, "key", "import", "--label", "imp", "--secret-file",
-                         str(secret), "--exportable", "--json")  # fmt: skip
+    code, _out, err = run(
+        capsys,
+        *c,
+        "key",
+        "import",
+        "--label",
+        "imp",
+        "--secret-file",
+        str(secret),
+        "--exportable",
+        "--json",
+    )
     assert code == 0, err
     out_file = tmp_path / "out.hex"
     code, _, err = run(capsys, *c, "key", "export", "imp", "--out", str(out_file))
@@ -148,9 +191,14 @@ def test_import_wif_and_network_check(deployment: Path, capsys: pytest.CaptureFi
 
     c = ["--config", str(deployment)]
     wif_regtest = wif_encode(bytes.fromhex("33" * 32), Network.REGTEST)
-    code, out, err = run(capsys, *c, "key", "import", "--label", "w", "--wif", wif_regtest, "--json")
+    code, out, err = run(
+        capsys, *c, "key", "import", "--label", "w", "--wif", wif_regtest, "--json"
+    )
     assert code == 0, err
-    assert json.loads(out)["public_key"] == coincurve.PrivateKey(b"\x33" * 32).public_key.format().hex()
+    assert (
+        json.loads(out)["public_key"]
+        == coincurve.PrivateKey(b"\x33" * 32).public_key.format().hex()
+    )
     wif_main = wif_encode(bytes.fromhex("44" * 32), Network.MAINNET)
     code, _, err = run(capsys, *c, "key", "import", "--label", "w2", "--wif", wif_main)
     assert code == 7 and "mainnet" in err
@@ -158,19 +206,51 @@ def test_import_wif_and_network_check(deployment: Path, capsys: pytest.CaptureFi
 
 def test_import_mnemonic(deployment: Path, capsys: pytest.CaptureFixture[str]) -> None:
     words = "abandon " * 11 + "about"
-    code, out, err = run(capsys, "--config", str(deployment), "key", "import", "--label", "hd",
-                         "--mnemonic", words, "--json")  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "--config",
+        str(deployment),
+        "key",
+        "import",
+        "--label",
+        "hd",
+        "--mnemonic",
+        words,
+        "--json",
+    )
     assert code == 0, err
     assert json.loads(out)["key_type"] == "bip32"
-    code, _, err = run(capsys, "--config", str(deployment), "key", "import", "--label", "bad",
-                       "--mnemonic", "abandon " * 12)  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "--config",
+        str(deployment),
+        "key",
+        "import",
+        "--label",
+        "bad",
+        "--mnemonic",
+        "abandon " * 12,
+    )
     assert code == 2 and "checksum" in err.lower()
 
 
-def test_create_bip32_with_mnemonic_shows_it_once(deployment: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    code, out, _ = run(capsys, "--config", str(deployment), "key", "create", "--label", "hd",
-                       "--type", "bip32", "--mnemonic-words", "24", "--json")  # fmt: skip
+def test_create_bip32_with_mnemonic_shows_it_once(
+    deployment: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        capsys,
+        "--config",
+        str(deployment),
+        "key",
+        "create",
+        "--label",
+        "hd",
+        "--type",
+        "bip32",
+        "--mnemonic-words",
+        "24",
+        "--json",
+    )
     data = json.loads(out)
     assert code == 0 and len(data["mnemonic"].split()) == 24
     code, out, _ = run(capsys, "--config", str(deployment), "key", "show", "hd", "--json")

@@ -167,7 +167,9 @@ path = "audit.log"
 
 def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = tmp_path / "c.toml"
-    p.write_text('environment = "production"\nnetwork = "mainnet"\n[fallback]\nchain = ["simulator"]\n')
+    p.write_text(
+        'environment = "production"\nnetwork = "mainnet"\n[fallback]\nchain = ["simulator"]\n'
+    )
     code = main(["--config", str(p), "config", "check", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 3

@@ -13,17 +13,17 @@ import os
 from pathlib import Path
 
 import pytest
+from tests.conftest import PASSPHRASE
 
 from anyhsm import SecurityLevel, open_hsm
 from anyhsm.cli.main import main
-from anyhsm.keystore import KdfParams, Keystore
-from anyhsm.secret import SecretBytes
-from tests.conftest import PASSPHRASE
 from anyhsm.errors import (
     AllProvidersFailed,
     ProviderUnavailable,
     SecurityLevelTooLow,
 )
+from anyhsm.keystore import KdfParams, Keystore
+from anyhsm.secret import SecretBytes
 
 BASE = """
 environment = "{env}"
@@ -70,9 +70,10 @@ def test_primary_healthy_is_chosen(make_config: object) -> None:
 
 
 def test_primary_missing_falls_back(make_config: object, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="anyhsm"), open_hsm(
-        cfg(make_config, sim="offline = true")
-    ) as hsm:
+    with (
+        caplog.at_level(logging.WARNING, logger="anyhsm"),
+        open_hsm(cfg(make_config, sim="offline = true")) as hsm,
+    ):
         assert hsm.active_provider == "software"
         assert statuses(hsm)["simulator"] == "unavailable"
         assert "offline" in hsm.attempts[0].reason
@@ -143,8 +144,13 @@ def test_software_fallback_with_explicit_consent(
 
 
 def test_simulator_refused_on_mainnet_even_with_consent(make_config: object) -> None:
-    path = cfg(make_config, chain='["simulator", "software"]', env="development", net="mainnet",
-               allow="true")  # fmt: skip
+    path = cfg(
+        make_config,
+        chain='["simulator", "software"]',
+        env="development",
+        net="mainnet",
+        allow="true",
+    )
     with open_hsm(path) as hsm:
         assert hsm.active_provider == "software"
         assert statuses(hsm)["simulator"] == "refused"

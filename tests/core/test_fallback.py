@@ -213,3 +213,18 @@ def test_health_json_shape(make_config: object, capsys: pytest.CaptureFixture[st
         assert {"name", "status", "reason", "elapsed_ms"} <= set(p)
     assert out["providers"][0]["status"] == "unavailable"
     assert out["providers"][1]["status"] == "ok"
+
+
+def test_simulator_refuses_mainnet_when_built_directly(tmp_path: Path) -> None:
+    from anyhsm.errors import PolicyViolation
+    from anyhsm.provider import ProviderContext
+    from anyhsm.providers.simulator import SimulatorProvider
+    from anyhsm.types import Environment, Network
+
+    for env, net in (
+        (Environment.PRODUCTION, Network.REGTEST),
+        (Environment.DEVELOPMENT, Network.MAINNET),
+    ):
+        sim = SimulatorProvider(ProviderContext(env, net, tmp_path))
+        with pytest.raises(PolicyViolation):
+            sim.open()

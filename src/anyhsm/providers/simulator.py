@@ -29,6 +29,7 @@ from anyhsm.errors import (
     ExportNotAllowed,
     KeyExists,
     KeyNotFound,
+    PolicyViolation,
     ProviderUnavailable,
 )
 from anyhsm.keystore.store import now_iso
@@ -38,11 +39,13 @@ from anyhsm.secret import SecretBytes
 from anyhsm.types import (
     Capabilities,
     DerivedPublicKey,
+    Environment,
     Health,
     KeyInfo,
     KeyRef,
     KeySpec,
     KeyType,
+    Network,
     SecurityLevel,
     SignParams,
     SigScheme,
@@ -129,6 +132,14 @@ class SimulatorProvider:
             )
 
     def open(self) -> None:
+        # Defence in depth: the factory already refuses it, but a simulator built
+        # directly must not serve production or mainnet either.
+        if self._ctx.environment is Environment.PRODUCTION or self._ctx.network is Network.MAINNET:
+            raise PolicyViolation(
+                f"the simulator is refused in {self._ctx.environment.value} on "
+                f"{self._ctx.network.value}",
+                hint="use the software, tpm or pkcs11 provider",
+            )
         if self.faults.hang:
             self._closed.wait()
             raise ProviderUnavailable("simulator: hung device closed")

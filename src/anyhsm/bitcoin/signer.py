@@ -1,0 +1,638 @@
+"""PSBT signer: sign every input that a key in the HSM can sign, through the HSM handle only.
+
+The signer never sees a private key. It matches inputs to keys from public data
+(PSBT_IN_BIP32_DERIVATION and PSBT_IN_TAP_BIP32_DERIVATION against the master
+fingerprint of each HD key, checked by deriving the public key; single keys by
+their public key in the input's script), runs the signing policy
+(:mod:`anyhsm.bitcoin.policy`), computes each sighash once with a per-transaction
+cache, and asks the HSM for signatures of 32-byte digests. Every signature is
+verified before it goes into the PSBT, so a faulty provider cannot slip a bad
+one in.
+
+- ECDSA (legacy, BIP143): RFC 6979 with low-R grinding requested (as Bitcoin Core
+  does), the sighash byte appended, into PSBT_IN_PARTIAL_SIG.
+- Taproot key path (BIP341): the HSM applies the tweak TapTweak(P || merkle root);
+  the signature goes into PSBT_IN_TAP_KEY_SIG (64 bytes for SIGHASH_DEFAULT, 65 with
+  the type byte otherwise). Script path: the untweaked key signs the leaf's
+  sighash, into PSBT_IN_TAP_SCRIPT_SIG.
+- BIP340 aux randomness is fresh by default; ``policy.deterministic_schnorr`` makes
+  it 32 zero bytes (reproducible signatures, for tests against other signers).
+
+The PSBT passed in is never modified: the result holds a signed copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from anyhsm.bitcoin.address import bip86_output_key
+from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, format_path
+from anyhsm.bitcoin.encoding import hash160
+from anyhsm.bitcoin.policy import (
+    OutputReport,
+    SpendInfo,
+    SpendKind,
+    check_policy,
+    default_sighash,
+    describe_input,
+    key_in_script,
+    script_pushes,
+)
+from anyhsm.bitcoin.psbt import Psbt, PsbtInput
+from anyhsm.bitcoin.script import p2pkh, p2sh, p2tr, p2wpkh
+from anyhsm.bitcoin.sighash import SIGHASH_DEFAULT, SighashCache, sighash_name
+from anyhsm.bitcoin.taproot import (
+    leaf_hash,
+    taproot_output_key,
+    taproot_tweak,
+    verify_control_block,
+)
+from anyhsm.crypto import secp256k1 as ec
+from anyhsm.errors import (
+    AddressError,
+    HsmError,
+    NothingSigned,
+    ScriptError,
+    SigningFailed,
+    UnsupportedOperation,
+)
+from anyhsm.types import Capabilities, KeyInfo, KeyRef, KeyType, SignParams, SigScheme
+
+if TYPE_CHECKING:
+    from anyhsm.hsm import Hsm
+
+SIGNING_KEY_TYPES = frozenset({KeyType.SECP256K1, KeyType.BIP32, KeyType.BIP32_NODE})
+HD_KEY_TYPES = frozenset({KeyType.BIP32, KeyType.BIP32_NODE})
+_ZERO_AUX = bytes(32)
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignatureReport:
+    """One signature the signer added."""
+
+    key: str  # label of the key in the HSM
+    pubkey: bytes  # 33-byte key (ECDSA) or 32-byte x-only key (taproot)
+    path: tuple[int, ...] | None  # BIP32 path below the master; None for a single key
+    kind: str  # "ecdsa" | "taproot-key" | "taproot-script"
+    sighash: int
+    leaf_hash: bytes | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "pubkey": self.pubkey.hex(),
+            "path": None if self.path is None else format_path(self.path),
+            "kind": self.kind,
+            "sighash": sighash_name(self.sighash),
+            "leaf_hash": None if self.leaf_hash is None else self.leaf_hash.hex(),
+        }
+
+
+@dataclass(frozen=True)
+class InputReport:
+    """What happened to one input: ``status`` is "signed", "not-signed" or "finalized"."""
+
+    index: int
+    script_type: str
+    amount: int | None
+    status: str
+    reason: str
+    signatures: tuple[SignatureReport, ...] = ()
+
+    @property
+    def signed(self) -> bool:
+        return self.status == "signed"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "script_type": self.script_type,
+            "amount": self.amount,
+            "status": self.status,
+            "reason": self.reason,
+            "signatures": [s.to_dict() for s in self.signatures],
+        }
+
+
+@dataclass
+class SignResult:
+    """The signed PSBT (a copy) and what the signer did and checked."""
+
+    psbt: Psbt
+    inputs: list[InputReport]
+    outputs: list[OutputReport]
+    fee: int
+    vsize: int
+    fee_rate: float
+    inputs_total: int
+    outputs_total: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def signed_inputs(self) -> int:
+        return sum(1 for r in self.inputs if r.signed)
+
+    @property
+    def signatures(self) -> int:
+        return sum(len(r.signatures) for r in self.inputs)
+
+    @property
+    def unsigned_inputs(self) -> int:
+        return sum(1 for r in self.inputs if r.status == "not-signed")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "psbt": self.psbt.to_base64(),
+            "signed_inputs": self.signed_inputs,
+            "signatures": self.signatures,
+            "unsigned_inputs": self.unsigned_inputs,
+            "inputs": [r.to_dict() for r in self.inputs],
+            "outputs": [o.to_dict() for o in self.outputs],
+            "fee": self.fee,
+            "vsize": self.vsize,
+            "fee_rate": round(self.fee_rate, 3),
+            "inputs_total": self.inputs_total,
+            "outputs_total": self.outputs_total,
+            "warnings": list(self.warnings),
+        }
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Key:
+    info: KeyInfo
+    caps: Capabilities
+
+    @property
+    def hd(self) -> bool:
+        """An HD key whose provider derives children: matched through derivation fields."""
+        return self.info.key_type in HD_KEY_TYPES and self.caps.can_derive
+
+    @property
+    def fingerprint(self) -> bytes:
+        return hash160(self.info.public_key)[:4]
+
+    @property
+    def label(self) -> str:
+        return self.info.label
+
+    def cannot(self, scheme: SigScheme, tweak: bool = False) -> str | None:
+        """Why this key's provider cannot make the signature (None if it can)."""
+        if scheme not in self.caps.schemes:
+            what = "BIP340 (Schnorr)" if scheme is SigScheme.SCHNORR else "ECDSA"
+            return f"provider {self.info.provider} cannot make {what} signatures"
+        if tweak and not self.caps.can_tweak:
+            return f"provider {self.info.provider} cannot apply the BIP341 taproot tweak"
+        return None
+
+
+def _signing_keys(hsm: Hsm, key: KeyRef | None) -> list[_Key]:
+    infos = [hsm.get_key(key)] if key is not None else hsm.list_keys()
+    out: list[_Key] = []
+    for info in infos:
+        if info.key_type not in SIGNING_KEY_TYPES:
+            if key is not None:
+                raise UnsupportedOperation(
+                    info.provider,
+                    f"Bitcoin signing with a {info.key_type.value} key",
+                    hint="use a secp256k1 or bip32 key",
+                )
+            continue
+        out.append(_Key(info, hsm.capabilities(info.id)))
+    return out
+
+
+class _Derivations:
+    """Public keys of HD keys at paths. The parent of a non-hardened step is derived once
+    by the HSM and its children computed here (public derivation), so a PSBT with many
+    inputs under one account costs one HSM call, not one per input."""
+
+    def __init__(self, hsm: Hsm) -> None:
+        self._hsm = hsm
+        self._nodes: dict[tuple[str, tuple[int, ...]], tuple[bytes, bytes]] = {}
+        self._pubs: dict[tuple[str, tuple[int, ...]], bytes | None] = {}
+
+    def _node(self, key: _Key, path: tuple[int, ...]) -> tuple[bytes, bytes]:
+        ident = (key.info.id, path)
+        node = self._nodes.get(ident)
+        if node is None:
+            d = self._hsm.derive_public(key.info.id, path)
+            node = self._nodes[ident] = (d.public_key, d.chain_code)
+        return node
+
+    def pubkey(self, key: _Key, path: tuple[int, ...]) -> bytes | None:
+        """The 33-byte public key of ``key`` at ``path`` (None if that child is invalid)."""
+        ident = (key.info.id, path)
+        if ident in self._pubs:
+            return self._pubs[ident]
+        pub: bytes | None
+        try:
+            if not path:
+                pub = key.info.public_key
+            elif path[-1] < HARDENED:
+                parent, chain = self._node(key, path[:-1])
+                pub, _ = ec.bip32_ckd_pub(parent, chain, path[-1])
+            else:
+                pub = self._node(key, path)[0]
+        except ec.CurveError:
+            pub = None
+        self._pubs[ident] = pub
+        return pub
+
+    def owner(self, keys: Sequence[_Key], pubkey: bytes, origin: KeyOrigin) -> _Key | None:
+        """The HD key that derives ``pubkey`` (33 bytes, or 32 x-only) at ``origin``."""
+        for k in keys:
+            if not k.hd or k.fingerprint != origin.fingerprint:
+                continue
+            derived = self.pubkey(k, origin.path)
+            if derived is None:
+                continue
+            if derived == pubkey or (len(pubkey) == 32 and derived[1:] == pubkey):
+                return k
+        return None
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    key: _Key
+    path: tuple[int, ...]
+    pubkey: bytes  # the PSBT field's key: 33 bytes (ECDSA) or x-only (taproot)
+    kind: str
+    verify_key: bytes  # what the signature must verify against
+    tweak: bytes | None = None
+    leaf_hash: bytes | None = None
+
+
+@dataclass
+class _Plan:
+    jobs: list[_Job] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    claimed: bool = False  # a key of the HSM belongs to this input (signable or not)
+
+    def add(self, job: _Job) -> None:
+        ident = (job.kind, job.pubkey, job.leaf_hash)
+        if all((j.kind, j.pubkey, j.leaf_hash) != ident for j in self.jobs):
+            self.jobs.append(job)
+
+
+def _candidates(
+    inp: PsbtInput, keys: Sequence[_Key], deriv: _Derivations, plan: _Plan
+) -> tuple[list[tuple[_Key, tuple[int, ...], bytes]], list[tuple[_Key, tuple[int, ...], bytes]]]:
+    """(ECDSA candidates, taproot candidates) as (key, path, public key) from the
+    derivation fields; x-only keys for taproot. Records mismatches in the plan."""
+    ecdsa: list[tuple[_Key, tuple[int, ...], bytes]] = []
+    for pub, origin in inp.bip32_derivations.items():
+        for k in keys:
+            if not k.hd or k.fingerprint != origin.fingerprint:
+                continue
+            derived = deriv.pubkey(k, origin.path)
+            if derived == pub:
+                ecdsa.append((k, origin.path, pub))
+            elif derived is not None and len(pub) == 65 and ec.compress(pub) == derived:
+                plan.claimed = True
+                plan.notes.append(
+                    f"key {k.label} at {format_path(origin.path)} is used uncompressed, "
+                    "which anyhsm does not sign for"
+                )
+    tap: list[tuple[_Key, tuple[int, ...], bytes]] = []
+    for xonly, tko in inp.tap_bip32_derivations.items():
+        for k in keys:
+            if not k.hd or k.fingerprint != tko.origin.fingerprint:
+                continue
+            derived = deriv.pubkey(k, tko.origin.path)
+            if derived is not None and derived[1:] == xonly:
+                tap.append((k, tko.origin.path, xonly))
+    return ecdsa, tap
+
+
+def _plan_input(
+    inp: PsbtInput, info: SpendInfo, keys: Sequence[_Key], deriv: _Derivations
+) -> _Plan:
+    plan = _Plan()
+    if inp.is_finalized:
+        plan.notes.append("already finalized")
+        return plan
+    ecdsa, tap = _candidates(inp, keys, deriv, plan)
+    if ecdsa or tap:
+        plan.claimed = True
+    singles = [k for k in keys if not k.hd]
+    if info.problem is not None or info.unsignable is not None:
+        plan.claimed = plan.claimed or any(
+            k.info.public_key in inp.bip32_derivations for k in singles
+        )
+        plan.notes.append(info.problem or info.unsignable or "")
+        return plan
+    if info.kind is SpendKind.P2TR:
+        _plan_taproot(inp, info, tap, singles, plan)
+        return plan
+    if info.kind is SpendKind.UNKNOWN:
+        plan.notes.append("the input's script type cannot be signed")
+        return plan
+    ecdsa += [(k, (), k.info.public_key) for k in singles]
+    for k, path, pub in ecdsa:
+        where = f"key {k.label}" + (f" at {format_path(path)}" if k.hd else "")
+        if not key_in_script(pub, info):
+            if k.hd:  # a derivation names our key, but the script does not use it
+                plan.notes.append(f"{where} is not in the input's script")
+            continue
+        plan.claimed = True
+        why = k.cannot(SigScheme.ECDSA)
+        if why is not None:
+            plan.notes.append(f"{where}: {why}")
+            continue
+        plan.add(_Job(k, path, pub, "ecdsa", pub))
+    return plan
+
+
+def _plan_taproot(
+    inp: PsbtInput,
+    info: SpendInfo,
+    tap: Sequence[tuple[_Key, tuple[int, ...], bytes]],
+    singles: Sequence[_Key],
+    plan: _Plan,
+) -> None:
+    assert info.spent is not None
+    spk = info.spent.script_pubkey
+    q = spk[2:]
+    leaves: dict[bytes, bytes] = {}
+    for cb, ls in inp.tap_leaf_scripts.items():
+        try:
+            ok = verify_control_block(q, ls.script, cb)
+        except ScriptError:
+            ok = False
+        if ok:
+            leaves[leaf_hash(ls.script, ls.leaf_version)] = ls.script
+    cands: list[tuple[_Key, tuple[int, ...], bytes, tuple[bytes, ...] | None]] = []
+    for k, path, xonly in tap:
+        tko = inp.tap_bip32_derivations[xonly]
+        cands.append((k, path, xonly, tko.leaf_hashes))
+    cands += [(k, (), k.info.public_key[1:], None) for k in singles]
+    for k, path, xonly, leaf_hashes in cands:
+        where = f"key {k.label}" + (f" at {format_path(path)}" if k.hd else "")
+        _plan_key_path(inp, spk, q, k, path, xonly, where, plan)
+        wanted = (
+            list(leaf_hashes)
+            if leaf_hashes is not None
+            else [h for h, s in leaves.items() if xonly in script_pushes(s)]
+        )
+        for lh in wanted:
+            plan.claimed = True
+            script = leaves.get(lh)
+            if script is None:
+                plan.notes.append(
+                    f"{where}: leaf {lh.hex()[:16]}... has no valid PSBT_IN_TAP_LEAF_SCRIPT"
+                )
+                continue
+            if xonly not in script_pushes(script):
+                plan.notes.append(f"{where} is not in leaf {lh.hex()[:16]}...")
+                continue
+            why = k.cannot(SigScheme.SCHNORR)
+            if why is not None:
+                plan.notes.append(f"{where}: {why}")
+                continue
+            plan.add(_Job(k, path, xonly, "taproot-script", xonly, leaf_hash=lh))
+
+
+def _plan_key_path(
+    inp: PsbtInput,
+    spk: bytes,
+    q: bytes,
+    k: _Key,
+    path: tuple[int, ...],
+    xonly: bytes,
+    where: str,
+    plan: _Plan,
+) -> None:
+    internal = inp.tap_internal_key
+    if internal is not None and internal != xonly:
+        return
+    root = inp.tap_merkle_root if internal is not None else None
+    try:
+        tweak = taproot_tweak(xonly, root)
+        out_key, _ = taproot_output_key(xonly, root)
+    except ScriptError:
+        return
+    if out_key != q:
+        if internal is not None:
+            plan.claimed = True
+            plan.notes.append(
+                f"{where}: the internal key and merkle root do not give the output key"
+            )
+        return
+    plan.claimed = True
+    why = k.cannot(SigScheme.SCHNORR, tweak=True)
+    if why is not None:
+        plan.notes.append(f"{where}: {why}")
+        return
+    plan.add(_Job(k, path, xonly, "taproot-key", q, tweak=tweak))
+
+
+# --- signing -------------------------------------------------------------------------------------
+
+
+def _single_scripts(keys: Sequence[_Key]) -> dict[bytes, str]:
+    """The four single-key scripts of every non-HD key (to recognise change to them)."""
+    out: dict[bytes, str] = {}
+    for k in keys:
+        if k.hd:
+            continue
+        pub = k.info.public_key
+        h = hash160(pub)
+        for spk in (p2pkh(h), p2wpkh(h), p2sh(hash160(p2wpkh(h)))):
+            out.setdefault(spk, k.label)
+        with contextlib.suppress(AddressError):
+            out.setdefault(p2tr(bip86_output_key(pub)), k.label)
+    return out
+
+
+def _digest(cache: SighashCache, index: int, info: SpendInfo, job: _Job, hash_type: int) -> bytes:
+    if job.kind == "ecdsa":
+        assert info.script_code is not None and info.spent is not None
+        if info.kind.segwit_v0:
+            return cache.bip143(index, info.script_code, info.spent.value, hash_type)
+        return cache.legacy(index, info.script_code, hash_type)
+    return cache.bip341(index, hash_type, leaf_hash=job.leaf_hash)
+
+
+def sign_psbt(
+    hsm: Hsm, psbt: Psbt, key: KeyRef | None = None, *, grind_low_r: bool = True
+) -> SignResult:
+    """Sign every input of ``psbt`` that ``key`` (or any key in the HSM, when None) can sign.
+
+    Raises :class:`SigningPolicyError` when the policy refuses (nothing is signed then),
+    and :class:`NothingSigned` when no input could be signed (its ``details`` hold the
+    per-input reasons). ``grind_low_r=False`` asks for plain RFC 6979 ECDSA nonces, only
+    to reproduce signatures of signers that do not grind (such as the BIP174 vectors).
+    """
+    keys = _signing_keys(hsm, key)
+    work = psbt.copy()
+    deriv = _Derivations(hsm)
+    infos = [describe_input(inp) for inp in work.inputs]
+    plans = [
+        _plan_input(inp, info, keys, deriv) for inp, info in zip(work.inputs, infos, strict=True)
+    ]
+    if not any(p.claimed for p in plans):
+        raise _nothing_signed(key, keys, work, infos, plans)
+    to_sign = {
+        i: default_sighash(inp, info.kind)
+        for i, (inp, info, plan) in enumerate(zip(work.inputs, infos, plans, strict=True))
+        if plan.claimed
+    }
+
+    def owner(pubkey: bytes, origin: KeyOrigin) -> str | None:
+        k = deriv.owner(keys, pubkey, origin)
+        return None if k is None else k.label
+
+    report = check_policy(
+        work, infos, to_sign, hsm.network, hsm.config.policy, owner, _single_scripts(keys)
+    )
+    if not any(p.jobs for p in plans):
+        raise _nothing_signed(key, keys, work, infos, plans)
+    aux = _ZERO_AUX if hsm.config.policy.deterministic_schnorr else None
+    cache = SighashCache(work.unsigned_tx(), [i.spent for i in infos])
+    reports: list[InputReport] = []
+    for index, (inp, info, plan) in enumerate(zip(work.inputs, infos, plans, strict=True)):
+        sigs: list[SignatureReport] = []
+        for job in plan.jobs:
+            hash_type = to_sign[index]
+            _sign_one(hsm, cache, index, inp, info, job, hash_type, aux, grind_low_r)
+            sigs.append(
+                SignatureReport(
+                    job.key.label,
+                    job.pubkey,
+                    job.path if job.key.hd else None,
+                    job.kind,
+                    hash_type,
+                    job.leaf_hash,
+                )
+            )
+        if sigs:
+            _core_order(inp)
+        reports.append(_input_report(index, inp, info, plan, sigs))
+    return SignResult(
+        work,
+        reports,
+        list(report.outputs),
+        report.fee,
+        report.vsize,
+        report.fee_rate,
+        report.inputs_total,
+        report.outputs_total,
+        list(report.warnings),
+    )
+
+
+def _sign_one(
+    hsm: Hsm,
+    cache: SighashCache,
+    index: int,
+    inp: PsbtInput,
+    info: SpendInfo,
+    job: _Job,
+    hash_type: int,
+    aux: bytes | None,
+    grind_low_r: bool,
+) -> None:
+    digest = _digest(cache, index, info, job, hash_type)
+    path = job.path if job.key.hd else ()
+    key_id = job.key.info.id
+    if job.kind == "ecdsa":
+        sig = hsm.sign(
+            key_id,
+            digest,
+            SigScheme.ECDSA,
+            params=SignParams(path=path, grind_low_r=grind_low_r),
+        )
+        if not ec.ecdsa_verify(job.verify_key, digest, sig):
+            raise _bad_signature(job, index)
+        inp.add_partial_sig(job.pubkey, sig + bytes([hash_type]))
+        return
+    sig = hsm.sign(
+        key_id,
+        digest,
+        SigScheme.SCHNORR,
+        params=SignParams(path=path, tweak=job.tweak, aux_rand=aux),
+    )
+    if len(sig) != 64 or not ec.schnorr_verify(job.verify_key, digest, sig):
+        raise _bad_signature(job, index)
+    full = sig if hash_type == SIGHASH_DEFAULT else sig + bytes([hash_type])
+    if job.kind == "taproot-key":
+        inp.add_tap_key_sig(full)
+    else:
+        assert job.leaf_hash is not None
+        inp.add_tap_script_sig(job.pubkey, job.leaf_hash, full)
+
+
+def _core_order(inp: PsbtInput) -> None:
+    """Keep signatures in Bitcoin Core's order (partial signatures by hash160 of the key,
+    script-path signatures by key and leaf hash), so serialised PSBTs match Core's."""
+    inp.partial_sigs = dict(sorted(inp.partial_sigs.items(), key=lambda kv: hash160(kv[0])))
+    inp.tap_script_sigs = dict(sorted(inp.tap_script_sigs.items()))
+
+
+def _bad_signature(job: _Job, index: int) -> SigningFailed:
+    return SigningFailed(
+        f"provider {job.key.info.provider} returned a signature for input {index} (key "
+        f"{job.key.label}) that does not verify; nothing was added to the PSBT",
+        hint="check the provider's health ('anyhsm health'); the PSBT was not changed",
+    )
+
+
+def _input_report(
+    index: int, inp: PsbtInput, info: SpendInfo, plan: _Plan, sigs: list[SignatureReport]
+) -> InputReport:
+    kind = info.kind.value
+    if sigs:
+        what = ", ".join(
+            f"{s.kind} by {s.key}" + (f" at {format_path(s.path)}" if s.path is not None else "")
+            for s in sigs
+        )
+        return InputReport(index, kind, info.amount, "signed", what, tuple(sigs))
+    if inp.is_finalized:
+        return InputReport(index, kind, info.amount, "finalized", "already finalized")
+    return InputReport(index, kind, info.amount, "not-signed", _why_not(plan))
+
+
+def _why_not(plan: _Plan) -> str:
+    if plan.notes:
+        return "; ".join(dict.fromkeys(plan.notes))
+    return "no key in the HSM matches this input (no matching BIP32 derivation or public key)"
+
+
+def _nothing_signed(
+    key: KeyRef | None,
+    keys: Sequence[_Key],
+    psbt: Psbt,
+    infos: Sequence[SpendInfo],
+    plans: Sequence[_Plan],
+) -> HsmError:
+    reports = [
+        _input_report(i, inp, info, plan, [])
+        for i, (inp, info, plan) in enumerate(zip(psbt.inputs, infos, plans, strict=True))
+    ]
+    who = f"key {key!r}" if key is not None else f"any of the {len(keys)} key(s) in the HSM"
+    fps = sorted({k.fingerprint.hex() for k in keys if k.hd})
+    shown = "; ".join(f"input {r.index}: {r.reason}" for r in reports[:3])
+    more = f" (and {len(reports) - 3} more inputs)" if len(reports) > 3 else ""
+    err = NothingSigned(
+        f"no input of the PSBT could be signed with {who}: {shown}{more}",
+        hint="check that the PSBT carries BIP32 derivations for this key"
+        + (f" (master fingerprint {', '.join(fps)})" if fps else "")
+        + " and its previous outputs",
+    )
+    err.details = [r.to_dict() for r in reports]
+    return err
+
+
+__all__ = ["InputReport", "OutputReport", "SignResult", "SignatureReport", "sign_psbt"]

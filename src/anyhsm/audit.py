@@ -115,12 +115,36 @@ class AuditLog:
                 f"cannot open the audit log {path}: {e.strerror}",
                 hint="check the path and permissions of [audit] path",
             ) from None
+        self._checkpoint_missing = False
+        if write_checkpoint is not None and read_checkpoint is not None:
+            self._init_checkpoint()
         self._flusher: threading.Thread | None = None
         if durability == "batched":
             self._flusher = threading.Thread(
                 target=self._flush_loop, name="anyhsm-audit", daemon=True
             )
             self._flusher.start()
+
+    def _truncate_to(self, size: int) -> None:
+        """Remove a partial entry we just wrote (called with the flock held)."""
+        with contextlib.suppress(OSError):
+            if os.fstat(self._fd).st_size > size >= 0:
+                os.ftruncate(self._fd, size)
+
+    def _init_checkpoint(self) -> None:
+        """A new log gets its checkpoint before its first entry. A non-empty log
+        without one had it deleted: never recreate it silently (verify reports it)."""
+        assert self._read_cp is not None and self._write_cp is not None
+        if self._read_cp() is not None:
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(self._fd).st_size == 0:
+                self._write_cp(make_checkpoint(self._key, 0, GENESIS))
+            else:
+                self._checkpoint_missing = True
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     # --- tail tracking -----------------------------------------------------------------
 
@@ -174,8 +198,14 @@ class AuditLog:
                     canon = _canonical(body)
                     mac = hmac.digest(self._keybuf, self._mac + canon, "sha256")
                     data = canon[:-1] + b',"mac":"' + mac.hex().encode() + b'"}\n'
-                    written = os.write(self._fd, data)
+                    try:
+                        written = os.write(self._fd, data)
+                    except OSError:
+                        self._truncate_to(self._end)
+                        raise
                     if written != len(data):
+                        # Never leave a torn entry behind: cut back to the last whole one.
+                        self._truncate_to(self._end)
                         raise OSError(28, "short write to audit log")
                     if self._durability == "fsync":
                         os.fsync(self._fd)
@@ -236,11 +266,17 @@ class AuditLog:
         forced); never backwards, in case another process got further."""
         if self._write_cp is None or seq == 0 or seq <= self._checkpointed_seq:
             return
+        if self._checkpoint_missing:
+            return  # keep the alarm visible to 'audit verify' until an operator acts
         now = time.monotonic()
         if not force and now - self._checkpoint_at < CHECKPOINT_INTERVAL_S:
             return
         self._checkpoint_at = now
-        current = parse_checkpoint(self._read_cp() if self._read_cp else None)
+        raw = self._read_cp() if self._read_cp else None
+        current = parse_checkpoint(raw)
+        if raw is None:
+            self._checkpoint_missing = True  # vanished while we ran: do not paper over it
+            return
         if current is not None and current[0] >= seq:
             self._checkpointed_seq = current[0]
             return
@@ -290,8 +326,11 @@ def read_tail(path: Path, size: int) -> tuple[int, bytes]:
     last = lines[-1]
     try:
         entry = json.loads(last)
-        return int(entry["seq"]), bytes.fromhex(str(entry["mac"]))
-    except (ValueError, KeyError, TypeError):
+        seq = entry["seq"]
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise ValueError("bad sequence number")
+        return seq, bytes.fromhex(str(entry["mac"]))
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
         raise AuditTampered(
             f"the last line of {path} is not a valid audit entry",
             hint="run 'anyhsm audit verify'; restore the log from backup",
@@ -303,8 +342,11 @@ def parse_checkpoint(raw: bytes | None) -> tuple[int, bytes, bytes] | None:
         return None
     try:
         d = json.loads(raw)
-        return int(d["seq"]), bytes.fromhex(str(d["mac"])), bytes.fromhex(str(d["check"]))
-    except (ValueError, KeyError, TypeError):
+        seq = d["seq"]
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            return None
+        return seq, bytes.fromhex(str(d["mac"])), bytes.fromhex(str(d["check"]))
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
         return None
 
 
@@ -326,8 +368,19 @@ class VerifyResult:
         }
 
 
-def verify_log(path: Path, key: SecretBytes, checkpoint: bytes | None = None) -> VerifyResult:
-    """Check the whole chain; name the first bad line (1-based)."""
+def verify_log(
+    path: Path,
+    key: SecretBytes,
+    checkpoint: bytes | None = None,
+    *,
+    require_checkpoint: bool = False,
+) -> VerifyResult:
+    """Check the whole chain; name the first bad line (1-based).
+
+    With ``require_checkpoint`` a non-empty log without a checkpoint fails: every
+    log anyhsm creates gets its checkpoint before its first entry, so a missing
+    one means it was deleted (which would otherwise hide a truncated tail).
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -347,9 +400,9 @@ def verify_log(path: Path, key: SecretBytes, checkpoint: bytes | None = None) ->
                 raise ValueError("not an object")
             mac = bytes.fromhex(str(entry.pop("mac")))
             seq = entry.get("seq")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
             return _bad(lineno, count, "not a valid audit entry (edited or damaged)")
-        if seq != expected:
+        if type(seq) is not int or seq != expected:
             return _bad(
                 lineno,
                 count,
@@ -364,6 +417,14 @@ def verify_log(path: Path, key: SecretBytes, checkpoint: bytes | None = None) ->
     cp = parse_checkpoint(checkpoint)
     if checkpoint is not None and cp is None:
         return VerifyResult(False, count, None, "the checkpoint is unreadable")
+    if cp is None and require_checkpoint and count > 0:
+        return VerifyResult(
+            False,
+            count,
+            None,
+            "the audit checkpoint is missing although the log has entries (deleted?); "
+            "a truncated tail cannot be ruled out",
+        )
     if cp is not None:
         seq, mac, check = cp
         if not hmac.compare_digest(checkpoint_mac(key, seq, mac), check):

@@ -293,12 +293,18 @@ class Hsm:
             out.append(self._anchor.owner)
         return out
 
-    def _route(self, key: KeyRef) -> tuple[Provider, KeyInfo]:
+    def _route(self, key: KeyRef, *, fresh: bool = False) -> tuple[Provider, KeyInfo]:
+        """Find the provider holding ``key``. The cache serves the signing hot path
+        (the provider re-checks the key exists when it signs); ``fresh`` asks the
+        providers again, for answers that must reflect other processes' changes."""
         if not isinstance(key, str) or not key:
             raise KeyNotFound("a key must be named by its id or label")
-        hit = self._cache.get(key)
+        hit = None if fresh else self._cache.get(key)
         if hit is not None:
             return hit
+        stale = self._cache.pop(key, None)
+        if stale is not None:
+            self._forget(stale[1])
         for provider in self._open_providers():
             try:
                 info = self._call(provider, lambda p=provider: p.get_key(key))  # type: ignore[misc]
@@ -350,14 +356,26 @@ class Hsm:
 
     @contextmanager
     def _audited(
-        self, op: str, provider: str | None = None, key_id: str | None = None
+        self,
+        op: str,
+        provider: str | None = None,
+        key_id: str | None = None,
+        *,
+        intent: dict[str, str] | None = None,
     ) -> Iterator[dict[str, str]]:
-        """Audit the ``with`` block's outcome; the caller may add detail fields."""
+        """Audit the ``with`` block's outcome; the caller may add detail fields.
+
+        With ``intent``, a "started" entry is written *before* the block runs, so
+        an operation that changes state (create, import, delete, export) never
+        happens unless the audit log accepted its entry first.
+        """
         if self._closed:
             raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
         detail: dict[str, str] = {}
         audit = self._audit
         assert audit is not None
+        if intent is not None:
+            audit.append(op, "started", provider=provider, key_id=key_id, detail=intent)
         try:
             yield detail
         except Exception as e:
@@ -409,7 +427,8 @@ class Hsm:
         self, label: str, key_type: KeyType = KeyType.SECP256K1, *, exportable: bool = False
     ) -> KeyInfo:
         """Create a key in the active provider (secp256k1 by default)."""
-        with self._lock, self._audited("generate_key", self._active.name) as d:
+        intent = {"label": label[:128], "key_type": key_type.value}
+        with self._lock, self._audited("generate_key", self._active.name, intent=intent) as d:
             d["label"] = label
             d["key_type"] = key_type.value
             self._check_label(label)
@@ -432,7 +451,8 @@ class Hsm:
     ) -> KeyInfo:
         """Import key material (32-byte secp256k1 scalar, or a 16-64 byte BIP32 seed)."""
         provider = self._active
-        with self._lock, self._audited("import_key", provider.name) as d:
+        intent = {"label": str(label)[:128], "key_type": key_type.value}
+        with self._lock, self._audited("import_key", provider.name, intent=intent) as d:
             d["label"] = label
             d["key_type"] = key_type.value
             self._check_label(label)
@@ -456,7 +476,7 @@ class Hsm:
 
     def export_key(self, key: KeyRef) -> SecretBytes:
         """Private material of an exportable key, where provider and config allow it."""
-        with self._audited("export_key") as d:
+        with self._audited("export_key", intent={"key_ref": str(key)[:128]}) as d:
             d["key_ref"] = str(key)[:128]
             provider, info = self._route(key)
             d["_provider"], d["_key"] = provider.name, info.id
@@ -476,11 +496,11 @@ class Hsm:
         return out
 
     def get_key(self, key: KeyRef) -> KeyInfo:
-        return self._route(key)[1]
+        return self._route(key, fresh=True)[1]
 
     def public_key(self, key: KeyRef) -> bytes:
         """33-byte compressed SEC1 public key."""
-        return self._route(key)[1].public_key
+        return self._route(key, fresh=True)[1].public_key
 
     def derive_public(self, key: KeyRef, path: tuple[int, ...] | list[int]) -> DerivedPublicKey:
         """BIP32 child public data at ``path`` (computed inside the provider)."""
@@ -516,8 +536,13 @@ class Hsm:
             try:
                 sig = provider.sign_digest(info.id, bytes(digest), scheme, params)
             except KeyNotFound:
-                self._forget(info)  # deleted by another process
-                raise
+                # Deleted, or the label now names another key (another process):
+                # look again; never sign with a key that is gone.
+                self._forget(info)
+                provider, info = self._route(key, fresh=True)
+                provider_name, key_id = provider.name, info.id
+                self._check_level(provider, info)
+                sig = provider.sign_digest(info.id, bytes(digest), scheme, params)
             except (ProviderUnavailable, ProviderError) as e:
                 if not isinstance(e, UnsupportedOperation):
                     self._unhealthy[provider.name] = e.message
@@ -568,7 +593,7 @@ class Hsm:
             return ok
 
     def delete_key(self, key: KeyRef) -> None:
-        with self._lock, self._audited("delete_key") as d:
+        with self._lock, self._audited("delete_key", intent={"key_ref": str(key)[:128]}) as d:
             d["key_ref"] = str(key)[:128]
             provider, info = self._route(key)
             d["_provider"], d["_key"] = provider.name, info.id
@@ -635,7 +660,7 @@ class Hsm:
         self._audit.flush()
         reader, _ = self._checkpoint_io(self._audit.path)
         with self._audit_key(self._audit.path) as key:
-            return verify_log(self._audit.path, key, reader())
+            return verify_log(self._audit.path, key, reader(), require_checkpoint=True)
 
     def reload(self, config: Config | str | Path | None = None) -> None:
         """Re-read the configuration and re-run the chain. Keys stay where they are;

@@ -20,6 +20,9 @@ from anyhsm.secret import SecretBytes
 PRODUCTION_MIN_ARGON2_MEMORY_KIB = 64 * 1024
 PRODUCTION_MIN_ARGON2_ITERATIONS = 3
 PRODUCTION_MIN_SCRYPT_N = 2**17
+MIN_SALT = 16
+MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024
+MAX_SCRYPT_N = 2**24
 
 
 @dataclass(frozen=True)
@@ -83,16 +86,41 @@ class KdfParams:
         try:
             salt = base64.b64decode(str(data["salt"]), validate=True)
             if name == "argon2id":
-                return cls(
+                params = cls(
                     "argon2id",
                     memory_kib=_int(data["memory_kib"]),
                     iterations=_int(data["iterations"]),
                     lanes=_int(data["lanes"]),
                     salt=salt,
                 )
-            return cls("scrypt", n=_int(data["n"]), r=_int(data["r"]), p=_int(data["p"]), salt=salt)
+            else:
+                params = cls(
+                    "scrypt", n=_int(data["n"]), r=_int(data["r"]), p=_int(data["p"]), salt=salt
+                )
+            params.check_bounds()
+            return params
         except (KeyError, ValueError, TypeError) as e:
             raise KeystoreCorrupted(f"keystore header: bad KDF parameters ({e})") from None
+
+    def check_bounds(self) -> None:
+        """Reject values the KDF refuses, and values so large that a forged header
+        could make unlocking exhaust memory or time (ValueError)."""
+        if len(self.salt) < MIN_SALT:
+            raise ValueError(f"salt of {len(self.salt)} bytes is shorter than {MIN_SALT}")
+        if self.name == "argon2id":
+            if not 1 <= self.lanes <= 64:
+                raise ValueError(f"lanes={self.lanes} is outside 1..64")
+            if not 8 * self.lanes <= self.memory_kib <= MAX_ARGON2_MEMORY_KIB:
+                raise ValueError(f"memory_kib={self.memory_kib} is outside 8*lanes..4 GiB")
+            if not 1 <= self.iterations <= 64:
+                raise ValueError(f"iterations={self.iterations} is outside 1..64")
+        else:
+            if self.n < 2 or self.n & (self.n - 1) or self.n > MAX_SCRYPT_N:
+                raise ValueError(f"scrypt n={self.n} is not a power of two in 2..2^24")
+            if not 1 <= self.r <= 64 or not 1 <= self.p <= 16:
+                raise ValueError(f"scrypt r={self.r}, p={self.p} out of range")
+            if 128 * self.r * self.n > MAX_ARGON2_MEMORY_KIB * 1024:
+                raise ValueError("scrypt parameters need more than 4 GiB of memory")
 
     @classmethod
     def from_settings(cls, settings: object) -> KdfParams:
@@ -106,20 +134,34 @@ class KdfParams:
             raise ConfigError(f"unknown KDF {name!r}", hint="use argon2id or scrypt")
         try:
             if name == "argon2id":
-                return cls(
+                params = cls(
                     "argon2id",
                     memory_kib=int(settings.get("memory_kib", 64 * 1024)),
                     iterations=int(settings.get("iterations", 3)),
                     lanes=int(settings.get("lanes", 1)),
                 )
-            return cls(
-                "scrypt",
-                n=int(settings.get("n", 2**17)),
-                r=int(settings.get("r", 8)),
-                p=int(settings.get("p", 1)),
-            )
+            else:
+                params = cls(
+                    "scrypt",
+                    n=int(settings.get("n", 2**17)),
+                    r=int(settings.get("r", 8)),
+                    p=int(settings.get("p", 1)),
+                )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"providers.software.kdf: {e}") from None
+        return params.checked_for_config()
+
+    def checked_for_config(self) -> KdfParams:
+        """These parameters with a placeholder salt checked for bounds (ConfigError)."""
+        try:
+            replace_salt = KdfParams(
+                self.name, self.memory_kib, self.iterations, self.lanes, self.n, self.r, self.p,
+                bytes(MIN_SALT),
+            )  # fmt: skip
+            replace_salt.check_bounds()
+        except ValueError as e:
+            raise ConfigError(f"providers.software.kdf: {e}") from None
+        return self
 
 
 def _int(v: object) -> int:
@@ -141,4 +183,7 @@ def derive_kek(passphrase: SecretBytes, params: KdfParams) -> SecretBytes:
     else:
         kdf = Scrypt(salt=params.salt, length=32, n=params.n, r=params.r, p=params.p)
     # cryptography returns bytes; copy into a wipeable buffer at once.
-    return SecretBytes(kdf.derive(bytes(passphrase.buffer)))
+    try:
+        return SecretBytes(kdf.derive(bytes(passphrase.buffer)))
+    except (ValueError, MemoryError) as e:
+        raise KeystoreCorrupted(f"keystore KDF parameters are unusable ({e})") from None

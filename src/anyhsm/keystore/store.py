@@ -139,7 +139,7 @@ class KeyRecord:
     def from_json(cls, raw: bytes, where: str) -> KeyRecord:
         try:
             d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise KeystoreCorrupted(f"{where} is not valid JSON (truncated or damaged)") from None
         if not isinstance(d, dict):
             raise KeystoreCorrupted(f"{where} is not a JSON object")
@@ -167,7 +167,7 @@ class KeyRecord:
                 sealed=_unb64(d["ciphertext"], where) if kind == "sealed" else b"",
                 mac=bytes.fromhex(str(d["mac"])) if kind == "reference" else b"",
             )
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, OverflowError) as e:
             raise KeystoreCorrupted(f"{where} is missing or has a bad field ({e})") from None
 
 
@@ -238,7 +238,7 @@ class Keystore:
             raise KeystoreError(f"cannot read {hp}: {e.strerror}") from None
         try:
             header = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise KeystoreCorrupted(
                 f"{hp} is not valid JSON (truncated or damaged)",
                 hint="restore the keystore directory from backup",
@@ -254,7 +254,8 @@ class Keystore:
             )
         body = {k: v for k, v in header.items() if k != "checksum"}
         if not hmac.compare_digest(
-            str(header.get("checksum", "")), hashlib.sha256(canonical(body)).hexdigest()
+            str(header.get("checksum", "")).encode("utf-8", "replace"),
+            hashlib.sha256(canonical(body)).hexdigest().encode(),
         ):
             raise KeystoreCorrupted(
                 f"{hp} fails its checksum (damaged or edited)",
@@ -309,7 +310,9 @@ class Keystore:
         body = {k: v for k, v in self._header.items() if k not in ("mac", "checksum")}
         with aead.subkey(master, "anyhsm/v1/header-mac") as mk:
             want = hmac.digest(mk.buffer, canonical(body), "sha256").hex()
-        return hmac.compare_digest(want, str(self._header["mac"]))
+        return hmac.compare_digest(
+            want.encode(), str(self._header["mac"]).encode("utf-8", "replace")
+        )
 
     def unlock_with_passphrase(self, passphrase: SecretBytes) -> None:
         """Derive the KEK and unwrap the master key. Wrong passphrase: WrongPassphrase."""

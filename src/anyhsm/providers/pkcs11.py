@@ -1,0 +1,433 @@
+"""The PKCS#11 provider: secp256k1 keys generated and used inside an HSM token.
+
+Keys are made in the token as sensitive, never-extractable token objects; the
+token signs 32-byte digests with CKM_ECDSA and anyhsm turns the raw ``r||s`` it
+returns into low-S strict DER, checking the signature against the public key
+before handing it out. The token cannot do BIP340 Schnorr or BIP32 derivation,
+and says so through :meth:`Pkcs11Provider.capabilities`.
+
+Module loading, login, the session pool, reconnecting and the translation of
+PKCS#11 errors live in the ``pkcs11_*`` modules next to this one. python-pkcs11
+is imported only when the provider is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import coincurve
+
+from anyhsm.crypto import secp256k1
+from anyhsm.errors import (
+    HsmError,
+    HsmKeyError,
+    KeyExists,
+    KeyNotFound,
+    ProviderError,
+    ProviderUnavailable,
+    SigningFailed,
+    UnsupportedOperation,
+)
+from anyhsm.provider import ProviderContext, check_sign_request
+from anyhsm.providers.pkcs11_conn import Connection, import_pkcs11
+from anyhsm.providers.pkcs11_keys import (
+    KEY_ID_BYTES,
+    SECP256K1_OID_DER,
+    decode_ec_point,
+    private_template,
+    public_template,
+)
+from anyhsm.providers.pkcs11_settings import Pkcs11Settings
+from anyhsm.types import (
+    Capabilities,
+    Health,
+    KeyInfo,
+    KeyRef,
+    KeySpec,
+    KeyType,
+    SecurityLevel,
+    SignParams,
+    SigScheme,
+)
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from pkcs11 import Attribute, Object, Session, SignMixin
+
+    from anyhsm.providers.pkcs11_pool import PooledSession
+
+CAPABILITIES = Capabilities(
+    key_types=frozenset({KeyType.SECP256K1}),
+    schemes=frozenset({SigScheme.ECDSA}),
+    can_import=False,
+    can_export=False,
+    can_derive=False,
+    can_tweak=False,
+    controls_nonce=False,
+    persistent=True,
+)
+
+MAX_LABEL_BYTES = 255
+
+
+@dataclass(frozen=True)
+class _KeyEntry:
+    """What anyhsm remembers about a key pair on the token (public facts only)."""
+
+    id: bytes
+    label: str
+    public_key: bytes
+    verifier: coincurve.PublicKey = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Parsed once: every signature is checked against it before it is returned.
+        object.__setattr__(self, "verifier", coincurve.PublicKey(self.public_key))
+
+    def verifies(self, der: bytes, digest: bytes) -> bool:
+        """libsecp256k1 verification (which accepts only low-S) of our own strict DER."""
+        try:
+            return bool(self.verifier.verify(der, digest, hasher=None))
+        except ValueError:
+            return False
+
+
+def _is_hex(text: str) -> bool:
+    if not text or len(text) % 2:
+        return False
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Pkcs11Provider:
+    """Keys in a PKCS#11 token (HSM): generate, list, sign (ECDSA), delete."""
+
+    name = "pkcs11"
+
+    def __init__(self, context: ProviderContext) -> None:
+        self._context = context
+        self.settings = Pkcs11Settings.from_context(context)
+        self._conn = Connection(self.settings, context.environment, context.timeout_s, self.name)
+        self._conn.on_reset(self._forget_keys)
+        self._keys: dict[str, _KeyEntry] = {}
+        self._keys_lock = threading.Lock()
+        self._generate_lock = threading.Lock()
+        self._p11: ModuleType | None = None
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def open(self) -> None:
+        self._conn.open()
+        self._p11 = import_pkcs11(self.name)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def health(self) -> Health:
+        started = time.perf_counter()
+        if not self._conn.is_open:
+            return Health(
+                provider=self.name,
+                ok=False,
+                status="closed",
+                reason="the pkcs11 provider is not open",
+                security_level=self.security_level(),
+                elapsed_ms=(time.perf_counter() - started) * 1000,
+                details=self._conn.details(),
+            )
+        try:
+            self._conn.probe()
+        except HsmError as exc:
+            return Health(
+                provider=self.name,
+                ok=False,
+                status=exc.code,
+                reason=str(exc),
+                security_level=self.security_level(),
+                elapsed_ms=(time.perf_counter() - started) * 1000,
+                details=self._conn.details(),
+            )
+        return Health(
+            provider=self.name,
+            ok=True,
+            status="ok",
+            security_level=self.security_level(),
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+            details=self._conn.details(),
+        )
+
+    def capabilities(self) -> Capabilities:
+        return CAPABILITIES
+
+    def security_level(self) -> SecurityLevel:
+        return SecurityLevel.HSM
+
+    def production_ready(self) -> bool:
+        return True
+
+    def store_id(self) -> str:
+        facts = self._conn.facts
+        if facts is not None:
+            return f"pkcs11:{facts.serial}"
+        if self.settings.token_serial is not None:
+            return f"pkcs11:{self.settings.token_serial}"
+        raise ProviderUnavailable(
+            "the pkcs11 store id is the token serial, known once the provider is open",
+            hint="open the provider first, or configure token_serial",
+        )
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _pkcs11(self) -> ModuleType:
+        if self._p11 is None:
+            raise ProviderUnavailable("the pkcs11 provider is not open", hint="open it first")
+        return self._p11
+
+    def _forget_keys(self) -> None:
+        with self._keys_lock:
+            self._keys.clear()
+
+    def _remember(self, entry: _KeyEntry, *refs: str) -> None:
+        with self._keys_lock:
+            self._keys[entry.id.hex()] = entry
+            self._keys[entry.label] = entry
+            for ref in refs:
+                self._keys[ref] = entry
+
+    def _forget(self, entry: _KeyEntry) -> None:
+        with self._keys_lock:
+            for ref in [r for r, e in self._keys.items() if e.id == entry.id]:
+                del self._keys[ref]
+
+    def _info(self, entry: _KeyEntry) -> KeyInfo:
+        return KeyInfo(
+            id=entry.id.hex(),
+            label=entry.label,
+            provider=self.name,
+            public_key=entry.public_key,
+            key_type=KeyType.SECP256K1,
+            store=self.store_id(),
+            exportable=False,
+        )
+
+    def _search(self, session: Session, cls: object, **attrs: object) -> list[Object]:
+        p11 = self._pkcs11()
+        template: dict[Attribute, Any] = {
+            p11.Attribute.CLASS: cls,
+            p11.Attribute.KEY_TYPE: p11.KeyType.EC,
+        }
+        for name, value in attrs.items():
+            template[getattr(p11.Attribute, name.upper())] = value
+        return list(session.get_objects(template))
+
+    def _entry_from_private(self, session: Session, priv: Object) -> _KeyEntry | None:
+        """The key pair of a private key object; None for other curves or pairs without
+        an id or a public half (anyhsm does not list what it cannot use)."""
+        p11 = self._pkcs11()
+        attr = p11.Attribute
+        if bytes(priv[attr.EC_PARAMS]) != SECP256K1_OID_DER:
+            return None
+        key_id = bytes(priv[attr.ID])
+        if not key_id:
+            return None
+        pubs = self._search(session, p11.ObjectClass.PUBLIC_KEY, id=key_id)
+        if len(pubs) != 1:
+            return None
+        point = decode_ec_point(bytes(pubs[0][attr.EC_POINT]))
+        return _KeyEntry(id=key_id, label=str(priv[attr.LABEL]), public_key=point)
+
+    def _lookup(self, ps: PooledSession, ref: KeyRef) -> _KeyEntry:
+        p11 = self._pkcs11()
+        session = ps.session
+        privs: list[Object] = []
+        if _is_hex(ref):
+            privs = self._search(session, p11.ObjectClass.PRIVATE_KEY, id=bytes.fromhex(ref))
+        if not privs:
+            privs = self._search(session, p11.ObjectClass.PRIVATE_KEY, label=ref)
+        if not privs:
+            self._conn.verify_presence(ps)
+            raise KeyNotFound(
+                f"no key {ref!r} on PKCS#11 token {self.store_id()}",
+                hint="refer to a key by its id or label (see: anyhsm keys list)",
+            )
+        entries = [e for e in (self._entry_from_private(session, p) for p in privs) if e]
+        if not entries:
+            raise UnsupportedOperation(
+                self.name,
+                f"the key {ref!r}: it is not a secp256k1 key pair with an id and a public half",
+            )
+        if len({e.id for e in entries}) > 1:
+            raise HsmKeyError(
+                f"{len(entries)} keys on the token carry the label {ref!r}",
+                hint="refer to the key by its id",
+            )
+        entry = entries[0]
+        if len(privs) == 1:
+            ps.objects[entry.id] = privs[0]
+        return entry
+
+    def _entry(self, ref: KeyRef) -> _KeyEntry:
+        if not isinstance(ref, str) or not ref:
+            raise KeyNotFound("a key reference must be a non-empty id or label")
+        entry = self._keys.get(ref)
+        if entry is not None:
+            return entry
+        entry = self._conn.run(lambda ps: self._lookup(ps, ref), "key lookup")
+        self._remember(entry, ref)
+        return entry
+
+    def _private(self, ps: PooledSession, entry: _KeyEntry) -> SignMixin:
+        obj = ps.objects.get(entry.id)
+        if obj is None:
+            p11 = self._pkcs11()
+            try:
+                obj = ps.session.get_key(
+                    object_class=p11.ObjectClass.PRIVATE_KEY, key_type=p11.KeyType.EC, id=entry.id
+                )
+            except p11.NoSuchKey:
+                self._conn.verify_presence(ps)
+                raise
+            ps.objects[entry.id] = obj
+        return obj  # type: ignore[return-value]
+
+    # --- keys ----------------------------------------------------------------------------
+
+    def generate_key(self, spec: KeySpec) -> KeyInfo:
+        if spec.key_type is not KeyType.SECP256K1:
+            raise UnsupportedOperation(
+                self.name,
+                f"{spec.key_type.value} keys",
+                hint="this provider generates secp256k1 keys only",
+            )
+        if spec.exportable:
+            raise UnsupportedOperation(
+                self.name, "exportable keys", hint="keys in a PKCS#11 token never leave it"
+            )
+        label = spec.label
+        if not label or len(label.encode("utf-8")) > MAX_LABEL_BYTES:
+            raise HsmKeyError(f"a key label must be 1 to {MAX_LABEL_BYTES} bytes of UTF-8")
+        p11 = self._pkcs11()
+        attr = p11.Attribute
+
+        def op(ps: PooledSession) -> _KeyEntry:
+            session = ps.session
+            for cls in (p11.ObjectClass.PRIVATE_KEY, p11.ObjectClass.PUBLIC_KEY):
+                if list(session.get_objects({attr.CLASS: cls, attr.LABEL: label})):
+                    raise KeyExists(
+                        f"a key labelled {label!r} already exists on token {self.store_id()}",
+                        hint="choose another label, or delete the old key first",
+                    )
+            key_id = os.urandom(KEY_ID_BYTES)
+            pub, priv = session.generate_keypair(
+                p11.KeyType.EC,
+                id=key_id,
+                label=label,
+                store=True,
+                capabilities=p11.MechanismFlag.SIGN | p11.MechanismFlag.VERIFY,
+                mechanism=p11.Mechanism.EC_KEY_PAIR_GEN,
+                public_template=public_template(attr),
+                private_template=private_template(attr),
+            )
+            try:
+                if not priv[attr.SENSITIVE] or priv[attr.EXTRACTABLE]:
+                    raise ProviderError(
+                        "the token made the private key extractable or not sensitive; "
+                        "it was deleted",
+                        hint="this token does not honour CKA_SENSITIVE / CKA_EXTRACTABLE",
+                    )
+                point = decode_ec_point(bytes(pub[attr.EC_POINT]))
+            except BaseException:
+                for obj in (priv, pub):
+                    obj.destroy()
+                raise
+            ps.objects[key_id] = priv
+            return _KeyEntry(id=key_id, label=label, public_key=point)
+
+        with self._generate_lock:
+            entry = self._conn.run(op, "key generation", retry=False)
+        self._remember(entry)
+        return self._info(entry)
+
+    def list_keys(self) -> list[KeyInfo]:
+        p11 = self._pkcs11()
+
+        def op(ps: PooledSession) -> list[_KeyEntry]:
+            privs = self._search(ps.session, p11.ObjectClass.PRIVATE_KEY)
+            out = [self._entry_from_private(ps.session, p) for p in privs]
+            self._conn.verify_presence(ps)  # an absent token also "has no keys"
+            return [e for e in out if e is not None]
+
+        entries = self._conn.run(op, "key listing")
+        for entry in entries:
+            self._remember(entry)
+        return [self._info(e) for e in sorted(entries, key=lambda e: (e.label, e.id))]
+
+    def get_key(self, key: KeyRef) -> KeyInfo:
+        return self._info(self._entry(key))
+
+    def public_key(self, key: KeyRef) -> bytes:
+        return self._entry(key).public_key
+
+    def delete_key(self, key: KeyRef) -> None:
+        p11 = self._pkcs11()
+        entry = self._entry(key)
+
+        def op(ps: PooledSession) -> int:
+            found = 0
+            for cls in (p11.ObjectClass.PRIVATE_KEY, p11.ObjectClass.PUBLIC_KEY):
+                for obj in self._search(ps.session, cls, id=entry.id):
+                    obj.destroy()
+                    found += 1
+            if not found:
+                self._conn.verify_presence(ps)
+            return found
+
+        try:
+            found = self._conn.run(op, "key deletion")
+        finally:
+            self._forget(entry)
+            self._forget_keys()  # other sessions' cached handles to it are stale too
+        if not found:
+            raise KeyNotFound(f"no key {key!r} on PKCS#11 token {self.store_id()}")
+
+    # --- signing --------------------------------------------------------------------------
+
+    def sign_digest(
+        self, key: KeyRef, digest: bytes, scheme: SigScheme, params: SignParams | None = None
+    ) -> bytes:
+        check_sign_request(self, digest, scheme, params)
+        p11 = self._pkcs11()
+        mechanism = p11.Mechanism.ECDSA
+        data = bytes(digest)
+        entry = self._entry(key)
+
+        def op(ps: PooledSession) -> bytes:
+            return bytes(self._private(ps, entry).sign(data, mechanism=mechanism))
+
+        try:
+            raw = self._conn.run(op, "signing")
+        except KeyNotFound:
+            # The cached key may have been deleted and re-made (same label) elsewhere.
+            self._forget(entry)
+            entry = self._entry(key)
+            raw = self._conn.run(op, "signing")
+        try:
+            der = secp256k1.der_from_raw(raw)
+        except secp256k1.CurveError:
+            raise SigningFailed(
+                f"the token returned an unusable ECDSA signature ({len(raw)} bytes)",
+                hint="CKM_ECDSA must return r||s (64 bytes for secp256k1)",
+            ) from None
+        if not entry.verifies(der, data):
+            raise SigningFailed(
+                "the token's signature does not verify against the key's public key",
+                hint="the token may be faulty; do not use this signature",
+            )
+        return der

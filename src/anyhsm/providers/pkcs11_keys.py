@@ -1,0 +1,77 @@
+"""secp256k1 key objects on a PKCS#11 token: curve parameters, public points, templates.
+
+Pure functions: no module calls happen here except through the session objects
+passed in, so the decoding rules can be tested on their own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from anyhsm.crypto import secp256k1
+from anyhsm.errors import ProviderError
+
+if TYPE_CHECKING:
+    from pkcs11 import Attribute
+
+SECP256K1_OID_DER = bytes.fromhex("06052b8104000a")  # OBJECT IDENTIFIER 1.3.132.0.10
+"""CKA_EC_PARAMS of a secp256k1 key: the DER of the curve's named OID."""
+
+KEY_ID_BYTES = 16
+
+
+def decode_ec_point(data: bytes) -> bytes:
+    """CKA_EC_POINT to a 33-byte compressed public key.
+
+    The standard wraps the SEC1 point in a DER OCTET STRING (``04 41 04||X||Y``);
+    some older modules return the bare point. Both are accepted; anything else,
+    or a point not on secp256k1, is refused.
+    """
+    point = data
+    if len(data) >= 2 and data[0] == 0x04:
+        length = data[1]
+        body_start = 2
+        if length == 0x81 and len(data) >= 3:
+            length = data[2]
+            body_start = 3
+        if length in (33, 65) and len(data) == body_start + length:
+            point = data[body_start:]
+    if not ((len(point) == 65 and point[0] == 0x04) or (len(point) == 33 and point[0] in (2, 3))):
+        raise ProviderError(
+            "the token returned a malformed CKA_EC_POINT",
+            hint="the module may not follow PKCS#11 for EC keys; see docs/pkcs11/",
+        )
+    try:
+        return secp256k1.compress(bytes(point))
+    except secp256k1.CurveError:
+        raise ProviderError(
+            "the token returned a CKA_EC_POINT that is not on secp256k1",
+            hint="the key was made on another curve",
+        ) from None
+
+
+def public_template(attr: type[Attribute]) -> dict[Attribute, object]:
+    """Attributes of the public half: a token object anyone may read, verify-only."""
+    return {
+        attr.EC_PARAMS: SECP256K1_OID_DER,
+        attr.TOKEN: True,
+        attr.PRIVATE: False,
+        attr.VERIFY: True,
+        attr.ENCRYPT: False,
+        attr.WRAP: False,
+        attr.DERIVE: False,
+    }
+
+
+def private_template(attr: type[Attribute]) -> dict[Attribute, object]:
+    """Attributes of the private half: a sensitive, never-extractable, sign-only token key."""
+    return {
+        attr.TOKEN: True,
+        attr.PRIVATE: True,
+        attr.SENSITIVE: True,
+        attr.EXTRACTABLE: False,
+        attr.SIGN: True,
+        attr.DECRYPT: False,
+        attr.UNWRAP: False,
+        attr.DERIVE: False,
+    }

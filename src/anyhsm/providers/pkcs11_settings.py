@@ -1,0 +1,175 @@
+"""The ``[providers.pkcs11]`` settings, typed, and where the PIN comes from.
+
+The PIN is read from the ``pin_file`` when one is configured, otherwise from the
+environment variable ``ANYHSM_PKCS11_PIN``; never from the config file itself or
+from a command-line argument (both end up in shell history, process listings or
+backups). In production a PIN file that group or others may access is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from anyhsm.errors import ConfigError
+from anyhsm.provider import ProviderContext
+from anyhsm.secret import SecretBytes, wipe
+from anyhsm.types import Environment
+
+PIN_ENV = "ANYHSM_PKCS11_PIN"
+DEFAULT_POOL_SIZE = 4
+MAX_POOL_SIZE = 64
+_FORBIDDEN_KEYS = ("pin", "user_pin", "so_pin")
+
+log = logging.getLogger("anyhsm.pkcs11")
+
+
+def _opt_str(settings: dict[str, object], key: str) -> str | None:
+    value = settings.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"[providers.pkcs11] {key} must be a non-empty string", hint=f"got {value!r}"
+        )
+    return value
+
+
+def _path(config_dir: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else config_dir / path
+
+
+@dataclass(frozen=True)
+class Pkcs11Settings:
+    """Validated settings of the PKCS#11 provider."""
+
+    module: Path
+    token_label: str | None = None
+    token_serial: str | None = None
+    pool_size: int = DEFAULT_POOL_SIZE
+    pin_file: Path | None = None
+    threadsafe_module: bool = False
+    wrap_key_label: str | None = None
+
+    @classmethod
+    def from_context(cls, context: ProviderContext) -> Pkcs11Settings:
+        """Check the values (not unknown keys: that is the config validator's job)."""
+        s = context.settings
+        for key in _FORBIDDEN_KEYS:
+            if key in s:
+                raise ConfigError(
+                    f"[providers.pkcs11] {key} is not accepted: PINs never live in the config",
+                    hint=f"set {PIN_ENV} or point pin_file at a file readable only by you",
+                )
+        module = _opt_str(s, "module")
+        if module is None:
+            raise ConfigError(
+                "[providers.pkcs11] module is required: the path of the PKCS#11 library",
+                hint='e.g. module = "/usr/lib/softhsm/libsofthsm2.so"; see docs/pkcs11/',
+            )
+        label = s.get("token_label")
+        if label is not None and not isinstance(label, str):
+            raise ConfigError("[providers.pkcs11] token_label must be a string")
+        serial = _opt_str(s, "token_serial")
+        if label is None and serial is None:
+            raise ConfigError(
+                "[providers.pkcs11] needs token_label or token_serial to pick the token",
+                hint="list tokens with: pkcs11-tool --module MODULE --list-slots",
+            )
+        pool = s.get("pool_size", DEFAULT_POOL_SIZE)
+        if isinstance(pool, bool) or not isinstance(pool, int) or not 1 <= pool <= MAX_POOL_SIZE:
+            raise ConfigError(
+                f"[providers.pkcs11] pool_size must be an integer from 1 to {MAX_POOL_SIZE}",
+                hint=f"got {pool!r}",
+            )
+        threadsafe = s.get("threadsafe_module", False)
+        if not isinstance(threadsafe, bool):
+            raise ConfigError(
+                "[providers.pkcs11] threadsafe_module must be true or false",
+                hint=f"got {threadsafe!r}",
+            )
+        pin_file = _opt_str(s, "pin_file")
+        return cls(
+            module=_path(context.config_dir, module),
+            token_label=label,
+            token_serial=serial,
+            pool_size=pool,
+            pin_file=_path(context.config_dir, pin_file) if pin_file else None,
+            threadsafe_module=threadsafe,
+            wrap_key_label=_opt_str(s, "wrap_key_label"),
+        )
+
+    def describe_token(self) -> str:
+        parts = []
+        if self.token_label is not None:
+            parts.append(f"label {self.token_label!r}")
+        if self.token_serial is not None:
+            parts.append(f"serial {self.token_serial!r}")
+        return " and ".join(parts)
+
+
+def read_pin_file(path: Path, environment: Environment) -> SecretBytes:
+    """The PIN stored in ``path`` (one trailing newline allowed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"the PIN file {path} does not exist", hint="create it with mode 600, or fix pin_file"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"the PIN file {path} cannot be opened: {exc.strerror}",
+            hint="it must be a regular file (not a symlink) readable by this user",
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"the PIN file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            text = (
+                f"the PIN file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):03o})"
+            )
+            if environment is Environment.PRODUCTION:
+                raise ConfigError(f"{text}; refused in production", hint=f"chmod 600 {path}")
+            log.warning("%s; this is refused in production (chmod 600)", text)
+        buf = bytearray(st.st_size + 1)
+        view = memoryview(buf)
+        try:
+            n = 0
+            while n < len(buf):
+                got = os.readv(fd, [view[n:]])
+                if got == 0:
+                    break
+                n += got
+            while n and buf[n - 1] in (0x0A, 0x0D):  # one trailing newline (or CRLF)
+                n -= 1
+            if not n:
+                raise ConfigError(f"the PIN file {path} is empty")
+            pin = SecretBytes(n)
+            pin.buffer[:] = view[:n]
+            return pin
+        finally:
+            view.release()
+            wipe(buf)
+    finally:
+        os.close(fd)
+
+
+def load_pin(settings: Pkcs11Settings, environment: Environment) -> SecretBytes:
+    """The user PIN: from ``pin_file`` if configured, else from ``ANYHSM_PKCS11_PIN``."""
+    if settings.pin_file is not None:
+        return read_pin_file(settings.pin_file, environment)
+    value = os.environ.get(PIN_ENV)
+    if value is None or value == "":
+        raise ConfigError(
+            "no PKCS#11 PIN: neither pin_file nor ANYHSM_PKCS11_PIN is set",
+            hint=f"export {PIN_ENV}=... or set pin_file (mode 600); PINs are never "
+            "taken from command-line arguments",
+        )
+    buf = bytearray(value.encode("utf-8"))
+    return SecretBytes.take(buf)

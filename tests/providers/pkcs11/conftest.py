@@ -1,0 +1,114 @@
+"""Fixtures for the PKCS#11 provider tests: real SoftHSM2 tokens, opened providers.
+
+Everything runs against SoftHSM2 through its real module; tests are skipped (with
+the reason) only when SoftHSM2 or python-pkcs11 is not installed. CI installs both
+(scripts/install-softhsm.sh), so nothing is skipped there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[3]
+if str(_ROOT) not in sys.path:  # `pytest` without `python -m` does not add the repo root
+    sys.path.insert(0, str(_ROOT))
+
+from tests.support.softhsm import (  # noqa: E402
+    SoftHsmToken,
+    add_token,
+    init_softhsm,
+    softhsm_available,
+)
+
+from anyhsm.provider import ProviderContext  # noqa: E402
+from anyhsm.providers.pkcs11 import Pkcs11Provider  # noqa: E402  (imports no pkcs11)
+from anyhsm.types import Environment, Network  # noqa: E402
+
+PIN_ENV = "ANYHSM_PKCS11_PIN"
+ProviderMaker = Callable[..., Pkcs11Provider]
+
+
+def _require_softhsm() -> None:
+    if not softhsm_available():
+        pytest.skip("SoftHSM2 is not installed (scripts/install-softhsm.sh installs it)")
+    if importlib.util.find_spec("pkcs11") is None:
+        pytest.skip("python-pkcs11 is not installed (pip install 'anyhsm[pkcs11]')")
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsmToken:
+    """The main token of this test session (keys made by tests stay on it)."""
+    _require_softhsm()
+    return init_softhsm(tmp_path_factory.mktemp("softhsm-pkcs11"), label="anyhsm-pkcs11")
+
+
+@pytest.fixture(scope="session")
+def second_token(softhsm: SoftHsmToken) -> SoftHsmToken:
+    """Another token in the same SoftHSM2 configuration (token selection tests)."""
+    return add_token(softhsm, "anyhsm-pkcs11-second")
+
+
+def unique_label(prefix: str = "key") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_provider(
+    softhsm: SoftHsmToken, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[ProviderMaker]:
+    """Build (and by default open) providers; all are closed after the test.
+
+    Keyword arguments become ``[providers.pkcs11]`` settings (a value of None removes
+    the default one); ``token``, ``pin``, ``environment``, ``timeout_s`` and ``open``
+    control the rest. The PIN goes through ANYHSM_PKCS11_PIN unless ``pin`` is None.
+    """
+    made: list[Pkcs11Provider] = []
+
+    def make(
+        *,
+        token: SoftHsmToken | None = None,
+        pin: str | None = "",
+        environment: Environment = Environment.DEVELOPMENT,
+        timeout_s: float = 20.0,
+        open: bool = True,
+        **settings: object,
+    ) -> Pkcs11Provider:
+        tok = token or softhsm
+        table: dict[str, object] = {"module": tok.module, "token_label": tok.label}
+        for key, value in settings.items():
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+        if pin is None:
+            monkeypatch.delenv(PIN_ENV, raising=False)
+        else:
+            monkeypatch.setenv(PIN_ENV, pin or tok.pin)
+        context = ProviderContext(
+            environment=environment,
+            network=Network.REGTEST,
+            config_dir=tmp_path,
+            settings=table,
+            timeout_s=timeout_s,
+        )
+        provider = Pkcs11Provider(context)
+        made.append(provider)
+        if open:
+            provider.open()
+        return provider
+
+    yield make
+    for provider in reversed(made):
+        provider.close()
+
+
+@pytest.fixture
+def provider(make_provider: ProviderMaker) -> Pkcs11Provider:
+    """An open provider on the main token."""
+    return make_provider()

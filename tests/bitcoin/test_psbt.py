@@ -725,3 +725,22 @@ def test_errors_are_hsm_errors() -> None:
     err = parse_error("cHNidP8BAAo=")
     assert isinstance(err, HsmError)
     assert err.to_dict()["code"] == "psbt_error"
+
+
+def test_serialize_reports_out_of_range_fields_as_psbt_error() -> None:
+    psbt = Psbt.parse(WORKFLOW["creator"]["result"]["hex"])
+    bad = psbt.copy()
+    bad.global_map.tx_version = 2**40
+    with pytest.raises(PsbtError, match="out-of-range"):
+        bad.serialize()
+    bad = psbt.copy()
+    bad.inputs[0].previous_txid = b"\x00" * 31
+    with pytest.raises(PsbtError) as info:
+        bad.serialize()
+    assert info.value.field == "PSBT_IN_PREVIOUS_TXID"
+    bad = psbt.copy()
+    bad.global_map.version_field = 1
+    with pytest.raises(PsbtError) as info:
+        bad.serialize()
+    assert info.value.field == "PSBT_GLOBAL_VERSION"
+    assert psbt.to_v0() == psbt and psbt.to_v2().to_v2() == psbt.to_v2()

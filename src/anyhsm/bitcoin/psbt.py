@@ -226,6 +226,8 @@ class Psbt:
     def to_v0(self) -> Psbt:
         """The same transaction as a version 0 PSBT (lock time and sequences made explicit)."""
         new = self.copy()
+        if self.version == 0:
+            return new
         g = new.global_map
         g.fallback_locktime = self.locktime()
         g.tx_modifiable = None
@@ -236,10 +238,11 @@ class Psbt:
         return new
 
     def to_v2(self) -> Psbt:
-        """The same transaction as a version 2 PSBT."""
+        """The same transaction as a version 2 PSBT (the v0 lock time becomes the fallback)."""
         new = self.copy()
-        new.global_map.fallback_locktime = self.locktime()
-        new.global_map.version_field = 2
+        if self.version == 0:
+            new.global_map.fallback_locktime = self.locktime()
+            new.global_map.version_field = 2
         return new
 
     def combine(self, other: Psbt) -> Psbt:
@@ -326,7 +329,24 @@ class Psbt:
         return ordered_records(known, g.proprietary, g.unknown)
 
     def serialize(self) -> bytes:
-        """The binary PSBT."""
+        """The binary PSBT. Raises PsbtError if a field was set to a value it cannot hold."""
+        if self.version not in (0, 2):
+            raise PsbtError(
+                f"PSBT_GLOBAL_VERSION: cannot write PSBT version {self.version}",
+                field="PSBT_GLOBAL_VERSION",
+            )
+        for n, inp in enumerate(self.inputs):
+            if len(inp.previous_txid) != 32:
+                name = input_name(InputType.PREVIOUS_TXID)
+                raise PsbtError(f"{name}: must be 32 bytes (input {n})", field=name)
+        try:
+            return self._serialize()
+        except (OverflowError, ValueError) as e:
+            raise PsbtError(
+                f"cannot serialise: a field holds an out-of-range value ({e})"
+            ) from None
+
+    def _serialize(self) -> bytes:
         parts = [MAGIC]
 
         def write_map(records: list[Record]) -> None:
@@ -367,7 +387,7 @@ class Psbt:
                 "not a PSBT: the data does not start with the magic bytes 'psbt\\xff'",
                 field="magic",
             )
-        global_records = _read_map(stream, "global map")
+        global_records = _read_map(stream, len(raw), "global map")
         g, unsigned_tx, counts = _parse_globals(global_records)
         version = g.version_field or 0
         if unsigned_tx is not None:
@@ -376,12 +396,12 @@ class Psbt:
             n_in, n_out = counts
         inputs = []
         for i in range(n_in):
-            records = _read_map(stream, f"input {i}")
+            records = _read_map(stream, len(raw), f"input {i}")
             tx_in = unsigned_tx.inputs[i] if unsigned_tx is not None else None
             inputs.append(PsbtInput.from_records(records, version=version, index=i, tx_in=tx_in))
         outputs = []
         for i in range(n_out):
-            records = _read_map(stream, f"output {i}")
+            records = _read_map(stream, len(raw), f"output {i}")
             tx_out = unsigned_tx.outputs[i] if unsigned_tx is not None else None
             outputs.append(
                 PsbtOutput.from_records(records, version=version, index=i, tx_out=tx_out)
@@ -438,7 +458,7 @@ def _is_hex(text: str) -> bool:
     return len(text) % 2 == 0 and all(c in _HEX_DIGITS for c in text)
 
 
-def _read_map(stream: BytesIO, where: str) -> list[Record]:
+def _read_map(stream: BytesIO, size: int, where: str) -> list[Record]:
     """The raw key-value records of one map, up to and without its 0x00 separator."""
     if not stream.read(1):
         raise PsbtError(
@@ -449,7 +469,7 @@ def _read_map(stream: BytesIO, where: str) -> list[Record]:
     stream.seek(-1, 1)
     records: list[Record] = []
     while True:
-        at_end = stream.tell() >= len(stream.getbuffer())
+        at_end = stream.tell() >= size
         try:
             key_len = read_compact_size(stream, "key length")
         except EncodingError as e:

@@ -9,7 +9,7 @@ from io import BytesIO
 from typing import Any
 
 import pytest
-from embit.psbt import PSBT as EmbitPsbt
+from embit.psbt import PSBT as EmbitPsbt  # type: ignore[import-untyped]
 from tests.vectors import load_json
 
 from anyhsm.bitcoin.bip32 import ExtendedKey, KeyOrigin, parse_path
@@ -26,7 +26,7 @@ from anyhsm.bitcoin.psbt import (
 from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn, TxOut
 from anyhsm.errors import HsmError, PsbtError
 
-BIP174: dict[str, Any] = load_json("bip174")  # type: ignore[assignment]
+BIP174: dict[str, Any] = load_json("bip174")
 WORKFLOW: dict[str, Any] = BIP174["workflow"]
 
 # For each invalid vector: (start of the BIP's description, field the error must name, words

@@ -24,7 +24,7 @@ from anyhsm.errors import EncodingError, PsbtError
 
 
 def _vectors() -> list[bytes]:
-    bip174: dict[str, Any] = load_json("bip174")  # type: ignore[assignment]
+    bip174: dict[str, Any] = load_json("bip174")
     out = [v["hex"] for v in bip174["valid"] + bip174["fails_signer_checks"]]
     out += [
         s["result"]["hex"]

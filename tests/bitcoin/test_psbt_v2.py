@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from embit.psbt import PSBT as EmbitPsbt
+from embit.psbt import PSBT as EmbitPsbt  # type: ignore[import-untyped]
 from tests.vectors import data_dir
 
 from anyhsm.bitcoin.encoding import tagged_hash, var_bytes

@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import coincurve
-
 from anyhsm.crypto import secp256k1
 from anyhsm.errors import (
     HsmError,
@@ -37,6 +35,7 @@ from anyhsm.providers.pkcs11_conn import Connection, import_pkcs11
 from anyhsm.providers.pkcs11_keys import (
     KEY_ID_BYTES,
     SECP256K1_OID_DER,
+    Verifier,
     decode_ec_point,
     private_template,
     public_template,
@@ -82,18 +81,11 @@ class _KeyEntry:
     id: bytes
     label: str
     public_key: bytes
-    verifier: coincurve.PublicKey = field(init=False, compare=False, repr=False)
+    verifier: Verifier = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Parsed once: every signature is checked against it before it is returned.
-        object.__setattr__(self, "verifier", coincurve.PublicKey(self.public_key))
-
-    def verifies(self, der: bytes, digest: bytes) -> bool:
-        """libsecp256k1 verification (which accepts only low-S) of our own strict DER."""
-        try:
-            return bool(self.verifier.verify(der, digest, hasher=None))
-        except ValueError:
-            return False
+        object.__setattr__(self, "verifier", Verifier(self.public_key))
 
 
 def _is_hex(text: str) -> bool:
@@ -409,15 +401,20 @@ class Pkcs11Provider:
         entry = self._entry(key)
 
         def op(ps: PooledSession) -> bytes:
-            return bytes(self._private(ps, entry).sign(data, mechanism=mechanism))
+            raw = bytes(self._private(ps, entry).sign(data, mechanism=mechanism))
+            return self._checked(entry, data, raw)
 
         try:
-            raw = self._conn.run(op, "signing")
+            return self._conn.run(op, "signing")
         except KeyNotFound:
             # The cached key may have been deleted and re-made (same label) elsewhere.
             self._forget(entry)
             entry = self._entry(key)
-            raw = self._conn.run(op, "signing")
+            return self._conn.run(op, "signing")
+
+    @staticmethod
+    def _checked(entry: _KeyEntry, digest: bytes, raw: bytes) -> bytes:
+        """Low-S strict DER of the token's r||s, verified against the key's public key."""
         try:
             der = secp256k1.der_from_raw(raw)
         except secp256k1.CurveError:
@@ -425,7 +422,7 @@ class Pkcs11Provider:
                 f"the token returned an unusable ECDSA signature ({len(raw)} bytes)",
                 hint="CKM_ECDSA must return r||s (64 bytes for secp256k1)",
             ) from None
-        if not entry.verifies(der, data):
+        if not entry.verifier.verify(der, digest):
             raise SigningFailed(
                 "the token's signature does not verify against the key's public key",
                 hint="the token may be faulty; do not use this signature",

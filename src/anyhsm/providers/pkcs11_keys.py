@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from coincurve._libsecp256k1 import ffi, lib
+from coincurve.context import GLOBAL_CONTEXT
+
 from anyhsm.crypto import secp256k1
 from anyhsm.errors import ProviderError
 
@@ -48,6 +51,34 @@ def decode_ec_point(data: bytes) -> bytes:
             "the token returned a CKA_EC_POINT that is not on secp256k1",
             hint="the key was made on another curve",
         ) from None
+
+
+class Verifier:
+    """ECDSA verification against one public key, parsed once (libsecp256k1).
+
+    Every signature the token returns is checked before it is handed out; this is
+    on the signing hot path, so the key is not re-parsed each time. libsecp256k1's
+    verify accepts only low-S signatures, so a True here also confirms low S.
+    """
+
+    __slots__ = ("_pub",)
+
+    def __init__(self, public_key: bytes) -> None:
+        self._pub = ffi.new("secp256k1_pubkey *")
+        if not lib.secp256k1_ec_pubkey_parse(
+            GLOBAL_CONTEXT.ctx, self._pub, public_key, len(public_key)
+        ):
+            raise ProviderError("not a valid secp256k1 public key")
+
+    def verify(self, der: bytes, digest: bytes) -> bool:
+        """Whether ``der`` (the exact bytes to be returned) signs ``digest`` (32 bytes)."""
+        if len(digest) != 32:
+            return False
+        sig = ffi.new("secp256k1_ecdsa_signature *")
+        ctx = GLOBAL_CONTEXT.ctx
+        if not lib.secp256k1_ecdsa_signature_parse_der(ctx, sig, der, len(der)):
+            return False
+        return bool(lib.secp256k1_ecdsa_verify(ctx, sig, digest, self._pub))
 
 
 def public_template(attr: type[Attribute]) -> dict[Attribute, object]:

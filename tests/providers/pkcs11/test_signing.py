@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import coincurve
@@ -86,30 +87,42 @@ def test_digest_must_be_32_bytes(provider: Pkcs11Provider, size: int) -> None:
         provider.sign_digest(info.id, os.urandom(size), SigScheme.ECDSA)
 
 
+class _Tampering:
+    """Wraps the real token key; alters what its CKM_ECDSA signatures look like."""
+
+    def __init__(self, key: object, alter: Callable[[bytes], bytes]) -> None:
+        self._key = key
+        self._alter = alter
+
+    def sign(self, data: bytes, mechanism: object) -> bytes:
+        return self._alter(bytes(self._key.sign(data, mechanism=mechanism)))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("alter", "message"),
+    [
+        (
+            lambda raw: raw[:32] + (int.from_bytes(raw[32:], "big") ^ 1).to_bytes(32, "big"),
+            "does not verify",
+        ),
+        (lambda raw: raw[:40], "40 bytes"),
+        (lambda raw: bytes(64), "unusable"),
+        (lambda raw: raw[32:] + raw[:32], "does not verify"),
+    ],
+)
 def test_garbage_from_the_token_is_refused(
-    provider: Pkcs11Provider, monkeypatch: pytest.MonkeyPatch
+    provider: Pkcs11Provider,
+    monkeypatch: pytest.MonkeyPatch,
+    alter: Callable[[bytes], bytes],
+    message: str,
 ) -> None:
-    """Fault injection: the token returns a signature that does not verify."""
+    """Fault injection around the real token: its signatures come back damaged."""
     info = provider.generate_key(KeySpec(unique_label()))
-    real_run = provider._conn.run
-
-    def bad_run(op: object, action: str, *, retry: bool = True) -> object:
-        out = real_run(op, action, retry=retry)  # type: ignore[arg-type]
-        if action == "signing":
-            assert isinstance(out, bytes)
-            return out[:32] + (int.from_bytes(out[32:], "big") ^ 1).to_bytes(32, "big")
-        return out
-
-    monkeypatch.setattr(provider._conn, "run", bad_run)
-    with pytest.raises(SigningFailed, match="does not verify"):
-        provider.sign_digest(info.id, os.urandom(32), SigScheme.ECDSA)
-
-    def short_run(op: object, action: str, *, retry: bool = True) -> object:
-        out = real_run(op, action, retry=retry)  # type: ignore[arg-type]
-        return out[:40] if action == "signing" else out  # type: ignore[index]
-
-    monkeypatch.setattr(provider._conn, "run", short_run)
-    with pytest.raises(SigningFailed, match="40 bytes"):
+    real_private = provider._private
+    monkeypatch.setattr(
+        provider, "_private", lambda ps, entry: _Tampering(real_private(ps, entry), alter)
+    )
+    with pytest.raises(SigningFailed, match=message):
         provider.sign_digest(info.id, os.urandom(32), SigScheme.ECDSA)
 
 

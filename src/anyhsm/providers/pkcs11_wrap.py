@@ -389,16 +389,12 @@ def wrap_master_key(
         facts = conn.facts
         assert facts is not None
 
-        def op(ps: PooledSession) -> WrappedBlob:
-            found = _find_wrap_key(ps, label, None)
-            key = found if found is not None else _create_wrap_key(ps, label)
-            key_id = bytes(key[_p11().Attribute.ID])
-            chosen = _choose(ps, mechanism)
+        def attempt(ps: PooledSession, key: SecretKey, chosen: WrapMechanism) -> WrappedBlob:
             draft = WrappedBlob(
                 token_serial=facts.serial,
                 token_label=facts.label,
                 key_label=label,
-                key_id=key_id,
+                key_id=bytes(key[_p11().Attribute.ID]),
                 mechanism=chosen,
                 iv=b"",
                 ciphertext=b"",
@@ -414,6 +410,21 @@ def wrap_master_key(
                     hint="this module's AES mechanism misbehaves; see docs/pkcs11/",
                 )
             return blob
+
+        def op(ps: PooledSession) -> WrappedBlob:
+            found = _find_wrap_key(ps, label, None)
+            key = found if found is not None else _create_wrap_key(ps, label)
+            chosen = _choose(ps, mechanism)
+            try:
+                return attempt(ps, key, chosen)
+            except (ProviderError, KeystoreTampered):
+                # Some modules pick their own GCM IV (AWS CloudHSM does) and the blob
+                # would not open later; fall back to RFC 5649 key wrap if offered.
+                if mechanism is not None or chosen is not WrapMechanism.AES_GCM:
+                    raise
+                if _p11().Mechanism.AES_KEY_WRAP_PAD not in ps.session.token.slot.get_mechanisms():
+                    raise
+                return attempt(ps, key, WrapMechanism.AES_KEY_WRAP_PAD)
 
         blob = conn.run(op, "master-key wrapping", retry=False)
     finally:

@@ -105,6 +105,29 @@ def test_round_trip(ctx: ProviderContext, mechanism: WrapMechanism | None) -> No
         assert back.equals(master)
 
 
+def test_gcm_that_does_not_round_trip_falls_back_to_key_wrap(
+    ctx: ProviderContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: a module that uses its own GCM IV (as AWS CloudHSM documents)
+    and reports another one; the round-trip check catches it before anything is stored."""
+    from anyhsm.providers import pkcs11_wrap
+
+    real = pkcs11_wrap._encrypt
+
+    def own_iv(ps: object, key: object, mech: WrapMechanism, data: bytes, aad: bytes) -> object:
+        iv, ct = real(ps, key, mech, data, aad)  # type: ignore[arg-type]
+        return (os.urandom(len(iv)), ct) if mech is WrapMechanism.AES_GCM else (iv, ct)
+
+    monkeypatch.setattr(pkcs11_wrap, "_encrypt", own_iv)
+    master = _master()
+    blob = wrap_master_key(ctx, master)
+    assert json.loads(blob)["mechanism"] == WrapMechanism.AES_KEY_WRAP_PAD.value
+    with unwrap_master_key(ctx, blob) as back:
+        assert back.equals(master)
+    with pytest.raises(KeystoreTampered):  # forced GCM: no silent fallback
+        wrap_master_key(ctx, master, mechanism=WrapMechanism.AES_GCM)
+
+
 def test_wrap_key_is_made_once_inside_the_token(
     ctx: ProviderContext, make_provider: ProviderMaker, wrap_label: str
 ) -> None:

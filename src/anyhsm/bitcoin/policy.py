@@ -236,6 +236,14 @@ def script_pushes(script: bytes) -> set[bytes]:
         return set()
 
 
+def script_pushes_in_order(script: bytes) -> list[bytes]:
+    """The data pushes of ``script`` in order (empty when it does not parse)."""
+    try:
+        return [op.data for op in iter_ops(script) if op.data]
+    except ScriptError:
+        return []
+
+
 def key_in_script(pubkey: bytes, info: SpendInfo) -> bool:
     """Whether a signature by ``pubkey`` (33 or 65 bytes) can help spend this input."""
     if info.script_code is None:
@@ -376,7 +384,8 @@ def check_policy(
         for i, out in enumerate(psbt.outputs)
     )
     outputs_total = sum(o.amount for o in psbt.outputs)
-    # An input without amount has been refused above, so the sum is only used when complete.
+    if any(info.amount is None for info in infos):
+        f.raise_if_any()  # an input without amount was refused above: no fee to judge
     inputs_total = sum(info.amount or 0 for info in infos)
     fee = inputs_total - outputs_total
     vsize, size_notes = estimate_vsize(psbt, infos)
@@ -453,7 +462,8 @@ def describe_output(
     address = address_from_script(spk, network)
     note = ""
     if info.type is ScriptType.OP_RETURN:
-        note = f"OP_RETURN data ({len(info.data)} bytes): {info.data[:80].hex()}"
+        data = b"".join(script_pushes_in_order(info.data))
+        note = f"OP_RETURN data ({len(data)} bytes): {data[:80].hex()}"
     elif address is None:
         note = f"{info.type.value} script without an address: {spk[:80].hex()}"
     elif info.type is ScriptType.WITNESS_UNKNOWN:

@@ -414,9 +414,16 @@ class Pkcs11Provider:
 
     @staticmethod
     def _checked(entry: _KeyEntry, digest: bytes, raw: bytes) -> bytes:
-        """Low-S strict DER of the token's r||s, verified against the key's public key."""
+        """Low-S strict DER of the token's r||s, verified against the key's public key.
+
+        PKCS#11 says CKM_ECDSA returns r||s; a module that returns DER instead (some
+        vendor modules pass the device's encoding through) is accepted if it is strict DER.
+        """
         try:
-            der = secp256k1.der_from_raw(raw)
+            if len(raw) != 64 and raw[:1] == b"\x30":
+                der = secp256k1.normalize_der(raw)
+            else:
+                der = secp256k1.der_from_raw(raw)
         except secp256k1.CurveError:
             raise SigningFailed(
                 f"the token returned an unusable ECDSA signature ({len(raw)} bytes)",

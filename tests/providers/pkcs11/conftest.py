@@ -34,6 +34,16 @@ PIN_ENV = "ANYHSM_PKCS11_PIN"
 ProviderMaker = Callable[..., Pkcs11Provider]
 
 
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything here runs against SoftHSM2: mark it (select with -m pkcs11)."""
+    for item in items:
+        if item.path.resolve().is_relative_to(_HERE):
+            item.add_marker(pytest.mark.pkcs11)
+
+
 def _require_softhsm() -> None:
     if not softhsm_available():
         pytest.skip("SoftHSM2 is not installed (scripts/install-softhsm.sh installs it)")

@@ -126,6 +126,24 @@ def test_garbage_from_the_token_is_refused(
         provider.sign_digest(info.id, os.urandom(32), SigScheme.ECDSA)
 
 
+def test_a_module_returning_der_is_accepted(
+    provider: Pkcs11Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: a non-conforming module returns DER (high-S allowed) instead of r||s."""
+
+    def to_der(raw: bytes) -> bytes:
+        return der_encode(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+
+    info = provider.generate_key(KeySpec(unique_label()))
+    real_private = provider._private
+    monkeypatch.setattr(
+        provider, "_private", lambda ps, entry: _Tampering(real_private(ps, entry), to_der)
+    )
+    for _ in range(10):
+        digest = os.urandom(32)
+        _check(info.public_key, digest, provider.sign_digest(info.id, digest, SigScheme.ECDSA))
+
+
 def test_eight_threads_fifty_signatures_each(make_provider: ProviderMaker) -> None:
     provider = make_provider(pool_size=4)
     keys = [provider.generate_key(KeySpec(unique_label(f"t{i}"))) for i in range(2)]

@@ -1,0 +1,350 @@
+"""The Bitcoin CLI commands through ``anyhsm.cli.main.main`` (and once as a real process):
+xpub, address, descriptor, psbt inspect|sign|finalize, message sign|verify; --json shapes,
+exit codes, PSBT input and output formats."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from embit.descriptor import Descriptor as EmbitDescriptor
+from tests.bitcoin.test_signer import PASSPHRASE, Spend, Wallet, build_psbt
+
+from anyhsm.bitcoin import Psbt
+from anyhsm.bitcoin.bip39 import mnemonic_to_seed
+from anyhsm.bitcoin.psbt_fields import MAGIC
+from anyhsm.cli.main import main
+from anyhsm.deploy import FAST_DEV_KDF, init_deployment
+from anyhsm.secret import SecretBytes
+from anyhsm.types import Network
+
+MNEMONIC = "abandon " * 11 + "about"
+Run = Callable[..., tuple[int, str, str]]
+
+
+def _deploy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, network: Network) -> Path:
+    monkeypatch.setenv("ANYHSM_PASSPHRASE", PASSPHRASE)
+    cfg = init_deployment(
+        tmp_path / network.value,
+        SecretBytes(PASSPHRASE.encode()),
+        kdf=FAST_DEV_KDF,
+        network=network,
+    )
+    monkeypatch.setenv("ANYHSM_CONFIG", str(cfg))
+    return cfg
+
+
+def _runner(capsys: pytest.CaptureFixture[str]) -> Run:
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Run:
+    """Regtest deployment with the BIP39 'abandon ... about' wallet imported as ``w``."""
+    _deploy(tmp_path, monkeypatch, Network.REGTEST)
+    r = _runner(capsys)
+    assert r("key", "import", "--label", "w", "--mnemonic", MNEMONIC)[0] == 0
+    return r
+
+
+@pytest.fixture
+def mainnet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Run:
+    _deploy(tmp_path, monkeypatch, Network.MAINNET)
+    r = _runner(capsys)
+    assert r("key", "import", "--label", "w", "--mnemonic", MNEMONIC)[0] == 0
+    return r
+
+
+def _json(out: str) -> dict[str, object]:
+    data = json.loads(out)
+    assert isinstance(data, dict)
+    return data
+
+
+def _wallet() -> Wallet:
+    with mnemonic_to_seed(MNEMONIC) as seed:
+        return Wallet("w", bytes(seed.buffer))
+
+
+def _psbt_file(tmp_path: Path, spends: list[Spend], name: str = "in.psbt", **kw: object) -> Path:
+    p = tmp_path / name
+    p.write_text(build_psbt(spends, **kw).to_base64())  # type: ignore[arg-type]
+    return p
+
+
+# --- keys, addresses, descriptors -------------------------------------------------------------
+
+
+def test_xpub_json(mainnet: Run) -> None:
+    code, out, _ = mainnet("xpub", "w", "m/84'/0'/0'", "--json")
+    assert code == 0
+    data = _json(out)
+    assert data["xpub"] == (  # BIP84's account 0 key, written as xpub
+        "xpub6CatWdiZiodmUeTDp8LT5or8nmbKNcuyvz7WyksVFkKB4RHwCD3XyuvPEbvqAQY3rAPshWcMLoP2fMFMKHPJ4Ze"
+        "ZXYVUhLv1VMrjPC7PW6V"
+    )
+    assert data["origin"] == "[73c5da0a/84'/0'/0']" and data["master_fingerprint"] == "73c5da0a"
+    code, out, _ = mainnet("xpub", "w", "m/84h/0h/0h", "--slip132", "zpub")
+    assert out.strip() == (
+        "zpub6rFR7y4Q2AijBEqTUquhVz398htDFrtymD9xYYfG1m4wAcvPhXNfE3EfH1r1ADqtfSdVCToUG868RvUUkgDKf3"
+        "1mGDtKsAYz2oz2AGutZYs"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "address"),
+    [
+        ("p2pkh", "m/44'/0'/0'/0/0", "1LqBGSKuX5yYUonjxT5qGfpUsXKYYWeabA"),
+        ("p2sh-p2wpkh", "m/49'/0'/0'/0/0", "37VucYSaXLCAsxYyAPfbSi9eh4iEcbShgf"),
+        ("p2wpkh", "m/84'/0'/0'/0/0", "bc1qcr8te4kr609gcawutmrza0j4xv80jy8z306fyu"),  # BIP84
+        (
+            "p2tr",
+            "m/86'/0'/0'/0/0",
+            "bc1p5cyxnuxmeuwuvkwfem96lqzszd02n6xdcjrs20cac6yqjjwudpxqkedrcr",
+        ),
+    ],
+)
+def test_address_json(mainnet: Run, kind: str, path: str, address: str) -> None:
+    code, out, _ = mainnet("address", "w", path, "--type", kind, "--json")
+    assert code == 0
+    data = _json(out)
+    assert data["address"] == address and data["type"] == kind and data["path"] == path
+    # without a path an HD key uses its type's standard path (account 0, index 0)
+    assert _json(mainnet("address", "w", "--type", kind, "--json")[1])["address"] == address
+
+
+def test_descriptor(mainnet: Run) -> None:
+    code, out, _ = mainnet("descriptor", "w", "--type", "wpkh", "--json")
+    assert code == 0
+    data = _json(out)
+    receive = EmbitDescriptor.from_string(str(data["receive"]))
+    assert receive.derive(0).address() == "bc1qcr8te4kr609gcawutmrza0j4xv80jy8z306fyu"
+    assert str(data["descriptor"]).startswith("wpkh([73c5da0a/84'/0'/0']xpub6CatWdiZ")
+    assert "/<0;1>/*)#" in str(data["descriptor"])
+    code, out, _ = mainnet("descriptor", "w", "--type", "tr", "--account", "1")
+    assert code == 0 and "tr([73c5da0a/86'/0'/1']" in out
+
+
+def test_single_key_is_used_as_is(run: Run) -> None:
+    assert run("key", "create", "--label", "s")[0] == 0
+    code, out, _ = run("address", "s", "--type", "p2wpkh", "--json")
+    assert code == 0 and str(_json(out)["address"]).startswith("bcrt1q")
+    assert run("address", "s", "m", "--type", "p2tr")[0] == 0
+    code, _, err = run("address", "s", "m/0", "--type", "p2wpkh")
+    assert code == 4
+    assert "does not support BIP32 derivation" in err and "single" in err
+    code, _, err = run("xpub", "s")
+    assert code == 4 and "no chain code" in err
+    code, out, _ = run("descriptor", "s", "--type", "wpkh")
+    assert code == 0 and out.startswith(("wpkh(02", "wpkh(03"))
+
+
+# --- PSBTs ------------------------------------------------------------------------------------
+
+
+def test_psbt_sign_json(run: Run, tmp_path: Path) -> None:
+    w = _wallet()
+    stranger = Wallet("x", b"\x05" * 32)
+    f = _psbt_file(
+        tmp_path,
+        [
+            Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")]),
+            Spend("p2tr", [w.key("m/86'/1'/0'/0/0")]),
+            Spend("p2wpkh", [stranger.key("m/84'/1'/0'/0/0")]),
+        ],
+    )
+    code, out, _ = run("psbt", "sign", "w", str(f), "--json")
+    assert code == 0
+    data = _json(out)
+    signed = Psbt.parse(str(data["psbt"]))
+    assert len(signed.inputs[0].partial_sigs) == 1 and signed.inputs[1].tap_key_sig is not None
+    inputs = data["inputs"]
+    assert isinstance(inputs, list)
+    assert [i["status"] for i in inputs] == ["signed", "signed", "not-signed"]
+    assert inputs[0]["signatures"][0]["path"] == "m/84'/1'/0'/0/0"
+    assert data["signed_inputs"] == 2 and data["fee"] == 1000
+    assert {"outputs", "warnings", "vsize", "fee_rate"} <= data.keys()
+
+
+def test_psbt_sign_text_mode_and_formats(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = _wallet()
+    psbt = build_psbt([Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])])
+    files = {
+        "b64": psbt.to_base64().encode(),
+        "hex": psbt.to_hex().encode() + b"\n",
+        "bin": psbt.serialize(),
+    }
+    results = set()
+    for name, content in files.items():
+        f = tmp_path / name
+        f.write_bytes(content)
+        code, out, err = run("psbt", "sign", "w", str(f))
+        assert code == 0
+        assert len(out.splitlines()) == 1  # only the signed PSBT on stdout
+        assert "signed 1 of 1 input(s)" in err
+        results.add(out.strip())
+    assert len(results) == 1
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(psbt.serialize())))
+    code, out, _ = run("psbt", "sign", "w", "-")
+    assert code == 0 and out.strip() in results
+    out_file = tmp_path / "signed.psbt"
+    code, out, _ = run("psbt", "sign", "w", str(tmp_path / "bin"), "--out", str(out_file))
+    assert code == 0 and out_file.read_text().strip() in results
+    code, out, _ = run(
+        "psbt", "sign", "w", str(tmp_path / "bin"), "--out", str(out_file), "--binary", "--json"
+    )
+    raw = out_file.read_bytes()
+    assert code == 0 and raw.startswith(MAGIC)
+    assert base64.b64encode(raw).decode() in results
+    assert _json(out)["out"] == str(out_file)
+
+
+def test_nothing_signed_exits_9(run: Run, tmp_path: Path) -> None:
+    stranger = Wallet("x", b"\x05" * 32)
+    f = _psbt_file(tmp_path, [Spend("p2wpkh", [stranger.key("m/84'/1'/0'/0/0")])])
+    code, out, err = run("psbt", "sign", "w", str(f))
+    assert code == 9 and out == ""
+    assert err.count("\n") == 1 and err.startswith("anyhsm: error: no input of the PSBT")
+    code, out, err = run("psbt", "sign", "w", str(f), "--json")
+    assert code == 9
+    error = _json(out)["error"]
+    assert isinstance(error, dict) and error["code"] == "nothing_signed"
+    assert error["details"][0]["status"] == "not-signed"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a psbt at all", b"cHNidP8BAAoCAAAAAAAAAAAAAA", MAGIC + b"\x00\x01"],
+)
+def test_malformed_psbt_is_one_line_exit_2(run: Run, tmp_path: Path, content: bytes) -> None:
+    f = tmp_path / "bad.psbt"
+    f.write_bytes(content)
+    for cmd in (
+        ["psbt", "sign", "w", str(f)],
+        ["psbt", "inspect", str(f)],
+        ["psbt", "finalize", str(f)],
+    ):
+        code, out, err = run(*cmd)
+        assert code == 2, (cmd, err)
+        assert err.count("\n") == 1 and err.startswith("anyhsm: error:")
+        assert "Traceback" not in err and out == ""
+    code, out, _ = run("psbt", "inspect", str(f), "--json")
+    assert code == 2 and _json(out)["error"]["code"] == "psbt_error"  # type: ignore[index]
+    code, _, err = run("psbt", "inspect", str(tmp_path / "missing.psbt"))
+    assert code == 2 and "cannot read PSBT file" in err
+
+
+def test_malformed_psbt_in_a_real_process(tmp_path: Path) -> None:
+    f = tmp_path / "bad.psbt"
+    f.write_text("cHNidP8=")
+    proc = subprocess.run(
+        [sys.executable, "-m", "anyhsm.cli.main", "psbt", "inspect", str(f)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_policy_refusal_exits_7(run: Run, tmp_path: Path) -> None:
+    w = _wallet()
+    f = _psbt_file(tmp_path, [Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")], sighash=0x02)])
+    code, out, err = run("psbt", "sign", "w", str(f))
+    assert code == 7 and "input 0" in err and "sighash" in err and out == ""
+
+
+def test_psbt_inspect(run: Run, tmp_path: Path) -> None:
+    w = _wallet()
+    f = _psbt_file(tmp_path, [Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")], amount=70_000)])
+    code, out, _ = run("psbt", "inspect", str(f), "--json")
+    assert code == 0
+    data = _json(out)
+    assert data["network"] == "regtest" and data["fee"] == 1000 and data["finalized"] is False
+    inputs, outputs = data["inputs"], data["outputs"]
+    assert isinstance(inputs, list) and isinstance(outputs, list)
+    assert inputs[0]["script_type"] == "p2wpkh" and inputs[0]["amount"] == 70_000
+    assert inputs[0]["derivations"][0]["origin"] == "[73c5da0a/84'/1'/0'/0/0]"
+    assert str(outputs[0]["address"]).startswith("bcrt1q")
+    code, out, _ = run("psbt", "inspect", str(f), "--network", "mainnet")
+    assert code == 0 and "bc1q" in out and "fee 1000 sat" in out
+
+
+def test_psbt_finalize(run: Run, tmp_path: Path) -> None:
+    w = _wallet()
+    f = _psbt_file(tmp_path, [Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])])
+    code, out, _ = run("psbt", "finalize", str(f), "--json")
+    assert code == 1
+    data = _json(out)
+    assert data["complete"] is False and "tx" not in data and "psbt" in data
+    signed = tmp_path / "signed.psbt"
+    assert run("psbt", "sign", "w", str(f), "--out", str(signed))[0] == 0
+    code, out, _ = run("psbt", "finalize", str(signed), "--json")
+    assert code == 0
+    data = _json(out)
+    assert data["complete"] is True and isinstance(data["tx"], str)
+    assert Psbt.parse(str(data["psbt"])).is_finalized()
+    code, out, err = run("psbt", "finalize", str(signed))
+    assert code == 0 and out.strip() == data["tx"] and "complete: txid" in err
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "bip322"),
+    [("p2pkh", False), ("p2sh-p2wpkh", False), ("p2wpkh", False), ("p2wpkh", True), ("p2tr", True)],
+)
+def test_message_sign_and_verify(run: Run, kind: str, bip322: bool) -> None:
+    path = {"p2pkh": "m/44'/1'/0'/0/0", "p2sh-p2wpkh": "m/49'/1'/0'/0/0"}.get(
+        kind, "m/84'/1'/0'/0/0" if kind == "p2wpkh" else "m/86'/1'/0'/0/0"
+    )
+    args = ["message", "sign", "w", path, "hello anyhsm", "--type", kind, "--json"]
+    code, out, _ = run(*args, *(["--bip322"] if bip322 else []))
+    assert code == 0
+    data = _json(out)
+    assert data["format"] == ("bip322" if bip322 else "bip137")
+    address, sig = str(data["address"]), str(data["signature"])
+    assert address == _json(run("address", "w", path, "--type", kind, "--json")[1])["address"]
+    code, out, _ = run("message", "verify", address, "hello anyhsm", sig, "--json")
+    assert code == 0 and _json(out)["valid"] is True
+    code, out, _ = run("message", "verify", address, "hello anyhsn", sig)
+    assert code == 1 and out.strip() == "INVALID"
+
+
+def test_message_taproot_needs_bip322(run: Run) -> None:
+    code, _, err = run("message", "sign", "w", "m/86'/1'/0'/0/0", "hi", "--type", "p2tr")
+    assert code == 2 and "--bip322" in err
+
+
+def test_message_verify_refuses_other_network(run: Run) -> None:
+    code, _, err = run(
+        "message", "verify", "bc1qcr8te4kr609gcawutmrza0j4xv80jy8z306fyu", "hi", "AAAA"
+    )
+    assert code == 7 and "mainnet" in err
+
+
+def test_message_verify_without_config(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(
+        "message", "sign", "w", "m/84'/1'/0'/0/0", "hi", "--type", "p2wpkh", "--json"
+    )
+    data = _json(out)
+    monkeypatch.delenv("ANYHSM_CONFIG")
+    code, out, _ = run("message", "verify", str(data["address"]), "hi", str(data["signature"]))
+    assert code == 0 and out.strip() == "valid"

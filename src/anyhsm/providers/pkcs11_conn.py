@@ -338,7 +338,8 @@ class Connection:
             if self._pool is None:
                 now = time.monotonic()
                 if not force and now < self._retry_after and self._last_error is not None:
-                    raise self._last_error
+                    # Fail fast during the back-off; fresh traceback (no growth per raise).
+                    raise self._last_error.with_traceback(None)
                 try:
                     self._connect(allow_reinit=True)
                 except HsmError as exc:

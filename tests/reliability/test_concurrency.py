@@ -176,13 +176,13 @@ def test_sign_after_another_process_replaced_the_label(deployment: Path) -> None
             hsm.sign(old.id, digest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Hsm._route answers public_key/get_key from its cache without checking that the "
-    "key still exists, so a handle reports the public key of a key another process deleted "
-    "(or replaced under the same label)",
-)
 def test_public_key_after_another_process_replaced_the_label(deployment: Path) -> None:
+    """Regression test for a bug this suite found (fixed in 6d88009).
+
+    Before the fix: Hsm._route answers public_key/get_key from its cache without checking that the
+    key still exists, so a handle reports the public key of a key another process deleted
+    (or replaced under the same label).
+    """
     with open_hsm(deployment) as hsm:
         old = hsm.generate_key("addr-key")
         assert hsm.public_key("addr-key") == old.public_key  # cached now

@@ -33,7 +33,7 @@ import anyhsm.audit as audit_module
 from anyhsm import open_hsm
 from anyhsm.audit import verify_log
 from anyhsm.crypto import secp256k1 as curve
-from anyhsm.errors import AuditWriteFailed
+from anyhsm.errors import AuditError, AuditWriteFailed
 from anyhsm.hsm import AUDIT_KEY_PURPOSE, CHECKPOINT_FILE
 from anyhsm.keystore import Keystore
 from anyhsm.secret import SecretBytes
@@ -249,15 +249,15 @@ def test_enospc_on_the_audit_log_fails_the_signature_and_later_operations(
         assert result.ok, result.reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after the audit log has failed, Hsm.generate_key and Hsm.delete_key still create "
-    "or delete the key before the audit append raises AuditWriteFailed: a key is created or "
-    "destroyed with no audit entry",
-)
 def test_no_unaudited_key_changes_after_the_audit_log_failed(
     deployment: Path, faulty_os: FaultyOs
 ) -> None:
+    """Regression test for a bug this suite found (fixed in 6d88009).
+
+    Before the fix: after the audit log has failed, Hsm.generate_key and Hsm.delete_key still create
+    or delete the key before the audit append raises AuditWriteFailed: a key is created or
+    destroyed with no audit entry.
+    """
     hsm = open_hsm(deployment)
     hsm.generate_key("keep")
     faulty_os.write_errno = errno.ENOSPC
@@ -310,36 +310,52 @@ def test_fsync_failure_in_batched_mode_stops_later_operations(
     hsm.close()
 
 
-def test_short_write_is_reported_and_verify_names_the_torn_line(
+def test_short_write_is_refused_and_leaves_no_torn_line(
     deployment: Path, faulty_os: FaultyOs
 ) -> None:
+    """A short write (disk full mid-entry): the operation fails, the handle stays failed,
+    and the partial entry is cut back so the log still verifies."""
     hsm = open_hsm(deployment)
     hsm.generate_key("k")
     faulty_os.short_write = True
     with pytest.raises(AuditWriteFailed):
         hsm.sign("k", bytes(32))
+    assert faulty_os.writes_failed == 1
     faulty_os.short_write = False
     with pytest.raises(AuditWriteFailed):
         hsm.sign("k", bytes(32))
     hsm.close()
     audit_path = deployment.parent / "audit.log"
+    assert audit_path.read_bytes().endswith(b"\n"), "a torn entry was left in the log"
+    result = verify_log(audit_path, audit_key(deployment), read_checkpoint(deployment))
+    assert result.ok, result.reason
+
+
+def test_verify_names_a_torn_last_line(deployment: Path) -> None:
+    """A log whose last entry was cut mid-line (e.g. by a power loss): verify names
+    exactly that line, and open_hsm refuses to chain onto it."""
+    with open_hsm(deployment) as hsm:
+        hsm.generate_key("k")
+    audit_path = deployment.parent / "audit.log"
+    raw = audit_path.read_bytes()
+    audit_path.write_bytes(raw[:-20])
     lines = audit_path.read_bytes().split(b"\n")
-    assert lines[-1] != b"", "the short write left no partial line (fault not injected?)"
-    key = audit_key(deployment)
-    result = verify_log(audit_path, key, read_checkpoint(deployment))
+    result = verify_log(audit_path, audit_key(deployment), read_checkpoint(deployment))
     assert not result.ok
-    assert result.first_bad_line == len(lines)  # exactly the torn last line
+    assert result.first_bad_line == len(lines)
     assert "incomplete" in result.reason
+    with pytest.raises(AuditError):
+        open_hsm(deployment)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AuditLog.append leaves the partial line of a short write in the log; every later "
-    "open_hsm fails with AuditTampered ('restore the log from backup') although the torn "
-    "entry belonged to an operation that was refused: the writer should truncate back to "
-    "its last complete entry",
-)
 def test_short_write_does_not_brick_the_deployment(deployment: Path, faulty_os: FaultyOs) -> None:
+    """Regression test for a bug this suite found (fixed in 6d88009).
+
+    Before the fix: AuditLog.append leaves the partial line of a short write in the log; every later
+    open_hsm fails with AuditTampered ('restore the log from backup') although the torn
+    entry belonged to an operation that was refused: the writer should truncate back to its
+    last complete entry.
+    """
     hsm = open_hsm(deployment)
     hsm.generate_key("k")
     faulty_os.short_write = True

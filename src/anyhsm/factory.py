@@ -167,6 +167,9 @@ def read_secret_file(path: Path, what: str) -> SecretBytes:
 
 def provider_context(config: Config, name: str, passphrase: SecretBytes | None) -> ProviderContext:
     settings = config.provider_settings(name)
+    if name == "pkcs11-wrapped":
+        # The wrapped keystore reaches the token configured under [providers.pkcs11].
+        settings = {**config.provider_settings("pkcs11"), **settings}
     timeout_ms = settings.get("timeout_ms", config.fallback.timeout_ms)
     return ProviderContext(
         environment=config.environment,

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "anyhsm.cli.core_cmds",
     "anyhsm.cli.bitcoin_cmds",
     "anyhsm.cli.tpm_cmds",
+    "anyhsm.cli.pkcs11_cmds",
 )
 EXIT_INTERNAL = 70
 EXIT_USAGE = 2

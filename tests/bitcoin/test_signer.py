@@ -625,3 +625,17 @@ def test_result_to_dict_is_json(hsm: Hsm) -> None:
     assert Psbt.parse(data["psbt"]) == res.psbt
     assert data["inputs"][0]["signatures"][0]["path"] == "m/84'/1'/0'/0/0"
     assert data["fee"] == 1000 and data["signed_inputs"] == 1
+
+
+def test_taproot_key_without_internal_key_field_is_explained(hsm: Hsm) -> None:
+    w = add_wallet(hsm, "w")
+    psbt, _, _ = _tap_tree_psbt(w, internal_ours=True)
+    inp = psbt.inputs[0]
+    inp.tap_internal_key = None  # the output has a script tree: BIP86 cannot match
+    inp.tap_merkle_root = None
+    inp.tap_leaf_scripts.clear()
+    inp.tap_bip32_derivations = {
+        x: t for x, t in inp.tap_bip32_derivations.items() if not t.leaf_hashes
+    }
+    with pytest.raises(NothingSigned, match="not this key's BIP86 output key"):
+        sign_psbt(hsm, psbt, "w")

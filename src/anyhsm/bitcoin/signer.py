@@ -380,7 +380,8 @@ def _plan_taproot(
     cands += [(k, (), k.info.public_key[1:], None) for k in singles]
     for k, path, xonly, leaf_hashes in cands:
         where = f"key {k.label}" + (f" at {format_path(path)}" if k.hd else "")
-        _plan_key_path(inp, spk, q, k, path, xonly, where, plan)
+        key_path_only = leaf_hashes is not None and not leaf_hashes
+        _plan_key_path(inp, q, k, path, xonly, where, plan, key_path_only)
         wanted = (
             list(leaf_hashes)
             if leaf_hashes is not None
@@ -406,16 +407,20 @@ def _plan_taproot(
 
 def _plan_key_path(
     inp: PsbtInput,
-    spk: bytes,
     q: bytes,
     k: _Key,
     path: tuple[int, ...],
     xonly: bytes,
     where: str,
     plan: _Plan,
+    key_path_only: bool,
 ) -> None:
+    """Plan a key-path signature if ``xonly`` is the internal key of the output ``q``.
+    ``key_path_only``: a derivation names this key with no leaves, so it must be."""
     internal = inp.tap_internal_key
     if internal is not None and internal != xonly:
+        if key_path_only:
+            plan.notes.append(f"{where} is neither the internal key nor in a leaf")
         return
     root = inp.tap_merkle_root if internal is not None else None
     try:
@@ -428,6 +433,11 @@ def _plan_key_path(
             plan.claimed = True
             plan.notes.append(
                 f"{where}: the internal key and merkle root do not give the output key"
+            )
+        elif key_path_only:
+            plan.notes.append(
+                f"{where}: the output key is not this key's BIP86 output key "
+                "(PSBT_IN_TAP_INTERNAL_KEY or PSBT_IN_TAP_MERKLE_ROOT missing?)"
             )
         return
     plan.claimed = True

@@ -64,7 +64,11 @@ class App:
         return self._config
 
     def passphrase(
-        self, *, prompt: str = "Keystore passphrase: ", confirm: bool = False
+        self,
+        *,
+        prompt: str = "Keystore passphrase: ",
+        confirm: bool = False,
+        interactive: bool = True,
     ) -> SecretBytes | None:
         """From --passphrase-file, ANYHSM_PASSPHRASE, or a prompt on a terminal."""
         pf = getattr(self.args, "passphrase_file", None)
@@ -81,7 +85,7 @@ class App:
                     return read_secret_file(cfg.resolve(f), "passphrase")
             except ConfigError:
                 pass
-        if sys.stdin is not None and sys.stdin.isatty():
+        if interactive and sys.stdin is not None and sys.stdin.isatty():
             first = getpass.getpass(prompt)
             if confirm and getpass.getpass("Repeat: ") != first:
                 raise HsmError("the passphrases do not match")
@@ -91,10 +95,10 @@ class App:
     def hsm(self) -> Hsm:
         if self._hsm is None:
             cfg = self.config()
-            needs_pw = any(
-                p in ("software", "pkcs11", "simulator") for p in cfg.fallback.chain
-            ) or ("software" in cfg.providers)
-            pw = self.passphrase() if needs_pw else None
+            # A chain that starts with a passphrase-less path (TPM, token-wrapped)
+            # takes a passphrase only if one is already given; it never prompts.
+            unattended = cfg.fallback.chain[0] in ("tpm", "pkcs11-wrapped")
+            pw = self.passphrase(interactive=not unattended)
             self._hsm = open_hsm(cfg, passphrase=pw)
         return self._hsm
 

@@ -566,9 +566,10 @@ class Keystore:
             self._mtimes.pop(rec.id, None)
         return rec
 
-    def use_secret(self, rec: KeyRecord, fn: Callable[[memoryview], T]) -> T:
-        """Call ``fn`` with the decrypted secret, then wipe it (the hot signing path;
-        same guarantees as :meth:`secret`, without a generator's overhead)."""
+    def _decrypt_to_scratch(self, rec: KeyRecord) -> memoryview:
+        """Decrypt a sealed record into this thread's scratch buffer (mlock-ed once,
+        reused), so the signing path allocates nothing secret. The caller wipes
+        and releases the returned view."""
         if rec.kind != "sealed":
             raise KeyNotFound(f"key {rec.label!r} is held by provider {rec.provider!r}, not here")
         key = self._record_key
@@ -583,41 +584,31 @@ class Keystore:
             n = key.open_into(rec.nonce, rec.sealed, aad, buf)
         except aead.OpenFailed:
             raise KeystoreTampered(f"key record {rec.id} fails authentication") from None
-        view = memoryview(buf)[:n]
+        return memoryview(buf)[:n]
+
+    @staticmethod
+    def _wipe_view(view: memoryview) -> None:
+        view[:] = bytes(len(view))
+        view.release()
+
+    def use_secret(self, rec: KeyRecord, fn: Callable[[memoryview], T]) -> T:
+        """Call ``fn`` with the decrypted secret, then wipe it (the hot signing path:
+        same guarantees as :meth:`secret`, without a generator's overhead)."""
+        view = self._decrypt_to_scratch(rec)
         try:
             return fn(view)
         finally:
-            view[:] = bytes(n)
-            view.release()
+            self._wipe_view(view)
 
     @contextlib.contextmanager
     def secret(self, rec: KeyRecord) -> Iterator[memoryview]:
         """Decrypt a key's secret for the ``with`` block, then wipe it.
-
-        The plaintext goes into a per-thread scratch buffer that is mlock-ed
-        once and reused, so the hot signing path allocates nothing secret.
-        Do not keep the view past the block.
-        """
-        if rec.kind != "sealed":
-            raise KeyNotFound(f"key {rec.label!r} is held by provider {rec.provider!r}, not here")
-        key = self._record_key
-        if key is None:
-            raise KeystoreError("the keystore is locked", hint="unlock it first")
-        scratch: SecretBytes | None = getattr(self._scratch, "buf", None)
-        if scratch is None or scratch.wiped:
-            scratch = self._scratch.buf = SecretBytes(128)
-        buf = scratch.buffer
-        aad = self._aads.get(rec.id) or canonical(rec.metadata(self.store_id))
-        try:
-            n = key.open_into(rec.nonce, rec.sealed, aad, buf)
-        except aead.OpenFailed:
-            raise KeystoreTampered(f"key record {rec.id} fails authentication") from None
-        view = memoryview(buf)[:n]
+        Do not keep the view past the block."""
+        view = self._decrypt_to_scratch(rec)
         try:
             yield view
         finally:
-            view[:] = bytes(n)
-            view.release()
+            self._wipe_view(view)
 
     # --- side files (sealed master key blobs, audit checkpoint) --------------------------
 

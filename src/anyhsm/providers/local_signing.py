@@ -11,12 +11,26 @@ import os
 
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import InvalidKeyMaterial, UnsupportedOperation
-from anyhsm.types import DerivedPublicKey, KeyType, SignParams, SigScheme
+from anyhsm.types import Capabilities, DerivedPublicKey, KeyType, SignParams, SigScheme
 
 SecretView = bytearray | memoryview
 
 LOCAL_KEY_TYPES = frozenset({KeyType.SECP256K1, KeyType.BIP32, KeyType.BIP32_NODE})
 HD_KEY_TYPES = frozenset({KeyType.BIP32, KeyType.BIP32_NODE})
+
+
+def local_capabilities(*, persistent: bool) -> Capabilities:
+    """What in-process providers can do: every scheme, derivation, tweaks, nonce control."""
+    return Capabilities(
+        key_types=LOCAL_KEY_TYPES,
+        schemes=frozenset({SigScheme.ECDSA, SigScheme.SCHNORR}),
+        can_import=True,
+        can_export=True,
+        can_derive=True,
+        can_tweak=True,
+        controls_nonce=True,
+        persistent=persistent,
+    )
 
 
 def hd_master(key_type: KeyType, secret: SecretView) -> tuple[bytearray, bytes]:

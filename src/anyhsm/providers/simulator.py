@@ -183,17 +183,10 @@ class SimulatorProvider:
             {"keys": str(len(self._keys)), "ops": str(self._ops)},
         )
 
+    _CAPABILITIES = local_signing.local_capabilities(persistent=False)
+
     def capabilities(self) -> Capabilities:
-        return Capabilities(
-            key_types=local_signing.LOCAL_KEY_TYPES,
-            schemes=frozenset({SigScheme.ECDSA, SigScheme.SCHNORR}),
-            can_import=True,
-            can_export=True,
-            can_derive=True,
-            can_tweak=True,
-            controls_nonce=True,
-            persistent=False,
-        )
+        return self._CAPABILITIES
 
     def security_level(self) -> SecurityLevel:
         return SecurityLevel.SIMULATOR

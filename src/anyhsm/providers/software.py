@@ -151,16 +151,7 @@ class SoftwareProvider:
             details,
         )
 
-    _CAPABILITIES = Capabilities(
-        key_types=local_signing.LOCAL_KEY_TYPES,
-        schemes=frozenset({SigScheme.ECDSA, SigScheme.SCHNORR}),
-        can_import=True,
-        can_export=True,
-        can_derive=True,
-        can_tweak=True,
-        controls_nonce=True,
-        persistent=True,
-    )
+    _CAPABILITIES = local_signing.local_capabilities(persistent=True)
 
     def capabilities(self) -> Capabilities:
         return self._CAPABILITIES

@@ -363,3 +363,21 @@ def test_describe_input_kinds(wallet: Wallet) -> None:
     psbt.inputs[1].redeem_script = None
     info = describe_input(psbt.inputs[1])
     assert info.problem is None and info.unsignable == "the P2SH redeem script is not given"
+
+
+def test_sighash_single_without_matching_output_is_refused(tmp_path: Path) -> None:
+    """Legacy SIGHASH_SINGLE past the last output signs the constant 'one' hash (the
+    SIGHASH_SINGLE bug): such a signature could be replayed; it is never made."""
+    with software_hsm(tmp_path / "d", allowed_sighash_types=(0, 1, 3)) as h:
+        w = add_wallet(h, "w", bytes(range(32)))
+        spends = [
+            Spend("p2pkh", [w.key("m/44'/1'/0'/0/0")], sighash=3),
+            Spend("p2pkh", [w.key("m/44'/1'/0'/0/1")], sighash=3),
+        ]
+        with pytest.raises(SigningPolicyError) as e:
+            sign_psbt(h, build_psbt(spends), "w")  # one output: input 1 has no partner
+        assert _refusal(e.value) == [("input 1", "sighash")]
+        assert "SIGHASH_SINGLE" in e.value.message
+        spends[1].sighash = 1
+        res = sign_psbt(h, build_psbt(spends), "w")
+        assert [s.sighash for r in res.inputs for s in r.signatures] == [3, 1]

@@ -7,6 +7,7 @@ test files, which import them from here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tests.vectors import load_json
 
 from anyhsm.bitcoin import (
@@ -639,3 +642,66 @@ def test_taproot_key_without_internal_key_field_is_explained(hsm: Hsm) -> None:
     }
     with pytest.raises(NothingSigned, match="not this key's BIP86 output key"):
         sign_psbt(hsm, psbt, "w")
+
+
+# --- robustness: only HsmError escapes ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hsm, Wallet]]:
+    h = software_hsm(tmp_path_factory.mktemp("fuzz") / "dep")
+    w = add_wallet(h, "w", bytes(range(32)))
+    h.generate_key("solo")
+    yield h, w
+    h.close()
+
+
+_KINDS = ["p2pkh", "p2sh-p2wpkh", "p2wpkh", "p2tr", "p2wsh", "p2sh-p2wsh", "p2sh"]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_signer_and_finalizer_raise_only_hsm_errors(
+    fuzz_hsm: tuple[Hsm, Wallet], data: st.DataObject
+) -> None:
+    """Random PSBTs with tampered fields: signing and finalizing either work or raise an
+    HsmError (policy, nothing signed...), never anything else."""
+    from anyhsm.errors import HsmError
+
+    hsm, w = fuzz_hsm
+    kinds = data.draw(st.lists(st.sampled_from(_KINDS), min_size=1, max_size=3))
+    spends = []
+    for n, kind in enumerate(kinds):
+        keys = [w.key(f"m/84'/1'/0'/0/{n}"), w.key(f"m/84'/1'/0'/1/{n}")]
+        spends.append(
+            Spend(
+                kind,
+                keys[: 1 if kind in ("p2pkh", "p2sh-p2wpkh", "p2wpkh", "p2tr") else 2],
+                m=data.draw(st.integers(1, 2)),
+                sighash=data.draw(st.sampled_from([None, 0, 1, 2, 3, 0x81, 0x83, 0x100])),
+                non_witness=data.draw(st.sampled_from([None, True, False])),
+                witness=data.draw(st.booleans()),
+            )
+        )
+    psbt = build_psbt(spends, fee=data.draw(st.integers(-5_000, 50_000)))
+    for inp in psbt.inputs:
+        tamper = data.draw(st.sampled_from(["none", "redeem", "witness", "internal", "drop"]))
+        junk = data.draw(st.binary(max_size=40))
+        if tamper == "redeem":
+            inp.redeem_script = junk
+        elif tamper == "witness":
+            inp.witness_script = junk
+        elif tamper == "internal":
+            inp.tap_internal_key = ec.public_key(bytearray(b"\x03" * 32))[1:]
+        elif tamper == "drop":
+            inp.bip32_derivations.clear()
+            inp.tap_bip32_derivations.clear()
+    for key in ("w", "solo", None):
+        try:
+            signed = sign_psbt(hsm, psbt, key).psbt
+        except HsmError:
+            signed = psbt
+        with contextlib.suppress(HsmError):
+            finalize_psbt(signed)

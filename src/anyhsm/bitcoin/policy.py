@@ -379,6 +379,14 @@ def check_policy(
             )
         if i in to_sign:
             _check_sighash(where, info.kind, to_sign[i], policy, f)
+            if to_sign[i] & 0x1F == 0x03 and i >= len(psbt.outputs):
+                f.refuse(
+                    where,
+                    "sighash",
+                    "SIGHASH_SINGLE without an output of the same index would sign a digest "
+                    "that commits to no output (for legacy inputs, the constant 'one' hash "
+                    "that any transaction can reuse)",
+                )
     outputs = tuple(
         describe_output(i, out, network, owner, single_scripts, f)
         for i, out in enumerate(psbt.outputs)

@@ -34,6 +34,7 @@ from anyhsm.errors import AuditError, AuditTampered, AuditWriteFailed
 from anyhsm.secret import SecretBytes
 
 GENESIS = bytes(32)
+MAX_SEQ = 2**63 - 1
 CHECKPOINT_INTERVAL_S = 1.0
 _TAIL_READ = 1 << 16
 
@@ -236,8 +237,14 @@ class AuditLog:
             if self._stop.is_set():
                 break
             self._stop.wait(self._interval)
-            with contextlib.suppress(AuditError):
+            try:
                 self.flush()
+            except AuditError:
+                pass  # flush() has marked the log failed: appends now refuse
+            except Exception as e:  # the flusher must never die silently
+                with self._lock:
+                    self._failed = f"background flush failed: {type(e).__name__}"
+                return
 
     def flush(self) -> None:
         """fsync the log now and advance the checkpoint.
@@ -327,7 +334,7 @@ def read_tail(path: Path, size: int) -> tuple[int, bytes]:
     try:
         entry = json.loads(last)
         seq = entry["seq"]
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
             raise ValueError("bad sequence number")
         return seq, bytes.fromhex(str(entry["mac"]))
     except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
@@ -343,7 +350,7 @@ def parse_checkpoint(raw: bytes | None) -> tuple[int, bytes, bytes] | None:
     try:
         d = json.loads(raw)
         seq = d["seq"]
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
             return None
         return seq, bytes.fromhex(str(d["mac"])), bytes.fromhex(str(d["check"]))
     except (ValueError, KeyError, TypeError, RecursionError, OverflowError):

@@ -705,3 +705,28 @@ def test_signer_and_finalizer_raise_only_hsm_errors(
             signed = psbt
         with contextlib.suppress(HsmError):
             finalize_psbt(signed)
+
+
+def test_signed_copy_shares_nothing_mutable_with_the_input(hsm: Hsm) -> None:
+    w = add_wallet(hsm, "w")
+    spends = [
+        Spend("p2pkh", [w.key("m/44'/1'/0'/0/0")]),
+        Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")], non_witness=True),
+        Spend("p2tr", [w.key("m/86'/1'/0'/0/0")]),
+    ]
+    psbt = build_psbt(spends)
+    before = psbt.serialize()
+    res = sign_psbt(hsm, psbt, "w")
+    assert res.psbt != psbt and psbt.serialize() == before
+    for a, b in zip(res.psbt.inputs, psbt.inputs, strict=True):
+        assert a.non_witness_utxo is None or a.non_witness_utxo is not b.non_witness_utxo
+        assert a.witness_utxo is None or a.witness_utxo is not b.witness_utxo
+        a.bip32_derivations.clear()
+        a.tap_bip32_derivations.clear()
+        if a.non_witness_utxo is not None:
+            a.non_witness_utxo.outputs.clear()
+    res.psbt.outputs[0].amount = 1
+    assert res.psbt.global_map is not psbt.global_map
+        res.psbt.global_map.unknown[0] if res.psbt.global_map.unknown else None
+    )  # type: ignore[arg-type]
+    assert psbt.serialize() == before

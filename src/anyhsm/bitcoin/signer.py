@@ -24,6 +24,8 @@ The PSBT passed in is never modified: the result holds a signed copy.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -448,6 +450,53 @@ def _plan_key_path(
     plan.add(_Job(k, path, xonly, "taproot-key", q, tweak=tweak))
 
 
+# --- copying --------------------------------------------------------------------------------------
+
+_IMMUTABLE_TYPES: dict[type, bool] = {}
+
+
+def _immutable(value: object) -> bool:
+    """bytes, numbers, tuples and frozen dataclasses (PSBT field values) need no copy."""
+    t = type(value)
+    known = _IMMUTABLE_TYPES.get(t)
+    if known is None:
+        params = getattr(t, "__dataclass_params__", None)
+        known = t in (bytes, int, str, bool, tuple, type(None)) or bool(
+            params is not None and params.frozen
+        )
+        _IMMUTABLE_TYPES[t] = known
+    return known
+
+
+def _copied(value: object) -> object:
+    if _immutable(value):
+        return value
+    if type(value) is dict:
+        return {k: _copied(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_copied(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def _clone(psbt: Psbt) -> Psbt:
+    """A copy of ``psbt`` that shares nothing mutable with it, several times faster than
+    ``copy.deepcopy`` on the per-input maps (which dominated signing small inputs)."""
+
+    def fields_of(obj: object) -> dict[str, object]:
+        return {
+            f.name: _copied(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)  # type: ignore[arg-type]
+            if f.init
+        }
+
+    return dataclasses.replace(
+        psbt,
+        global_map=copy.deepcopy(psbt.global_map),
+        inputs=[dataclasses.replace(i, **fields_of(i)) for i in psbt.inputs],  # type: ignore[arg-type]
+        outputs=[dataclasses.replace(o, **fields_of(o)) for o in psbt.outputs],  # type: ignore[arg-type]
+    )
+
+
 # --- signing -------------------------------------------------------------------------------------
 
 
@@ -486,7 +535,7 @@ def sign_psbt(
     to reproduce signatures of signers that do not grind (such as the BIP174 vectors).
     """
     keys = _signing_keys(hsm, key)
-    work = psbt.copy()
+    work = _clone(psbt)
     deriv = _Derivations(hsm)
     infos = [describe_input(inp) for inp in work.inputs]
     plans = [

@@ -727,6 +727,4 @@ def test_signed_copy_shares_nothing_mutable_with_the_input(hsm: Hsm) -> None:
             a.non_witness_utxo.outputs.clear()
     res.psbt.outputs[0].amount = 1
     assert res.psbt.global_map is not psbt.global_map
-        res.psbt.global_map.unknown[0] if res.psbt.global_map.unknown else None
-    )  # type: ignore[arg-type]
     assert psbt.serialize() == before

@@ -16,6 +16,8 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
+from typing import Any
 
 from coincurve._libsecp256k1 import ffi, lib
 from coincurve.context import GLOBAL_CONTEXT
@@ -96,7 +98,7 @@ def ecdsa_sign(secret: SecretBuf, digest: bytes, *, grind_low_r: bool = False) -
     """
     if len(digest) != 32:
         raise CurveError("digest must be 32 bytes")
-    sig = ffi.new("secp256k1_ecdsa_signature *")
+    sig, out, outlen = _ecdsa_buffers()
     key = _ptr(secret)
     if not lib.secp256k1_ecdsa_sign(
         _CTX, sig, digest, key, lib.secp256k1_nonce_function_rfc6979, ffi.NULL
@@ -114,10 +116,24 @@ def ecdsa_sign(secret: SecretBuf, digest: bytes, *, grind_low_r: bool = False) -
                 _CTX, sig, digest, key, lib.secp256k1_nonce_function_rfc6979, extra
             )
             lib.secp256k1_ecdsa_signature_serialize_compact(_CTX, compact, sig)
-    out = ffi.new("unsigned char[72]")
-    outlen = ffi.new("size_t *", 72)
+    outlen[0] = 72
     lib.secp256k1_ecdsa_signature_serialize_der(_CTX, out, outlen, sig)
     return bytes(ffi.buffer(out, outlen[0]))
+
+
+_tls = threading.local()
+
+
+def _ecdsa_buffers() -> tuple[Any, Any, Any]:
+    """Per-thread output buffers for ECDSA (they hold only public signature bytes)."""
+    bufs: tuple[Any, Any, Any] | None = getattr(_tls, "ecdsa", None)
+    if bufs is None:
+        bufs = _tls.ecdsa = (
+            ffi.new("secp256k1_ecdsa_signature *"),
+            ffi.new("unsigned char[72]"),
+            ffi.new("size_t *", 72),
+        )
+    return bufs
 
 
 def ecdsa_verify(pub: bytes, digest: bytes, der: bytes) -> bool:

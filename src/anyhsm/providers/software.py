@@ -244,10 +244,12 @@ class SoftwareProvider:
         self, key: KeyRef, digest: bytes, scheme: SigScheme, params: SignParams | None = None
     ) -> bytes:
         p = check_sign_request(self, digest, scheme, params)
+        ks = self.keystore
         rec = self._sealed(key)
-        d = bytes(digest)
-        return self.keystore.use_secret(
-            rec, lambda view: local_signing.sign(self.name, rec.key_type, view, d, scheme, p)
+        d = digest if type(digest) is bytes else bytes(digest)
+        key_type = rec.key_type
+        return ks.use_secret(
+            rec, lambda view: local_signing.sign(self.name, key_type, view, d, scheme, p)
         )
 
     def derive_public(self, key: KeyRef, path: tuple[int, ...]) -> DerivedPublicKey:

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 import pytest
+from tests.conftest import PASSPHRASE
 
 from anyhsm import open_hsm
 from anyhsm.cli.main import main
 from anyhsm.errors import ProviderUnavailable
-from tests.conftest import PASSPHRASE
 
 
 @pytest.fixture(scope="module")

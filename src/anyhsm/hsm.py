@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,14 @@ from anyhsm.factory import (
 )
 from anyhsm.fsutil import atomic_write
 from anyhsm.keystore import Keystore
-from anyhsm.provider import Bip32Deriver, KeyExporter, KeyImporter, Provider, ProviderContext
+from anyhsm.provider import (
+    BatchSigner,
+    Bip32Deriver,
+    KeyExporter,
+    KeyImporter,
+    Provider,
+    ProviderContext,
+)
 from anyhsm.providers.software import SoftwareProvider
 from anyhsm.secret import SecretBytes, mlock_status
 from anyhsm.types import (
@@ -572,10 +579,57 @@ class Hsm:
     def sign_many(
         self,
         key: KeyRef,
-        requests: list[tuple[bytes, SigScheme, SignParams | None]],
+        requests: Sequence[tuple[bytes, SigScheme, SignParams | None]],
     ) -> list[bytes]:
-        """Sign several digests with one key (one audit entry per signature)."""
-        return [self.sign(key, d, s, params=p) for d, s, p in requests]
+        """Sign several digests with one key, in order. Providers that declare
+        ``can_batch`` share the work (one decryption, BIP32 parents derived once);
+        others sign one by one. One audit entry per signature, as with :meth:`sign`."""
+        audit = self._audit
+        if self._closed or audit is None:
+            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        provider_name: str | None = None
+        key_id: str | None = None
+        try:
+            for digest, _, _ in requests:
+                if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
+                    raise InvalidDigest("digest must be exactly 32 bytes", hint="hash it first")
+            provider, info = self._route(key, fresh=True)
+            provider_name, key_id = provider.name, info.id
+            self._check_level(provider, info)
+            reqs = [(bytes(d), s, p) for d, s, p in requests]
+            caps = provider.capabilities()
+            if caps.can_batch and isinstance(provider, BatchSigner):
+                sigs = self._call(provider, lambda: provider.sign_batch(info.id, reqs))
+            else:
+                sigs = [
+                    self._call(provider, lambda r=r: provider.sign_digest(info.id, *r))  # type: ignore[misc]
+                    for r in reqs
+                ]
+            if not caps.controls_nonce:
+                sigs = [
+                    curve.normalize_der(sig) if r[1] is SigScheme.ECDSA else sig
+                    for sig, r in zip(sigs, reqs, strict=True)
+                ]
+        except Exception as e:
+            code = e.code if isinstance(e, HsmError) else type(e).__name__
+            audit.append(
+                "sign",
+                "error",
+                provider=provider_name,
+                key_id=key_id,
+                error=code,
+                detail={"batch": str(len(requests)), "key_ref": str(key)[:128]},
+            )
+            raise
+        for _, scheme, _ in reqs:
+            audit.append(
+                "sign",
+                "ok",
+                provider=provider_name,
+                key_id=key_id,
+                detail={"scheme": scheme.value, "batch": str(len(reqs))},
+            )
+        return sigs
 
     def verify(
         self,

@@ -9,6 +9,7 @@ discovered with ``hasattr``. :func:`require` turns a missing capability into
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -102,6 +103,16 @@ class KeyExporter(Protocol):
     """Providers that can hand out private material (``can_export``), when allowed."""
 
     def export_key(self, key: KeyRef) -> SecretBytes: ...
+
+
+@runtime_checkable
+class BatchSigner(Protocol):
+    """Providers that sign many digests with one key in one call (``can_batch``),
+    sharing the work common to them (decryption, BIP32 derivation of shared parents)."""
+
+    def sign_batch(
+        self, key: KeyRef, requests: Sequence[tuple[bytes, SigScheme, SignParams | None]]
+    ) -> list[bytes]: ...
 
 
 @runtime_checkable

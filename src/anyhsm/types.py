@@ -123,6 +123,7 @@ class Capabilities:
     can_tweak: bool = False  # BIP341 taproot tweak of the private key inside the provider
     controls_nonce: bool = False  # deterministic nonces (RFC 6979 / low-R grinding) are possible
     persistent: bool = True
+    can_batch: bool = False  # sign_batch: many digests with one key, derivations shared
 
     def describe(self) -> dict[str, object]:
         return {
@@ -134,6 +135,7 @@ class Capabilities:
             "tweak": self.can_tweak,
             "controls_nonce": self.controls_nonce,
             "persistent": self.persistent,
+            "batch": self.can_batch,
         }
 
 

@@ -566,8 +566,15 @@ def test_corrupt_signature_from_provider_is_refused(
         sig[-1] ^= 1
         return bytes(sig)
 
+    real_batch = SimulatorProvider.sign_batch
+
+    def flipped_batch(self: SimulatorProvider, *args: object, **kwargs: object) -> list[bytes]:
+        sigs = real_batch(self, *args, **kwargs)  # type: ignore[arg-type]
+        return [sig[:-1] + bytes([sig[-1] ^ 1]) for sig in sigs]
+
     w = add_wallet(sim, "w")
     monkeypatch.setattr(SimulatorProvider, "sign_digest", flipped)
+    monkeypatch.setattr(SimulatorProvider, "sign_batch", flipped_batch)
     for kind, path in (("p2wpkh", "m/84'/1'/0'/0/0"), ("p2tr", "m/86'/1'/0'/0/0")):
         psbt = build_psbt([Spend(kind, [w.key(path)])])
         before = psbt.to_base64()

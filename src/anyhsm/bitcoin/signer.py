@@ -560,12 +560,12 @@ def sign_psbt(
         raise _nothing_signed(key, keys, work, infos, plans)
     aux = _ZERO_AUX if hsm.config.policy.deterministic_schnorr else None
     cache = SighashCache(work.unsigned_tx(), [i.spent for i in infos])
+    _sign_all(hsm, cache, work, infos, plans, to_sign, aux, grind_low_r)
     reports: list[InputReport] = []
     for index, (inp, info, plan) in enumerate(zip(work.inputs, infos, plans, strict=True)):
         sigs: list[SignatureReport] = []
         for job in plan.jobs:
             hash_type = to_sign[index]
-            _sign_one(hsm, cache, index, inp, info, job, hash_type, aux, grind_low_r)
             sigs.append(
                 SignatureReport(
                     job.key.label,
@@ -592,37 +592,49 @@ def sign_psbt(
     )
 
 
-def _sign_one(
+def _sign_all(
     hsm: Hsm,
     cache: SighashCache,
-    index: int,
-    inp: PsbtInput,
-    info: SpendInfo,
-    job: _Job,
-    hash_type: int,
+    work: Psbt,
+    infos: list[SpendInfo],
+    plans: list[_Plan],
+    to_sign: dict[int, int],
     aux: bytes | None,
     grind_low_r: bool,
 ) -> None:
-    digest = _digest(cache, index, info, job, hash_type)
-    path = job.path if job.key.hd else ()
-    key_id = job.key.info.id
+    """Compute every digest, sign them grouped per key through ``hsm.sign_many`` (so a
+    provider derives shared BIP32 parents once), verify each signature against the key
+    the PSBT names, then place it."""
+    batches: dict[str, list[tuple[int, _Job, bytes, int]]] = {}
+    for index, (info, plan) in enumerate(zip(infos, plans, strict=True)):
+        for job in plan.jobs:
+            hash_type = to_sign[index]
+            digest = _digest(cache, index, info, job, hash_type)
+            batches.setdefault(job.key.info.id, []).append((index, job, digest, hash_type))
+    for key_id, items in batches.items():
+        requests: list[tuple[bytes, SigScheme, SignParams | None]] = []
+        for _, job, digest, _ in items:
+            path = job.path if job.key.hd else ()
+            if job.kind == "ecdsa":
+                params = SignParams(path=path, grind_low_r=grind_low_r)
+                requests.append((digest, SigScheme.ECDSA, params))
+            else:
+                params = SignParams(path=path, tweak=job.tweak, aux_rand=aux)
+                requests.append((digest, SigScheme.SCHNORR, params))
+        sigs = hsm.sign_many(key_id, requests)
+        for (index, job, digest, hash_type), sig in zip(items, sigs, strict=True):
+            _place(work.inputs[index], index, job, digest, hash_type, sig)
+
+
+def _place(
+    inp: PsbtInput, index: int, job: _Job, digest: bytes, hash_type: int, sig: bytes
+) -> None:
+    """Check one signature against the key the PSBT names and add it to the input."""
     if job.kind == "ecdsa":
-        sig = hsm.sign(
-            key_id,
-            digest,
-            SigScheme.ECDSA,
-            params=SignParams(path=path, grind_low_r=grind_low_r),
-        )
         if not ec.ecdsa_verify(job.verify_key, digest, sig):
             raise _bad_signature(job, index)
         inp.add_partial_sig(job.pubkey, sig + bytes([hash_type]))
         return
-    sig = hsm.sign(
-        key_id,
-        digest,
-        SigScheme.SCHNORR,
-        params=SignParams(path=path, tweak=job.tweak, aux_rand=aux),
-    )
     if len(sig) != 64 or not ec.schnorr_verify(job.verify_key, digest, sig):
         raise _bad_signature(job, index)
     full = sig if hash_type == SIGHASH_DEFAULT else sig + bytes([hash_type])

@@ -296,14 +296,17 @@ def bip32_master(seed: SecretBuf) -> tuple[bytearray, bytes]:
     return key, chain
 
 
-def bip32_ckd_priv(key: bytearray, chain: bytes, index: int) -> tuple[bytearray, bytes]:
-    """One BIP32 private child step; returns a new key buffer the caller wipes."""
+def bip32_ckd_priv(
+    key: bytearray, chain: bytes, index: int, pub: bytes | None = None
+) -> tuple[bytearray, bytes]:
+    """One BIP32 private child step; returns a new key buffer the caller wipes.
+    ``pub`` (the parent's public key) saves a point multiplication when known."""
     if not 0 <= index <= 0xFFFFFFFF:
         raise CurveError("child index out of range")
     if index >= HARDENED:
         data = bytearray(b"\x00") + key + index.to_bytes(4, "big")
     else:
-        data = bytearray(public_key(key) + index.to_bytes(4, "big"))
+        data = bytearray((pub or public_key(key)) + index.to_bytes(4, "big"))
     i = bytearray(hmac.digest(chain, data, "sha512"))
     data[:] = bytes(len(data))
     child = bytearray(key)

@@ -8,6 +8,7 @@ intermediate secret in a buffer that is wiped before returning.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import InvalidKeyMaterial, UnsupportedOperation
@@ -30,6 +31,7 @@ def local_capabilities(*, persistent: bool) -> Capabilities:
         can_tweak=True,
         controls_nonce=True,
         persistent=persistent,
+        can_batch=True,
     )
 
 
@@ -155,3 +157,53 @@ def derive_public(
         child_number=path[-1] if path else 0,
         master_fingerprint=master_fp,
     )
+
+
+class _DerivationCache:
+    """BIP32 nodes derived during one batch, keyed by path, so siblings share their
+    parents' derivation (and the parent's public key). Wiped when the batch ends."""
+
+    def __init__(self, key_type: KeyType, secret: SecretView) -> None:
+        master, chain = hd_master(key_type, secret)
+        self._nodes: dict[tuple[int, ...], tuple[bytearray, bytes]] = {(): (master, chain)}
+        self._pubs: dict[tuple[int, ...], bytes] = {}
+
+    def node(self, path: tuple[int, ...]) -> bytearray:
+        """The private key at ``path`` (owned by the cache; do not wipe)."""
+        hit = self._nodes.get(path)
+        if hit is not None:
+            return hit[0]
+        parent_path = path[:-1]
+        self.node(parent_path)
+        parent_key, parent_chain = self._nodes[parent_path]
+        index = path[-1]
+        pub = None
+        if index < curve.HARDENED:
+            pub = self._pubs.get(parent_path)
+            if pub is None:
+                pub = self._pubs[parent_path] = curve.public_key(parent_key)
+        child, chain = curve.bip32_ckd_priv(parent_key, parent_chain, index, pub)
+        self._nodes[path] = (child, chain)
+        return child
+
+    def wipe(self) -> None:
+        for key, _ in self._nodes.values():
+            key[:] = bytes(len(key))
+        self._nodes.clear()
+        self._pubs.clear()
+
+
+def sign_batch(
+    provider: str,
+    key_type: KeyType,
+    secret: SecretView,
+    requests: Sequence[tuple[bytes, SigScheme, SignParams]],
+) -> list[bytes]:
+    """Sign many digests with one stored key; BIP32 parents are derived once."""
+    if key_type not in HD_KEY_TYPES:
+        return [sign(provider, key_type, secret, d, s, p) for d, s, p in requests]
+    cache = _DerivationCache(key_type, secret)
+    try:
+        return [_sign_scalar(cache.node(p.path), d, s, p) for d, s, p in requests]
+    finally:
+        cache.wipe()

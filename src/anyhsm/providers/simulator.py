@@ -22,6 +22,7 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from anyhsm.errors import (
@@ -277,6 +278,17 @@ class SimulatorProvider:
         if self.faults.corrupt_signatures:
             return os.urandom(len(sig))
         return sig
+
+    def sign_batch(
+        self, key: KeyRef, requests: Sequence[tuple[bytes, SigScheme, SignParams | None]]
+    ) -> list[bytes]:
+        checked = [(bytes(d), s, check_sign_request(self, d, s, p)) for d, s, p in requests]
+        self._fault("sign")
+        k = self._find(key)
+        sigs = local_signing.sign_batch(self.name, k.info.key_type, k.secret.buffer, checked)
+        if self.faults.corrupt_signatures:
+            return [os.urandom(len(sig)) for sig in sigs]
+        return sigs
 
     def derive_public(self, key: KeyRef, path: tuple[int, ...]) -> DerivedPublicKey:
         self._fault("derive")

@@ -8,6 +8,7 @@ deriving it from the passphrase (override :meth:`SoftwareProvider._unlock`).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from anyhsm.errors import (
@@ -250,6 +251,17 @@ class SoftwareProvider:
         key_type = rec.key_type
         return ks.use_secret(
             rec, lambda view: local_signing.sign(self.name, key_type, view, d, scheme, p)
+        )
+
+    def sign_batch(
+        self, key: KeyRef, requests: Sequence[tuple[bytes, SigScheme, SignParams | None]]
+    ) -> list[bytes]:
+        """Many digests with one key: one decryption, shared BIP32 parents."""
+        checked = [(bytes(d), s, check_sign_request(self, d, s, p)) for d, s, p in requests]
+        rec = self._sealed(key)
+        key_type = rec.key_type
+        return self.keystore.use_secret(
+            rec, lambda view: local_signing.sign_batch(self.name, key_type, view, checked)
         )
 
     def derive_public(self, key: KeyRef, path: tuple[int, ...]) -> DerivedPublicKey:

@@ -178,3 +178,21 @@ def test_every_operation_is_audited(hsm: Hsm) -> None:
     assert ops and all(info.id in line for line in ops)
     # no secret material and no full digest appear
     assert all("secret" not in line for line in lines)
+
+
+def test_sign_many_matches_single_signatures(hsm: Hsm) -> None:
+    caps = hsm.capabilities()
+    hd = KeyType.BIP32 in caps.key_types
+    info = hsm.generate_key(label(), KeyType.BIP32 if hd else KeyType.SECP256K1)
+    paths = [(0x80000054, 0x80000001, 0x80000000, 0, i) for i in range(5)] if hd else [()] * 5
+    digests = [secrets.token_bytes(32) for _ in paths]
+    requests = [(d, SigScheme.ECDSA, SignParams(path=p)) for d, p in zip(digests, paths)]
+    sigs = hsm.sign_many(info.id, requests)
+    assert len(sigs) == len(requests)
+    for d, p, sig in zip(digests, paths, sigs):
+        pub = hsm.derive_public(info.id, p).public_key if p else info.public_key
+        assert curve.ecdsa_verify(pub, d, sig)
+        if caps.controls_nonce:  # RFC 6979: deterministic, so batch == one by one
+            assert sig == hsm.sign(info.id, d, params=SignParams(path=p))
+    lines = hsm.audit_path.read_text().splitlines()
+    assert sum('"batch":"5"' in line for line in lines) == 5  # one entry per signature

@@ -98,9 +98,22 @@ class App:
             # A chain that starts with a passphrase-less path (TPM, token-wrapped)
             # takes a passphrase only if one is already given; it never prompts.
             unattended = cfg.fallback.chain[0] in ("tpm", "pkcs11-wrapped")
+            self._prompt_pkcs11_pin(cfg)
             pw = self.passphrase(interactive=not unattended)
             self._hsm = open_hsm(cfg, passphrase=pw)
         return self._hsm
+
+    @staticmethod
+    def _prompt_pkcs11_pin(cfg: Config) -> None:
+        """The token PIN from a prompt on a terminal when neither ANYHSM_PKCS11_PIN nor a
+        pin_file gives it (kept in this process's environment only, never in argv)."""
+        uses_token = any(p in ("pkcs11", "pkcs11-wrapped") for p in cfg.fallback.chain)
+        if not uses_token or os.environ.get("ANYHSM_PKCS11_PIN"):
+            return
+        if "pin_file" in cfg.provider_settings("pkcs11"):
+            return
+        if sys.stdin is not None and sys.stdin.isatty():
+            os.environ["ANYHSM_PKCS11_PIN"] = getpass.getpass("PKCS#11 token PIN: ")
 
     def close(self) -> None:
         if self._hsm is not None:

@@ -53,7 +53,7 @@ from anyhsm.provider import ProviderContext
 from anyhsm.providers.pkcs11_conn import Connection
 from anyhsm.providers.pkcs11_errors import ckr_name
 from anyhsm.providers.pkcs11_settings import Pkcs11Settings
-from anyhsm.providers.software import SoftwareProvider
+from anyhsm.providers.software import SoftwareProvider, unlock_path_health
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Health, SecurityLevel
 
@@ -568,15 +568,4 @@ class Pkcs11WrappedProvider(SoftwareProvider):
             except HsmError as exc:
                 details["unwrappable"] = "no"
                 problem = f"the token does not unwrap the master key: {exc.message}"
-        elapsed = base.elapsed_ms + (time.perf_counter() - t0) * 1000
-        if problem:
-            reason = problem + "; the keystore stays open until closed, and the recovery "
-            reason += "passphrase opens it"
-            if base.reason:
-                reason = base.reason + "; " + reason
-            return Health(
-                self.name, False, "degraded", reason, self.security_level(), elapsed, details
-            )
-        return Health(
-            self.name, base.ok, base.status, base.reason, self.security_level(), elapsed, details
-        )
+        return unlock_path_health(self.name, self.security_level(), base, t0, details, problem)

@@ -63,6 +63,28 @@ def passphrase_problems(passphrase: SecretBytes | None, kdf: KdfParams) -> list[
     return out
 
 
+def unlock_path_health(
+    name: str,
+    level: SecurityLevel,
+    base: Health,
+    started: float,
+    details: dict[str, str],
+    problem: str,
+) -> Health:
+    """Health of a keystore reached through a sealed master key (TPM, token): the
+    keystore's own health, degraded when the sealing path would no longer open it."""
+    elapsed = base.elapsed_ms + (time.perf_counter() - started) * 1000
+    if problem:
+        # Keys stay usable (the master key is in memory) until the provider closes,
+        # but the next open would fail: say so now.
+        reason = problem + "; the keystore stays open until closed, and the recovery "
+        reason += "passphrase opens it"
+        if base.reason:
+            reason = base.reason + "; " + reason
+        return Health(name, False, "degraded", reason, level, elapsed, details)
+    return Health(name, base.ok, base.status, base.reason, level, elapsed, details)
+
+
 class SoftwareProvider:
     """Keys in the envelope-encrypted keystore, opened with the passphrase."""
 

@@ -18,7 +18,7 @@ import time
 from anyhsm.errors import HsmError
 from anyhsm.keystore import Keystore
 from anyhsm.provider import ProviderContext
-from anyhsm.providers.software import SoftwareProvider
+from anyhsm.providers.software import SoftwareProvider, unlock_path_health
 from anyhsm.tpm.device import tpm_info, tpm_random
 from anyhsm.tpm.enrollment import SIDE_FILE, enroll, read_blob, status, unenroll
 from anyhsm.tpm.errors import TpmPolicyMismatch
@@ -99,17 +99,4 @@ class TpmProvider(SoftwareProvider):
                 if isinstance(exc, TpmPolicyMismatch):
                     details["changed_pcrs"] = ",".join(str(p) for p in exc.changed_pcrs)
                 problem = f"the sealed master key does not unseal: {exc.message}"
-        elapsed = base.elapsed_ms + (time.perf_counter() - t0) * 1000
-        if problem:
-            # Keys stay usable (the master key is in memory) until the provider closes,
-            # but the next open would fail: say so now.
-            reason = problem + "; the keystore stays open until closed, and the recovery "
-            reason += "passphrase opens it"
-            if base.reason:
-                reason = base.reason + "; " + reason
-            return Health(
-                self.name, False, "degraded", reason, self.security_level(), elapsed, details
-            )
-        return Health(
-            self.name, base.ok, base.status, base.reason, self.security_level(), elapsed, details
-        )
+        return unlock_path_health(self.name, self.security_level(), base, t0, details, problem)

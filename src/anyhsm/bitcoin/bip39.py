@@ -97,7 +97,8 @@ def _split_words(text: str) -> list[str]:
     return [w for w in _SPLIT.split(norm.strip()) if w]
 
 
-def _suggest(word: str) -> list[str]:
+def suggest_words(word: str) -> list[str]:
+    """Close BIP39 words, for an interactive UI that shows them to the word's owner."""
     words, _ = _wordlist()
     out: list[str] = []
     # Every BIP39 English word is identified by its first four letters.
@@ -116,13 +117,13 @@ def _indexes(words: list[str]) -> list[int]:
     for pos, w in enumerate(words, start=1):
         i = index.get(w)
         if i is None:
-            close = _suggest(w)
-            hint = (
-                f"did you mean {' or '.join(repr(c) for c in close)}?"
-                if close
-                else "it is not in the BIP39 English wordlist"
+            # The word itself is part of a secret: name its position, never the word
+            # (nor suggestions, which reveal it); suggest_words() is there for a UI.
+            raise MnemonicError(
+                f"word {pos} is not a BIP39 English word",
+                hint="check its spelling against the BIP39 English wordlist "
+                "(each word is identified by its first four letters)",
             )
-            raise MnemonicError(f"word {pos} ({w!r}) is not a BIP39 English word", hint=hint)
         out.append(i)
     return out
 

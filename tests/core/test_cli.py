@@ -12,6 +12,7 @@ from pathlib import Path
 import coincurve
 import pytest
 from tests.conftest import PASSPHRASE
+from tests.vectors import load_json
 
 from anyhsm.cli.main import main
 
@@ -256,3 +257,33 @@ def test_create_bip32_with_mnemonic_shows_it_once(
     code, out, _ = run(capsys, "--config", str(deployment), "key", "show", "hd", "--json")
     assert "mnemonic" not in json.loads(out)
     assert data["mnemonic"] not in (deployment.parent / "audit.log").read_text()
+
+
+def test_import_mnemonic_with_bip39_passphrase_from_file(
+    deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from anyhsm.bitcoin.bip32 import ExtendedKey
+
+    words = "abandon " * 11 + "about"
+    pw = tmp_path / "bip39"
+    pw.write_text("TREZOR\n")
+    code, out, err = run(
+        capsys,
+        "--config",
+        str(deployment),
+        "key",
+        "import",
+        "--label",
+        "hd",
+        "--mnemonic",
+        words,
+        "--bip39-passphrase-file",
+        str(pw),
+        "--json",
+    )
+    assert code == 0, err
+    # the first official BIP39 vector: "abandon ... about" + "TREZOR"
+    vector = load_json("bip39")["english"][0]
+    assert vector[1] == words.strip()
+    root = ExtendedKey.parse(vector[3])
+    assert json.loads(out)["public_key"] == root.public_key.hex()

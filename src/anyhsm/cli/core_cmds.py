@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from anyhsm.cli.app import App, Result, SubParsers
@@ -103,7 +104,10 @@ def cmd_key_import(args: argparse.Namespace, app: App) -> Result:
 
         words = _maybe_file(args.mnemonic)
         validate_mnemonic(words)
-        with mnemonic_to_seed(words, args.bip39_passphrase or "") as seed:
+        bip39_pw = os.environ.get("ANYHSM_BIP39_PASSPHRASE", "")
+        if args.bip39_passphrase_file:
+            bip39_pw = Path(args.bip39_passphrase_file).read_text(encoding="utf-8").rstrip("\r\n")
+        with mnemonic_to_seed(words, bip39_pw) as seed:
             info = hsm.import_key(args.label, seed, KeyType.BIP32, exportable=args.exportable)
     elif args.xprv:
         info = _import_xprv(hsm, args.label, _maybe_file(args.xprv), args.exportable)
@@ -330,7 +334,10 @@ def register(sub: SubParsers) -> None:
     i = ks.add_parser("import", help="import a key (mnemonic, xprv, WIF or raw secret file)")
     i.add_argument("--label", required=True)
     i.add_argument("--mnemonic", help="BIP39 words, or @FILE")
-    i.add_argument("--bip39-passphrase", default=None)
+    i.add_argument(
+        "--bip39-passphrase-file",
+        help="file holding the BIP39 passphrase (or set ANYHSM_BIP39_PASSPHRASE)",
+    )
     i.add_argument("--xprv", help="extended private key, or @FILE")
     i.add_argument("--wif", help="WIF private key, or @FILE")
     i.add_argument("--secret-file", help="file holding a hex secret")

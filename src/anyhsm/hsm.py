@@ -689,7 +689,7 @@ class Hsm:
                     ok = False
                     self._unhealthy[a.name] = e.message
                     row.update(status="unhealthy", reason=e.message, error_code=e.code)
-                row["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+                row["check_ms"] = round((time.perf_counter() - t0) * 1000, 3)
                 row["active"] = True
             else:
                 row["active"] = False

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import hmac
 import json
+import logging
 import os
 import threading
 import time
@@ -32,6 +33,8 @@ from pathlib import Path
 
 from anyhsm.errors import AuditError, AuditTampered, AuditWriteFailed
 from anyhsm.secret import SecretBytes
+
+log = logging.getLogger("anyhsm")
 
 GENESIS = bytes(32)
 MAX_SEQ = 2**63 - 1
@@ -314,8 +317,8 @@ class AuditLog:
                             self._maybe_checkpoint(self._seq, self._mac, force=True)
                     finally:
                         fcntl.flock(self._fd, fcntl.LOCK_UN)
-                except (OSError, AuditError):
-                    pass
+                except (OSError, AuditError) as e:
+                    log.error("anyhsm: closing the audit log %s failed: %s", self.path, e)
                 os.close(self._fd)
                 self._fd = -1
         self._key.wipe()

@@ -152,22 +152,35 @@ class Hsm:
         self._record_chain()
 
     def _open_anchor(self) -> _Anchor:
+        """The keystore holds the audit key and the key directory. When the active
+        provider is not keystore-based (PKCS#11, simulator), open the keystore
+        anyway, the way it can be opened: TPM, token-wrapped, then passphrase."""
         if isinstance(self._active, SoftwareProvider):
             return _Anchor(self._active.keystore, None)
         cfg = self._config
-        if "software" in cfg.providers or "software" in cfg.fallback.chain:
-            from anyhsm.factory import provider_context
+        configured = set(cfg.providers) | set(cfg.fallback.chain)
+        if not configured & {"software", "tpm", "pkcs11-wrapped"}:
+            return _Anchor(None, None)
+        from anyhsm.factory import load_provider_class, provider_context, run_bounded
 
-            sw = SoftwareProvider(provider_context(cfg, "software", self._passphrase))
+        reasons: list[str] = []
+        for name in ("tpm", "pkcs11-wrapped", "software"):
+            if name not in configured:
+                continue
             try:
-                sw.open()
+                cls = load_provider_class(name)
+                ctx = provider_context(cfg, name, self._passphrase)
+                provider = cls(ctx)
+                assert isinstance(provider, SoftwareProvider)
+                run_bounded(provider.open, ctx.timeout_s, f"keystore via {name}")
             except HsmError as e:
-                raise AuditError(
-                    f"cannot open the keystore that holds the audit key: {e.message}",
-                    hint=e.hint or "provide the keystore passphrase (ANYHSM_PASSPHRASE)",
-                ) from None
-            return _Anchor(sw.keystore, sw)
-        return _Anchor(None, None)
+                reasons.append(f"{name}: {e.message}")
+                continue
+            return _Anchor(provider.keystore, provider)
+        raise AuditError(
+            "cannot open the keystore that holds the audit key (" + "; ".join(reasons) + ")",
+            hint="provide the keystore passphrase (ANYHSM_PASSPHRASE), or enroll a TPM / token",
+        )
 
     def _checkpoint_io(
         self, path: Path

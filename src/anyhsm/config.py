@@ -500,7 +500,19 @@ def semantic_problems(cfg: Config) -> list[Problem]:
             )
         )
     sw = cfg.provider_settings("software")
-    uses_keystore = any(p in ("software", "tpm", "pkcs11-wrapped") for p in chain) or bool(sw)
+    uses_keystore = (
+        any(p in ("software", "tpm", "pkcs11-wrapped") for p in chain)
+        or "software" in cfg.providers
+    )
+    if not uses_keystore and cfg.environment is not Environment.DEVELOPMENT:
+        out.append(
+            Problem(
+                "providers.software",
+                "<unset>",
+                "no keystore: the audit key would be kept in a plain file beside the log",
+                "add [providers.software] path = \"keystore\" (created by 'anyhsm init')",
+            )
+        )
     if uses_keystore:
         kdf = sw.get("kdf")
         if prod and isinstance(kdf, dict):

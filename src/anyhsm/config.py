@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from anyhsm.errors import ConfigError
@@ -423,8 +423,6 @@ def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> 
 
 
 def _replace_audit_path(cfg: Config, path: Path) -> Config:
-    from dataclasses import replace
-
     return replace(cfg, audit=replace(cfg.audit, path=path))
 
 

@@ -41,6 +41,7 @@ from anyhsm.types import (
     KeySpec,
     Network,
     SecurityLevel,
+    SigScheme,
 )
 
 log = logging.getLogger("anyhsm")
@@ -204,8 +205,6 @@ def probe_key(provider: Provider) -> bytes:
 def signing_probe(provider: Provider, public_key: bytes) -> None:
     """Sign a fresh random digest and verify it against the key we already hold,
     so a provider returning constant or garbage signatures never passes."""
-    from anyhsm.types import SigScheme
-
     digest = secrets.token_bytes(32)
     sig = provider.sign_digest(HEALTH_PROBE_LABEL, digest, SigScheme.ECDSA)
     if not curve.ecdsa_verify(public_key, digest, sig):

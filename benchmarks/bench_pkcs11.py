@@ -3,10 +3,10 @@
 Sets up its own temporary SoftHSM2 token (tests/support/softhsm.py), then for each
 way of initialising the module:
 
-- ``serialised``  (``threadsafe_module = false``, forced): C_Initialize without
+- ``serialised``  (``threadsafe_module = false``, the default): C_Initialize without
   locking flags, as python-pkcs11 does; SoftHSM2 then has no mutexes, so the raw
   4-thread run must hold one lock around every call (without it, it crashes);
-- ``os-locking``  (``threadsafe_module = true``, the default): C_Initialize with CKF_OS_LOCKING_OK,
+- ``os-locking``  (``threadsafe_module = true``): C_Initialize with CKF_OS_LOCKING_OK,
   so sessions really run in parallel (raw threads need no lock);
 
 it measures, interleaved over several rounds (median reported):

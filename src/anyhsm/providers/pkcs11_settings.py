@@ -52,10 +52,7 @@ class Pkcs11Settings:
     token_serial: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     pin_file: Path | None = None
-    # PKCS#11 lets a module refuse OS locking (CKR_CANT_LOCK): asking for it is safe,
-    # and anyhsm then falls back to serialising calls. Set false for a module that
-    # accepts OS locking but is known not to honour it.
-    threadsafe_module: bool = True
+    threadsafe_module: bool = False
     wrap_key_label: str | None = None
 
     @classmethod
@@ -89,7 +86,7 @@ class Pkcs11Settings:
                 f"[providers.pkcs11] pool_size must be an integer from 1 to {MAX_POOL_SIZE}",
                 hint=f"got {pool!r}",
             )
-        threadsafe = s.get("threadsafe_module", True)
+        threadsafe = s.get("threadsafe_module", False)
         if not isinstance(threadsafe, bool):
             raise ConfigError(
                 "[providers.pkcs11] threadsafe_module must be true or false",

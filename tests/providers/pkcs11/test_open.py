@@ -285,4 +285,4 @@ def test_relative_module_path_is_relative_to_config_dir() -> None:
     p = Pkcs11Provider(_ctx({"module": "lib/p11.so", "token_label": "x"}))
     assert p.settings.module == Path("/etc/anyhsm/lib/p11.so")
     assert p.settings.pool_size == 4
-    assert p.settings.threadsafe_module is True  # OS locking asked for; CKR_CANT_LOCK falls back
+    assert p.settings.threadsafe_module is False

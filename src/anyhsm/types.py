@@ -147,11 +147,6 @@ class KeySpec:
     key_type: KeyType = KeyType.SECP256K1
     exportable: bool = False
 
-    @property
-    def internal(self) -> bool:
-        """anyhsm's own keys (health probe); hidden from listings."""
-        return self.label.startswith(INTERNAL_LABEL_PREFIX)
-
 
 @dataclass(frozen=True)
 class KeyInfo:

@@ -287,3 +287,18 @@ def test_import_mnemonic_with_bip39_passphrase_from_file(
     assert vector[1] == words.strip()
     root = ExtendedKey.parse(vector[3])
     assert json.loads(out)["public_key"] == root.public_key.hex()
+
+
+def test_unreadable_or_binary_secret_file(
+    deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = ["--config", str(deployment)]
+    code, _, err = run(
+        capsys, *c, "key", "import", "--label", "x", "--secret-file", str(tmp_path / "missing")
+    )
+    assert code == 2 and err.count("\n") == 1 and "missing" in err
+    binary = tmp_path / "bin"
+    binary.write_bytes(b"\xfe\xed" + b"\x07" * 30)
+    code, _, err = run(capsys, *c, "key", "import", "--label", "x", "--secret-file", str(binary))
+    assert code == 2 and "hexadecimal" in err
+    assert "0xfe" not in err and "\\xfe" not in err  # no byte of the file is echoed

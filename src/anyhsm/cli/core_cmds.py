@@ -126,7 +126,7 @@ def cmd_key_import(args: argparse.Namespace, app: App) -> Result:
             info = hsm.import_key(args.label, secret, KeyType.SECP256K1, exportable=args.exportable)
     else:
         raw = Path(args.secret_file).read_bytes().strip()
-        with SecretBytes(_hex(raw.decode(), "secret file")) as sb:
+        with SecretBytes(_hex(raw.decode("utf-8", "replace"), "secret file")) as sb:
             info = hsm.import_key(
                 args.label, sb, KeyType.parse(args.type), exportable=args.exportable
             )
@@ -161,7 +161,7 @@ def _import_xprv(hsm: Hsm, label: str, text: str, exportable: bool) -> KeyInfo:
 def _maybe_file(value: str) -> str:
     """``@path`` reads the value from a file (keeps secrets out of argv and history)."""
     if value.startswith("@"):
-        return Path(value[1:]).read_text(encoding="utf-8").strip()
+        return Path(value[1:]).read_text(encoding="utf-8", errors="replace").strip()
     return value.strip()
 
 

@@ -95,14 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": e.to_dict()}, indent=2, sort_keys=True))
         print(f"anyhsm: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"anyhsm: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("anyhsm: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("ANYHSM_DEBUG"):
             raise
+        # The text of an unexpected exception may quote input (e.g. a byte of a secret
+        # file in a UnicodeDecodeError): only its type is printed.
         print(
-            f"anyhsm: internal error: {type(e).__name__}: {e} (set ANYHSM_DEBUG=1 for a traceback)",
+            f"anyhsm: internal error: {type(e).__name__} (set ANYHSM_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )
         return EXIT_INTERNAL

@@ -53,7 +53,6 @@ from anyhsm.fsutil import (
     atomic_write,
     clean_temp_files,
     file_lock,
-    fsync_dir,
     make_private_dir,
     remove_durably,
 )
@@ -628,6 +627,3 @@ class Keystore:
 
     def remove_side_file(self, name: str) -> bool:
         return remove_durably(self._side_path(name))
-
-    def sync(self) -> None:
-        fsync_dir(self.path)

@@ -92,6 +92,25 @@ def check_material(key_type: KeyType, secret: SecretView) -> None:
         raise InvalidKeyMaterial(f"key type {key_type.value} is not supported here")
 
 
+def vet_material(
+    provider: str, key_type: KeyType, secret: SecretView
+) -> tuple[bytes, bytes | None]:
+    """Check material to be stored; return its (public key, chain code or None)."""
+    if key_type not in LOCAL_KEY_TYPES:
+        raise UnsupportedOperation(provider, f"key type {key_type.value}")
+    check_material(key_type, secret)
+    return public_facts(key_type, secret)
+
+
+def fresh_material(
+    provider: str, key_type: KeyType, extra_entropy: bytes | None = None
+) -> bytearray:
+    """New key material of ``key_type`` (checked before any work); the caller wipes it."""
+    if key_type not in LOCAL_KEY_TYPES:
+        raise UnsupportedOperation(provider, f"key type {key_type.value}")
+    return new_secret(key_type, extra_entropy)
+
+
 def public_facts(key_type: KeyType, secret: SecretView) -> tuple[bytes, bytes | None]:
     """(compressed public key, chain code or None) of stored material."""
     if key_type in HD_KEY_TYPES:

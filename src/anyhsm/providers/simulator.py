@@ -34,7 +34,7 @@ from anyhsm.errors import (
     ProviderUnavailable,
 )
 from anyhsm.keystore.store import now_iso
-from anyhsm.provider import ProviderContext, check_sign_request, require
+from anyhsm.provider import ProviderContext, check_sign_request
 from anyhsm.providers import local_signing
 from anyhsm.secret import SecretBytes
 from anyhsm.types import (
@@ -210,9 +210,7 @@ class SimulatorProvider:
     def _add(
         self, label: str, key_type: KeyType, secret: bytearray | memoryview, exportable: bool
     ) -> KeyInfo:
-        require(self, f"key type {key_type.value}", key_type in local_signing.LOCAL_KEY_TYPES)
-        local_signing.check_material(key_type, secret)
-        pub, chain = local_signing.public_facts(key_type, secret)
+        pub, chain = local_signing.vet_material(self.name, key_type, secret)
         info = KeyInfo(
             id=secrets.token_hex(16),
             label=label,
@@ -232,10 +230,7 @@ class SimulatorProvider:
 
     def generate_key(self, spec: KeySpec) -> KeyInfo:
         self._fault("generate_key")
-        require(
-            self, f"key type {spec.key_type.value}", spec.key_type in local_signing.LOCAL_KEY_TYPES
-        )
-        buf = local_signing.new_secret(spec.key_type)
+        buf = local_signing.fresh_material(self.name, spec.key_type)
         try:
             return self._add(spec.label, spec.key_type, buf, spec.exportable)
         finally:

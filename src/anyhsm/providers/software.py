@@ -19,7 +19,7 @@ from anyhsm.errors import (
     KeystoreError,
 )
 from anyhsm.keystore import KdfParams, KeyRecord, Keystore
-from anyhsm.provider import ProviderContext, check_sign_request, require
+from anyhsm.provider import ProviderContext, check_sign_request
 from anyhsm.providers import local_signing
 from anyhsm.secret import SecretBytes, mlock_status
 from anyhsm.types import (
@@ -215,9 +215,7 @@ class SoftwareProvider:
     def _store(
         self, label: str, key_type: KeyType, secret: bytearray | memoryview, exportable: bool
     ) -> KeyInfo:
-        require(self, f"key type {key_type.value}", key_type in local_signing.LOCAL_KEY_TYPES)
-        local_signing.check_material(key_type, secret)
-        pub, chain = local_signing.public_facts(key_type, secret)
+        pub, chain = local_signing.vet_material(self.name, key_type, secret)
         with SecretBytes(secret) as sb:
             rec = self.keystore.add_sealed(
                 label, key_type, sb, pub, exportable=exportable, chain_code=chain
@@ -225,10 +223,7 @@ class SoftwareProvider:
         return self._info(rec)
 
     def generate_key(self, spec: KeySpec) -> KeyInfo:
-        require(
-            self, f"key type {spec.key_type.value}", spec.key_type in local_signing.LOCAL_KEY_TYPES
-        )
-        buf = local_signing.new_secret(spec.key_type, self._extra_entropy())
+        buf = local_signing.fresh_material(self.name, spec.key_type, self._extra_entropy())
         try:
             return self._store(spec.label, spec.key_type, buf, spec.exportable)
         finally:
@@ -252,10 +247,6 @@ class SoftwareProvider:
 
     def list_keys(self) -> list[KeyInfo]:
         return [self._info(r) for r in self.keystore.records() if r.kind == "sealed"]
-
-    def references(self) -> list[KeyRecord]:
-        """Keys that live in other stores, recorded so routing can name them."""
-        return [r for r in self.keystore.records() if r.kind == "reference"]
 
     def get_key(self, key: KeyRef) -> KeyInfo:
         return self._info(self._sealed(key))

@@ -596,7 +596,9 @@ class Hsm:
     ) -> list[bytes]:
         """Sign several digests with one key, in order. Providers that declare
         ``can_batch`` share the work (one decryption, BIP32 parents derived once);
-        others sign one by one. One audit entry per signature, as with :meth:`sign`."""
+        others sign one by one. One audit entry for the batch: the key, the schemes
+        and the number of signatures (one entry per signature cost as much as a
+        tenth of signing a PSBT input and said nothing more)."""
         audit = self._audit
         if self._closed or audit is None:
             raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
@@ -631,17 +633,17 @@ class Hsm:
                 provider=provider_name,
                 key_id=key_id,
                 error=code,
-                detail={"batch": str(len(requests)), "key_ref": str(key)[:128]},
+                detail={"signatures": str(len(requests)), "key_ref": str(key)[:128]},
             )
             raise
-        for _, scheme, _ in reqs:
-            audit.append(
-                "sign",
-                "ok",
-                provider=provider_name,
-                key_id=key_id,
-                detail={"scheme": scheme.value, "batch": str(len(reqs))},
-            )
+        schemes = ",".join(sorted({scheme.value for _, scheme, _ in reqs}))
+        audit.append(
+            "sign",
+            "ok",
+            provider=provider_name,
+            key_id=key_id,
+            detail={"scheme": schemes, "signatures": str(len(reqs))},
+        )
         return sigs
 
     def verify(

@@ -675,7 +675,8 @@ def test_mutator_validation() -> None:
     assert inp.is_finalized
 
 
-def test_built_psbt_round_trips_every_field_type() -> None:
+def _every_field_psbt() -> Psbt:
+    """A PSBT that sets every input and output field type (global xpubs aside)."""
     prev = Transaction(1, [TxIn(OutPoint(b"\x33" * 32, 7))], [TxOut(5000, b"\x51")], 0)
     inp = PsbtInput.from_outpoint(OutPoint(prev.txid(), 0), 0xFFFFFFFD)
     inp.non_witness_utxo = prev
@@ -699,6 +700,11 @@ def test_built_psbt_round_trips_every_field_type() -> None:
         Transaction(2, [TxIn(inp.prevout, b"", inp.sequence)], [out.txout()], 99)
     )
     psbt.inputs[0], psbt.outputs[0] = inp, out
+    return psbt
+
+
+def test_built_psbt_round_trips_every_field_type() -> None:
+    psbt = _every_field_psbt()
     raw = psbt.serialize()
     again = Psbt.parse(raw)
     assert again == psbt
@@ -707,6 +713,53 @@ def test_built_psbt_round_trips_every_field_type() -> None:
     assert again.fee() == 4000
     v2 = Psbt.parse(again.to_v2().serialize())
     assert v2.inputs[0].sequence_number == 0xFFFFFFFD and v2.locktime() == 99
+
+
+def _mutable_ids(obj: object, seen: dict[int, object] | None = None) -> dict[int, object]:
+    """id -> object for every mutable object reachable from ``obj``."""
+    seen = {} if seen is None else seen
+    if isinstance(obj, bytes | str | int | bool | float | type(None)):
+        return seen
+    if isinstance(obj, tuple):
+        for item in obj:
+            _mutable_ids(item, seen)
+        return seen
+    params = getattr(type(obj), "__dataclass_params__", None)
+    if not (params is not None and params.frozen):
+        seen[id(obj)] = obj
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _mutable_ids(k, seen)
+            _mutable_ids(v, seen)
+    elif isinstance(obj, list):
+        for item in obj:
+            _mutable_ids(item, seen)
+    elif hasattr(obj, "__dict__"):
+        for v in vars(obj).values():
+            _mutable_ids(v, seen)
+    return seen
+
+
+def test_copy_shares_no_mutable_object() -> None:
+    """Psbt.copy() copies containers only; every value type must be immutable for that to be
+    a full copy, which this checks over a PSBT with every field and the official vectors."""
+    psbts = [_every_field_psbt()] + [Psbt.parse(v["hex"]) for _, v in _all_valid()]
+    psbts[0].global_map.xpubs[b"\x04" * 78] = KeyOrigin(b"\x01" * 4, (1, 2))
+    for psbt in psbts:
+        dup = psbt.copy()
+        assert dup == psbt
+        assert dup.serialize() == psbt.serialize()
+        shared = _mutable_ids(psbt).keys() & _mutable_ids(dup).keys()
+        assert not shared, [type(_mutable_ids(psbt)[i]).__name__ for i in shared]
+    original = psbts[0].serialize()
+    dup = psbts[0].copy()
+    dup.inputs[0].partial_sigs[PUB] = b"\x30"
+    assert dup.inputs[0].witness_utxo is not None
+    dup.inputs[0].witness_utxo.value = 1
+    assert dup.inputs[0].non_witness_utxo is not None
+    dup.inputs[0].non_witness_utxo.outputs.clear()
+    dup.outputs[0].bip32_derivations[PUB] = KeyOrigin(b"\x00" * 4, ())
+    assert psbts[0].serialize() == original
 
 
 # --- differential: embit parses and writes the same bytes -----------------------------------

@@ -362,6 +362,63 @@ def test_derivation_claiming_a_wrong_public_key_is_not_signed(hsm: Hsm) -> None:
         sign_psbt(hsm, psbt, "w")
     assert e.value.exit_code == 9
     assert e.value.details[0]["status"] == "not-signed"
+    assert "is not the public key" in e.value.details[0]["reason"]
+
+
+@pytest.mark.parametrize("kind", ["p2wpkh", "p2tr-key", "p2tr-script"])
+def test_wrong_key_under_our_fingerprint_leaves_only_that_input_unsigned(
+    det_hsm: Hsm, kind: str
+) -> None:
+    """A derivation with our fingerprint is trusted only once the signature verifies
+    under the key it names: a lying one is explained, the PSBT's other inputs signed."""
+    w = add_wallet(det_hsm, "w")
+    stranger = Wallet("x", bytes(range(32)))
+    good = Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])
+    if kind == "p2wpkh":
+        pub, _ = stranger.key("m/84'/1'/0'/0/0")
+        _, ours = w.key("m/84'/1'/0'/0/0")
+        psbt = build_psbt([good, Spend("p2wpkh", [(pub, ours)])])
+    elif kind == "p2tr-key":
+        pub, _ = stranger.key("m/86'/1'/0'/0/0")
+        _, ours = w.key("m/86'/1'/0'/0/0")
+        psbt = build_psbt([good, Spend("p2tr", [(pub, ours)])])
+    else:  # a leaf of the stranger's tree, its key claimed at our fingerprint
+        tree_psbt, leaf_x, leaf = _tap_tree_psbt(stranger, internal_ours=False)
+        _, ours = w.key("m/86'/1'/0'/0/7")
+        tree_psbt.inputs[0].tap_bip32_derivations[leaf_x] = TapKeyOrigin((leaf.hash,), ours)
+        psbt = _append_input(build_psbt([good]), tree_psbt)
+    before = psbt.serialize()
+    res = sign_psbt(det_hsm, psbt, "w")
+    assert [r.status for r in res.inputs] == ["signed", "not-signed"]
+    assert "is not the public key" in res.inputs[1].reason
+    assert res.psbt.inputs[1] == psbt.inputs[1] and psbt.serialize() == before
+
+
+def _append_input(psbt: Psbt, donor: Psbt) -> Psbt:
+    """``psbt`` plus ``donor``'s first input (its amount added to the first output)."""
+    tx = psbt.unsigned_tx()
+    extra = donor.inputs[0]
+    assert extra.witness_utxo is not None
+    tx.inputs.append(donor.unsigned_tx().inputs[0])
+    first = tx.outputs[0]
+    tx.outputs[0] = TxOut(first.value + extra.witness_utxo.value, first.script_pubkey)
+    out = Psbt.from_unsigned_tx(tx)
+    out.inputs[:] = [*psbt.inputs, extra]
+    return out
+
+
+def test_taproot_internal_key_ours_but_wrong_merkle_root_is_explained(det_hsm: Hsm) -> None:
+    w = add_wallet(det_hsm, "w")
+    psbt, _, _ = _tap_tree_psbt(w, internal_ours=True)
+    inp = psbt.inputs[0]
+    inp.tap_merkle_root = bytes(32)  # not the tree the output commits to
+    inp.tap_leaf_scripts.clear()
+    inp.tap_bip32_derivations = {
+        x: t for x, t in inp.tap_bip32_derivations.items() if not t.leaf_hashes
+    }
+    with pytest.raises(NothingSigned) as e:
+        sign_psbt(det_hsm, psbt, "w")
+    assert "merkle root do not give the output key" in e.value.details[0]["reason"]
 
 
 def test_nothing_signed_is_an_error_with_per_input_reasons(hsm: Hsm) -> None:

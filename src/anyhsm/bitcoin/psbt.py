@@ -20,6 +20,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import TypeVar
 
 from anyhsm.bitcoin.bip32 import KeyOrigin
 from anyhsm.bitcoin.encoding import compact_size, read_compact_size, read_exact, var_bytes
@@ -73,6 +74,26 @@ __all__ = [
 _MAX_VALUE = 4_000_000 * 4  # larger than any transaction a PSBT can carry
 _TX_MODIFIABLE_INPUTS = 0x01
 _TX_MODIFIABLE_OUTPUTS = 0x02
+
+
+_M = TypeVar("_M", "PsbtGlobals", PsbtInput, PsbtOutput)
+
+
+def _copy_map(m: _M) -> _M:
+    """A copy of one PSBT map with fresh containers (see :meth:`Psbt.copy`)."""
+    cls = type(m)
+    new = cls.__new__(cls)
+    fields = vars(new)
+    for name, value in vars(m).items():
+        kind = type(value)
+        if kind is dict or kind is list:
+            value = value.copy()
+        elif kind is TxOut:
+            value = TxOut(value.value, value.script_pubkey)
+        elif kind is Transaction:
+            value = copy.deepcopy(value)
+        fields[name] = value
+    return new
 
 
 @dataclass
@@ -221,7 +242,17 @@ class Psbt:
     # --- roles ----------------------------------------------------------------------------
 
     def copy(self) -> Psbt:
-        return copy.deepcopy(self)
+        """An independent copy: it shares no mutable object with this PSBT.
+
+        Field values are bytes, numbers, tuples and frozen records, held directly or in
+        dicts and lists, so copying the containers (and the few mutable records: TxOut,
+        Transaction) is a full copy, several times faster than ``copy.deepcopy``, which
+        dominated signing PSBTs with many inputs."""
+        return Psbt(
+            _copy_map(self.global_map),
+            [_copy_map(i) for i in self.inputs],
+            [_copy_map(o) for o in self.outputs],
+        )
 
     def to_v0(self) -> Psbt:
         """The same transaction as a version 0 PSBT (lock time and sequences made explicit)."""

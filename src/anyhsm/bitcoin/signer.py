@@ -2,12 +2,23 @@
 
 The signer never sees a private key. It matches inputs to keys from public data
 (PSBT_IN_BIP32_DERIVATION and PSBT_IN_TAP_BIP32_DERIVATION against the master
-fingerprint of each HD key, checked by deriving the public key; single keys by
-their public key in the input's script), runs the signing policy
-(:mod:`anyhsm.bitcoin.policy`), computes each sighash once with a per-transaction
-cache, and asks the HSM for signatures of 32-byte digests. Every signature is
-verified before it goes into the PSBT, so a faulty provider cannot slip a bad
-one in.
+fingerprint of each HD key; single keys by their public key in the input's
+script), runs the signing policy (:mod:`anyhsm.bitcoin.policy`), computes each
+sighash once with a per-transaction cache, and asks the HSM for signatures of
+32-byte digests.
+
+Every signature is verified, against the key the PSBT names, before it goes into
+the PSBT (Bitcoin Core's ``CKey::Sign`` verifies each signature too). That one
+check does two jobs: a faulty provider cannot slip a bad signature in, and a
+signature made by our key at the named path verifies under the named key only if
+that key is ours (a BIP340 signature commits to its key; an ECDSA signature
+verifies under at most three other keys, all fixed by the secret nonce, so none of
+them can be named in advance). A derivation field is therefore not checked by deriving its
+public key first, which cost as much as the signature itself. When a signature
+does not verify, the key is derived to tell the two cases apart: a PSBT naming a
+key we do not hold at that path leaves the input unsigned with that reason; a key
+that is ours means the provider erred, and signing stops with ``SigningFailed``.
+Change outputs are still recognised only by deriving their keys.
 
 - ECDSA (legacy, BIP143): RFC 6979 with low-R grinding requested (as Bitcoin Core
   does), the sighash byte appended, into PSBT_IN_PARTIAL_SIG.
@@ -24,8 +35,6 @@ The PSBT passed in is never modified: the result holds a signed copy.
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -172,19 +181,21 @@ class SignResult:
 class _Key:
     info: KeyInfo
     caps: Capabilities
+    hd: bool = field(init=False)  # an HD key whose provider derives: matched by derivations
+    fingerprint: bytes = field(init=False)  # master fingerprint
 
-    @property
-    def hd(self) -> bool:
-        """An HD key whose provider derives children: matched through derivation fields."""
-        return self.info.key_type in HD_KEY_TYPES and self.caps.can_derive
-
-    @property
-    def fingerprint(self) -> bytes:
-        return hash160(self.info.public_key)[:4]
+    def __post_init__(self) -> None:
+        hd = self.info.key_type in HD_KEY_TYPES and self.caps.can_derive
+        object.__setattr__(self, "hd", hd)
+        object.__setattr__(self, "fingerprint", hash160(self.info.public_key)[:4])
 
     @property
     def label(self) -> str:
         return self.info.label
+
+    def where(self, path: tuple[int, ...]) -> str:
+        """``key L at m/..`` for reports."""
+        return f"key {self.label}" + (f" at {format_path(path)}" if self.hd else "")
 
     def cannot(self, scheme: SigScheme, tweak: bool = False) -> str | None:
         """Why this key's provider cannot make the signature (None if it can)."""
@@ -274,6 +285,7 @@ class _Job:
     verify_key: bytes  # what the signature must verify against
     tweak: bytes | None = None
     leaf_hash: bytes | None = None
+    merkle_root: bytes | None = None  # taproot key path: what the tweak commits to
 
 
 @dataclass
@@ -289,32 +301,32 @@ class _Plan:
 
 
 def _candidates(
-    inp: PsbtInput, keys: Sequence[_Key], deriv: _Derivations, plan: _Plan
+    inp: PsbtInput, hd_keys: Sequence[_Key], deriv: _Derivations, plan: _Plan
 ) -> tuple[list[tuple[_Key, tuple[int, ...], bytes]], list[tuple[_Key, tuple[int, ...], bytes]]]:
     """(ECDSA candidates, taproot candidates) as (key, path, public key) from the
-    derivation fields; x-only keys for taproot. Records mismatches in the plan."""
+    derivation fields whose fingerprint is one of our HD keys; x-only keys for taproot.
+    Whether the key at the path is the one named is settled by verifying the signature."""
     ecdsa: list[tuple[_Key, tuple[int, ...], bytes]] = []
     for pub, origin in inp.bip32_derivations.items():
-        for k in keys:
-            if not k.hd or k.fingerprint != origin.fingerprint:
+        for k in hd_keys:
+            if k.fingerprint != origin.fingerprint:
                 continue
-            derived = deriv.pubkey(k, origin.path)
-            if derived == pub:
+            if len(pub) == 33:
                 ecdsa.append((k, origin.path, pub))
-            elif derived is not None and len(pub) == 65 and ec.compress(pub) == derived:
+                continue
+            derived = deriv.pubkey(k, origin.path)  # uncompressed: only to say why not
+            if derived is not None and ec.compress(pub) == derived:
                 plan.claimed = True
                 plan.notes.append(
                     f"key {k.label} at {format_path(origin.path)} is used uncompressed, "
                     "which anyhsm does not sign for"
                 )
-    tap: list[tuple[_Key, tuple[int, ...], bytes]] = []
-    for xonly, tko in inp.tap_bip32_derivations.items():
-        for k in keys:
-            if not k.hd or k.fingerprint != tko.origin.fingerprint:
-                continue
-            derived = deriv.pubkey(k, tko.origin.path)
-            if derived is not None and derived[1:] == xonly:
-                tap.append((k, tko.origin.path, xonly))
+    tap = [
+        (k, tko.origin.path, xonly)
+        for xonly, tko in inp.tap_bip32_derivations.items()
+        for k in hd_keys
+        if k.fingerprint == tko.origin.fingerprint
+    ]
     return ecdsa, tap
 
 
@@ -325,7 +337,8 @@ def _plan_input(
     if inp.is_finalized:
         plan.notes.append("already finalized")
         return plan
-    ecdsa, tap = _candidates(inp, keys, deriv, plan)
+    hd_keys = [k for k in keys if k.hd]
+    ecdsa, tap = _candidates(inp, hd_keys, deriv, plan) if hd_keys else ([], [])
     if ecdsa or tap:
         plan.claimed = True
     singles = [k for k in keys if not k.hd]
@@ -343,15 +356,14 @@ def _plan_input(
         return plan
     ecdsa += [(k, (), k.info.public_key) for k in singles]
     for k, path, pub in ecdsa:
-        where = f"key {k.label}" + (f" at {format_path(path)}" if k.hd else "")
         if not key_in_script(pub, info):
             if k.hd:  # a derivation names our key, but the script does not use it
-                plan.notes.append(f"{where} is not in the input's script")
+                plan.notes.append(f"{k.where(path)} is not in the input's script")
             continue
         plan.claimed = True
         why = k.cannot(SigScheme.ECDSA)
         if why is not None:
-            plan.notes.append(f"{where}: {why}")
+            plan.notes.append(f"{k.where(path)}: {why}")
             continue
         plan.add(_Job(k, path, pub, "ecdsa", pub))
     return plan
@@ -381,9 +393,8 @@ def _plan_taproot(
         cands.append((k, path, xonly, tko.leaf_hashes))
     cands += [(k, (), k.info.public_key[1:], None) for k in singles]
     for k, path, xonly, leaf_hashes in cands:
-        where = f"key {k.label}" + (f" at {format_path(path)}" if k.hd else "")
         key_path_only = leaf_hashes is not None and not leaf_hashes
-        _plan_key_path(inp, q, k, path, xonly, where, plan, key_path_only)
+        _plan_key_path(inp, q, k, path, xonly, plan, key_path_only)
         wanted = (
             list(leaf_hashes)
             if leaf_hashes is not None
@@ -394,15 +405,15 @@ def _plan_taproot(
             script = leaves.get(lh)
             if script is None:
                 plan.notes.append(
-                    f"{where}: leaf {lh.hex()[:16]}... has no valid PSBT_IN_TAP_LEAF_SCRIPT"
+                    f"{k.where(path)}: leaf {lh.hex()[:16]}... has no valid PSBT_IN_TAP_LEAF_SCRIPT"
                 )
                 continue
             if xonly not in script_pushes(script):
-                plan.notes.append(f"{where} is not in leaf {lh.hex()[:16]}...")
+                plan.notes.append(f"{k.where(path)} is not in leaf {lh.hex()[:16]}...")
                 continue
             why = k.cannot(SigScheme.SCHNORR)
             if why is not None:
-                plan.notes.append(f"{where}: {why}")
+                plan.notes.append(f"{k.where(path)}: {why}")
                 continue
             plan.add(_Job(k, path, xonly, "taproot-script", xonly, leaf_hash=lh))
 
@@ -413,88 +424,41 @@ def _plan_key_path(
     k: _Key,
     path: tuple[int, ...],
     xonly: bytes,
-    where: str,
     plan: _Plan,
     key_path_only: bool,
 ) -> None:
     """Plan a key-path signature if ``xonly`` is the internal key of the output ``q``.
-    ``key_path_only``: a derivation names this key with no leaves, so it must be."""
+    ``key_path_only``: a derivation names this key with no leaves, so it must be.
+
+    With PSBT_IN_TAP_INTERNAL_KEY present, that the internal key and merkle root give
+    ``q`` is settled by verifying the signature against ``q`` (see the module doc)."""
     internal = inp.tap_internal_key
     if internal is not None and internal != xonly:
         if key_path_only:
-            plan.notes.append(f"{where} is neither the internal key nor in a leaf")
+            plan.notes.append(f"{k.where(path)} is neither the internal key nor in a leaf")
         return
     root = inp.tap_merkle_root if internal is not None else None
-    try:
-        tweak = taproot_tweak(xonly, root)
-        out_key, _ = taproot_output_key(xonly, root)
-    except ScriptError:
-        return
-    if out_key != q:
-        if internal is not None:
-            plan.claimed = True
-            plan.notes.append(
-                f"{where}: the internal key and merkle root do not give the output key"
-            )
-        elif key_path_only:
-            plan.notes.append(
-                f"{where}: the output key is not this key's BIP86 output key "
-                "(PSBT_IN_TAP_INTERNAL_KEY or PSBT_IN_TAP_MERKLE_ROOT missing?)"
-            )
-        return
+    tweak = taproot_tweak(xonly, root)
+    if internal is None:
+        # No internal key field: the key may be in a leaf only; a key path is signed
+        # only if it is the BIP86 output key.
+        try:
+            out_key, _ = taproot_output_key(xonly, None)
+        except ScriptError:
+            return
+        if out_key != q:
+            if key_path_only:
+                plan.notes.append(
+                    f"{k.where(path)}: the output key is not this key's BIP86 output key "
+                    "(PSBT_IN_TAP_INTERNAL_KEY or PSBT_IN_TAP_MERKLE_ROOT missing?)"
+                )
+            return
     plan.claimed = True
     why = k.cannot(SigScheme.SCHNORR, tweak=True)
     if why is not None:
-        plan.notes.append(f"{where}: {why}")
+        plan.notes.append(f"{k.where(path)}: {why}")
         return
-    plan.add(_Job(k, path, xonly, "taproot-key", q, tweak=tweak))
-
-
-# --- copying --------------------------------------------------------------------------------------
-
-_IMMUTABLE_TYPES: dict[type, bool] = {}
-
-
-def _immutable(value: object) -> bool:
-    """bytes, numbers, tuples and frozen dataclasses (PSBT field values) need no copy."""
-    t = type(value)
-    known = _IMMUTABLE_TYPES.get(t)
-    if known is None:
-        params = getattr(t, "__dataclass_params__", None)
-        known = t in (bytes, int, str, bool, tuple, type(None)) or bool(
-            params is not None and params.frozen
-        )
-        _IMMUTABLE_TYPES[t] = known
-    return known
-
-
-def _copied(value: object) -> object:
-    if _immutable(value):
-        return value
-    if type(value) is dict:
-        return {k: _copied(v) for k, v in value.items()}
-    if type(value) is list:
-        return [_copied(v) for v in value]
-    return copy.deepcopy(value)
-
-
-def _clone(psbt: Psbt) -> Psbt:
-    """A copy of ``psbt`` that shares nothing mutable with it, several times faster than
-    ``copy.deepcopy`` on the per-input maps (which dominated signing small inputs)."""
-
-    def fields_of(obj: object) -> dict[str, object]:
-        return {
-            f.name: _copied(getattr(obj, f.name))
-            for f in dataclasses.fields(obj)  # type: ignore[arg-type]
-            if f.init
-        }
-
-    return dataclasses.replace(
-        psbt,
-        global_map=copy.deepcopy(psbt.global_map),
-        inputs=[dataclasses.replace(i, **fields_of(i)) for i in psbt.inputs],  # type: ignore[arg-type]
-        outputs=[dataclasses.replace(o, **fields_of(o)) for o in psbt.outputs],  # type: ignore[arg-type]
-    )
+    plan.add(_Job(k, path, xonly, "taproot-key", q, tweak=tweak, merkle_root=root))
 
 
 # --- signing -------------------------------------------------------------------------------------
@@ -535,7 +499,7 @@ def sign_psbt(
     to reproduce signatures of signers that do not grind (such as the BIP174 vectors).
     """
     keys = _signing_keys(hsm, key)
-    work = _clone(psbt)
+    work = psbt.copy()
     deriv = _Derivations(hsm)
     infos = [describe_input(inp) for inp in work.inputs]
     plans = [
@@ -560,23 +524,24 @@ def sign_psbt(
         raise _nothing_signed(key, keys, work, infos, plans)
     aux = _ZERO_AUX if hsm.config.policy.deterministic_schnorr else None
     cache = SighashCache(work.unsigned_tx(), [i.spent for i in infos])
-    _sign_all(hsm, cache, work, infos, plans, to_sign, aux, grind_low_r)
+    placed = _sign_all(hsm, cache, work, infos, plans, to_sign, aux, grind_low_r, deriv)
+    if not any(placed):
+        raise _nothing_signed(key, keys, work, infos, plans)
     reports: list[InputReport] = []
     for index, (inp, info, plan) in enumerate(zip(work.inputs, infos, plans, strict=True)):
-        sigs: list[SignatureReport] = []
-        for job in plan.jobs:
-            hash_type = to_sign[index]
-            sigs.append(
-                SignatureReport(
-                    job.key.label,
-                    job.pubkey,
-                    job.path if job.key.hd else None,
-                    job.kind,
-                    hash_type,
-                    job.leaf_hash,
-                )
+        hash_type = to_sign.get(index, 0)
+        sigs = [
+            SignatureReport(
+                job.key.label,
+                job.pubkey,
+                job.path if job.key.hd else None,
+                job.kind,
+                hash_type,
+                job.leaf_hash,
             )
-        if sigs:
+            for job in placed[index]
+        ]
+        if len(sigs) > 1:
             _core_order(inp)
         reports.append(_input_report(index, inp, info, plan, sigs))
     return SignResult(
@@ -601,10 +566,13 @@ def _sign_all(
     to_sign: dict[int, int],
     aux: bytes | None,
     grind_low_r: bool,
-) -> None:
+    deriv: _Derivations,
+) -> list[list[_Job]]:
     """Compute every digest, sign them grouped per key through ``hsm.sign_many`` (so a
     provider derives shared BIP32 parents once), verify each signature against the key
-    the PSBT names, then place it."""
+    the PSBT names, then place it. Returns the jobs placed, per input; a job whose
+    signature does not verify leaves a note in its plan (or raises, see :func:`_explain`)."""
+    placed: list[list[_Job]] = [[] for _ in plans]
     batches: dict[str, list[tuple[int, _Job, bytes, int]]] = {}
     for index, (info, plan) in enumerate(zip(infos, plans, strict=True)):
         for job in plan.jobs:
@@ -623,26 +591,54 @@ def _sign_all(
                 requests.append((digest, SigScheme.SCHNORR, params))
         sigs = hsm.sign_many(key_id, requests)
         for (index, job, digest, hash_type), sig in zip(items, sigs, strict=True):
-            _place(work.inputs[index], index, job, digest, hash_type, sig)
+            if _place(work.inputs[index], job, digest, hash_type, sig):
+                placed[index].append(job)
+            else:
+                plans[index].notes.append(_explain(job, index, deriv))
+    return placed
 
 
-def _place(
-    inp: PsbtInput, index: int, job: _Job, digest: bytes, hash_type: int, sig: bytes
-) -> None:
-    """Check one signature against the key the PSBT names and add it to the input."""
+def _place(inp: PsbtInput, job: _Job, digest: bytes, hash_type: int, sig: bytes) -> bool:
+    """Add one signature to the input if it verifies against the key the PSBT names."""
+    # Set directly rather than through the PsbtInput.add_* mutators: verification has
+    # just parsed the key and strictly decoded the signature, which is all they check.
     if job.kind == "ecdsa":
         if not ec.ecdsa_verify(job.verify_key, digest, sig):
-            raise _bad_signature(job, index)
-        inp.add_partial_sig(job.pubkey, sig + bytes([hash_type]))
-        return
+            return False
+        inp.partial_sigs[job.pubkey] = sig + bytes((hash_type,))
+        return True
     if len(sig) != 64 or not ec.schnorr_verify(job.verify_key, digest, sig):
-        raise _bad_signature(job, index)
-    full = sig if hash_type == SIGHASH_DEFAULT else sig + bytes([hash_type])
+        return False
+    full = sig if hash_type == SIGHASH_DEFAULT else sig + bytes((hash_type,))
     if job.kind == "taproot-key":
-        inp.add_tap_key_sig(full)
+        inp.tap_key_sig = full
     else:
         assert job.leaf_hash is not None
-        inp.add_tap_script_sig(job.pubkey, job.leaf_hash, full)
+        inp.tap_script_sigs[(job.pubkey, job.leaf_hash)] = full
+    return True
+
+
+def _explain(job: _Job, index: int, deriv: _Derivations) -> str:
+    """Why a signature did not verify against the key the PSBT names: the PSBT names a
+    key we do not hold there (returned as the input's reason), or, when the key is ours,
+    the provider erred (raised: nothing of this signing reaches the caller)."""
+    where = job.key.where(job.path)
+    ours = deriv.pubkey(job.key, job.path) if job.key.hd else job.key.info.public_key
+    if ours is None:
+        return f"{where}: that BIP32 child is invalid"
+    if (ours if job.kind == "ecdsa" else ours[1:]) != job.pubkey:
+        return (
+            f"{where} is not the public key {job.pubkey.hex()[:16]}... that the PSBT names "
+            "for it (another wallet with the same master fingerprint?)"
+        )
+    if job.kind == "taproot-key":
+        try:
+            out_key: bytes | None = taproot_output_key(job.pubkey, job.merkle_root)[0]
+        except ScriptError:
+            out_key = None
+        if out_key != job.verify_key:
+            return f"{where}: the internal key and merkle root do not give the output key"
+    raise _bad_signature(job, index)
 
 
 def _core_order(inp: PsbtInput) -> None:

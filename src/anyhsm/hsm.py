@@ -605,13 +605,18 @@ class Hsm:
         provider_name: str | None = None
         key_id: str | None = None
         try:
-            for digest, _, _ in requests:
-                if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
+            reqs: list[tuple[bytes, SigScheme, SignParams | None]] = []
+            for digest, scheme, params in requests:
+                if type(digest) is not bytes:
+                    if not isinstance(digest, bytes | bytearray):
+                        raise InvalidDigest("digest must be 32 bytes", hint="hash it first")
+                    digest = bytes(digest)
+                if len(digest) != 32:
                     raise InvalidDigest("digest must be exactly 32 bytes", hint="hash it first")
+                reqs.append((digest, scheme, params))
             provider, info = self._route(key, fresh=True)
             provider_name, key_id = provider.name, info.id
             self._check_level(provider, info)
-            reqs = [(bytes(d), s, p) for d, s, p in requests]
             caps = provider.capabilities()
             if caps.can_batch and isinstance(provider, BatchSigner):
                 sigs = self._call(provider, lambda: provider.sign_batch(info.id, reqs))

@@ -150,12 +150,13 @@ def format_path(indexes: Sequence[int], hardened_marker: str = "'", *, prefix: s
     """
     if hardened_marker not in ("'", "h", "H"):
         raise Bip32Error(f"hardened marker must be ', h or H, not {hardened_marker!r}")
-    steps = []
     for i in indexes:
         if not isinstance(i, int) or not 0 <= i <= 0xFFFFFFFF:
             raise Bip32Error(f"derivation index {i!r} is out of range 0..2^32-1")
-        steps.append(f"{i - HARDENED}{hardened_marker}" if i >= HARDENED else str(i))
-    return "/".join([prefix, *steps] if prefix else steps) if (steps or prefix) else ""
+    steps = [str(i - HARDENED) + hardened_marker if i >= HARDENED else str(i) for i in indexes]
+    if prefix:
+        steps.insert(0, prefix)
+    return "/".join(steps)
 
 
 def _as_path(path: str | Sequence[int]) -> tuple[int, ...]:

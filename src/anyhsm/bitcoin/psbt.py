@@ -83,16 +83,18 @@ def _copy_map(m: _M) -> _M:
     """A copy of one PSBT map with fresh containers (see :meth:`Psbt.copy`)."""
     cls = type(m)
     new = cls.__new__(cls)
-    fields = vars(new)
-    for name, value in vars(m).items():
+    fields = m.__dict__.copy()
+    for name, value in fields.items():  # replaces values only: safe while iterating
+        if value is None:
+            continue
         kind = type(value)
         if kind is dict or kind is list:
-            value = value.copy()
+            fields[name] = value.copy()
         elif kind is TxOut:
-            value = TxOut(value.value, value.script_pubkey)
+            fields[name] = TxOut(value.value, value.script_pubkey)
         elif kind is Transaction:
-            value = copy.deepcopy(value)
-        fields[name] = value
+            fields[name] = copy.deepcopy(value)
+    new.__dict__ = fields
     return new
 
 

@@ -276,8 +276,8 @@ class _Derivations:
 # --- planning ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Job:
+@dataclass(slots=True)
+class _Job:  # internal and short-lived: slots, not frozen, as it is made per input
     key: _Key
     path: tuple[int, ...]
     pubkey: bytes  # the PSBT field's key: 33 bytes (ECDSA) or x-only (taproot)
@@ -288,7 +288,7 @@ class _Job:
     merkle_root: bytes | None = None  # taproot key path: what the tweak commits to
 
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     jobs: list[_Job] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -147,7 +147,7 @@ def ecdsa_verify(pub: bytes, digest: bytes, der: bytes) -> bool:
         return False
     if s > HALF_ORDER:
         return False
-    sig = ffi.new("secp256k1_ecdsa_signature *")
+    sig = _ecdsa_buffers()[0]
     compact = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     if not lib.secp256k1_ecdsa_signature_parse_compact(_CTX, sig, compact):
         return False
@@ -256,7 +256,9 @@ def xonly(pub33: bytes) -> bytes:
 def schnorr_verify(xonly_pub: bytes, msg: bytes, sig: bytes) -> bool:
     if len(xonly_pub) != 32 or len(sig) != 64:
         return False
-    xpk = ffi.new("secp256k1_xonly_pubkey *")
+    xpk: Any = getattr(_tls, "xonly", None)
+    if xpk is None:
+        xpk = _tls.xonly = ffi.new("secp256k1_xonly_pubkey *")
     if not lib.secp256k1_xonly_pubkey_parse(_CTX, xpk, xonly_pub):
         return False
     return bool(lib.secp256k1_schnorrsig_verify(_CTX, sig, msg, len(msg), xpk))

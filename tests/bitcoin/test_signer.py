@@ -329,6 +329,19 @@ def test_multisig_two_hsm_keys_of_three(hsm: Hsm) -> None:
     assert witness[0] == b"" and len(witness) == 4  # dummy, 2 signatures, script
 
 
+def test_signatures_keep_core_order_after_a_cosigner(hsm: Hsm) -> None:
+    """Signing after another signer keeps partial signatures in Bitcoin Core's order
+    (by hash160 of the key), whichever signed first, so serialisations match Core's."""
+    a, b = add_wallet(hsm, "a"), add_wallet(hsm, "b")
+    keys = [a.key("m/48'/1'/0'/2'/0/0"), b.key("m/48'/1'/0'/2'/0/0")]
+    psbt = build_psbt([Spend("p2wsh", keys, m=2)])
+    for first, second in (("a", "b"), ("b", "a")):
+        after = sign_psbt(hsm, sign_psbt(hsm, psbt, first).psbt, second).psbt
+        order = list(after.inputs[0].partial_sigs)
+        assert len(order) == 2 and order == sorted(order, key=hash160)
+        assert after.serialize() == sign_psbt(hsm, psbt).psbt.serialize()
+
+
 def test_single_key_matched_by_public_key(hsm: Hsm) -> None:
     info = hsm.generate_key("solo")
     pub = info.public_key

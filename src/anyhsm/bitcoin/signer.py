@@ -8,17 +8,18 @@ sighash once with a per-transaction cache, and asks the HSM for signatures of
 32-byte digests.
 
 Every signature is verified, against the key the PSBT names, before it goes into
-the PSBT (Bitcoin Core's ``CKey::Sign`` verifies each signature too). That one
-check does two jobs: a faulty provider cannot slip a bad signature in, and a
-signature made by our key at the named path verifies under the named key only if
-that key is ours (a BIP340 signature commits to its key; an ECDSA signature
-verifies under at most three other keys, all fixed by the secret nonce, so none of
-them can be named in advance). A derivation field is therefore not checked by deriving its
-public key first, which cost as much as the signature itself. When a signature
-does not verify, the key is derived to tell the two cases apart: a PSBT naming a
-key we do not hold at that path leaves the input unsigned with that reason; a key
-that is ours means the provider erred, and signing stops with ``SigningFailed``.
-Change outputs are still recognised only by deriving their keys.
+the PSBT (Bitcoin Core's ``CKey::Sign`` verifies each signature too, and BIP340
+advises it against fault attacks). That one check does two jobs: a faulty
+provider cannot slip a bad signature in, and a signature made by our key at the
+named path verifies under the named key only if that key is ours (a BIP340
+signature commits to its key; an ECDSA signature verifies under at most three
+other keys, all fixed by the secret nonce, so none can be named in advance). So
+a derivation field is not checked by deriving its public key first, which cost
+as much as the signature itself. When a signature does not verify, the key is
+derived to tell the two cases apart: a PSBT naming a key we do not hold at that
+path leaves the input unsigned with that reason; a key that is ours means the
+provider erred, and signing stops with ``SigningFailed``. Change outputs are
+still recognised only by deriving their keys.
 
 - ECDSA (legacy, BIP143): RFC 6979 with low-R grinding requested (as Bitcoin Core
   does), the sighash byte appended, into PSBT_IN_PARTIAL_SIG.
@@ -438,7 +439,10 @@ def _plan_key_path(
             plan.notes.append(f"{k.where(path)} is neither the internal key nor in a leaf")
         return
     root = inp.tap_merkle_root if internal is not None else None
-    tweak = taproot_tweak(xonly, root)
+    try:
+        tweak = taproot_tweak(xonly, root)
+    except ScriptError:
+        return
     if internal is None:
         # No internal key field: the key may be in a leaf only; a key path is signed
         # only if it is the BIP86 output key.
@@ -541,7 +545,7 @@ def sign_psbt(
             )
             for job in placed[index]
         ]
-        if len(sigs) > 1:
+        if sigs:
             _core_order(inp)
         reports.append(_input_report(index, inp, info, plan, sigs))
     return SignResult(
@@ -644,8 +648,10 @@ def _explain(job: _Job, index: int, deriv: _Derivations) -> str:
 def _core_order(inp: PsbtInput) -> None:
     """Keep signatures in Bitcoin Core's order (partial signatures by hash160 of the key,
     script-path signatures by key and leaf hash), so serialised PSBTs match Core's."""
-    inp.partial_sigs = dict(sorted(inp.partial_sigs.items(), key=lambda kv: hash160(kv[0])))
-    inp.tap_script_sigs = dict(sorted(inp.tap_script_sigs.items()))
+    if len(inp.partial_sigs) > 1:
+        inp.partial_sigs = dict(sorted(inp.partial_sigs.items(), key=lambda kv: hash160(kv[0])))
+    if len(inp.tap_script_sigs) > 1:
+        inp.tap_script_sigs = dict(sorted(inp.tap_script_sigs.items()))
 
 
 def _bad_signature(job: _Job, index: int) -> SigningFailed:

@@ -638,7 +638,7 @@ class Hsm:
                 provider=provider_name,
                 key_id=key_id,
                 error=code,
-                detail={"signatures": str(len(requests)), "key_ref": str(key)[:128]},
+                detail={"requested": str(len(requests)), "key_ref": str(key)[:128]},
             )
             raise
         schemes = ",".join(sorted({scheme.value for _, scheme, _ in reqs}))

@@ -197,3 +197,13 @@ def test_sign_many_matches_single_signatures(hsm: Hsm) -> None:
     lines = hsm.audit_path.read_text().splitlines()
     batch = [line for line in lines if '"signatures":"5"' in line]
     assert len(batch) == 1 and '"scheme":"ecdsa"' in batch[0]  # one entry for the batch
+
+
+def test_sign_many_failure_is_audited_and_signs_nothing(hsm: Hsm) -> None:
+    info = hsm.generate_key(label(), KeyType.SECP256K1)
+    good = (secrets.token_bytes(32), SigScheme.ECDSA, None)
+    with pytest.raises(InvalidDigest):
+        hsm.sign_many(info.id, [good, (b"short", SigScheme.ECDSA, None)])
+    last = hsm.audit_path.read_text().splitlines()[-1]
+    assert '"op":"sign"' in last and '"outcome":"error"' in last
+    assert '"requested":"2"' in last and '"error":"invalid_digest"' in last

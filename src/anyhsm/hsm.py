@@ -296,10 +296,21 @@ class Hsm:
             )
         return ks
 
-    def record_event(self, op: str, outcome: str, detail: dict[str, str] | None = None) -> None:
-        """Write an administrative event (enrolment, recovery) to the audit log."""
+    def record_event(
+        self,
+        op: str,
+        outcome: str,
+        detail: dict[str, str] | None = None,
+        *,
+        key_id: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Write an event that is not a provider call (enrolment, recovery, signatures
+        the PSBT signer discarded) to the audit log."""
         assert self._audit is not None
-        self._audit.append(op, outcome, provider=self._active.name, detail=detail)
+        self._audit.append(
+            op, outcome, provider=self._active.name, key_id=key_id, error=error, detail=detail
+        )
 
     def capabilities(self, key: KeyRef | None = None) -> Capabilities:
         """Capabilities of the provider holding ``key`` (or of the active one)."""

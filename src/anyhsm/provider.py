@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from anyhsm.errors import InvalidDigest, UnsupportedOperation
+from anyhsm.errors import Bip32Error, InvalidDigest, UnsupportedOperation
 from anyhsm.types import (
     Capabilities,
     DerivedPublicKey,
@@ -129,6 +129,22 @@ def require(provider: Provider, capability: str, ok: bool, hint: str | None = No
 
 
 _NO_PARAMS = SignParams()
+MAX_PATH_DEPTH = 255  # BIP32 keeps a key's depth in one byte
+
+
+def check_path(path: tuple[int, ...]) -> None:
+    """Reject a BIP32 path that no provider can derive, before any work: more than
+    255 steps, or an index outside 0..2^32-1."""
+    if len(path) > MAX_PATH_DEPTH:
+        raise Bip32Error(
+            f"a BIP32 path of {len(path)} steps is deeper than the maximum of {MAX_PATH_DEPTH}"
+        )
+    for index in path:
+        if type(index) is not int or not 0 <= index <= 0xFFFFFFFF:
+            raise Bip32Error(
+                f"BIP32 index {index!r} is out of range",
+                hint="indexes are 0..2^32-1; hardened ones are 2^31 and up",
+            )
 
 
 def check_sign_request(
@@ -152,6 +168,7 @@ def check_sign_request(
     p = params or SignParams()
     if p.path:
         require(provider, "BIP32 derivation", caps.can_derive, "use the key as a single key")
+        check_path(p.path)
     if p.tweak is not None:
         require(provider, "taproot key tweaking", caps.can_tweak)
         if scheme is not SigScheme.SCHNORR:

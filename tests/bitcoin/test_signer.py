@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,13 @@ from anyhsm.bitcoin.script import (
     p2wsh,
 )
 from anyhsm.bitcoin.sighash import SighashCache
-from anyhsm.bitcoin.taproot import TapLeaf, control_block, leaf_hash, taproot_output_key
+from anyhsm.bitcoin.taproot import (
+    TapLeaf,
+    control_block,
+    leaf_hash,
+    taproot_output_key,
+    taproot_tweak,
+)
 from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn, TxOut
 from anyhsm.config import Config
 from anyhsm.crypto import secp256k1 as ec
@@ -420,6 +427,110 @@ def _append_input(psbt: Psbt, donor: Psbt) -> Psbt:
     return out
 
 
+def test_taproot_key_path_for_an_internal_key_not_ours_is_refused(hsm: Hsm) -> None:
+    """An output key made from our key but tweaked by a foreign internal key X (named at
+    our fingerprint) is spendable by our key; the PSBT still lies about X, so nothing is
+    signed (the internal key and merkle root must give the output key)."""
+    w = add_wallet(hsm, "w")
+    path = parse_path("m/86'/1'/0'/0/5")
+    ours = w.pub(path)
+    x = Wallet("x", bytes(range(32))).pub("m/0")[1:]
+    root = bytes([0xAB] * 32)
+    q, _ = ec.xonly_tweak_add(ours[1:], taproot_tweak(x, root))
+    psbt = build_psbt([Spend("p2tr", [(ours, KeyOrigin(w.fingerprint, path))])])
+    inp = psbt.inputs[0]
+    assert inp.witness_utxo is not None
+    inp.witness_utxo = TxOut(inp.witness_utxo.value, p2tr(q))
+    inp.tap_internal_key, inp.tap_merkle_root = x, root
+    inp.tap_bip32_derivations = {x: TapKeyOrigin((), KeyOrigin(w.fingerprint, path))}
+    with pytest.raises(NothingSigned) as e:
+        sign_psbt(hsm, Psbt.parse(psbt.serialize()), "w")
+    assert "merkle root do not give the output key" in e.value.details[0]["reason"]
+
+
+def test_foreign_input_under_our_fingerprint_does_not_block_the_policy(hsm: Hsm) -> None:
+    """A co-signer's key labelled with our fingerprint, with a sighash type the policy
+    refuses: its claim is checked by derivation before the policy refuses anything."""
+    w = add_wallet(hsm, "w")
+    path = parse_path("m/84'/1'/0'/0/0")
+    foreign = Wallet("x", bytes(range(32))).pub(path)
+    spends = [
+        Spend("p2wpkh", [w.key(path)]),
+        Spend("p2wpkh", [(foreign, KeyOrigin(w.fingerprint, path))], sighash=0x82),
+    ]
+    res = sign_psbt(hsm, build_psbt(spends), "w")
+    assert [r.status for r in res.inputs] == ["signed", "not-signed"]
+    assert "no key in the HSM matches" in res.inputs[1].reason
+    # Our own input with that sighash type is still refused.
+    mine = [Spend("p2wpkh", [w.key(path)], sighash=0x82)]
+    with pytest.raises(SigningPolicyError):
+        sign_psbt(hsm, build_psbt(mine), "w")
+
+
+def test_keys_sharing_a_fingerprint_each_sign_their_own(hsm: Hsm) -> None:
+    """One private key imported twice as BIP32 nodes with different chain codes: the same
+    master fingerprint, different children. Each input is signed by the key that holds it."""
+    for label, chain in (("a", bytes([1] * 32)), ("b", bytes([2] * 32))):
+        hsm.import_key(label, chain + bytes([5] * 32), KeyType.BIP32_NODE)
+    fp = hash160(hsm.get_key("a").public_key)[:4]
+    assert fp == hash160(hsm.get_key("b").public_key)[:4]
+    path = parse_path("m/0/1")
+    spends = [
+        Spend("p2wpkh", [(hsm.derive_public(lbl, path).public_key, KeyOrigin(fp, path))])
+        for lbl in ("a", "b")
+    ]
+    res = sign_psbt(hsm, build_psbt(spends))
+    assert [r.signatures[0].key for r in res.inputs] == ["a", "b"]
+
+
+def test_same_key_under_two_labels_signs_once(hsm: Hsm) -> None:
+    seed = random.randbytes(32)
+    add_wallet(hsm, "a", seed)
+    w = add_wallet(hsm, "b", seed)
+    res = sign_psbt(hsm, build_psbt([Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])]))
+    assert res.signatures == 1 and len(res.psbt.inputs[0].partial_sigs) == 1
+
+
+@pytest.mark.parametrize("steps", [256, 3000])
+def test_derivation_deeper_than_bip32_allows_is_explained(hsm: Hsm, steps: int) -> None:
+    w = add_wallet(hsm, "w")
+    foreign = Wallet("x", bytes(range(32))).pub("m/0")
+    spends = [
+        Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")]),
+        Spend("p2wpkh", [(foreign, KeyOrigin(w.fingerprint, (1,) * steps))]),
+    ]
+    res = sign_psbt(hsm, build_psbt(spends), "w")
+    assert res.inputs[0].signed and f"path of {steps} steps" in res.inputs[1].reason
+
+
+def test_a_caller_built_psbt_is_never_modified(hsm: Hsm) -> None:
+    """Containers of types the parser never makes (OrderedDict, bytearray) are copied in
+    full, so signing cannot write into the caller's PSBT."""
+    w = add_wallet(hsm, "w")
+    psbt = build_psbt([Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])])
+    psbt.inputs[0].partial_sigs = OrderedDict()
+    before = psbt.serialize()
+    res = sign_psbt(hsm, psbt, "w")
+    assert psbt.serialize() == before and not psbt.inputs[0].partial_sigs
+    assert len(res.psbt.inputs[0].partial_sigs) == 1
+
+
+def test_discarded_signatures_are_audited(hsm: Hsm) -> None:
+    w = add_wallet(hsm, "w")
+    path = parse_path("m/84'/1'/0'/0/0")
+    foreign = Wallet("x", bytes(range(32))).pub(path)
+    spends = [
+        Spend("p2wpkh", [w.key(path)]),
+        Spend("p2wpkh", [(foreign, KeyOrigin(w.fingerprint, path))]),
+    ]
+    sign_psbt(hsm, build_psbt(spends), "w")
+    entries = [json.loads(line) for line in hsm.audit_path.read_text().splitlines()]
+    made = [e for e in entries if e["op"] == "sign"][-1]
+    dropped = [e for e in entries if e["op"] == "sign_discarded"][-1]
+    assert made["detail"]["signatures"] == "2" and dropped["detail"]["signatures"] == "1"
+    assert dropped["outcome"] == "ok" and dropped["key"] == made["key"]
+
+
 def test_taproot_internal_key_ours_but_wrong_merkle_root_is_explained(det_hsm: Hsm) -> None:
     w = add_wallet(det_hsm, "w")
     psbt, _, _ = _tap_tree_psbt(w, internal_ours=True)
@@ -651,6 +762,9 @@ def test_corrupt_signature_from_provider_is_refused(
         with pytest.raises(SigningFailed, match="does not verify"):
             sign_psbt(sim, psbt, "w")
         assert psbt.to_base64() == before
+        last = json.loads(sim.audit_path.read_text().splitlines()[-1])
+        assert last["op"] == "sign_discarded" and last["outcome"] == "error"
+        assert last["error"] == "signing_failed"
 
 
 def test_unknown_key_is_refused(hsm: Hsm) -> None:

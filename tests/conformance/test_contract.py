@@ -12,6 +12,7 @@ import pytest
 from anyhsm import Hsm, KeyType, SignParams, SigScheme
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import (
+    Bip32Error,
     ExportNotAllowed,
     InvalidDigest,
     InvalidKeyMaterial,
@@ -197,6 +198,27 @@ def test_sign_many_matches_single_signatures(hsm: Hsm) -> None:
     lines = hsm.audit_path.read_text().splitlines()
     batch = [line for line in lines if '"signatures":"5"' in line]
     assert len(batch) == 1 and '"scheme":"ecdsa"' in batch[0]  # one entry for the batch
+
+
+def test_bip32_paths_are_checked_before_any_work(hsm: Hsm) -> None:
+    """A path too deep for BIP32 or with an index out of range is a typed error (for a
+    provider that cannot derive, any path is refused as unsupported); the deepest valid
+    path is derived in a loop and signs."""
+    hd = hsm.capabilities().can_derive
+    info = hsm.generate_key(label(), KeyType.BIP32 if hd else KeyType.SECP256K1)
+    digest = secrets.token_bytes(32)
+    expected: type[Exception] = Bip32Error if hd else UnsupportedOperation
+    for path in [(1,) * 256, (2**32,), (-1,)]:
+        with pytest.raises(expected):
+            hsm.sign(info.id, digest, params=SignParams(path=path))
+        with pytest.raises(expected):
+            hsm.sign_many(info.id, [(digest, SigScheme.ECDSA, SignParams(path=path))])
+        with pytest.raises(expected):
+            hsm.derive_public(info.id, path)
+    if hd:
+        deepest = (7,) * 255
+        (sig,) = hsm.sign_many(info.id, [(digest, SigScheme.ECDSA, SignParams(path=deepest))])
+        assert curve.ecdsa_verify(hsm.derive_public(info.id, deepest).public_key, digest, sig)
 
 
 def test_sign_many_failure_is_audited_and_signs_nothing(hsm: Hsm) -> None:

@@ -77,6 +77,7 @@ _TX_MODIFIABLE_OUTPUTS = 0x02
 
 
 _M = TypeVar("_M", "PsbtGlobals", PsbtInput, PsbtOutput)
+_IMMUTABLE = frozenset({type(None), bytes, int, bool, str, tuple})
 
 
 def _copy_map(m: _M) -> _M:
@@ -85,14 +86,14 @@ def _copy_map(m: _M) -> _M:
     new = cls.__new__(cls)
     fields = m.__dict__.copy()
     for name, value in fields.items():  # replaces values only: safe while iterating
-        if value is None:
-            continue
         kind = type(value)
+        if kind in _IMMUTABLE:
+            continue
         if kind is dict or kind is list:
             fields[name] = value.copy()
         elif kind is TxOut:
             fields[name] = TxOut(value.value, value.script_pubkey)
-        elif kind is Transaction:
+        else:  # a Transaction, or a type a caller put there: copied in full
             fields[name] = copy.deepcopy(value)
     new.__dict__ = fields
     return new

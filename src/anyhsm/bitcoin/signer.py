@@ -15,11 +15,19 @@ named path verifies under the named key only if that key is ours (a BIP340
 signature commits to its key; an ECDSA signature verifies under at most three
 other keys, all fixed by the secret nonce, so none can be named in advance). So
 a derivation field is not checked by deriving its public key first, which cost
-as much as the signature itself. When a signature does not verify, the key is
-derived to tell the two cases apart: a PSBT naming a key we do not hold at that
-path leaves the input unsigned with that reason; a key that is ours means the
-provider erred, and signing stops with ``SigningFailed``. Change outputs are
-still recognised only by deriving their keys.
+as much as the signature itself. For a taproot key path the named key is the
+internal key, which the signature does not commit to: planning checks that the
+internal key and merkle root give the output key, and the signature, verified
+under the output key, then proves the internal key is ours.
+
+When a signature does not verify, the key is derived to tell two cases apart: a
+PSBT naming a key we do not hold at that path leaves the input unsigned with
+that reason; a key that is ours means the provider erred, and signing stops with
+``SigningFailed``. Discarded signatures are written to the audit log
+(``sign_discarded``). An input claimed through our fingerprint alone counts for
+the policy; if the policy refuses, such claims are checked by derivation and the
+policy asked again, so another wallet's input cannot block ours. Change outputs
+are recognised only by deriving their keys.
 
 - ECDSA (legacy, BIP143): RFC 6979 with low-R grinding requested (as Bitcoin Core
   does), the sighash byte appended, into PSBT_IN_PARTIAL_SIG.
@@ -45,6 +53,7 @@ from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, format_path
 from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.policy import (
     OutputReport,
+    PolicyReport,
     SpendInfo,
     SpendKind,
     check_policy,
@@ -69,8 +78,10 @@ from anyhsm.errors import (
     NothingSigned,
     ScriptError,
     SigningFailed,
+    SigningPolicyError,
     UnsupportedOperation,
 )
+from anyhsm.provider import MAX_PATH_DEPTH
 from anyhsm.types import Capabilities, KeyInfo, KeyRef, KeyType, SignParams, SigScheme
 
 if TYPE_CHECKING:
@@ -261,15 +272,17 @@ class _Derivations:
         self._pubs[ident] = pub
         return pub
 
+    def holds(self, key: _Key, path: tuple[int, ...], pubkey: bytes) -> bool:
+        """Whether ``key`` at ``path`` is ``pubkey`` (33 bytes, or 32 x-only)."""
+        derived = self.pubkey(key, path) if key.hd else key.info.public_key
+        if derived is None:
+            return False
+        return derived == pubkey or (len(pubkey) == 32 and derived[1:] == pubkey)
+
     def owner(self, keys: Sequence[_Key], pubkey: bytes, origin: KeyOrigin) -> _Key | None:
         """The HD key that derives ``pubkey`` (33 bytes, or 32 x-only) at ``origin``."""
         for k in keys:
-            if not k.hd or k.fingerprint != origin.fingerprint:
-                continue
-            derived = self.pubkey(k, origin.path)
-            if derived is None:
-                continue
-            if derived == pubkey or (len(pubkey) == 32 and derived[1:] == pubkey):
+            if k.hd and k.fingerprint == origin.fingerprint and self.holds(k, origin.path, pubkey):
                 return k
         return None
 
@@ -286,7 +299,6 @@ class _Job:  # internal and short-lived: slots, not frozen, as it is made per in
     verify_key: bytes  # what the signature must verify against
     tweak: bytes | None = None
     leaf_hash: bytes | None = None
-    merkle_root: bytes | None = None  # taproot key path: what the tweak commits to
 
 
 @dataclass(slots=True)
@@ -294,68 +306,96 @@ class _Plan:
     jobs: list[_Job] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     claimed: bool = False  # a key of the HSM belongs to this input (signable or not)
+    unconfirmed: bool = False  # claimed through a fingerprint whose key is not yet checked
 
     def add(self, job: _Job) -> None:
-        ident = (job.kind, job.pubkey, job.leaf_hash)
-        if all((j.kind, j.pubkey, j.leaf_hash) != ident for j in self.jobs):
+        ident = (job.key.info.id, job.kind, job.pubkey, job.leaf_hash)
+        if all((j.key.info.id, j.kind, j.pubkey, j.leaf_hash) != ident for j in self.jobs):
             self.jobs.append(job)
 
 
+@dataclass(frozen=True)
+class _KeySet:
+    """The HSM's signing keys, split once per PSBT."""
+
+    hd: tuple[_Key, ...]  # matched through derivation fields
+    single: tuple[_Key, ...]  # matched by their public key
+
+    @classmethod
+    def of(cls, keys: Sequence[_Key]) -> _KeySet:
+        return cls(tuple(k for k in keys if k.hd), tuple(k for k in keys if not k.hd))
+
+
+_Candidate = tuple[_Key, tuple[int, ...], bytes]
+
+
 def _candidates(
-    inp: PsbtInput, hd_keys: Sequence[_Key], deriv: _Derivations, plan: _Plan
-) -> tuple[list[tuple[_Key, tuple[int, ...], bytes]], list[tuple[_Key, tuple[int, ...], bytes]]]:
+    inp: PsbtInput, keys: _KeySet, deriv: _Derivations, plan: _Plan, confirm: bool
+) -> tuple[list[_Candidate], list[_Candidate]]:
     """(ECDSA candidates, taproot candidates) as (key, path, public key) from the
     derivation fields whose fingerprint is one of our HD keys; x-only keys for taproot.
-    Whether the key at the path is the one named is settled by verifying the signature."""
-    ecdsa: list[tuple[_Key, tuple[int, ...], bytes]] = []
-    for pub, origin in inp.bip32_derivations.items():
-        for k in hd_keys:
+
+    Without ``confirm``, whether the key at the path is the one named is left to the
+    verification of the signature (see the module doc) and the plan is marked
+    ``unconfirmed``; with it, the key is derived and compared first."""
+    ecdsa: list[_Candidate] = []
+    tap: list[_Candidate] = []
+    fields = [(pub, o, ecdsa) for pub, o in inp.bip32_derivations.items()]
+    fields += [(x, t.origin, tap) for x, t in inp.tap_bip32_derivations.items()]
+    for pub, origin, out in fields:
+        for k in keys.hd:
             if k.fingerprint != origin.fingerprint:
                 continue
-            if len(pub) == 33:
-                ecdsa.append((k, origin.path, pub))
-                continue
-            derived = deriv.pubkey(k, origin.path)  # uncompressed: only to say why not
-            if derived is not None and ec.compress(pub) == derived:
-                plan.claimed = True
+            if len(origin.path) > MAX_PATH_DEPTH:
                 plan.notes.append(
-                    f"key {k.label} at {format_path(origin.path)} is used uncompressed, "
-                    "which anyhsm does not sign for"
+                    f"key {k.label}: a path of {len(origin.path)} steps is deeper than "
+                    f"BIP32's {MAX_PATH_DEPTH} levels"
                 )
-    tap = [
-        (k, tko.origin.path, xonly)
-        for xonly, tko in inp.tap_bip32_derivations.items()
-        for k in hd_keys
-        if k.fingerprint == tko.origin.fingerprint
-    ]
+                continue
+            if len(pub) == 65:  # uncompressed: derived only to say why it is not signed
+                derived = deriv.pubkey(k, origin.path)
+                if derived is not None and ec.compress(pub) == derived:
+                    plan.claimed = True
+                    plan.notes.append(
+                        f"{k.where(origin.path)} is used uncompressed, which anyhsm does "
+                        "not sign for"
+                    )
+                continue
+            if confirm and not deriv.holds(k, origin.path, pub):
+                continue
+            plan.unconfirmed = plan.unconfirmed or not confirm
+            out.append((k, origin.path, pub))
     return ecdsa, tap
 
 
 def _plan_input(
-    inp: PsbtInput, info: SpendInfo, keys: Sequence[_Key], deriv: _Derivations
+    inp: PsbtInput,
+    info: SpendInfo,
+    keys: _KeySet,
+    deriv: _Derivations,
+    *,
+    confirm: bool = False,
 ) -> _Plan:
     plan = _Plan()
     if inp.is_finalized:
         plan.notes.append("already finalized")
         return plan
-    hd_keys = [k for k in keys if k.hd]
-    ecdsa, tap = _candidates(inp, hd_keys, deriv, plan) if hd_keys else ([], [])
+    ecdsa, tap = _candidates(inp, keys, deriv, plan, confirm) if keys.hd else ([], [])
     if ecdsa or tap:
         plan.claimed = True
-    singles = [k for k in keys if not k.hd]
     if info.problem is not None or info.unsignable is not None:
         plan.claimed = plan.claimed or any(
-            k.info.public_key in inp.bip32_derivations for k in singles
+            k.info.public_key in inp.bip32_derivations for k in keys.single
         )
         plan.notes.append(info.problem or info.unsignable or "")
         return plan
     if info.kind is SpendKind.P2TR:
-        _plan_taproot(inp, info, tap, singles, plan)
+        _plan_taproot(inp, info, tap, keys.single, deriv, plan)
         return plan
     if info.kind is SpendKind.UNKNOWN:
         plan.notes.append("the input's script type cannot be signed")
         return plan
-    ecdsa += [(k, (), k.info.public_key) for k in singles]
+    ecdsa += [(k, (), k.info.public_key) for k in keys.single]
     for k, path, pub in ecdsa:
         if not key_in_script(pub, info):
             if k.hd:  # a derivation names our key, but the script does not use it
@@ -373,8 +413,9 @@ def _plan_input(
 def _plan_taproot(
     inp: PsbtInput,
     info: SpendInfo,
-    tap: Sequence[tuple[_Key, tuple[int, ...], bytes]],
+    tap: Sequence[_Candidate],
     singles: Sequence[_Key],
+    deriv: _Derivations,
     plan: _Plan,
 ) -> None:
     assert info.spent is not None
@@ -395,7 +436,7 @@ def _plan_taproot(
     cands += [(k, (), k.info.public_key[1:], None) for k in singles]
     for k, path, xonly, leaf_hashes in cands:
         key_path_only = leaf_hashes is not None and not leaf_hashes
-        _plan_key_path(inp, q, k, path, xonly, plan, key_path_only)
+        _plan_key_path(inp, q, k, path, xonly, deriv, plan, key_path_only)
         wanted = (
             list(leaf_hashes)
             if leaf_hashes is not None
@@ -425,14 +466,15 @@ def _plan_key_path(
     k: _Key,
     path: tuple[int, ...],
     xonly: bytes,
+    deriv: _Derivations,
     plan: _Plan,
     key_path_only: bool,
 ) -> None:
     """Plan a key-path signature if ``xonly`` is the internal key of the output ``q``.
     ``key_path_only``: a derivation names this key with no leaves, so it must be.
 
-    With PSBT_IN_TAP_INTERNAL_KEY present, that the internal key and merkle root give
-    ``q`` is settled by verifying the signature against ``q`` (see the module doc)."""
+    The internal key and merkle root must give ``q``: then a signature by our key at
+    ``path``, tweaked by them, verifies under ``q`` only if ``xonly`` is our key."""
     internal = inp.tap_internal_key
     if internal is not None and internal != xonly:
         if key_path_only:
@@ -441,28 +483,27 @@ def _plan_key_path(
     root = inp.tap_merkle_root if internal is not None else None
     try:
         tweak = taproot_tweak(xonly, root)
+        out_key, _ = taproot_output_key(xonly, root)
     except ScriptError:
         return
-    if internal is None:
-        # No internal key field: the key may be in a leaf only; a key path is signed
-        # only if it is the BIP86 output key.
-        try:
-            out_key, _ = taproot_output_key(xonly, None)
-        except ScriptError:
-            return
-        if out_key != q:
-            if key_path_only:
-                plan.notes.append(
-                    f"{k.where(path)}: the output key is not this key's BIP86 output key "
-                    "(PSBT_IN_TAP_INTERNAL_KEY or PSBT_IN_TAP_MERKLE_ROOT missing?)"
-                )
-            return
+    if out_key != q:
+        if internal is not None:
+            plan.claimed = True
+            plan.notes.append(
+                f"{k.where(path)}: the internal key and merkle root do not give the output key"
+            )
+        elif key_path_only and deriv.holds(k, path, xonly):
+            plan.notes.append(
+                f"{k.where(path)}: the output key is not this key's BIP86 output key "
+                "(PSBT_IN_TAP_INTERNAL_KEY or PSBT_IN_TAP_MERKLE_ROOT missing?)"
+            )
+        return
     plan.claimed = True
     why = k.cannot(SigScheme.SCHNORR, tweak=True)
     if why is not None:
         plan.notes.append(f"{k.where(path)}: {why}")
         return
-    plan.add(_Job(k, path, xonly, "taproot-key", q, tweak=tweak, merkle_root=root))
+    plan.add(_Job(k, path, xonly, "taproot-key", q, tweak=tweak))
 
 
 # --- signing -------------------------------------------------------------------------------------
@@ -503,27 +544,41 @@ def sign_psbt(
     to reproduce signatures of signers that do not grind (such as the BIP174 vectors).
     """
     keys = _signing_keys(hsm, key)
+    keyset = _KeySet.of(keys)
     work = psbt.copy()
     deriv = _Derivations(hsm)
     infos = [describe_input(inp) for inp in work.inputs]
     plans = [
-        _plan_input(inp, info, keys, deriv) for inp, info in zip(work.inputs, infos, strict=True)
+        _plan_input(inp, info, keyset, deriv) for inp, info in zip(work.inputs, infos, strict=True)
     ]
-    if not any(p.claimed for p in plans):
-        raise _nothing_signed(key, keys, work, infos, plans)
-    to_sign = {
-        i: default_sighash(inp, info.kind)
-        for i, (inp, info, plan) in enumerate(zip(work.inputs, infos, plans, strict=True))
-        if plan.claimed
-    }
 
     def owner(pubkey: bytes, origin: KeyOrigin) -> str | None:
         k = deriv.owner(keys, pubkey, origin)
         return None if k is None else k.label
 
-    report = check_policy(
-        work, infos, to_sign, hsm.network, hsm.config.policy, owner, _single_scripts(keys)
-    )
+    def policy() -> tuple[PolicyReport, dict[int, int]]:
+        if not any(p.claimed for p in plans):
+            raise _nothing_signed(key, keys, work, infos, plans)
+        to_sign = {
+            i: default_sighash(inp, info.kind)
+            for i, (inp, info, plan) in enumerate(zip(work.inputs, infos, plans, strict=True))
+            if plan.claimed
+        }
+        net, rules = hsm.network, hsm.config.policy
+        report = check_policy(work, infos, to_sign, net, rules, owner, _single_scripts(keys))
+        return report, to_sign
+
+    try:
+        report, to_sign = policy()
+    except SigningPolicyError:
+        # An input claimed only through our fingerprint may be another wallet's: check
+        # those claims by derivation and ask again, so that it cannot block the others.
+        unconfirmed = [i for i, p in enumerate(plans) if p.unconfirmed]
+        if not unconfirmed:
+            raise
+        for i in unconfirmed:
+            plans[i] = _plan_input(work.inputs[i], infos[i], keyset, deriv, confirm=True)
+        report, to_sign = policy()
     if not any(p.jobs for p in plans):
         raise _nothing_signed(key, keys, work, infos, plans)
     aux = _ZERO_AUX if hsm.config.policy.deterministic_schnorr else None
@@ -594,12 +649,38 @@ def _sign_all(
                 params = SignParams(path=path, tweak=job.tweak, aux_rand=aux)
                 requests.append((digest, SigScheme.SCHNORR, params))
         sigs = hsm.sign_many(key_id, requests)
+        discarded = 0
         for (index, job, digest, hash_type), sig in zip(items, sigs, strict=True):
-            if _place(work.inputs[index], job, digest, hash_type, sig):
+            if any(_same_slot(job, j) for j in placed[index]):
+                discarded += 1  # the same key under two labels: one signature is enough
+            elif _place(work.inputs[index], job, digest, hash_type, sig):
                 placed[index].append(job)
             else:
-                plans[index].notes.append(_explain(job, index, deriv))
+                discarded += 1
+                try:
+                    plans[index].notes.append(_explain(job, index, deriv))
+                except SigningFailed as e:
+                    hsm.record_event(
+                        "sign_discarded",
+                        "error",
+                        {"signatures": str(discarded), "why": "provider signature invalid"},
+                        key_id=key_id,
+                        error=e.code,
+                    )
+                    raise
+        if discarded:
+            hsm.record_event(
+                "sign_discarded",
+                "ok",
+                {"signatures": str(discarded), "why": "not for the key the PSBT names"},
+                key_id=key_id,
+            )
     return placed
+
+
+def _same_slot(a: _Job, b: _Job) -> bool:
+    """Whether two jobs would write the same PSBT field (same kind, key and leaf)."""
+    return a.kind == b.kind and a.pubkey == b.pubkey and a.leaf_hash == b.leaf_hash
 
 
 def _place(inp: PsbtInput, job: _Job, digest: bytes, hash_type: int, sig: bytes) -> bool:
@@ -625,23 +706,13 @@ def _place(inp: PsbtInput, job: _Job, digest: bytes, hash_type: int, sig: bytes)
 def _explain(job: _Job, index: int, deriv: _Derivations) -> str:
     """Why a signature did not verify against the key the PSBT names: the PSBT names a
     key we do not hold there (returned as the input's reason), or, when the key is ours,
-    the provider erred (raised: nothing of this signing reaches the caller)."""
-    where = job.key.where(job.path)
-    ours = deriv.pubkey(job.key, job.path) if job.key.hd else job.key.info.public_key
-    if ours is None:
-        return f"{where}: that BIP32 child is invalid"
-    if (ours if job.kind == "ecdsa" else ours[1:]) != job.pubkey:
+    the provider erred (raised: nothing of this signing reaches the caller). Planning
+    checked that a key-path job's internal key and merkle root give the output key."""
+    if not deriv.holds(job.key, job.path, job.pubkey):
         return (
-            f"{where} is not the public key {job.pubkey.hex()[:16]}... that the PSBT names "
-            "for it (another wallet with the same master fingerprint?)"
+            f"{job.key.where(job.path)} is not the public key {job.pubkey.hex()[:16]}... "
+            "that the PSBT names for it (another wallet with the same master fingerprint?)"
         )
-    if job.kind == "taproot-key":
-        try:
-            out_key: bytes | None = taproot_output_key(job.pubkey, job.merkle_root)[0]
-        except ScriptError:
-            out_key = None
-        if out_key != job.verify_key:
-            return f"{where}: the internal key and merkle root do not give the output key"
     raise _bad_signature(job, index)
 
 

@@ -147,7 +147,7 @@ def ecdsa_verify(pub: bytes, digest: bytes, der: bytes) -> bool:
         return False
     if s > HALF_ORDER:
         return False
-    sig = _ecdsa_buffers()[0]
+    sig = ffi.new("secp256k1_ecdsa_signature *")
     compact = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     if not lib.secp256k1_ecdsa_signature_parse_compact(_CTX, sig, compact):
         return False

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import InvalidKeyMaterial, UnsupportedOperation
+from anyhsm.provider import check_path
 from anyhsm.types import Capabilities, DerivedPublicKey, KeyType, SignParams, SigScheme
 
 SecretView = bytearray | memoryview
@@ -161,6 +162,7 @@ def derive_public(
 ) -> DerivedPublicKey:
     if key_type not in HD_KEY_TYPES:
         raise UnsupportedOperation(provider, "BIP32 derivation on a single (non-HD) key")
+    check_path(path)
     master, chain = hd_master(key_type, secret)
     try:
         master_fp = curve.hash160(curve.public_key(master))[:4]
@@ -192,18 +194,20 @@ class _DerivationCache:
         hit = self._nodes.get(path)
         if hit is not None:
             return hit[0]
-        parent_path = path[:-1]
-        self.node(parent_path)
-        parent_key, parent_chain = self._nodes[parent_path]
-        index = path[-1]
-        pub = None
-        if index < curve.HARDENED:
-            pub = self._pubs.get(parent_path)
-            if pub is None:
-                pub = self._pubs[parent_path] = curve.public_key(parent_key)
-        child, chain = curve.bip32_ckd_priv(parent_key, parent_chain, index, pub)
-        self._nodes[path] = (child, chain)
-        return child
+        known = len(path) - 1  # the deepest cached ancestor (the master, at worst)
+        while path[:known] not in self._nodes:
+            known -= 1
+        for depth in range(known + 1, len(path) + 1):  # a loop: paths may be long
+            parent_path = path[: depth - 1]
+            parent_key, parent_chain = self._nodes[parent_path]
+            index = path[depth - 1]
+            pub = None
+            if index < curve.HARDENED:
+                pub = self._pubs.get(parent_path)
+                if pub is None:
+                    pub = self._pubs[parent_path] = curve.public_key(parent_key)
+            self._nodes[path[:depth]] = curve.bip32_ckd_priv(parent_key, parent_chain, index, pub)
+        return self._nodes[path][0]
 
     def wipe(self) -> None:
         for key, _ in self._nodes.values():

@@ -303,14 +303,17 @@ class Hsm:
         detail: dict[str, str] | None = None,
         *,
         key_id: str | None = None,
+        provider: str | None = None,
         error: str | None = None,
     ) -> None:
         """Write an event that is not a provider call (enrolment, recovery, signatures
-        the PSBT signer discarded) to the audit log."""
-        assert self._audit is not None
-        self._audit.append(
-            op, outcome, provider=self._active.name, key_id=key_id, error=error, detail=detail
-        )
+        the PSBT signer discarded) to the audit log; ``provider`` defaults to the active
+        one."""
+        audit = self._audit
+        if self._closed or audit is None:
+            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        who = provider or self._active.name
+        audit.append(op, outcome, provider=who, key_id=key_id, error=error, detail=detail)
 
     def capabilities(self, key: KeyRef | None = None) -> Capabilities:
         """Capabilities of the provider holding ``key`` (or of the active one)."""

@@ -445,7 +445,7 @@ def test_taproot_key_path_for_an_internal_key_not_ours_is_refused(hsm: Hsm) -> N
     inp.tap_bip32_derivations = {x: TapKeyOrigin((), KeyOrigin(w.fingerprint, path))}
     with pytest.raises(NothingSigned) as e:
         sign_psbt(hsm, Psbt.parse(psbt.serialize()), "w")
-    assert "merkle root do not give the output key" in e.value.details[0]["reason"]
+    assert "no key in the HSM matches" in e.value.details[0]["reason"]
 
 
 def test_foreign_input_under_our_fingerprint_does_not_block_the_policy(hsm: Hsm) -> None:
@@ -515,20 +515,65 @@ def test_a_caller_built_psbt_is_never_modified(hsm: Hsm) -> None:
     assert len(res.psbt.inputs[0].partial_sigs) == 1
 
 
-def test_discarded_signatures_are_audited(hsm: Hsm) -> None:
-    w = add_wallet(hsm, "w")
+def test_discarded_signatures_are_audited(tmp_path: Path) -> None:
+    """Signatures made but not used are in the audit log, under the provider that holds the
+    key (here the software keystore, while the simulator is the active provider)."""
+    with software_hsm(tmp_path / "dep") as h:
+        w = add_wallet(h, "w")
+        add_wallet(h, "w-again", w.seed)
+        config = h.config.source
+    assert config is not None
+    text = config.read_text().replace('chain = ["software"]', 'chain = ["simulator", "software"]')
+    config.write_text(text)
     path = parse_path("m/84'/1'/0'/0/0")
     foreign = Wallet("x", bytes(range(32))).pub(path)
     spends = [
         Spend("p2wpkh", [w.key(path)]),
         Spend("p2wpkh", [(foreign, KeyOrigin(w.fingerprint, path))]),
     ]
-    sign_psbt(hsm, build_psbt(spends), "w")
-    entries = [json.loads(line) for line in hsm.audit_path.read_text().splitlines()]
-    made = [e for e in entries if e["op"] == "sign"][-1]
-    dropped = [e for e in entries if e["op"] == "sign_discarded"][-1]
-    assert made["detail"]["signatures"] == "2" and dropped["detail"]["signatures"] == "1"
-    assert dropped["outcome"] == "ok" and dropped["key"] == made["key"]
+    with open_hsm(Config.load(config, env={}), passphrase=PASSPHRASE) as hsm:
+        assert hsm.active_provider == "simulator"
+        res = sign_psbt(hsm, build_psbt(spends))
+        entries = [json.loads(line) for line in hsm.audit_path.read_text().splitlines()]
+    assert [r.status for r in res.inputs] == ["signed", "not-signed"]
+    made = [e for e in entries if e["op"] == "sign"][-2:]
+    dropped = [e for e in entries if e["op"] == "sign_discarded"][-2:]
+    assert [e["detail"]["signatures"] for e in made] == ["2", "2"]
+    assert {e["provider"] for e in made + dropped} == {"software"}
+    details = sorted((e["detail"]["wrong_key"], e["detail"]["same_key"]) for e in dropped)
+    assert details == [("1", "0"), ("1", "1")]  # each key: the foreign input; one twin
+    assert all(e["outcome"] == "ok" for e in dropped)
+
+
+def test_output_with_a_path_too_deep_is_simply_not_change(hsm: Hsm) -> None:
+    """An output naming our fingerprint with a path BIP32 cannot derive must not stop the
+    signing: it is not recognised as change, that is all."""
+    w = add_wallet(hsm, "w")
+    spend = Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])
+    pub = Wallet("x", bytes(range(32))).pub("m/0")
+    for path in [(1,) * 256, (1,) * 255 + (HARDENED,), (1,) * 3000]:
+        out = PsbtOutput(99_000, p2wpkh(hash160(pub)))
+        out.bip32_derivations[pub] = KeyOrigin(w.fingerprint, path)
+        res = sign_psbt(hsm, build_psbt([spend], [out]), "w")
+        assert res.signed_inputs == 1 and not res.outputs[0].change
+
+
+def test_keys_of_the_wrong_size_are_never_candidates(hsm: Hsm) -> None:
+    """A caller-built PSBT with our x-only key in an ECDSA derivation field (and in the
+    witness script) is not signed; the parser refuses such keys, and the signer must not
+    blame the provider for them."""
+    w = add_wallet(hsm, "w")
+    path = parse_path("m/84'/1'/0'/0/0")
+    x = w.pub(path)[1:]
+    script = bytes([32]) + x + bytes([OP_CHECKSIG])
+    psbt = build_psbt([Spend("p2wpkh", [w.key(path)])])
+    inp = psbt.inputs[0]
+    assert inp.witness_utxo is not None
+    inp.witness_utxo = TxOut(inp.witness_utxo.value, p2wsh(sha256(script)))
+    inp.witness_script = script
+    inp.bip32_derivations = {x: KeyOrigin(w.fingerprint, path)}
+    with pytest.raises(NothingSigned):
+        sign_psbt(hsm, psbt, "w")
 
 
 def test_taproot_internal_key_ours_but_wrong_merkle_root_is_explained(det_hsm: Hsm) -> None:
@@ -765,6 +810,7 @@ def test_corrupt_signature_from_provider_is_refused(
         last = json.loads(sim.audit_path.read_text().splitlines()[-1])
         assert last["op"] == "sign_discarded" and last["outcome"] == "error"
         assert last["error"] == "signing_failed"
+        assert last["detail"] == {"signatures": "1", "invalid": "1"}
 
 
 def test_unknown_key_is_refused(hsm: Hsm) -> None:

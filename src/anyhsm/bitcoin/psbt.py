@@ -245,12 +245,14 @@ class Psbt:
     # --- roles ----------------------------------------------------------------------------
 
     def copy(self) -> Psbt:
-        """An independent copy: it shares no mutable object with this PSBT.
+        """An independent copy: no map, container or record is shared with this PSBT.
 
         Field values are bytes, numbers, tuples and frozen records, held directly or in
         dicts and lists, so copying the containers (and the few mutable records: TxOut,
-        Transaction) is a full copy, several times faster than ``copy.deepcopy``, which
-        dominated signing PSBTs with many inputs."""
+        Transaction) is a full copy of a parsed PSBT, several times faster than
+        ``copy.deepcopy``, which dominated signing PSBTs with many inputs. A field value
+        of another type (a caller's OrderedDict, bytearray...) is deep-copied; mutable
+        values a caller put inside a dict or list stay shared."""
         return Psbt(
             _copy_map(self.global_map),
             [_copy_map(i) for i in self.inputs],

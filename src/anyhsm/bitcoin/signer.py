@@ -26,8 +26,9 @@ that reason; a key that is ours means the provider erred, and signing stops with
 ``SigningFailed``. Discarded signatures are written to the audit log
 (``sign_discarded``). An input claimed through our fingerprint alone counts for
 the policy; if the policy refuses, such claims are checked by derivation and the
-policy asked again, so another wallet's input cannot block ours. Change outputs
-are recognised only by deriving their keys.
+policy asked again, so another wallet's input cannot block ours. Reasons about a
+key named under our fingerprint are given only once the key is derived and found
+ours. Change outputs are recognised only by deriving their keys.
 
 - ECDSA (legacy, BIP143): RFC 6979 with low-R grinding requested (as Bitcoin Core
   does), the sighash byte appended, into PSBT_IN_PARTIAL_SIG.
@@ -67,13 +68,13 @@ from anyhsm.bitcoin.script import p2pkh, p2sh, p2tr, p2wpkh
 from anyhsm.bitcoin.sighash import SIGHASH_DEFAULT, SighashCache, sighash_name
 from anyhsm.bitcoin.taproot import (
     leaf_hash,
-    taproot_output_key,
     taproot_tweak,
     verify_control_block,
 )
 from anyhsm.crypto import secp256k1 as ec
 from anyhsm.errors import (
     AddressError,
+    Bip32Error,
     HsmError,
     NothingSigned,
     ScriptError,
@@ -254,11 +255,15 @@ class _Derivations:
         return node
 
     def pubkey(self, key: _Key, path: tuple[int, ...]) -> bytes | None:
-        """The 33-byte public key of ``key`` at ``path`` (None if that child is invalid)."""
+        """The 33-byte public key of ``key`` at ``path`` (None if that child is invalid or
+        the path is not one BIP32 allows: a PSBT's claim about it is then simply not ours)."""
         ident = (key.info.id, path)
         if ident in self._pubs:
             return self._pubs[ident]
         pub: bytes | None
+        if len(path) > MAX_PATH_DEPTH:
+            self._pubs[ident] = None
+            return None
         try:
             if not path:
                 pub = key.info.public_key
@@ -267,7 +272,7 @@ class _Derivations:
                 pub, _ = ec.bip32_ckd_pub(parent, chain, path[-1])
             else:
                 pub = self._node(key, path)[0]
-        except ec.CurveError:
+        except (ec.CurveError, Bip32Error):
             pub = None
         self._pubs[ident] = pub
         return pub
@@ -277,7 +282,7 @@ class _Derivations:
         derived = self.pubkey(key, path) if key.hd else key.info.public_key
         if derived is None:
             return False
-        return derived == pubkey or (len(pubkey) == 32 and derived[1:] == pubkey)
+        return derived[1:] == pubkey if len(pubkey) == 32 else derived == pubkey
 
     def owner(self, keys: Sequence[_Key], pubkey: bytes, origin: KeyOrigin) -> _Key | None:
         """The HD key that derives ``pubkey`` (33 bytes, or 32 x-only) at ``origin``."""
@@ -340,9 +345,9 @@ def _candidates(
     ``unconfirmed``; with it, the key is derived and compared first."""
     ecdsa: list[_Candidate] = []
     tap: list[_Candidate] = []
-    fields = [(pub, o, ecdsa) for pub, o in inp.bip32_derivations.items()]
-    fields += [(x, t.origin, tap) for x, t in inp.tap_bip32_derivations.items()]
-    for pub, origin, out in fields:
+    fields = [(pub, o, ecdsa, 33) for pub, o in inp.bip32_derivations.items()]
+    fields += [(x, t.origin, tap, 32) for x, t in inp.tap_bip32_derivations.items()]
+    for pub, origin, out, size in fields:
         for k in keys.hd:
             if k.fingerprint != origin.fingerprint:
                 continue
@@ -352,14 +357,15 @@ def _candidates(
                     f"BIP32's {MAX_PATH_DEPTH} levels"
                 )
                 continue
-            if len(pub) == 65:  # uncompressed: derived only to say why it is not signed
-                derived = deriv.pubkey(k, origin.path)
-                if derived is not None and ec.compress(pub) == derived:
-                    plan.claimed = True
-                    plan.notes.append(
-                        f"{k.where(origin.path)} is used uncompressed, which anyhsm does "
-                        "not sign for"
-                    )
+            if len(pub) != size:
+                if len(pub) == 65 and size == 33:  # derived only to say why it is not signed
+                    derived = deriv.pubkey(k, origin.path)
+                    if derived is not None and ec.compress(pub) == derived:
+                        plan.claimed = True
+                        plan.notes.append(
+                            f"{k.where(origin.path)} is used uncompressed, which anyhsm does "
+                            "not sign for"
+                        )
                 continue
             if confirm and not deriv.holds(k, origin.path, pub):
                 continue
@@ -399,15 +405,25 @@ def _plan_input(
     for k, path, pub in ecdsa:
         if not key_in_script(pub, info):
             if k.hd:  # a derivation names our key, but the script does not use it
-                plan.notes.append(f"{k.where(path)} is not in the input's script")
+                _note(plan, deriv, k, path, pub, "is not in the input's script")
             continue
         plan.claimed = True
         why = k.cannot(SigScheme.ECDSA)
         if why is not None:
-            plan.notes.append(f"{k.where(path)}: {why}")
+            _note(plan, deriv, k, path, pub, why)
             continue
         plan.add(_Job(k, path, pub, "ecdsa", pub))
     return plan
+
+
+def _note(
+    plan: _Plan, deriv: _Derivations, k: _Key, path: tuple[int, ...], pub: bytes, what: str
+) -> None:
+    """Say why ``k`` at ``path`` does not sign, if that key really is ``pub``: a key of
+    another wallet named under our fingerprint is not ours to explain."""
+    if deriv.holds(k, path, pub):
+        sep = " " if what.startswith("is ") else ": "
+        plan.notes.append(f"{k.where(path)}{sep}{what}")
 
 
 def _plan_taproot(
@@ -446,16 +462,15 @@ def _plan_taproot(
             plan.claimed = True
             script = leaves.get(lh)
             if script is None:
-                plan.notes.append(
-                    f"{k.where(path)}: leaf {lh.hex()[:16]}... has no valid PSBT_IN_TAP_LEAF_SCRIPT"
-                )
+                what = f"leaf {lh.hex()[:16]}... has no valid PSBT_IN_TAP_LEAF_SCRIPT"
+                _note(plan, deriv, k, path, xonly, what)
                 continue
             if xonly not in script_pushes(script):
-                plan.notes.append(f"{k.where(path)} is not in leaf {lh.hex()[:16]}...")
+                _note(plan, deriv, k, path, xonly, f"is not in leaf {lh.hex()[:16]}...")
                 continue
             why = k.cannot(SigScheme.SCHNORR)
             if why is not None:
-                plan.notes.append(f"{k.where(path)}: {why}")
+                _note(plan, deriv, k, path, xonly, why)
                 continue
             plan.add(_Job(k, path, xonly, "taproot-script", xonly, leaf_hash=lh))
 
@@ -478,30 +493,30 @@ def _plan_key_path(
     internal = inp.tap_internal_key
     if internal is not None and internal != xonly:
         if key_path_only:
-            plan.notes.append(f"{k.where(path)} is neither the internal key nor in a leaf")
+            _note(plan, deriv, k, path, xonly, "is neither the internal key nor in a leaf")
         return
     root = inp.tap_merkle_root if internal is not None else None
     try:
         tweak = taproot_tweak(xonly, root)
-        out_key, _ = taproot_output_key(xonly, root)
-    except ScriptError:
+        out_key, _ = ec.xonly_tweak_add(xonly, tweak)
+    except (ScriptError, ec.CurveError):
         return
     if out_key != q:
         if internal is not None:
             plan.claimed = True
-            plan.notes.append(
-                f"{k.where(path)}: the internal key and merkle root do not give the output key"
-            )
-        elif key_path_only and deriv.holds(k, path, xonly):
-            plan.notes.append(
-                f"{k.where(path)}: the output key is not this key's BIP86 output key "
+            what = "the internal key and merkle root do not give the output key"
+            _note(plan, deriv, k, path, xonly, what)
+        elif key_path_only:
+            what = (
+                "the output key is not this key's BIP86 output key "
                 "(PSBT_IN_TAP_INTERNAL_KEY or PSBT_IN_TAP_MERKLE_ROOT missing?)"
             )
+            _note(plan, deriv, k, path, xonly, what)
         return
     plan.claimed = True
     why = k.cannot(SigScheme.SCHNORR, tweak=True)
     if why is not None:
-        plan.notes.append(f"{k.where(path)}: {why}")
+        _note(plan, deriv, k, path, xonly, why)
         return
     plan.add(_Job(k, path, xonly, "taproot-key", q, tweak=tweak))
 
@@ -569,7 +584,7 @@ def sign_psbt(
         return report, to_sign
 
     try:
-        report, to_sign = policy()
+        passed: tuple[PolicyReport, dict[int, int]] | None = policy()
     except SigningPolicyError:
         # An input claimed only through our fingerprint may be another wallet's: check
         # those claims by derivation and ask again, so that it cannot block the others.
@@ -578,7 +593,8 @@ def sign_psbt(
             raise
         for i in unconfirmed:
             plans[i] = _plan_input(work.inputs[i], infos[i], keyset, deriv, confirm=True)
-        report, to_sign = policy()
+        passed = None
+    report, to_sign = passed if passed is not None else policy()
     if not any(p.jobs for p in plans):
         raise _nothing_signed(key, keys, work, infos, plans)
     aux = _ZERO_AUX if hsm.config.policy.deterministic_schnorr else None
@@ -629,8 +645,12 @@ def _sign_all(
 ) -> list[list[_Job]]:
     """Compute every digest, sign them grouped per key through ``hsm.sign_many`` (so a
     provider derives shared BIP32 parents once), verify each signature against the key
-    the PSBT names, then place it. Returns the jobs placed, per input; a job whose
-    signature does not verify leaves a note in its plan (or raises, see :func:`_explain`)."""
+    the PSBT names, then place it. Returns the jobs placed, per input, in plan order.
+
+    A signature that does not verify leaves a note in its plan, or raises when the
+    provider erred (see :func:`_explain`). Signatures made but not used are written to
+    the audit log (``sign_discarded``), per key: for keys the PSBT named wrongly, for a
+    key held under two labels, or, on a provider fault, all of them."""
     placed: list[list[_Job]] = [[] for _ in plans]
     batches: dict[str, list[tuple[int, _Job, bytes, int]]] = {}
     for index, (info, plan) in enumerate(zip(infos, plans, strict=True)):
@@ -638,6 +658,7 @@ def _sign_all(
             hash_type = to_sign[index]
             digest = _digest(cache, index, info, job, hash_type)
             batches.setdefault(job.key.info.id, []).append((index, job, digest, hash_type))
+    made = 0
     for key_id, items in batches.items():
         requests: list[tuple[bytes, SigScheme, SignParams | None]] = []
         for _, job, digest, _ in items:
@@ -649,33 +670,41 @@ def _sign_all(
                 params = SignParams(path=path, tweak=job.tweak, aux_rand=aux)
                 requests.append((digest, SigScheme.SCHNORR, params))
         sigs = hsm.sign_many(key_id, requests)
-        discarded = 0
+        made += len(sigs)
+        provider = items[0][1].key.info.provider
+        wrong_key = same_key = 0
         for (index, job, digest, hash_type), sig in zip(items, sigs, strict=True):
-            if any(_same_slot(job, j) for j in placed[index]):
-                discarded += 1  # the same key under two labels: one signature is enough
-            elif _place(work.inputs[index], job, digest, hash_type, sig):
-                placed[index].append(job)
-            else:
-                discarded += 1
+            if not _verifies(job, digest, sig):
                 try:
                     plans[index].notes.append(_explain(job, index, deriv))
                 except SigningFailed as e:
+                    detail = {"signatures": str(made), "invalid": "1"}
                     hsm.record_event(
                         "sign_discarded",
                         "error",
-                        {"signatures": str(discarded), "why": "provider signature invalid"},
+                        detail,
                         key_id=key_id,
+                        provider=provider,
                         error=e.code,
                     )
                     raise
-        if discarded:
-            hsm.record_event(
-                "sign_discarded",
-                "ok",
-                {"signatures": str(discarded), "why": "not for the key the PSBT names"},
-                key_id=key_id,
-            )
-    return placed
+                wrong_key += 1
+            elif any(_same_slot(job, j) for j in placed[index]):
+                same_key += 1  # the same key under two labels: one signature is enough
+            else:
+                _place(work.inputs[index], job, hash_type, sig)
+                placed[index].append(job)
+        if wrong_key or same_key:
+            detail = {
+                "signatures": str(wrong_key + same_key),
+                "wrong_key": str(wrong_key),
+                "same_key": str(same_key),
+            }
+            hsm.record_event("sign_discarded", "ok", detail, key_id=key_id, provider=provider)
+    return [
+        [j for j in plan.jobs if any(j is d for d in done)]
+        for plan, done in zip(plans, placed, strict=True)
+    ]
 
 
 def _same_slot(a: _Job, b: _Job) -> bool:
@@ -683,24 +712,26 @@ def _same_slot(a: _Job, b: _Job) -> bool:
     return a.kind == b.kind and a.pubkey == b.pubkey and a.leaf_hash == b.leaf_hash
 
 
-def _place(inp: PsbtInput, job: _Job, digest: bytes, hash_type: int, sig: bytes) -> bool:
-    """Add one signature to the input if it verifies against the key the PSBT names."""
-    # Set directly rather than through the PsbtInput.add_* mutators: verification has
-    # just parsed the key and strictly decoded the signature, which is all they check.
+def _verifies(job: _Job, digest: bytes, sig: bytes) -> bool:
+    """Whether ``sig`` verifies under the key the PSBT names (strict DER, low S)."""
     if job.kind == "ecdsa":
-        if not ec.ecdsa_verify(job.verify_key, digest, sig):
-            return False
+        return ec.ecdsa_verify(job.verify_key, digest, sig)
+    return len(sig) == 64 and ec.schnorr_verify(job.verify_key, digest, sig)
+
+
+def _place(inp: PsbtInput, job: _Job, hash_type: int, sig: bytes) -> None:
+    """Add a verified signature to the input. Set directly rather than through the
+    PsbtInput.add_* mutators: verification has parsed the key and strictly decoded the
+    signature, which is all they check."""
+    if job.kind == "ecdsa":
         inp.partial_sigs[job.pubkey] = sig + bytes((hash_type,))
-        return True
-    if len(sig) != 64 or not ec.schnorr_verify(job.verify_key, digest, sig):
-        return False
+        return
     full = sig if hash_type == SIGHASH_DEFAULT else sig + bytes((hash_type,))
     if job.kind == "taproot-key":
         inp.tap_key_sig = full
     else:
         assert job.leaf_hash is not None
         inp.tap_script_sigs[(job.pubkey, job.leaf_hash)] = full
-    return True
 
 
 def _explain(job: _Job, index: int, deriv: _Derivations) -> str:

@@ -195,7 +195,7 @@ class _DerivationCache:
         if hit is not None:
             return hit[0]
         known = len(path) - 1  # the deepest cached ancestor (the master, at worst)
-        while path[:known] not in self._nodes:
+        while known > 0 and path[:known] not in self._nodes:
             known -= 1
         for depth in range(known + 1, len(path) + 1):  # a loop: paths may be long
             parent_path = path[: depth - 1]

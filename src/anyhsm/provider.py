@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from anyhsm.errors import Bip32Error, InvalidDigest, UnsupportedOperation
 from anyhsm.types import (
+    MAX_PATH_DEPTH,
     Capabilities,
     DerivedPublicKey,
     Environment,
@@ -129,7 +130,6 @@ def require(provider: Provider, capability: str, ok: bool, hint: str | None = No
 
 
 _NO_PARAMS = SignParams()
-MAX_PATH_DEPTH = 255  # BIP32 keeps a key's depth in one byte
 
 
 def check_path(path: tuple[int, ...]) -> None:

@@ -17,6 +17,7 @@ INTERNAL_LABEL_PREFIX = "anyhsm:"
 cannot create them and listings hide them. Providers persist the flag this way."""
 
 HEALTH_PROBE_LABEL = INTERNAL_LABEL_PREFIX + "health-probe"
+MAX_PATH_DEPTH = 255  # BIP32 keeps a key's depth in one byte
 
 
 class SigScheme(enum.Enum):

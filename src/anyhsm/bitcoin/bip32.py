@@ -27,10 +27,10 @@ from anyhsm.bitcoin.presets import OutputType
 from anyhsm.crypto import secp256k1 as ec
 from anyhsm.errors import Bip32Error, EncodingError
 from anyhsm.secret import SecretBytes, wipe
-from anyhsm.types import Network
+from anyhsm.types import MAX_PATH_DEPTH, Network
 
 HARDENED = 0x80000000
-MAX_DEPTH = 255
+MAX_DEPTH = MAX_PATH_DEPTH
 _SERIALIZED_LEN = 78
 
 # --- version bytes (BIP32 + SLIP-132) -------------------------------------------------------

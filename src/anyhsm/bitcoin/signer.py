@@ -82,8 +82,15 @@ from anyhsm.errors import (
     SigningPolicyError,
     UnsupportedOperation,
 )
-from anyhsm.provider import MAX_PATH_DEPTH
-from anyhsm.types import Capabilities, KeyInfo, KeyRef, KeyType, SignParams, SigScheme
+from anyhsm.types import (
+    MAX_PATH_DEPTH,
+    Capabilities,
+    KeyInfo,
+    KeyRef,
+    KeyType,
+    SignParams,
+    SigScheme,
+)
 
 if TYPE_CHECKING:
     from anyhsm.hsm import Hsm

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -607,6 +607,8 @@ class Hsm:
         self,
         key: KeyRef,
         requests: Sequence[tuple[bytes, SigScheme, SignParams | None]],
+        *,
+        context: Mapping[str, str] | None = None,
     ) -> list[bytes]:
         """Sign several digests with one key, in order. Providers that declare
         ``can_batch`` share the work (one decryption, BIP32 parents derived once);
@@ -652,7 +654,11 @@ class Hsm:
                 provider=provider_name,
                 key_id=key_id,
                 error=code,
-                detail={"requested": str(len(requests)), "key_ref": str(key)[:128]},
+                detail={
+                    **(context or {}),
+                    "requested": str(len(requests)),
+                    "key_ref": str(key)[:128],
+                },
             )
             raise
         schemes = ",".join(sorted({scheme.value for _, scheme, _ in reqs}))
@@ -661,7 +667,7 @@ class Hsm:
             "ok",
             provider=provider_name,
             key_id=key_id,
-            detail={"scheme": schemes, "signatures": str(len(reqs))},
+            detail={**(context or {}), "scheme": schemes, "signatures": str(len(reqs))},
         )
         return sigs
 

@@ -51,6 +51,21 @@ class ConfigError(HsmError):
         self.problems = list(problems or [])
 
 
+class SecretFileExposed(ConfigError):
+    """A secret file (passphrase, PIN, BIP39 passphrase, imported key) that group or
+    others may access, refused outside development: anyone on the host could read it."""
+
+    code = "secret_file_exposed"
+
+
+class SecretOnCommandLine(HsmError):
+    """A secret was given as a command-line argument, which every local user can read
+    (``/proc/PID/cmdline``, ``ps``) and shells keep in their history."""
+
+    code = "secret_on_command_line"
+    exit_code = 2
+
+
 # --- providers ---------------------------------------------------------------
 
 
@@ -166,6 +181,56 @@ class LockTimeout(KeystoreError):
     code = "lock_timeout"
 
 
+class AnchorMissing(KeystoreError):
+    """The anchor of the keystore's generation (a TPM NV counter) no longer exists:
+    the TPM was cleared or replaced, or the index was undefined."""
+
+    code = "anchor_missing"
+    exit_code = 8
+
+
+class AnchorMismatch(KeystoreError):
+    """The anchor exists but is not what the keystore recorded: another kind of NV
+    index at that handle, other attributes or size, or a counter that cannot be it."""
+
+    code = "anchor_mismatch"
+    exit_code = 8
+
+
+class KeystoreRolledBack(KeystoreError):
+    """The keystore is older than its anchored generation: the directory (or part of
+    it) was put back from an earlier copy."""
+
+    code = "keystore_rolled_back"
+    exit_code = 8
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        store_generation: int | None = None,
+        anchor_generation: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.store_generation = store_generation
+        self.anchor_generation = anchor_generation
+
+
+class RecordNotInManifest(KeystoreTampered):
+    """A key record is not in the authenticated manifest of live records (a deleted key's
+    record restored, a record of another generation, or one listed but missing)."""
+
+    code = "record_not_in_manifest"
+
+
+class KeystoreRotated(KeystoreError):
+    """Another process re-encrypted the keystore under a new master key: this handle holds
+    the retired one and must reopen."""
+
+    code = "keystore_rotated"
+
+
 # --- keys ----------------------------------------------------------------------
 
 
@@ -199,6 +264,29 @@ class InvalidKeyMaterial(HsmKeyError):
     """Imported key material is malformed or out of range."""
 
     code = "invalid_key_material"
+
+
+class KeyNotInDirectory(KeyNotFound):
+    """A token holds an object under that label or id, but the key directory (the
+    keystore) has no record of it: another application, or anyone with the user PIN,
+    may have planted it, so anyhsm never uses it."""
+
+    code = "key_not_in_directory"
+
+
+class KeyLabelConflict(HsmKeyError):
+    """One label names keys in two stores (or two objects in one): anyhsm refuses to
+    pick one. The key's id still resolves, through the key directory only."""
+
+    code = "key_label_conflict"
+
+
+class KeyBindingMismatch(HsmKeyError):
+    """The store that answered for a key is not the one its directory record binds
+    (token serial), or returned another public key: nothing is signed."""
+
+    code = "key_binding_mismatch"
+    exit_code = 8
 
 
 class InvalidDigest(HsmError):
@@ -268,6 +356,30 @@ class AuditTampered(AuditError):
         self.line = line
 
 
+AUDIT_RECOVERY_HINT = (
+    "find out what happened to the log (restore it from its forwarded copy or a backup); "
+    "if the loss is understood, start a new chain with "
+    "'anyhsm audit recover --reason TEXT', which records what was lost"
+)
+
+
+class AuditStateMismatch(AuditError):
+    """The audit log on disk is not the chain the keystore's authenticated state records
+    (missing, shorter, swapped or replayed): nothing is appended until an operator acts."""
+
+    code = "audit_state_mismatch"
+
+    def __init__(self, message: str, *, hint: str | None = AUDIT_RECOVERY_HINT) -> None:
+        super().__init__(message, hint=hint)
+
+
+class AuditKeyRotated(AuditWriteFailed):
+    """Another process rotated the audit key (master-key rotation): this handle's key is
+    retired, so it must reopen before it can append."""
+
+    code = "audit_key_rotated"
+
+
 # --- Bitcoin -----------------------------------------------------------------------
 
 
@@ -334,6 +446,14 @@ class PsbtError(BitcoinError):
     def __init__(self, message: str, *, field: str | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.field = field
+
+
+class PsbtLimitExceeded(PsbtError):
+    """A PSBT is larger than the signer's resource limits allow (bytes, inputs, outputs,
+    derivations, path depth, weight, legacy sighash work); refused before any key is
+    derived or any signature made. ``field`` names the ``policy.*`` setting."""
+
+    code = "psbt_limit_exceeded"
 
 
 class SigningPolicyError(PolicyViolation):

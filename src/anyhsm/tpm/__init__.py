@@ -10,6 +10,7 @@ Importing this package does not import tpm2-pytss; the first TPM call does.
 
 from anyhsm.tpm.blob import SealedBlob
 from anyhsm.tpm.connection import INSTALL_HINT, pytss_available
+from anyhsm.tpm.counter import TpmCounter
 from anyhsm.tpm.device import pcr_values, tpm_info, tpm_random
 from anyhsm.tpm.enrollment import SIDE_FILE, enroll, read_blob, status, unenroll
 from anyhsm.tpm.errors import (
@@ -29,6 +30,7 @@ __all__ = [
     "SealedBlob",
     "TpmBlobInvalid",
     "TpmCommandFailed",
+    "TpmCounter",
     "TpmForeignBlob",
     "TpmLockout",
     "TpmNotEnrolled",

@@ -123,6 +123,26 @@ def _unreachable(tcti: str, detail: str) -> ProviderUnavailable:
     )
 
 
+def _response_code(rc: int) -> int:
+    """A TPM response code without its handle/session/parameter number: format-one
+    codes become 0x80 | error number (e.g. 0x98E -> 0x08E), format-zero ones keep
+    their 0x100/0x900 base."""
+    return (0x80 | (rc & 0x3F)) if rc & 0x80 else (rc & 0xFFF) & ~0x080
+
+
+def tpm_response_code(exc: BaseException) -> int | None:
+    """The TPM's own response code carried by a tpm2-pytss exception (see
+    :func:`_response_code`), or None when the error came from elsewhere (the TSS,
+    the transport, or no TSS at all). For callers that tell TPM codes apart
+    before falling back to :func:`translate`."""
+    if not isinstance(exc, pytss().TSS2_Exception):
+        return None
+    rc = int(exc.rc)
+    if rc & _LAYER_MASK not in (_LAYER_TPM, _LAYER_RESMGR_TPM):
+        return None
+    return _response_code(rc)
+
+
 def translate(exc: Exception, step: str, tcti: str) -> HsmError:
     """Turn an exception from tpm2-pytss into the matching anyhsm error."""
     if isinstance(exc, HsmError):
@@ -147,8 +167,7 @@ def translate(exc: Exception, step: str, tcti: str) -> HsmError:
     if layer not in (_LAYER_TPM, _LAYER_RESMGR_TPM):
         return TpmCommandFailed(f"TPM software stack failed while {step}: {text}", rc=rc)
 
-    # A TPM response code: format-one codes carry a handle/session/parameter number.
-    code = (0x80 | (rc & 0x3F)) if rc & 0x80 else (rc & 0xFFF) & ~0x080
+    code = _response_code(rc)
     if code in (RC_POLICY_FAIL, RC_PCR_CHANGED):
         return TpmPolicyMismatch(
             "the TPM refused to unseal: the PCRs the master key is sealed to have changed "

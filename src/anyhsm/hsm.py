@@ -8,6 +8,7 @@ operation on a key whose store is not reachable fails with
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import threading
@@ -25,10 +26,14 @@ from anyhsm.errors import (
     AuditError,
     ConfigError,
     HsmError,
+    HsmKeyError,
     InvalidDigest,
     InvalidKeyMaterial,
+    KeyBindingMismatch,
     KeyExists,
+    KeyLabelConflict,
     KeyNotFound,
+    KeyNotInDirectory,
     ProviderError,
     ProviderUnavailable,
     SecurityLevelTooLow,
@@ -43,7 +48,7 @@ from anyhsm.factory import (
     walk_chain,
 )
 from anyhsm.fsutil import atomic_write
-from anyhsm.keystore import Keystore
+from anyhsm.keystore import KeyRecord, Keystore
 from anyhsm.provider import (
     BatchSigner,
     Bip32Deriver,
@@ -329,10 +334,33 @@ class Hsm:
             out.append(self._anchor.owner)
         return out
 
+    def _keystore_provider(self) -> SoftwareProvider | None:
+        """The provider that serves the key directory's sealed records (the keystore)."""
+        ks = self._anchor.keystore
+        if ks is None:
+            return None
+        active = self._active
+        if isinstance(active, SoftwareProvider) and active.keystore is ks:
+            return active
+        return self._anchor.owner
+
+    def _other_stores(self) -> list[Provider]:
+        """Open providers that are not the keystore: a token, the simulator."""
+        kp = self._keystore_provider()
+        return [p for p in self._open_providers() if p is not kp]
+
     def _route(self, key: KeyRef, *, fresh: bool = False) -> tuple[Provider, KeyInfo]:
-        """Find the provider holding ``key``. The cache serves the signing hot path
-        (the provider re-checks the key exists when it signs); ``fresh`` asks the
-        providers again, for answers that must reflect other processes' changes."""
+        """Find the one store holding ``key``. The cache serves the signing hot path
+        (the provider re-checks the key exists when it signs; a PKCS#11 provider also
+        refuses a key object whose public key changed); ``fresh`` looks again, for
+        answers that must reflect other processes' changes.
+
+        With a keystore open, the keystore is the key directory and the only source of
+        truth: a sealed record is a key of the keystore; a reference record names the
+        provider, the store (token serial), the id and the public key of a key kept
+        elsewhere, and all four are checked before the key is used. An object in a
+        token that the directory does not know is never used. Without a keystore
+        (development), the active provider alone answers."""
         if not isinstance(key, str) or not key:
             raise KeyNotFound("a key must be named by its id or label")
         hit = None if fresh else self._cache.get(key)
@@ -341,25 +369,135 @@ class Hsm:
         stale = self._cache.pop(key, None)
         if stale is not None:
             self._forget(stale[1])
-        for provider in self._open_providers():
-            try:
-                info = self._call(provider, lambda p=provider: p.get_key(key))  # type: ignore[misc]
-            except KeyNotFound:
-                continue
-            if info.internal and not key.startswith(INTERNAL_LABEL_PREFIX):
-                continue
-            self._cache[info.id] = self._cache[info.label] = (provider, info)
-            return provider, info
         ks = self._anchor.keystore
-        if ks is not None:
-            for ref in ks.records():
-                if ref.kind == "reference" and key in (ref.id, ref.label):
-                    why = next((a.reason for a in self._attempts if a.name == ref.provider), "")
-                    raise ProviderUnavailable(
-                        f"key {ref.label!r} lives in provider {ref.provider!r}, which is not "
-                        f"available{': ' + why if why else ''}",
-                        hint="keys are never moved between providers; restore that provider",
-                    )
+        if ks is None:
+            found = self._ask(self._active, key)
+            if found is None:
+                raise KeyNotFound(f"no key {key!r}", hint="list keys with 'anyhsm key list'")
+            routed = (self._active, found)
+        elif key.startswith(INTERNAL_LABEL_PREFIX):
+            routed = self._route_internal(key)
+        else:
+            routed = self._route_directory(ks, key)
+        info = routed[1]
+        self._cache[info.id] = self._cache[info.label] = routed
+        return routed
+
+    def _ask(self, provider: Provider, key: str) -> KeyInfo | None:
+        """One provider's answer for ``key``; None if it has none (internal keys are
+        found only by their reserved labels)."""
+        try:
+            info = self._call(provider, lambda: provider.get_key(key))
+        except KeyNotFound:
+            return None
+        if info.internal and not key.startswith(INTERNAL_LABEL_PREFIX):
+            return None
+        return info
+
+    def _route_internal(self, key: str) -> tuple[Provider, KeyInfo]:
+        """Internal keys (the health probe) live in each provider, outside the directory."""
+        for provider in self._open_providers():
+            info = self._ask(provider, key)
+            if info is not None:
+                return provider, info
+        raise KeyNotFound(f"no key {key!r}")
+
+    def _route_directory(self, ks: Keystore, key: str) -> tuple[Provider, KeyInfo]:
+        try:
+            rec = ks.find(key)
+        except KeyNotFound:
+            rec = None
+        if rec is not None and rec.label.startswith(INTERNAL_LABEL_PREFIX):
+            rec = None  # internal keys are found only by their reserved labels
+        if rec is None:
+            return self._route_outside_directory(key)
+        if rec.kind == "sealed":
+            kp = self._keystore_provider()
+            assert kp is not None
+            info = self._call(kp, lambda: kp.get_key(rec.id))
+            routed: tuple[Provider, KeyInfo] = (kp, info)
+        else:
+            routed = self._route_reference(rec)
+        if key != rec.id:
+            self._check_label_unique(key, routed)
+        return routed
+
+    def _route_reference(self, rec: KeyRecord) -> tuple[Provider, KeyInfo]:
+        """A key kept in another store: exactly that provider, exactly that store and
+        id, and the public key the directory recorded when the key was made."""
+        provider = next((p for p in self._open_providers() if p.name == rec.provider), None)
+        if provider is None:
+            why = next((a.reason for a in self._attempts if a.name == rec.provider), "")
+            raise ProviderUnavailable(
+                f"key {rec.label!r} lives in provider {rec.provider!r}, which is not "
+                f"available{': ' + why if why else ''}",
+                hint="keys are never moved between providers; restore that provider",
+            )
+        store = provider.store_id()
+        if store != rec.store:
+            raise KeyBindingMismatch(
+                f"key {rec.label!r} (id {rec.id}) is bound to {rec.store} but provider "
+                f"{provider.name!r} is connected to {store}: another token is configured; "
+                "nothing was signed",
+                hint="configure the token that holds the key (token_serial), or restore it",
+            )
+        info = self._ask(provider, rec.id)
+        if info is None or info.id != rec.id:
+            raise KeyNotFound(
+                f"key {rec.label!r} (id {rec.id}) is no longer on {store} "
+                f"(provider {provider.name!r})",
+                hint="it was deleted from the token outside anyhsm; restore it from the "
+                "token's backup, or remove its record with 'anyhsm key delete'",
+            )
+        if not hmac.compare_digest(info.public_key, rec.public_key):
+            raise KeyBindingMismatch(
+                f"key {rec.label!r} (id {rec.id}) on {store} (provider {provider.name!r}) "
+                f"has public key {info.public_key.hex()}, but the key directory recorded "
+                f"{rec.public_key.hex()}: the key object was replaced; nothing was signed",
+                hint="investigate who can log in to the token; do not use this key object",
+            )
+        return provider, info
+
+    def _check_label_unique(self, label: str, routed: tuple[Provider, KeyInfo]) -> None:
+        """A label the directory resolved must name no other key in any open store."""
+        provider, info = routed
+        for other in self._other_stores():
+            try:
+                found = self._ask(other, label)
+            except KeyNotFound:
+                found = None
+            except (ProviderUnavailable, ProviderError, UnsupportedOperation):
+                continue  # cannot look (the directory still decides which key signs)
+            except HsmKeyError as e:  # e.g. several token objects carry the label
+                raise self._label_conflict(label, info, other.store_id(), e.message) from None
+            if found is None or (other is provider and found.id == info.id):
+                continue
+            raise self._label_conflict(label, info, found.store or other.store_id(), found.id)
+
+    def _label_conflict(self, label: str, info: KeyInfo, there: str, what: str) -> KeyLabelConflict:
+        return KeyLabelConflict(
+            f"label {label!r} names key {info.id} in {info.store} (provider {info.provider!r}, "
+            f"in the key directory) and also {what} in {there}; refusing to choose",
+            hint=f"refer to the key by its id ({info.id}), which resolves through the key "
+            f"directory only, and remove or relabel the other object in {there}",
+        )
+
+    def _route_outside_directory(self, key: str) -> tuple[Provider, KeyInfo]:
+        """Not in the directory: only an in-process store (the simulator) may answer;
+        an object in a persistent store (a token) is refused, naming it."""
+        for provider in self._other_stores():
+            info = self._ask(provider, key)
+            if info is None:
+                continue
+            if not provider.capabilities().persistent:
+                return provider, info
+            raise KeyNotInDirectory(
+                f"{info.store or provider.store_id()} (provider {provider.name!r}) holds a key "
+                f"{info.label!r} (id {info.id}) that the key directory has no record of: "
+                "anyhsm did not make it, so it is never used",
+                hint="another application or anyone with the token's user PIN can create "
+                "such objects; use the keys listed by 'anyhsm key list'",
+            )
         raise KeyNotFound(f"no key {key!r}", hint="list keys with 'anyhsm key list'")
 
     def _forget(self, info: KeyInfo) -> None:
@@ -442,23 +580,40 @@ class Hsm:
             raise InvalidKeyMaterial("a key label may not contain control characters")
 
     def _check_label_free(self, label: str) -> None:
+        """A new label names nothing yet: no directory record (reachable or not), and no
+        object in an open store (a token object the directory does not know included),
+        so that no label ever ends up in two stores through anyhsm."""
         try:
-            self._route(label)
+            self._route(label, fresh=True)
+        except KeyNotInDirectory as e:
+            raise KeyExists(
+                f"a key labelled {label!r} already exists: {e.message}",
+                hint="choose another label",
+            ) from None
         except KeyNotFound:
             return
-        except ProviderUnavailable:
+        except (ProviderUnavailable, KeyBindingMismatch, KeyLabelConflict):
             pass
         raise KeyExists(f"a key labelled {label!r} already exists", hint="choose another label")
 
     def _remember(self, provider: Provider, info: KeyInfo) -> None:
-        """Record keys made outside the keystore, so routing can name their provider later."""
+        """Record keys made outside the keystore in the key directory, bound to their
+        provider, store (token serial), id and public key, all checked before each use."""
         ks = self._anchor.keystore
         if (
             ks is not None
-            and not isinstance(provider, SoftwareProvider)
+            and provider is not self._keystore_provider()
             and provider.capabilities().persistent
         ):
-            ks.add_reference(info.id, info.label, info.public_key, provider.name, info.store)
+            store = provider.store_id()
+            rec = ks.add_reference(info.id, info.label, info.public_key, provider.name, store)
+            if rec.id != info.id:  # ids of stores anyhsm supports are 32 hex digits
+                ks.delete(rec.id)
+                raise ProviderError(
+                    f"provider {provider.name!r} gave key {info.label!r} an id the key "
+                    f"directory cannot hold ({info.id!r}); it is not used",
+                    hint="delete the key from that store; this provider is not supported",
+                )
         self._cache[info.id] = self._cache[info.label] = (provider, info)
 
     def generate_key(
@@ -523,15 +678,50 @@ class Hsm:
             return self._call(provider, lambda: provider.export_key(info.id))
 
     def list_keys(self) -> list[KeyInfo]:
-        """Keys in every reachable store (internal keys hidden)."""
-        out: list[KeyInfo] = []
-        seen: set[str] = set()
-        for provider in self._open_providers():
+        """Keys of the key directory whose store is reachable, and keys of an in-process
+        store (the simulator); internal keys hidden. Token objects the directory does not
+        know are not listed: they are never used. Without a keystore: the active
+        provider's keys."""
+        ks = self._anchor.keystore
+        kp = self._keystore_provider()
+        if ks is None or kp is None:
+            return [i for i in self._call(self._active, self._active.list_keys) if not i.internal]
+        out = [i for i in self._call(kp, kp.list_keys) if not i.internal]
+        seen = {i.id for i in out}
+        others = self._other_stores()
+        stores = {p.name: p.store_id() for p in others}
+        for rec in ks.records():
+            if rec.kind != "reference" or rec.id in seen or rec.label.startswith(
+                INTERNAL_LABEL_PREFIX
+            ):
+                continue
+            if stores.get(rec.provider) == rec.store:
+                seen.add(rec.id)
+                out.append(self._reference_info(rec))
+        for provider in others:
+            if provider.capabilities().persistent:
+                continue
             for info in self._call(provider, provider.list_keys):
                 if not info.internal and info.id not in seen:
                     seen.add(info.id)
                     out.append(info)
         return out
+
+    @staticmethod
+    def _reference_info(rec: KeyRecord) -> KeyInfo:
+        """What the directory records about a key kept in another store (checked
+        against that store when the key is used)."""
+        return KeyInfo(
+            id=rec.id,
+            label=rec.label,
+            provider=rec.provider,
+            public_key=rec.public_key,
+            key_type=rec.key_type,
+            store=rec.store,
+            exportable=False,
+            created_at=rec.created_at,
+            chain_code=rec.chain_code,
+        )
 
     def get_key(self, key: KeyRef) -> KeyInfo:
         return self._route(key, fresh=True)[1]
@@ -698,15 +888,18 @@ class Hsm:
     def delete_key(self, key: KeyRef) -> None:
         with self._lock, self._audited("delete_key", intent={"key_ref": str(key)[:128]}) as d:
             d["key_ref"] = str(key)[:128]
-            provider, info = self._route(key)
+            provider, info = self._route(key, fresh=True)  # binding checked first
             d["_provider"], d["_key"] = provider.name, info.id
             self._call(provider, lambda: provider.delete_key(info.id))
             self._forget(info)
             ks = self._anchor.keystore
-            if ks is not None and not isinstance(provider, SoftwareProvider):
-                for ref in ks.records():
-                    if ref.kind == "reference" and ref.label == info.label:
-                        ks.delete(ref.id)
+            if ks is not None and provider is not self._keystore_provider():
+                try:
+                    rec = ks.find(info.id)
+                except KeyNotFound:
+                    return
+                if rec.kind == "reference" and rec.id == info.id:
+                    ks.delete(rec.id)
 
     # --- health, reload, audit ----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ is imported only when the provider is opened.
 
 from __future__ import annotations
 
+import hmac
 import os
 import threading
 import time
@@ -23,6 +24,7 @@ from anyhsm.crypto import secp256k1
 from anyhsm.errors import (
     HsmError,
     HsmKeyError,
+    KeyBindingMismatch,
     KeyExists,
     KeyNotFound,
     ProviderError,
@@ -109,6 +111,10 @@ class Pkcs11Provider:
         self._conn = Connection(self.settings, context.environment, context.timeout_s, self.name)
         self._conn.on_reset(self._forget_keys)
         self._keys: dict[str, _KeyEntry] = {}
+        # CKA_ID -> public key of every key this provider has resolved for use. Kept
+        # across reconnects: a key object replaced under the same id (another
+        # application, anyone with the user PIN) is refused, never signed with.
+        self._pinned: dict[bytes, bytes] = {}
         self._keys_lock = threading.Lock()
         self._generate_lock = threading.Lock()
         self._p11: ModuleType | None = None
@@ -188,6 +194,15 @@ class Pkcs11Provider:
 
     def _remember(self, entry: _KeyEntry, *refs: str) -> None:
         with self._keys_lock:
+            pinned = self._pinned.setdefault(entry.id, entry.public_key)
+            if not hmac.compare_digest(pinned, entry.public_key):
+                raise KeyBindingMismatch(
+                    f"the key object with id {entry.id.hex()} (label {entry.label!r}) on "
+                    f"PKCS#11 token {self.store_id()} now has public key "
+                    f"{entry.public_key.hex()}, not {pinned.hex()} as when it was first used: "
+                    "it was replaced; nothing was signed",
+                    hint="investigate who can log in to the token; the original key is gone",
+                )
             self._keys[entry.id.hex()] = entry
             self._keys[entry.label] = entry
             for ref in refs:
@@ -239,9 +254,12 @@ class Pkcs11Provider:
         p11 = self._pkcs11()
         session = ps.session
         privs: list[Object] = []
-        if _is_hex(ref):
-            privs = self._search(session, p11.ObjectClass.PRIVATE_KEY, id=bytes.fromhex(ref))
-        if not privs:
+        by_id = bytes.fromhex(ref) if _is_hex(ref) else None
+        if by_id is not None:
+            privs = self._search(session, p11.ObjectClass.PRIVATE_KEY, id=by_id)
+        # An id this provider has used is never re-resolved by label: an object
+        # labelled with that id's hex must not stand in for the key once it is gone.
+        if not privs and (by_id is None or by_id not in self._pinned):
             privs = self._search(session, p11.ObjectClass.PRIVATE_KEY, label=ref)
         if not privs:
             self._conn.verify_presence(ps)
@@ -358,7 +376,10 @@ class Pkcs11Provider:
 
         entries = self._conn.run(op, "key listing")
         for entry in entries:
-            self._remember(entry)
+            try:
+                self._remember(entry)
+            except KeyBindingMismatch:
+                continue  # listed as the token has it; never used (see _remember)
         return [self._info(e) for e in sorted(entries, key=lambda e: (e.label, e.id))]
 
     def get_key(self, key: KeyRef) -> KeyInfo:
@@ -386,6 +407,9 @@ class Pkcs11Provider:
         finally:
             self._forget(entry)
             self._forget_keys()  # other sessions' cached handles to it are stale too
+        if found:
+            with self._keys_lock:
+                self._pinned.pop(entry.id, None)
         if not found:
             raise KeyNotFound(f"no key {key!r} on PKCS#11 token {self.store_id()}")
 

@@ -289,29 +289,6 @@ class KeyBindingMismatch(HsmKeyError):
     exit_code = 8
 
 
-class KeyNotInDirectory(KeyNotFound):
-    """A token holds an object under that label or id, but the key directory (the
-    keystore) has no record of it: another application, or anyone with the user PIN,
-    may have planted it, so anyhsm never uses it."""
-
-    code = "key_not_in_directory"
-
-
-class KeyLabelConflict(HsmKeyError):
-    """One label names keys in two stores (or two objects in one): anyhsm refuses to
-    pick one. The key's id still resolves, through the key directory only."""
-
-    code = "key_label_conflict"
-
-
-class KeyBindingMismatch(HsmKeyError):
-    """The store that answered for a key is not the one its directory record binds
-    (token serial), or returned another public key: nothing is signed."""
-
-    code = "key_binding_mismatch"
-    exit_code = 8
-
-
 class InvalidDigest(HsmError):
     """A digest to sign is not exactly 32 bytes."""
 

@@ -383,3 +383,22 @@ def test_wrong_index_passwords_never_lock_the_tpm(private_swtpm: Swtpm) -> None:
     assert info["in_lockout"] == "no"
     assert info["lockout_counter"] == "0/3"
     assert c.read() >= 1
+
+
+def test_tpm_clear_removes_it_and_never_lowers_it(private_swtpm: Swtpm) -> None:
+    """TPM2_Clear (possible with the default empty lockout authorisation) deletes the
+    counter: AnchorMissing. A counter defined again at the same index after the clear
+    starts above the old value, so an older store is still detected."""
+    from tpm2_pytss import ESAPI, ESYS_TR
+
+    s = TpmSettings(tcti=private_swtpm.tcti)
+    c = TpmCounter.define(s)
+    high = c.advance_to(c.read() + 20)
+    with ESAPI(private_swtpm.tcti) as esys:
+        esys.clear(ESYS_TR.RH_LOCKOUT)
+    with pytest.raises(AnchorMissing):
+        c.read()
+    define_nv(private_swtpm.tcti, int(c.ref, 16), COUNTER_ATTRIBUTES, 8)
+    assert c.read() > high
+    with pytest.raises(KeystoreRolledBack):
+        c.advance_to(high)

@@ -442,14 +442,21 @@ def semantic_problems(cfg: Config) -> list[Problem]:
             )
         )
     if cfg.min_security_level is not None and cfg.min_security_level < default:
+        consented = cfg.fallback.allow_below_minimum
         out.append(
             Problem(
                 "min_security_level",
                 cfg.min_security_level.label,
                 f"lowers the default minimum ({default.label}) for "
-                f"{cfg.environment.value}/{cfg.network.value}",
-                "remove the override unless this is deliberate",
-                "warning",
+                f"{cfg.environment.value}/{cfg.network.value}"
+                + (
+                    " (consented by fallback.allow_below_minimum; recorded in the audit log)"
+                    if consented
+                    else "; opening is refused without consent"
+                ),
+                "remove the override (min_security_level or ANYHSM_MIN_SECURITY_LEVEL)"
+                + ("" if consented else ", or consent with fallback.allow_below_minimum = true"),
+                "warning" if consented else "error",
             )
         )
     if cfg.audit.path is None:
@@ -573,7 +580,7 @@ def semantic_problems(cfg: Config) -> list[Problem]:
                         str(fp),
                         "secret file is accessible to group/others",
                         f"chmod 600 {fp}",
-                        "error" if prod else "warning",
+                        "error" if cfg.environment is not Environment.DEVELOPMENT else "warning",
                     )
                 )
     if "pkcs11" in chain:

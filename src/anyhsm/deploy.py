@@ -6,7 +6,7 @@ from pathlib import Path
 
 from anyhsm.config import Config
 from anyhsm.errors import ConfigError
-from anyhsm.fsutil import atomic_write, make_private_dir
+from anyhsm.fsutil import atomic_write, make_private_dir, read_secret_file
 from anyhsm.hsm import open_hsm
 from anyhsm.keystore import KdfParams, Keystore
 from anyhsm.providers.software import passphrase_problems
@@ -38,6 +38,43 @@ durability = "batched"               # batched | fsync
 """
 
 
+def require_keystore_rules(
+    environment: Environment,
+    passphrase: SecretBytes | None,
+    kdf: KdfParams,
+    *,
+    action: str,
+) -> None:
+    """The production rules for a keystore's passphrase and KDF, in ONE place: applied
+    when a keystore is created (``init``) and when its passphrase or KDF changes
+    (``keystore passwd``), so neither can leave a production store weaker than the other
+    (a 32+ character passphrase, KDF cost at least the production minimum)."""
+    if environment is not Environment.PRODUCTION:
+        return
+    problems = passphrase_problems(passphrase, kdf)
+    if problems:
+        raise ConfigError(
+            f"refusing to {action} a production keystore: " + "; ".join(problems),
+            hint="use a passphrase of 32+ characters and the default KDF "
+            "(or raise [providers.software.kdf])",
+        )
+
+
+def check_passwd(config: Config, new_passphrase_file: str | Path | None) -> None:
+    """Refuse a ``keystore passwd`` that would break the production rules of ``init``:
+    the new passphrase (read from its file under the secret-file rule) and the KDF the
+    configuration asks for. Called before anything is unlocked or written."""
+    params = KdfParams.from_settings(config.provider_settings("software").get("kdf"))
+    if new_passphrase_file is None:
+        require_keystore_rules(config.environment, None, params, action="re-key")
+        return
+    new = read_secret_file(Path(new_passphrase_file), "new passphrase", config.environment)
+    try:
+        require_keystore_rules(config.environment, new, params, action="re-key")
+    finally:
+        new.wipe()
+
+
 def init_deployment(
     directory: Path,
     passphrase: SecretBytes,
@@ -49,13 +86,7 @@ def init_deployment(
 ) -> Path:
     """Create keystore, config and audit log in ``directory``; return the config path."""
     params = kdf or KdfParams()
-    if environment is Environment.PRODUCTION:
-        problems = passphrase_problems(passphrase, params)
-        if problems:
-            raise ConfigError(
-                "refusing to create a production keystore: " + "; ".join(problems),
-                hint="use a passphrase of 32+ characters and the default KDF",
-            )
+    require_keystore_rules(environment, passphrase, params, action="create")
     make_private_dir(directory)
     cfg_path = directory / CONFIG_NAME
     if cfg_path.exists():

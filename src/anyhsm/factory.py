@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from anyhsm.config import Config
+from anyhsm import fsutil
+from anyhsm.config import Config, default_min_level
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import (
     AllProvidersFailed,
@@ -33,6 +34,7 @@ from anyhsm.errors import (
     SecurityLevelTooLow,
     SigningFailed,
 )
+from anyhsm.hardening import harden_process
 from anyhsm.provider import Provider, ProviderContext
 from anyhsm.secret import SecretBytes
 from anyhsm.types import (
@@ -140,7 +142,14 @@ class Attempt:
 def resolve_passphrase(
     config: Config, given: SecretBytes | str | bytes | None
 ) -> SecretBytes | None:
-    """Passphrase from the caller, ANYHSM_PASSPHRASE or the configured passphrase file."""
+    """Passphrase from the caller, ANYHSM_PASSPHRASE or the configured passphrase file.
+
+    The file is read under the one rule for secret files
+    (:func:`anyhsm.fsutil.read_secret_file`), the same as ``--passphrase-file`` and the
+    PIN file. The process is hardened first, so the passphrase never sits in a
+    dumpable process outside development.
+    """
+    harden_process(config.environment)
     if isinstance(given, SecretBytes):
         return given
     if isinstance(given, str):
@@ -152,18 +161,54 @@ def resolve_passphrase(
         return SecretBytes(env.encode())
     pf = config.provider_settings("software").get("passphrase_file")
     if isinstance(pf, str):
-        return read_secret_file(config.resolve(pf), "passphrase")
+        return fsutil.read_secret_file(config.resolve(pf), "passphrase", config.environment)
     return None
 
 
-def read_secret_file(path: Path, what: str) -> SecretBytes:
-    try:
-        data = bytearray(path.read_bytes())
-    except OSError as e:
-        raise ConfigError(f"cannot read the {what} file {path}: {e.strerror}") from None
-    while data and data[-1] in (0x0A, 0x0D):
-        data.pop()
-    return SecretBytes.take(data)
+def read_secret_file(
+    path: Path, what: str, environment: Environment = Environment.PRODUCTION
+) -> SecretBytes:
+    """The one rule for secret files (:func:`anyhsm.fsutil.read_secret_file`); without an
+    environment, the strictest (production's)."""
+    return fsutil.read_secret_file(path, what, environment)
+
+
+def floor_lowered(config: Config) -> bool:
+    """True when ``min_security_level`` (file or ``ANYHSM_MIN_SECURITY_LEVEL``) is below
+    the environment's default floor (:func:`anyhsm.config.default_min_level`)."""
+    level = config.min_security_level
+    return level is not None and level < default_min_level(config.environment, config.network)
+
+
+def check_floor(config: Config) -> None:
+    """Lowering the security floor below the environment's default needs the explicit
+    consent ``fallback.allow_below_minimum = true``; without it the open fails closed.
+    With it, the lowering is logged as a warning (and recorded in the audit log's
+    ``open`` entry, see :func:`floor_detail`)."""
+    if not floor_lowered(config):
+        return
+    assert config.min_security_level is not None
+    default = default_min_level(config.environment, config.network)
+    what = (
+        f"min_security_level {config.min_security_level.label} is below the default minimum "
+        f"{default.label} for {config.environment.value} on {config.network.value}"
+    )
+    if not config.fallback.allow_below_minimum:
+        raise SecurityLevelTooLow(
+            f"{what}; refused without consent",
+            hint="remove the override (ANYHSM_MIN_SECURITY_LEVEL or min_security_level), or "
+            "give explicit consent with fallback.allow_below_minimum = true",
+        )
+    log.warning("anyhsm: %s (consented by fallback.allow_below_minimum)", what)
+
+
+def floor_detail(config: Config) -> dict[str, str]:
+    """The floor in force and the environment's default, for the audit log's open entry."""
+    return {
+        "min_security_level": config.effective_min_level.label,
+        "default_min_security_level": default_min_level(config.environment, config.network).label,
+        "floor_lowered": "yes" if floor_lowered(config) else "no",
+    }
 
 
 def provider_context(config: Config, name: str, passphrase: SecretBytes | None) -> ProviderContext:
@@ -250,6 +295,8 @@ class ChainResult:
 
 def walk_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
     """Open the first healthy provider of the chain that policy allows."""
+    harden_process(config.environment)
+    check_floor(config)
     minimum = config.effective_min_level
     attempts: list[Attempt] = []
     chosen: tuple[Provider, bytes] | None = None

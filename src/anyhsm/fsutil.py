@@ -11,14 +11,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import getpass
+import logging
 import os
 import secrets
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from anyhsm.errors import LockTimeout
+from anyhsm.errors import ConfigError, LockTimeout, SecretFileExposed
+from anyhsm.secret import SecretBytes, wipe
+from anyhsm.types import Environment
+
+log = logging.getLogger("anyhsm")
 
 TEMP_SUFFIX = ".tmp-anyhsm"
 
@@ -90,6 +97,130 @@ def readable_by_others(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return bool(st.st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
+# --- secret files ---------------------------------------------------------------------
+
+MAX_SECRET_FILE_BYTES = 64 * 1024
+"""No secret anyhsm reads (passphrase, PIN, mnemonic, xprv, WIF, hex key) is near this;
+a larger file is a mistake (or an attempt to exhaust memory) and is refused unread."""
+
+STDIN = "-"
+"""The name that makes :func:`read_secret_source` read standard input."""
+
+
+def check_secret_mode(path: Path | str, mode: int, what: str, environment: Environment) -> None:
+    """The one rule for every secret file: group or others may not access it.
+
+    Refused with :class:`SecretFileExposed` in staging and production; a warning in
+    development (where test fixtures and demos live). Used for the keystore passphrase
+    file (config and ``--passphrase-file``), the PKCS#11 PIN file, the BIP39 passphrase
+    file and the files ``key import`` reads secrets from.
+    """
+    if not mode & 0o077:
+        return
+    text = (
+        f"the {what} file {path} is accessible by group or others (mode {stat.S_IMODE(mode):03o})"
+    )
+    if environment is not Environment.DEVELOPMENT:
+        raise SecretFileExposed(
+            f"{text}; refused in {environment.value}",
+            hint=f"chmod 600 {path}",
+        )
+    log.warning("anyhsm: %s; this is refused in staging and production (chmod 600 %s)", text, path)
+
+
+def _read_fd(fd: int, size_hint: int, what: str, where: str) -> SecretBytes:
+    """Read ``fd`` to its end into a SecretBytes, trailing newlines (LF/CRLF) removed.
+
+    The bytes go straight into a bytearray that is wiped after the copy; nothing of them
+    ever reaches an error message.
+    """
+    buf = bytearray(min(max(size_hint, 0), MAX_SECRET_FILE_BYTES) + 1)
+    view = memoryview(buf)
+    try:
+        n = 0
+        while True:
+            if n == len(buf):
+                if len(buf) > MAX_SECRET_FILE_BYTES:
+                    raise ConfigError(
+                        f"the {what} {where} is larger than {MAX_SECRET_FILE_BYTES} bytes",
+                        hint="point it at the file that holds only the secret",
+                    )
+                grown = bytearray(min(len(buf) * 2, MAX_SECRET_FILE_BYTES + 1))
+                grown[:n] = view[:n]
+                view.release()
+                wipe(buf)
+                buf, view = grown, memoryview(grown)
+            got = os.readv(fd, [view[n:]])
+            if got == 0:
+                break
+            n += got
+        while n and buf[n - 1] in (0x0A, 0x0D):
+            n -= 1
+        out = SecretBytes(n)
+        out.buffer[:] = view[:n]
+        return out
+    finally:
+        view.release()
+        wipe(buf)
+
+
+def read_secret_file(path: Path, what: str, environment: Environment) -> SecretBytes:
+    """The secret held in ``path``: a regular file (not a symlink), no larger than
+    :data:`MAX_SECRET_FILE_BYTES`, passing :func:`check_secret_mode`.
+
+    The mode is checked on the opened descriptor, so the file checked is the file read.
+    Errors name the file and the reason, never its bytes.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"the {what} file {path} does not exist",
+            hint="create it with mode 600, or fix the path",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"the {what} file {path} cannot be opened: {exc.strerror}",
+            hint="it must be a regular file (not a symlink) readable by this user",
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"the {what} file {path} is not a regular file")
+        check_secret_mode(path, st.st_mode, what, environment)
+        if st.st_size > MAX_SECRET_FILE_BYTES:
+            raise ConfigError(
+                f"the {what} file {path} is larger than {MAX_SECRET_FILE_BYTES} bytes",
+                hint="point it at the file that holds only the secret",
+            )
+        return _read_fd(fd, st.st_size, what, f"file {path}")
+    finally:
+        os.close(fd)
+
+
+def read_secret_source(
+    source: str, what: str, environment: Environment, *, prompt: str | None = None
+) -> SecretBytes:
+    """A secret from a file, or from standard input when ``source`` is ``-``.
+
+    Standard input on a terminal is a prompt without echo; a pipe is read to its end;
+    a file redirected to standard input is held to the same mode rule as a named file.
+    """
+    if source != STDIN:
+        return read_secret_file(Path(source), what, environment)
+    stdin = sys.stdin
+    if stdin is None:
+        raise ConfigError(f"no standard input to read the {what} from")
+    if stdin.isatty():
+        text = getpass.getpass(prompt or f"{what[:1].upper()}{what[1:]}: ")
+        return SecretBytes.take(bytearray(text.encode("utf-8")))
+    fd = stdin.fileno()
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        check_secret_mode("(standard input)", st.st_mode, what, environment)
+    return _read_fd(fd, st.st_size if stat.S_ISREG(st.st_mode) else 4096, what, "on standard input")
 
 
 @contextlib.contextmanager

@@ -43,11 +43,13 @@ from anyhsm.factory import (
     PROVIDER_LEVELS,
     Attempt,
     ChainResult,
+    floor_detail,
     resolve_passphrase,
     signing_probe,
     walk_chain,
 )
 from anyhsm.fsutil import atomic_write
+from anyhsm.hardening import process_status
 from anyhsm.keystore import KeyRecord, Keystore
 from anyhsm.provider import (
     BatchSigner,
@@ -92,6 +94,7 @@ class HealthReport:
     network: str
     providers: list[dict[str, object]] = field(default_factory=list)
     audit: dict[str, object] = field(default_factory=dict)
+    process: dict[str, object] = field(default_factory=dict)  # core dumps, dumpable, dontdump
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -103,6 +106,7 @@ class HealthReport:
             "network": self.network,
             "providers": self.providers,
             "audit": self.audit,
+            "process": self.process,
         }
 
 
@@ -260,6 +264,7 @@ class Hsm:
                 "environment": self._config.environment.value,
                 "network": self._config.network.value,
                 "fallback": "yes" if self._active.name != first else "no",
+                **floor_detail(self._config),
             },
         )
 
@@ -945,6 +950,7 @@ class Hsm:
             network=self._config.network.value,
             providers=rows,
             audit=audit,
+            process=process_status(self._config.environment).to_dict(),
         )
         assert self._audit is not None
         self._audit.append("health", "ok" if ok else "error", provider=self._active.name)

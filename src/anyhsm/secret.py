@@ -4,7 +4,9 @@ What Python can and cannot guarantee (see docs/security-model.md):
 - The bytes live in one ``bytearray`` that we overwrite with zeros on
   :meth:`SecretBytes.wipe`, on ``close`` of its owner, and when used as a
   context manager. Where the OS allows, its pages are ``mlock``-ed so they are
-  not written to swap (reported in ``health``).
+  not written to swap, and marked ``MADV_DONTDUMP`` so a core dump leaves them out
+  (both best effort, both reported in ``health``; staging and production also make the
+  whole process non-dumpable, see :mod:`anyhsm.hardening`).
 - Python may still have made copies we cannot reach: the ``bytes`` a caller
   passed in, intermediate objects inside ``cryptography`` (its AEAD keys), the
   garbage collector moving nothing but not clearing freed memory either. We
@@ -18,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import hmac
+import mmap
 import sys
 from types import TracebackType
 from typing import Self
@@ -30,6 +33,9 @@ except OSError:  # pragma: no cover - exotic platforms
     _libc = None
 
 _mlock_state = {"attempted": 0, "locked": 0}
+_dontdump_state = {"attempted": 0, "marked": 0}
+MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)  # Linux value; the module has it on Linux
+_PAGE = mmap.PAGESIZE
 
 
 def mlock_status() -> str:
@@ -41,6 +47,20 @@ def mlock_status() -> str:
     if _mlock_state["locked"] == _mlock_state["attempted"]:
         return "locked"
     if _mlock_state["locked"] == 0:
+        return "unavailable"
+    return "partial"
+
+
+def dontdump_status() -> str:
+    """'marked', 'partial', 'unavailable' or 'unused': whether secret buffers are
+    excluded from core dumps (``MADV_DONTDUMP``), for health reports."""
+    if _libc is None or not sys.platform.startswith("linux"):
+        return "unavailable"
+    if _dontdump_state["attempted"] == 0:
+        return "unused"
+    if _dontdump_state["marked"] == _dontdump_state["attempted"]:
+        return "marked"
+    if _dontdump_state["marked"] == 0:
         return "unavailable"
     return "partial"
 
@@ -61,6 +81,30 @@ def _mlock(buf: bytearray) -> bool:
         ok = False
     if ok:
         _mlock_state["locked"] += 1
+    return ok
+
+
+def _dontdump(buf: bytearray) -> bool:
+    """Mark the pages holding ``buf`` MADV_DONTDUMP (whole pages: madvise needs an
+    aligned start; neighbours on those pages are left out of a core too, which is fine).
+    The mark stays after the buffer is wiped: the pages may hold other secrets."""
+    if _libc is None or not buf or not sys.platform.startswith("linux"):
+        return False
+    _dontdump_state["attempted"] += 1
+    try:
+        addr = _buffer_address(buf)
+        start = addr & ~(_PAGE - 1)
+        end = (addr + len(buf) + _PAGE - 1) & ~(_PAGE - 1)
+        ok = bool(
+            _libc.madvise(
+                ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(MADV_DONTDUMP)
+            )
+            == 0
+        )
+    except (AttributeError, OSError):
+        ok = False
+    if ok:
+        _dontdump_state["marked"] += 1
     return ok
 
 
@@ -90,6 +134,7 @@ class SecretBytes:
         size = data if isinstance(data, int) else len(data)
         self._buf = bytearray(size)
         self._locked = _mlock(self._buf)
+        _dontdump(self._buf)
         if not isinstance(data, int):
             self._buf[:] = data
         self._wiped = False

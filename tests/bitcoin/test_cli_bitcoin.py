@@ -40,6 +40,15 @@ def _deploy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, network: Network) -
     return cfg
 
 
+def _import_wallet(r: Run, directory: Path) -> None:
+    """Import the test mnemonic from a 0600 file (secrets never go in argv)."""
+    words = directory / "mnemonic.txt"
+    words.write_text(MNEMONIC + "\n")
+    words.chmod(0o600)
+    code, _, err = r("key", "import", "--label", "w", "--mnemonic-file", str(words))
+    assert code == 0, err
+
+
 def _runner(capsys: pytest.CaptureFixture[str]) -> Run:
     def run(*args: str) -> tuple[int, str, str]:
         code = main(list(args))
@@ -54,7 +63,7 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     """Regtest deployment with the BIP39 'abandon ... about' wallet imported as ``w``."""
     _deploy(tmp_path, monkeypatch, Network.REGTEST)
     r = _runner(capsys)
-    assert r("key", "import", "--label", "w", "--mnemonic", MNEMONIC)[0] == 0
+    _import_wallet(r, tmp_path)
     return r
 
 
@@ -64,7 +73,7 @@ def mainnet(
 ) -> Run:
     _deploy(tmp_path, monkeypatch, Network.MAINNET)
     r = _runner(capsys)
-    assert r("key", "import", "--label", "w", "--mnemonic", MNEMONIC)[0] == 0
+    _import_wallet(r, tmp_path)
     return r
 
 

@@ -186,27 +186,42 @@ def test_export_requires_policy_and_flag(
     assert oct(out_file.stat().st_mode & 0o777) == "0o600"
 
 
-def test_import_wif_and_network_check(deployment: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def secret_file(directory: Path, name: str, text: str) -> Path:
+    """A secret file the way an operator should write one: mode 0600."""
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def test_import_wif_and_network_check(
+    deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from anyhsm.bitcoin.address import wif_encode
     from anyhsm.types import Network
 
     c = ["--config", str(deployment)]
-    wif_regtest = wif_encode(bytes.fromhex("33" * 32), Network.REGTEST)
+    wif_regtest = secret_file(
+        tmp_path, "regtest.wif", wif_encode(bytes.fromhex("33" * 32), Network.REGTEST) + "\n"
+    )
     code, out, err = run(
-        capsys, *c, "key", "import", "--label", "w", "--wif", wif_regtest, "--json"
+        capsys, *c, "key", "import", "--label", "w", "--wif-file", str(wif_regtest), "--json"
     )
     assert code == 0, err
     assert (
         json.loads(out)["public_key"]
         == coincurve.PrivateKey(b"\x33" * 32).public_key.format().hex()
     )
-    wif_main = wif_encode(bytes.fromhex("44" * 32), Network.MAINNET)
-    code, _, err = run(capsys, *c, "key", "import", "--label", "w2", "--wif", wif_main)
+    wif_main = secret_file(tmp_path, "main.wif", wif_encode(bytes.fromhex("44" * 32), Network.MAINNET))
+    code, _, err = run(capsys, *c, "key", "import", "--label", "w2", "--wif-file", str(wif_main))
     assert code == 7 and "mainnet" in err
 
 
-def test_import_mnemonic(deployment: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    words = "abandon " * 11 + "about"
+def test_import_mnemonic(
+    deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    words = secret_file(tmp_path, "words", "abandon " * 11 + "about\n")
     code, out, err = run(
         capsys,
         "--config",
@@ -215,8 +230,8 @@ def test_import_mnemonic(deployment: Path, capsys: pytest.CaptureFixture[str]) -
         "import",
         "--label",
         "hd",
-        "--mnemonic",
-        words,
+        "--mnemonic-file",
+        str(words),
         "--json",
     )
     assert code == 0, err
@@ -229,8 +244,8 @@ def test_import_mnemonic(deployment: Path, capsys: pytest.CaptureFixture[str]) -
         "import",
         "--label",
         "bad",
-        "--mnemonic",
-        "abandon " * 12,
+        "--mnemonic-file",
+        str(secret_file(tmp_path, "bad", "abandon " * 12)),
     )
     assert code == 2 and "checksum" in err.lower()
 
@@ -238,6 +253,8 @@ def test_import_mnemonic(deployment: Path, capsys: pytest.CaptureFixture[str]) -
 def test_create_bip32_with_mnemonic_shows_it_once(
     deployment: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # A backup display is an export: allowed by the config, the key recorded exportable.
+    deployment.write_text(deployment.read_text() + "\n[policy]\nallow_export = true\n")
     code, out, _ = run(
         capsys,
         "--config",
@@ -250,10 +267,12 @@ def test_create_bip32_with_mnemonic_shows_it_once(
         "bip32",
         "--mnemonic-words",
         "24",
+        "--exportable",
+        "--show-mnemonic-once",
         "--json",
     )
     data = json.loads(out)
-    assert code == 0 and len(data["mnemonic"].split()) == 24
+    assert code == 0 and len(data["mnemonic"].split()) == 24 and data["mnemonic_shown"]
     code, out, _ = run(capsys, "--config", str(deployment), "key", "show", "hd", "--json")
     assert "mnemonic" not in json.loads(out)
     assert data["mnemonic"] not in (deployment.parent / "audit.log").read_text()
@@ -265,8 +284,7 @@ def test_import_mnemonic_with_bip39_passphrase_from_file(
     from anyhsm.bitcoin.bip32 import ExtendedKey
 
     words = "abandon " * 11 + "about"
-    pw = tmp_path / "bip39"
-    pw.write_text("TREZOR\n")
+    pw = secret_file(tmp_path, "bip39", "TREZOR\n")
     code, out, err = run(
         capsys,
         "--config",
@@ -275,8 +293,8 @@ def test_import_mnemonic_with_bip39_passphrase_from_file(
         "import",
         "--label",
         "hd",
-        "--mnemonic",
-        words,
+        "--mnemonic-file",
+        str(secret_file(tmp_path, "words", words)),
         "--bip39-passphrase-file",
         str(pw),
         "--json",
@@ -296,7 +314,7 @@ def test_unreadable_or_binary_secret_file(
     code, _, err = run(
         capsys, *c, "key", "import", "--label", "x", "--secret-file", str(tmp_path / "missing")
     )
-    assert code == 2 and err.count("\n") == 1 and "missing" in err
+    assert code == 3 and err.count("\n") == 1 and "missing" in err
     binary = tmp_path / "bin"
     binary.write_bytes(b"\xfe\xed" + b"\x07" * 30)
     code, _, err = run(capsys, *c, "key", "import", "--label", "x", "--secret-file", str(binary))

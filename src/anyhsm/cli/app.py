@@ -3,7 +3,8 @@
 Commands are thin: they parse arguments, call the library and return a
 :class:`Result` that ``main`` prints as text or as ``--json``. Secrets never
 come from the command line: the passphrase comes from ``ANYHSM_PASSPHRASE``,
-``--passphrase-file`` or an interactive prompt.
+``--passphrase-file`` or an interactive prompt; imported keys from files, standard
+input or a prompt.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import TypeAlias
 
 from anyhsm.config import Config
 from anyhsm.errors import ConfigError, HsmError
-from anyhsm.factory import read_secret_file
+from anyhsm.factory import resolve_passphrase
+from anyhsm.fsutil import read_secret_file
+from anyhsm.hardening import harden_process
 from anyhsm.hsm import Hsm, open_hsm
 from anyhsm.secret import SecretBytes
+from anyhsm.types import Environment
 
 
 @dataclass
@@ -63,6 +67,25 @@ class App:
             self._config = Config.load(self.config_path())
         return self._config
 
+    def _loaded_config(self) -> Config | None:
+        """The config if one is named and loads; None otherwise (the command that needs it
+        reports the error when it opens the handle)."""
+        if self._config is None and not getattr(self.args, "config", None):
+            return None
+        try:
+            return self.config()
+        except ConfigError:
+            return None
+
+    def environment(self) -> Environment:
+        """Whose rules apply to secrets read now: ``init --environment``, else the
+        config's; production's (the strictest) when no config can be read."""
+        env = getattr(self.args, "environment", None)
+        if isinstance(env, str):
+            return Environment(env)
+        cfg = self._loaded_config()
+        return cfg.environment if cfg is not None else Environment.PRODUCTION
+
     def passphrase(
         self,
         *,
@@ -70,21 +93,28 @@ class App:
         confirm: bool = False,
         interactive: bool = True,
     ) -> SecretBytes | None:
-        """From --passphrase-file, ANYHSM_PASSPHRASE, or a prompt on a terminal."""
+        """From --passphrase-file, ANYHSM_PASSPHRASE, the configured passphrase_file, or a
+        prompt on a terminal.
+
+        Files are read under the one rule for secret files (the library's
+        :func:`anyhsm.fsutil.read_secret_file`, also used for the PIN file), and the
+        environment and configured file are resolved by the library's own
+        :func:`anyhsm.factory.resolve_passphrase`, so the CLI and ``open_hsm`` agree.
+        """
+        environment = self.environment()
+        harden_process(environment)
         pf = getattr(self.args, "passphrase_file", None)
         if pf:
-            return read_secret_file(Path(pf), "passphrase")
-        env = os.environ.get("ANYHSM_PASSPHRASE")
-        if env:
-            return SecretBytes(env.encode())
-        if self._config is not None or getattr(self.args, "config", None):
-            try:
-                cfg = self.config()
-                f = cfg.provider_settings("software").get("passphrase_file")
-                if isinstance(f, str):
-                    return read_secret_file(cfg.resolve(f), "passphrase")
-            except ConfigError:
-                pass
+            return read_secret_file(Path(pf), "passphrase", environment)
+        cfg = self._loaded_config()
+        if cfg is not None and not getattr(self.args, "environment", None):
+            found = resolve_passphrase(cfg, None)
+            if found is not None:
+                return found
+        else:
+            env = os.environ.get("ANYHSM_PASSPHRASE")
+            if env:
+                return SecretBytes(env.encode())
         if interactive and sys.stdin is not None and sys.stdin.isatty():
             first = getpass.getpass(prompt)
             if confirm and getpass.getpass("Repeat: ") != first:

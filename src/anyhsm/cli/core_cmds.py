@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from anyhsm.cli.app import App, Result, SubParsers
 from anyhsm.config import Config
-from anyhsm.errors import ConfigError, HsmError, InvalidDigest
+from anyhsm.errors import (
+    ConfigError,
+    HsmError,
+    InvalidDigest,
+    InvalidKeyMaterial,
+    SecretOnCommandLine,
+)
+from anyhsm.fsutil import STDIN
 from anyhsm.hsm import Hsm
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment, KeyInfo, KeyType, Network, SigScheme
@@ -75,46 +84,101 @@ def cmd_init(args: argparse.Namespace, app: App) -> Result:
 def cmd_key_create(args: argparse.Namespace, app: App) -> Result:
     key_type = KeyType.parse(args.type)
     hsm = app.hsm()
+    if args.show_mnemonic_once and not args.mnemonic_words:
+        raise HsmError(
+            "--show-mnemonic-once needs --type bip32 --mnemonic-words N",
+            hint="it shows the words of a new mnemonic, once",
+        )
     if key_type is KeyType.BIP32 and args.mnemonic_words:
-        from anyhsm.bitcoin.bip39 import generate_mnemonic, mnemonic_to_seed
+        from anyhsm.backup import create_mnemonic_key
 
-        words = generate_mnemonic(args.mnemonic_words)
-        with mnemonic_to_seed(words) as seed:
-            info = hsm.import_key(args.label, seed, KeyType.BIP32, exportable=args.exportable)
-        data = info.to_dict()
-        data["mnemonic"] = words
+        made = create_mnemonic_key(
+            hsm,
+            args.label,
+            args.mnemonic_words,
+            exportable=args.exportable,
+            show_once=args.show_mnemonic_once,
+        )
+        data = made.info.to_dict()
+        data["mnemonic_shown"] = made.mnemonic is not None
+        if made.mnemonic is None:
+            return Result(
+                data,
+                [
+                    *key_text(made.info),
+                    "",
+                    "the mnemonic was not shown: the seed exists only in the keystore "
+                    "(a backup display needs --exportable, [policy] allow_export = true "
+                    "and --show-mnemonic-once)",
+                ],
+            )
+        data["mnemonic"] = made.mnemonic
         return Result(
             data,
-            [*key_text(info), "", "mnemonic (write it down now; it is shown only once):", words],
+            [
+                *key_text(made.info),
+                "",
+                "mnemonic (write it down now; it is shown only once):",
+                made.mnemonic,
+            ],
         )
     info = hsm.generate_key(args.label, key_type, exportable=args.exportable)
     return Result(info.to_dict(), key_text(info))
 
 
+_ARGUMENT_FORMS = (("mnemonic", "--mnemonic-file"), ("xprv", "--xprv-file"), ("wif", "--wif-file"))
+
+
+def _refuse_secret_arguments(args: argparse.Namespace) -> None:
+    """``--mnemonic``/``--xprv``/``--wif`` put the secret in argv, which every local user
+    can read in /proc/PID/cmdline: refused, naming the file form, never echoing the value."""
+    for name, file_form in _ARGUMENT_FORMS:
+        if getattr(args, name, None) is not None:
+            raise SecretOnCommandLine(
+                f"--{name} takes the secret as a command-line argument, which other users "
+                "can read (/proc/PID/cmdline, ps) and shells keep in their history; refused",
+                hint=f"use {file_form} FILE (mode 600), or {file_form} - to read standard "
+                "input (a prompt on a terminal)",
+            )
+
+
 def cmd_key_import(args: argparse.Namespace, app: App) -> Result:
-    hsm = app.hsm()
-    sources = [s for s in (args.mnemonic, args.xprv, args.wif, args.secret_file) if s]
+    _refuse_secret_arguments(args)
+    sources = [
+        s for s in (args.mnemonic_file, args.xprv_file, args.wif_file, args.secret_file) if s
+    ]
     if len(sources) != 1:
         raise HsmError(
-            "give exactly one of --mnemonic, --xprv, --wif or --secret-file",
-            hint="secrets may also be read from a file to keep them out of shell history",
+            "give exactly one of --mnemonic-file, --xprv-file, --wif-file or --secret-file",
+            hint="FILE may be - to read standard input (a prompt on a terminal)",
         )
-    if args.mnemonic:
+    if sources.count(STDIN) and args.bip39_passphrase_file == STDIN:
+        raise HsmError("standard input can give only one secret")
+    hsm = app.hsm()
+    environment = hsm.config.environment
+    if args.mnemonic_file:
         from anyhsm.bitcoin.bip39 import mnemonic_to_seed, validate_mnemonic
 
-        words = _maybe_file(args.mnemonic)
+        words = _secret_text(args.mnemonic_file, "mnemonic", environment)
         validate_mnemonic(words)
         bip39_pw = os.environ.get("ANYHSM_BIP39_PASSPHRASE", "")
         if args.bip39_passphrase_file:
-            bip39_pw = Path(args.bip39_passphrase_file).read_text(encoding="utf-8").rstrip("\r\n")
+            bip39_pw = _secret_text(
+                args.bip39_passphrase_file, "BIP39 passphrase", environment, strip=False
+            )
         with mnemonic_to_seed(words, bip39_pw) as seed:
             info = hsm.import_key(args.label, seed, KeyType.BIP32, exportable=args.exportable)
-    elif args.xprv:
-        info = _import_xprv(hsm, args.label, _maybe_file(args.xprv), args.exportable)
-    elif args.wif:
+    elif args.xprv_file:
+        text = _secret_text(args.xprv_file, "xprv", environment)
+        with _no_echo("xprv"):
+            info = _import_xprv(hsm, args.label, text, args.exportable)
+    elif args.wif_file:
         from anyhsm.bitcoin.address import wif_decode
 
-        secret, networks, _compressed = wif_decode(_maybe_file(args.wif))
+        with _no_echo("WIF key"):
+            secret, networks, _compressed = wif_decode(
+                _secret_text(args.wif_file, "WIF", environment)
+            )
         with secret:
             if hsm.network not in networks:
                 from anyhsm.errors import NetworkMismatch
@@ -125,12 +189,50 @@ def cmd_key_import(args: argparse.Namespace, app: App) -> Result:
                 )
             info = hsm.import_key(args.label, secret, KeyType.SECP256K1, exportable=args.exportable)
     else:
-        raw = Path(args.secret_file).read_bytes().strip()
-        with SecretBytes(_hex(raw.decode("utf-8", "replace"), "secret file")) as sb:
+        from anyhsm.fsutil import read_secret_source
+
+        with read_secret_source(args.secret_file, "secret", environment) as raw:
+            # Not text, or not hex: the same one-line error, quoting nothing of the file.
+            text = raw.buffer.decode("ascii", "replace")
+        with SecretBytes(_hex(text, "secret file")) as sb:
             info = hsm.import_key(
                 args.label, sb, KeyType.parse(args.type), exportable=args.exportable
             )
     return Result(info.to_dict(), key_text(info))
+
+
+@contextmanager
+def _no_echo(what: str) -> Iterator[None]:
+    """Decoding errors that would quote a character of the secret (``invalid Base58
+    character 'x'``) are replaced by one that does not."""
+    from anyhsm.errors import Bip32Error, EncodingError
+
+    try:
+        yield
+    except (EncodingError, Bip32Error) as e:
+        if "'" in e.message or '"' in e.message:
+            raise type(e)(
+                f"the {what} is not valid: it holds a character that is not allowed",
+                hint="check it for a typing error",
+            ) from None
+        raise
+
+
+def _secret_text(source: str, what: str, environment: Environment, *, strip: bool = True) -> str:
+    """A secret read by the library's one secret-file rule (file or ``-``), as text; a
+    file that is not UTF-8 is refused without quoting any of its bytes."""
+    from anyhsm.fsutil import read_secret_source
+
+    with read_secret_source(source, what, environment, prompt=f"{what}: ") as sb:
+        try:
+            text = sb.buffer.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidKeyMaterial(
+                f"the {what} {'on standard input' if source == STDIN else 'file'} is not "
+                "UTF-8 text",
+                hint="it must hold only the secret, as text",
+            ) from None
+    return text.strip() if strip else text
 
 
 def _import_xprv(hsm: Hsm, label: str, text: str, exportable: bool) -> KeyInfo:
@@ -156,13 +258,6 @@ def _import_xprv(hsm: Hsm, label: str, text: str, exportable: bool) -> KeyInfo:
             node.buffer[:32] = xkey.chain_code
             node.buffer[32:] = secret.buffer
             return hsm.import_key(label, node, KeyType.BIP32_NODE, exportable=exportable)
-
-
-def _maybe_file(value: str) -> str:
-    """``@path`` reads the value from a file (keeps secrets out of argv and history)."""
-    if value.startswith("@"):
-        return Path(value[1:]).read_text(encoding="utf-8", errors="replace").strip()
-    return value.strip()
 
 
 def cmd_key_list(args: argparse.Namespace, app: App) -> Result:
@@ -282,6 +377,9 @@ def cmd_config_check(args: argparse.Namespace, app: App) -> Result:
 
 def cmd_keystore_passwd(args: argparse.Namespace, app: App) -> Result:
     """Change the passphrase and/or raise the KDF cost (re-wraps the master key only)."""
+    from anyhsm.deploy import check_passwd
+
+    check_passwd(app.config(), args.new_passphrase_file)  # the production rules of init
     from anyhsm.factory import provider_context
     from anyhsm.keystore import KdfParams, Keystore
     from anyhsm.providers.software import keystore_path
@@ -296,7 +394,7 @@ def cmd_keystore_passwd(args: argparse.Namespace, app: App) -> Result:
         )
     from anyhsm.factory import read_secret_file
 
-    new = read_secret_file(Path(args.new_passphrase_file), "new passphrase")
+    new = read_secret_file(Path(args.new_passphrase_file), "new passphrase", cfg.environment)
     ks = Keystore.load(keystore_path(provider_context(cfg, "software", None)))
     ks.unlock_with_passphrase(old)
     try:
@@ -327,20 +425,36 @@ def register(sub: SubParsers) -> None:
         "--mnemonic-words",
         type=int,
         choices=[12, 15, 18, 21, 24],
-        help="for --type bip32: make it from a new BIP39 mnemonic (shown once)",
+        help="for --type bip32: make it from a new BIP39 mnemonic (not shown unless "
+        "--show-mnemonic-once)",
+    )
+    c.add_argument(
+        "--show-mnemonic-once",
+        action="store_true",
+        help="show the new mnemonic once, as a backup; an export: needs --exportable and "
+        "[policy] allow_export = true, and is audited",
     )
     c.add_argument("--exportable", action="store_true")
     c.set_defaults(func=cmd_key_create)
-    i = ks.add_parser("import", help="import a key (mnemonic, xprv, WIF or raw secret file)")
+    i = ks.add_parser(
+        "import",
+        help="import a key (mnemonic, xprv, WIF or raw secret) from a file or standard input",
+    )
     i.add_argument("--label", required=True)
-    i.add_argument("--mnemonic", help="BIP39 words, or @FILE")
+    i.add_argument("--mnemonic-file", metavar="FILE", help="BIP39 words; - for standard input")
     i.add_argument(
         "--bip39-passphrase-file",
+        metavar="FILE",
         help="file holding the BIP39 passphrase (or set ANYHSM_BIP39_PASSPHRASE)",
     )
-    i.add_argument("--xprv", help="extended private key, or @FILE")
-    i.add_argument("--wif", help="WIF private key, or @FILE")
-    i.add_argument("--secret-file", help="file holding a hex secret")
+    i.add_argument("--xprv-file", metavar="FILE", help="master extended private key; - for stdin")
+    i.add_argument("--wif-file", metavar="FILE", help="WIF private key; - for standard input")
+    i.add_argument("--secret-file", metavar="FILE", help="hex secret; - for standard input")
+    # The argument forms are refused (the secret would be in argv). They stay defined,
+    # swallowing any number of words, so that argparse never echoes an unquoted mnemonic
+    # as "unrecognized arguments".
+    for name in ("--mnemonic", "--xprv", "--wif"):
+        i.add_argument(name, nargs="*", help=argparse.SUPPRESS)
     i.add_argument("--type", default="secp256k1")
     i.add_argument("--exportable", action="store_true")
     i.set_defaults(func=cmd_key_import)

@@ -3,20 +3,21 @@
 The PIN is read from the ``pin_file`` when one is configured, otherwise from the
 environment variable ``ANYHSM_PKCS11_PIN``; never from the config file itself or
 from a command-line argument (both end up in shell history, process listings or
-backups). In production a PIN file that group or others may access is refused.
+backups). Outside development a PIN file that group or others may access is refused
+(the same rule as every other secret file).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from anyhsm.errors import ConfigError
+from anyhsm.fsutil import read_secret_file
 from anyhsm.provider import ProviderContext
-from anyhsm.secret import SecretBytes, wipe
+from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment
 
 PIN_ENV = "ANYHSM_PKCS11_PIN"
@@ -113,51 +114,14 @@ class Pkcs11Settings:
 
 
 def read_pin_file(path: Path, environment: Environment) -> SecretBytes:
-    """The PIN stored in ``path`` (one trailing newline allowed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        raise ConfigError(
-            f"the PIN file {path} does not exist", hint="create it with mode 600, or fix pin_file"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            f"the PIN file {path} cannot be opened: {exc.strerror}",
-            hint="it must be a regular file (not a symlink) readable by this user",
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"the PIN file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            text = (
-                f"the PIN file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):03o})"
-            )
-            if environment is Environment.PRODUCTION:
-                raise ConfigError(f"{text}; refused in production", hint=f"chmod 600 {path}")
-            log.warning("%s; this is refused in production (chmod 600)", text)
-        buf = bytearray(st.st_size + 1)
-        view = memoryview(buf)
-        try:
-            n = 0
-            while n < len(buf):
-                got = os.readv(fd, [view[n:]])
-                if got == 0:
-                    break
-                n += got
-            while n and buf[n - 1] in (0x0A, 0x0D):  # one trailing newline (or CRLF)
-                n -= 1
-            if not n:
-                raise ConfigError(f"the PIN file {path} is empty")
-            pin = SecretBytes(n)
-            pin.buffer[:] = view[:n]
-            return pin
-        finally:
-            view.release()
-            wipe(buf)
-    finally:
-        os.close(fd)
+    """The PIN stored in ``path`` (one trailing newline allowed), under the one rule for
+    secret files (:func:`anyhsm.fsutil.read_secret_file`: regular file, not a symlink,
+    refused outside development when group or others may access it)."""
+    pin = read_secret_file(path, "PIN", environment)
+    if not len(pin):
+        pin.wipe()
+        raise ConfigError(f"the PIN file {path} is empty")
+    return pin
 
 
 def load_pin(settings: Pkcs11Settings, environment: Environment) -> SecretBytes:

@@ -1,11 +1,21 @@
 """Append-only, HMAC-chained JSON-lines audit log, and its verifier.
 
-Each line is one JSON object with a sequence number, time, operation, outcome,
-provider, key id and error class, plus ``mac`` = HMAC-SHA256(key, previous mac
-|| canonical JSON of the entry without its mac). Editing, deleting,
-reordering or inserting a line breaks the chain at that line; truncating the
-tail is caught against a checkpoint (last sequence number and mac, itself
-MAC-ed) kept with the keystore.
+Each line is the canonical JSON of one entry (sorted keys, no spaces, ASCII)
+followed by its MAC: ``{...,"mac":"<hex>"}``, where the MAC is
+HMAC-SHA256(key, previous mac || the exact bytes of the line before ``,"mac"``,
+closed by ``}``). The MAC covers the bytes on disk, not a parse of them, and a
+line that is not in canonical form fails verification even when its MAC
+matches, so an entry cannot be re-spelled (``\\u`` escapes, spacing, key order)
+to hide it from grep, SIEM rules or log filters.
+
+The state of the chain (its number, the last checkpointed sequence number, MAC
+and byte offset, its genesis value, and the MAC keys) lives in authenticated
+storage behind :class:`AuditStateStore`: the keystore manifest in every real
+deployment, whose generation only grows. Before anything is appended, the log on
+disk is checked against that state: a missing, shorter, swapped or replayed log
+makes opening fail closed with :class:`AuditStateMismatch`. Recovery is an
+explicit, audited step (:func:`recover_chain`): the first entry of the new
+chain records what was lost, and its genesis is the last MAC the state knew.
 
 Durability: in "batched" mode (default) each entry is written to the OS with
 one ``write`` before the operation returns, so killing the process loses
@@ -20,18 +30,27 @@ the tail when another process has written since.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
-from anyhsm.errors import AuditError, AuditTampered, AuditWriteFailed
+from anyhsm.errors import (
+    AuditKeyRotated,
+    AuditStateMismatch,
+    AuditTampered,
+    AuditWriteFailed,
+    HsmError,
+)
 from anyhsm.secret import SecretBytes
 
 log = logging.getLogger("anyhsm")
@@ -40,9 +59,15 @@ GENESIS = bytes(32)
 MAX_SEQ = 2**63 - 1
 CHECKPOINT_INTERVAL_S = 1.0
 _TAIL_READ = 1 << 16
-
+_MAC_SUFFIX = re.compile(rb',"mac":"([0-9a-f]{64})"\}\Z')
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+principal: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "anyhsm_audit_principal", default=None
+)
+"""Who asks, beyond the process (uid, pid): set by a front end that authenticates callers
+(the signing service sets the client name); recorded in every entry made meanwhile."""
 
 
 def _canonical(obj: Mapping[str, object]) -> bytes:
@@ -63,22 +88,242 @@ def _timestamp() -> str:
     return f"{_ts_cache[1]}.{us:06d}+00:00"
 
 
-def entry_mac(key: SecretBytes, prev: bytes, body: Mapping[str, object]) -> bytes:
-    return hmac.digest(key.buffer, prev + _canonical(body), "sha256")
+def line_mac(key: SecretBytes, prev: bytes, body: bytes) -> bytes:
+    """The MAC of one line, over the exact bytes of its body (the line without its mac)."""
+    return hmac.digest(key.buffer, prev + body, "sha256")
 
 
-def checkpoint_mac(key: SecretBytes, seq: int, mac: bytes) -> bytes:
-    return hmac.digest(
-        key.buffer, b"anyhsm-audit-checkpoint" + seq.to_bytes(8, "big") + mac, "sha256"
-    )
+def split_line(raw: bytes) -> tuple[bytes, bytes] | None:
+    """(body bytes, mac) of one line as written, or None if it does not end in a mac."""
+    m = _MAC_SUFFIX.search(raw)
+    if m is None:
+        return None
+    return raw[: m.start()] + b"}", bytes.fromhex(m.group(1).decode())
 
 
-def make_checkpoint(key: SecretBytes, seq: int, mac: bytes) -> bytes:
-    return _canonical({"seq": seq, "mac": mac.hex(), "check": checkpoint_mac(key, seq, mac).hex()})
+# --- the authenticated state of a chain ----------------------------------------------------
 
 
-CheckpointReader = Callable[[], bytes | None]
-CheckpointWriter = Callable[[bytes], None]
+@dataclass(frozen=True)
+class AuditState:
+    """What authenticated storage records about the current chain."""
+
+    chain: int = 1
+    seq: int = 0  # last checkpointed entry (0: none yet)
+    mac: bytes = GENESIS  # its MAC (the genesis value while seq == 0)
+    offset: int | None = 0  # byte offset of that entry's line; None: unknown, found by scanning
+    genesis: bytes = GENESIS  # the "previous MAC" of entry 1
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "chain": self.chain,
+            "seq": self.seq,
+            "mac": self.mac.hex(),
+            "offset": self.offset,
+            "genesis": self.genesis.hex(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> AuditState:
+        chain, seq, offset = d["chain"], d["seq"], d.get("offset")
+        if type(chain) is not int or type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+            raise ValueError("bad audit state")
+        if offset is not None and (type(offset) is not int or offset < 0):
+            raise ValueError("bad audit offset")
+        mac, genesis = bytes.fromhex(str(d["mac"])), bytes.fromhex(str(d["genesis"]))
+        if len(mac) != 32 or len(genesis) != 32:
+            raise ValueError("bad audit mac")
+        return cls(chain, seq, mac, offset, genesis)
+
+
+class AuditKeyRing:
+    """The MAC keys of one chain, each in force from a sequence number on (a master-key
+    rotation retires the old key: entries before it keep verifying, new ones need the new
+    key, so a leaked old keystore copy cannot extend the chain)."""
+
+    def __init__(self, keys: Sequence[tuple[int, SecretBytes]]) -> None:
+        if not keys or keys[0][0] != 1:
+            raise ValueError("an audit key ring starts at entry 1")
+        self._keys = sorted(keys, key=lambda k: k[0])
+
+    def items(self) -> list[tuple[int, SecretBytes]]:
+        """(from_seq, key) pairs, oldest first (the keys are this ring's: do not wipe)."""
+        return list(self._keys)
+
+    @property
+    def current_kid(self) -> int:
+        return len(self._keys)
+
+    @property
+    def current(self) -> SecretBytes:
+        return self._keys[-1][1]
+
+    @property
+    def current_from(self) -> int:
+        return self._keys[-1][0]
+
+    def key_for(self, seq: int) -> tuple[int, SecretBytes]:
+        """(kid, key) for entry ``seq``."""
+        kid = len(self._keys)
+        for from_seq, key in reversed(self._keys):
+            if seq >= from_seq:
+                return kid, key
+            kid -= 1
+        return 1, self._keys[0][1]
+
+    def wipe(self) -> None:
+        for _, k in self._keys:
+            k.wipe()
+
+    def __enter__(self) -> AuditKeyRing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wipe()
+
+
+class AuditStateStore(Protocol):
+    """Authenticated storage of a chain's state and keys (the keystore manifest today; a
+    database row later). Narrow on purpose: load, advance, keys, start a new chain."""
+
+    def load_audit_state(self) -> AuditState: ...
+
+    def advance_audit_state(self, seq: int, mac: bytes, offset: int) -> None:
+        """Record a synced entry; never moves backwards."""
+        ...
+
+    def audit_keys(self) -> AuditKeyRing:
+        """A copy of the chain's keys; the caller wipes it."""
+        ...
+
+    def start_audit_chain(self, genesis: bytes) -> AuditState:
+        """Begin chain ``chain + 1`` at ``genesis`` with a fresh key (recovery)."""
+        ...
+
+
+class AuditForwarder(Protocol):
+    """Somewhere each entry is copied to as it is written (syslog / journald)."""
+
+    def send(self, line: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# --- checking a log against its state -------------------------------------------------------
+
+
+@dataclass
+class _Tail:
+    seq: int
+    mac: bytes
+    offset: int  # of the last entry's line
+    end: int  # file size
+
+
+def _check_against_state(path: Path, state: AuditState, ring: AuditKeyRing) -> _Tail:
+    """Fail closed unless the log holds the recorded entry (same seq and MAC at the
+    recorded place) and every entry after it chains from it."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if state.seq == 0:
+                start, prev, expected = 0, state.genesis, 1
+                if size == 0:
+                    return _Tail(0, state.genesis, 0, 0)
+            else:
+                start = _locate(f, path, state, size)
+                prev, expected = state.mac, state.seq + 1
+            f.seek(start)
+            data = f.read(size - start)
+    except FileNotFoundError:
+        if state.seq == 0:
+            return _Tail(0, state.genesis, 0, 0)
+        raise AuditStateMismatch(
+            f"the audit log {path} is missing, but the keystore records chain {state.chain} "
+            f"with {state.seq} entries (last MAC {state.mac.hex()[:16]}...): it was deleted, "
+            "moved or swapped; nothing is appended to a new log until an operator acts"
+        ) from None
+    lines = data.split(b"\n")
+    if lines[-1] != b"":
+        raise AuditTampered(
+            f"the last line of {path} is incomplete (torn write or truncation)",
+            hint="run 'anyhsm audit verify'",
+        )
+    lines.pop()
+    offset = start
+    tail = _Tail(state.seq, state.mac, start, size)
+    for i, raw in enumerate(lines):
+        if state.seq and i == 0:
+            offset += len(raw) + 1  # the recorded entry itself, checked by _locate
+            continue
+        body, mac, seq = _parse_line(raw)
+        if seq != expected or not hmac.compare_digest(
+            line_mac(ring.key_for(seq)[1], prev, body), mac
+        ):
+            raise AuditStateMismatch(
+                f"the audit log {path} does not continue the recorded chain after entry "
+                f"{expected - 1} (entry {seq!r} at byte {offset} does not chain): edited, "
+                "swapped for another log, or written with another key"
+            )
+        tail = _Tail(seq, mac, offset, size)
+        prev, expected = mac, expected + 1
+        offset += len(raw) + 1
+    return tail
+
+
+def _locate(f: BinaryIO, path: Path, state: AuditState, size: int) -> int:
+    """Byte offset of the recorded entry's line (checked: same seq and MAC)."""
+    if state.offset is None:  # unknown offset (a state carried over from a checkpoint)
+        f.seek(0)
+        pos = 0
+        for _ in range(state.seq - 1):
+            line = f.readline()
+            if not line:
+                break
+            pos += len(line)
+        offset = pos
+    else:
+        offset = state.offset
+    if offset >= size:
+        raise AuditStateMismatch(
+            f"the audit log {path} is shorter than recorded: it has {size} bytes, but the "
+            f"keystore records entry {state.seq} of chain {state.chain} at byte {offset} "
+            "(cut back, or replaced by an older copy)"
+        )
+    f.seek(offset)
+    raw = f.readline().rstrip(b"\n")
+    try:
+        _, mac, seq = _parse_line(raw)
+    except AuditTampered:
+        seq, mac = -1, b""
+    if seq != state.seq or not hmac.compare_digest(mac, state.mac):
+        raise AuditStateMismatch(
+            f"the audit log {path} differs from the recorded chain: entry {state.seq} of "
+            f"chain {state.chain} (MAC {state.mac.hex()[:16]}...) is not where it was written "
+            "(replaced by another log, an older copy, or edited)"
+        )
+    return offset
+
+
+def _parse_line(raw: bytes) -> tuple[bytes, bytes, int]:
+    """(body, mac, seq) of a line in canonical form; AuditTampered otherwise."""
+    split = split_line(raw)
+    if split is None:
+        raise AuditTampered("not a valid audit entry (no MAC at the end of the line)")
+    body, mac = split
+    try:
+        entry = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise AuditTampered("not a valid audit entry (edited or damaged)") from None
+    if not isinstance(entry, dict) or _canonical(entry) != body:
+        raise AuditTampered("the entry is not in canonical form (re-encoded or edited)")
+    seq = entry.get("seq")
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
+        raise AuditTampered("the entry has no valid sequence number")
+    return body, mac, seq
+
+
+# --- the writer ----------------------------------------------------------------------------
 
 
 class AuditLog:
@@ -87,41 +332,50 @@ class AuditLog:
     def __init__(
         self,
         path: Path,
-        key: SecretBytes,
+        store: AuditStateStore,
         *,
         durability: str = "batched",
         flush_interval_ms: int = 5,
-        read_checkpoint: CheckpointReader | None = None,
-        write_checkpoint: CheckpointWriter | None = None,
+        forwarder: AuditForwarder | None = None,
     ) -> None:
         self.path = path
-        self._key = SecretBytes(key.buffer)
-        self._keybuf = self._key.buffer
+        self._store = store
         self._durability = durability
         self._interval = max(flush_interval_ms, 1) / 1000
-        self._read_cp = read_checkpoint
-        self._write_cp = write_checkpoint
+        self._forwarder = forwarder
+        self.forward_errors = 0
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._stop = threading.Event()
-        self._seq = 0
-        self._mac = GENESIS
-        self._end = -1
-        self._synced_seq = 0
-        self._checkpointed_seq = 0
-        self._checkpoint_at = 0.0
         self._failed: str | None = None
+        self._uid = os.getuid()
+        self._ring = store.audit_keys()
+        try:
+            self.state = store.load_audit_state()
+            tail = _check_against_state(path, self.state, self._ring)
+        except BaseException:
+            self._ring.wipe()
+            raise
+        self._kid = self._ring.current_kid
+        self._key = self._ring.current
+        self._keybuf = self._key.buffer
+        self._seq, self._mac, self._last_offset, self._end = (
+            tail.seq,
+            tail.mac,
+            tail.offset,
+            tail.end,
+        )
+        self._synced_seq = self._checkpointed_seq = self.state.seq
+        self._checkpoint_at = 0.0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
+            self._ring.wipe()
             raise AuditWriteFailed(
                 f"cannot open the audit log {path}: {e.strerror}",
                 hint="check the path and permissions of [audit] path",
             ) from None
-        self._checkpoint_missing = False
-        if write_checkpoint is not None and read_checkpoint is not None:
-            self._init_checkpoint()
         self._flusher: threading.Thread | None = None
         if durability == "batched":
             self._flusher = threading.Thread(
@@ -135,21 +389,6 @@ class AuditLog:
             if os.fstat(self._fd).st_size > size >= 0:
                 os.ftruncate(self._fd, size)
 
-    def _init_checkpoint(self) -> None:
-        """A new log gets its checkpoint before its first entry. A non-empty log
-        without one had it deleted: never recreate it silently (verify reports it)."""
-        assert self._read_cp is not None and self._write_cp is not None
-        if self._read_cp() is not None:
-            return
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            if os.fstat(self._fd).st_size == 0:
-                self._write_cp(make_checkpoint(self._key, 0, GENESIS))
-            else:
-                self._checkpoint_missing = True
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
     # --- tail tracking -----------------------------------------------------------------
 
     def _sync_tail(self) -> None:
@@ -157,8 +396,18 @@ class AuditLog:
         size = os.fstat(self._fd).st_size
         if size == self._end:
             return
-        self._seq, self._mac = read_tail(self.path, size)
-        self._end = size
+        if size < self._end:
+            raise AuditStateMismatch(
+                f"the audit log {self.path} shrank from {self._end} to {size} bytes while "
+                "open (cut back or replaced)"
+            )
+        seq, mac, offset, kid = read_tail(self.path, size)
+        if kid > self._kid:
+            raise AuditKeyRotated(
+                "the audit key was rotated by another process (master-key rotation)",
+                hint="reopen the handle (open_hsm) to continue with the new key",
+            )
+        self._seq, self._mac, self._last_offset, self._end = seq, mac, offset, size
 
     # --- appending ---------------------------------------------------------------------
 
@@ -184,41 +433,13 @@ class AuditLog:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
                 try:
                     self._sync_tail()
-                    body: dict[str, object] = {
-                        "seq": self._seq + 1,
-                        "ts": _timestamp(),
-                        "op": op,
-                        "outcome": outcome,
-                        "pid": os.getpid(),
-                    }
-                    if provider:
-                        body["provider"] = provider
-                    if key_id:
-                        body["key"] = key_id
-                    if error:
-                        body["error"] = error
-                    if detail:
-                        body["detail"] = dict(detail)
-                    canon = _canonical(body)
-                    mac = hmac.digest(self._keybuf, self._mac + canon, "sha256")
-                    data = canon[:-1] + b',"mac":"' + mac.hex().encode() + b'"}\n'
-                    try:
-                        written = os.write(self._fd, data)
-                    except OSError:
-                        self._truncate_to(self._end)
-                        raise
-                    if written != len(data):
-                        # Never leave a torn entry behind: cut back to the last whole one.
-                        self._truncate_to(self._end)
-                        raise OSError(28, "short write to audit log")
-                    if self._durability == "fsync":
-                        os.fsync(self._fd)
-                    self._seq += 1
-                    self._mac = mac
-                    self._end += len(data)
+                    data = self._write_locked(op, outcome, provider, key_id, error, detail)
                     seq = self._seq
                 finally:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except HsmError as e:
+                self._failed = e.message
+                raise
             except OSError as e:
                 self._failed = e.strerror or str(e)
                 raise AuditWriteFailed(
@@ -227,12 +448,115 @@ class AuditLog:
                 ) from None
             if self._durability == "fsync":
                 self._synced_seq = seq
-                mac_now = self._mac
+                mac_now, offset_now = self._mac, self._last_offset
             elif not self._dirty.is_set():
                 self._dirty.set()
+        self._forward(data)
         if self._durability == "fsync":
-            self._maybe_checkpoint(seq, mac_now, force=False)
+            self._maybe_checkpoint(seq, mac_now, offset_now, force=False)
         return seq
+
+    def _write_locked(
+        self,
+        op: str,
+        outcome: str,
+        provider: str | None,
+        key_id: str | None,
+        error: str | None,
+        detail: Mapping[str, str] | None,
+    ) -> bytes:
+        if self._seq >= MAX_SEQ:
+            raise AuditWriteFailed("the audit chain reached its last sequence number")
+        body: dict[str, object] = {
+            "seq": self._seq + 1,
+            "ts": _timestamp(),
+            "op": op,
+            "outcome": outcome,
+            "pid": os.getpid(),
+            "uid": self._uid,
+        }
+        who = principal.get()
+        if who:
+            body["principal"] = who
+        if self._kid > 1:
+            body["kid"] = self._kid
+        if provider:
+            body["provider"] = provider
+        if key_id:
+            body["key"] = key_id
+        if error:
+            body["error"] = error
+        if detail:
+            body["detail"] = dict(detail)
+        canon = _canonical(body)
+        mac = hmac.digest(self._keybuf, self._mac + canon, "sha256")
+        data = canon[:-1] + b',"mac":"' + mac.hex().encode() + b'"}\n'
+        try:
+            written = os.write(self._fd, data)
+        except OSError:
+            self._truncate_to(self._end)
+            raise
+        if written != len(data):
+            # Never leave a torn entry behind: cut back to the last whole one.
+            self._truncate_to(self._end)
+            raise OSError(28, "short write to audit log")
+        if self._durability == "fsync":
+            os.fsync(self._fd)
+        self._seq += 1
+        self._mac = mac
+        self._last_offset = self._end
+        self._end += len(data)
+        return data
+
+    def _forward(self, line: bytes) -> None:
+        if self._forwarder is None:
+            return
+        try:
+            self._forwarder.send(line)
+        except HsmError:
+            self.forward_errors += 1
+            raise
+        except OSError as e:
+            self.forward_errors += 1
+            log.warning("anyhsm: forwarding an audit entry failed: %s", e.strerror or e)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[Callable[[str, str, Mapping[str, str] | None], int]]:
+        """Hold the log (thread lock and flock) for a step that must not interleave with
+        other writers, such as switching keys; yields an append function."""
+        with self._lock:
+            if self._failed is not None:
+                raise AuditWriteFailed(f"the audit log {self.path} failed earlier")
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._sync_tail()
+
+                def append(op: str, outcome: str, detail: Mapping[str, str] | None) -> int:
+                    data = self._write_locked(op, outcome, None, None, None, detail)
+                    os.fsync(self._fd)
+                    self._synced_seq = self._seq
+                    self._forward(data)
+                    return self._seq
+
+                yield append
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def position(self) -> tuple[int, bytes, int]:
+        """(seq, mac, offset) of the last entry written (call inside :meth:`exclusive`)."""
+        return self._seq, self._mac, self._last_offset
+
+    def switch_key(self) -> None:
+        """Reload the key ring after a rotation made by this process (inside exclusive)."""
+        ring = self._store.audit_keys()
+        if ring.current_from != self._seq + 1:
+            ring.wipe()
+            raise AuditWriteFailed("the new audit key does not start at the next entry")
+        self._ring.wipe()
+        self._ring = ring
+        self._kid, self._key = ring.current_kid, ring.current
+        self._keybuf = self._key.buffer
+        self._checkpointed_seq = self._synced_seq = self._seq
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
@@ -242,7 +566,7 @@ class AuditLog:
             self._stop.wait(self._interval)
             try:
                 self.flush()
-            except AuditError:
+            except HsmError:
                 pass  # flush() has marked the log failed: appends now refuse
             except Exception as e:  # the flusher must never die silently
                 with self._lock:
@@ -250,17 +574,17 @@ class AuditLog:
                 return
 
     def flush(self) -> None:
-        """fsync the log now and advance the checkpoint.
+        """fsync the log now and advance the recorded state.
 
-        Disk work (fsync, checkpoint write) runs outside the append lock, so
-        appends are never stalled behind the disk; entries appended meanwhile
-        are covered by the next flush.
+        Disk work (fsync, state write) runs outside the append lock, so appends are
+        never stalled behind the disk; entries appended meanwhile are covered by the
+        next flush.
         """
         with self._lock:
             if self._fd < 0 or (not self._dirty.is_set() and self._synced_seq == self._seq):
                 return
             self._dirty.clear()
-            target, target_mac, fd = self._seq, self._mac, self._fd
+            target, target_mac, target_off, fd = self._seq, self._mac, self._last_offset, self._fd
         try:
             os.fsync(fd)
         except OSError as e:
@@ -269,36 +593,42 @@ class AuditLog:
             raise AuditWriteFailed(f"cannot fsync the audit log: {e.strerror}") from None
         with self._lock:
             self._synced_seq = max(self._synced_seq, target)
-        self._maybe_checkpoint(target, target_mac, force=False)
+        self._maybe_checkpoint(target, target_mac, target_off, force=False)
 
-    def _maybe_checkpoint(self, seq: int, mac: bytes, *, force: bool) -> None:
-        """Advance the checkpoint to a synced entry (at most once a second unless
-        forced); never backwards, in case another process got further."""
-        if self._write_cp is None or seq == 0 or seq <= self._checkpointed_seq:
+    def _maybe_checkpoint(self, seq: int, mac: bytes, offset: int, *, force: bool) -> None:
+        """Advance the recorded state to a synced entry (at most once a second unless
+        forced); the store never moves it backwards, in case another process got further."""
+        if seq == 0 or seq <= self._checkpointed_seq:
             return
-        if self._checkpoint_missing:
-            return  # keep the alarm visible to 'audit verify' until an operator acts
         now = time.monotonic()
         if not force and now - self._checkpoint_at < CHECKPOINT_INTERVAL_S:
             return
         self._checkpoint_at = now
-        raw = self._read_cp() if self._read_cp else None
-        current = parse_checkpoint(raw)
-        if raw is None:
-            self._checkpoint_missing = True  # vanished while we ran: do not paper over it
-            return
-        if current is not None and current[0] >= seq:
-            self._checkpointed_seq = current[0]
-            return
         try:
-            self._write_cp(make_checkpoint(self._key, seq, mac))
-            self._checkpointed_seq = seq
+            self._store.advance_audit_state(seq, mac, offset)
         except OSError as e:
-            raise AuditWriteFailed(f"cannot write the audit checkpoint: {e.strerror}") from None
+            with self._lock:
+                self._failed = e.strerror or str(e)
+            raise AuditWriteFailed(f"cannot record the audit state: {e.strerror}") from None
+        except HsmError as e:
+            with self._lock:
+                self._failed = e.message
+            raise
+        self._checkpointed_seq = seq
 
     @property
     def last_seq(self) -> int:
         return self._seq
+
+    @property
+    def key_id(self) -> int:
+        return self._kid
+
+    def verify(self) -> VerifyResult:
+        """Verify the whole chain against the recorded state (flushes first)."""
+        self.flush()
+        with self._store.audit_keys() as ring:
+            return verify_log(self.path, ring, self._store.load_audit_state())
 
     def close(self) -> None:
         self._stop.set()
@@ -314,50 +644,50 @@ class AuditLog:
                         os.fsync(self._fd)
                         self._synced_seq = self._seq
                         if self._failed is None:
-                            self._maybe_checkpoint(self._seq, self._mac, force=True)
+                            self._maybe_checkpoint(
+                                self._seq, self._mac, self._last_offset, force=True
+                            )
                     finally:
                         fcntl.flock(self._fd, fcntl.LOCK_UN)
-                except (OSError, AuditError) as e:
+                except (OSError, HsmError) as e:
                     log.error("anyhsm: closing the audit log %s failed: %s", self.path, e)
                 os.close(self._fd)
                 self._fd = -1
-        self._key.wipe()
+        if self._forwarder is not None:
+            self._forwarder.close()
+        self._ring.wipe()
 
 
-def read_tail(path: Path, size: int) -> tuple[int, bytes]:
-    """(seq, mac) of the last complete entry, or (0, GENESIS) for an empty log."""
+def read_tail(path: Path, size: int) -> tuple[int, bytes, int, int]:
+    """(seq, mac, line offset, key id) of the last complete entry; (0, GENESIS, 0, 1) for an
+    empty log."""
     if size == 0:
-        return 0, GENESIS
+        return 0, GENESIS, 0, 1
     with open(path, "rb") as f:
         start = max(0, size - _TAIL_READ)
         f.seek(start)
         chunk = f.read(size - start)
-    lines = chunk.rstrip(b"\n").split(b"\n")
-    last = lines[-1]
+    body = chunk.rstrip(b"\n")
+    cut = body.rfind(b"\n")
+    last = body[cut + 1 :]
+    offset = start + cut + 1
     try:
         entry = json.loads(last)
         seq = entry["seq"]
+        kid = entry.get("kid", 1)
         if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
             raise ValueError("bad sequence number")
-        return seq, bytes.fromhex(str(entry["mac"]))
-    except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
+        if type(kid) is not int:
+            raise ValueError("bad key id")
+        return seq, bytes.fromhex(str(entry["mac"])), offset, kid
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
         raise AuditTampered(
             f"the last line of {path} is not a valid audit entry",
             hint="run 'anyhsm audit verify'; restore the log from backup",
         ) from None
 
 
-def parse_checkpoint(raw: bytes | None) -> tuple[int, bytes, bytes] | None:
-    if not raw:
-        return None
-    try:
-        d = json.loads(raw)
-        seq = d["seq"]
-        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
-            return None
-        return seq, bytes.fromhex(str(d["mac"])), bytes.fromhex(str(d["check"]))
-    except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
-        return None
+# --- verification --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -367,6 +697,7 @@ class VerifyResult:
     first_bad_line: int | None = None
     reason: str = ""
     checkpoint_seq: int | None = None
+    chain: int = 1
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -375,27 +706,23 @@ class VerifyResult:
             "first_bad_line": self.first_bad_line,
             "reason": self.reason,
             "checkpoint_seq": self.checkpoint_seq,
+            "chain": self.chain,
         }
 
 
-def verify_log(
-    path: Path,
-    key: SecretBytes,
-    checkpoint: bytes | None = None,
-    *,
-    require_checkpoint: bool = False,
-) -> VerifyResult:
-    """Check the whole chain; name the first bad line (1-based).
-
-    With ``require_checkpoint`` a non-empty log without a checkpoint fails: every
-    log anyhsm creates gets its checkpoint before its first entry, so a missing
-    one means it was deleted (which would otherwise hide a truncated tail).
-    """
+def verify_log(path: Path, ring: AuditKeyRing, state: AuditState) -> VerifyResult:
+    """Check the whole chain line by line against ``state``; name the first bad line
+    (1-based). Every line must be canonical and MAC-ed over its exact bytes, in sequence
+    from the chain's genesis, and the recorded entry must be there with its MAC."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return VerifyResult(False, 0, None, f"audit log {path} does not exist")
-    prev = GENESIS
+        if state.seq == 0:
+            return VerifyResult(True, 0, None, "", 0, state.chain)
+        return VerifyResult(
+            False, 0, None, f"audit log {path} does not exist", state.seq, state.chain
+        )
+    prev = state.genesis
     expected = 1
     count = 0
     lines = data.split(b"\n")
@@ -403,56 +730,93 @@ def verify_log(
         lines.pop()
     elif lines:
         return _bad(len(lines), count, "the last line is incomplete (torn write or truncation)")
+    recorded_ok = state.seq == 0
     for lineno, raw in enumerate(lines, start=1):
         try:
-            entry = json.loads(raw)
-            if not isinstance(entry, dict):
-                raise ValueError("not an object")
-            mac = bytes.fromhex(str(entry.pop("mac")))
-            seq = entry.get("seq")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-            return _bad(lineno, count, "not a valid audit entry (edited or damaged)")
-        if type(seq) is not int or seq != expected:
+            body, mac, seq = _parse_line(raw)
+        except AuditTampered as e:
+            return _bad(lineno, count, e.message)
+        if seq != expected:
             return _bad(
                 lineno,
                 count,
                 f"sequence {seq!r} where {expected} was expected (entry deleted, reordered "
                 "or inserted)",
             )
-        if not hmac.compare_digest(entry_mac(key, prev, entry), mac):
+        kid, key = ring.key_for(seq)
+        if not hmac.compare_digest(line_mac(key, prev, body), mac):
             return _bad(lineno, count, "MAC mismatch (entry edited, or forged and inserted)")
+        if json.loads(body).get("kid", 1) != kid:
+            return _bad(lineno, count, f"entry names audit key {kid} wrongly")
+        if seq == state.seq:
+            recorded_ok = hmac.compare_digest(mac, state.mac)
+            if not recorded_ok:
+                return _bad(lineno, count, "entry at the recorded state differs", state)
         prev = mac
         expected += 1
         count += 1
-    cp = parse_checkpoint(checkpoint)
-    if checkpoint is not None and cp is None:
-        return VerifyResult(False, count, None, "the checkpoint is unreadable")
-    if cp is None and require_checkpoint and count > 0:
+    if not recorded_ok:
         return VerifyResult(
             False,
             count,
-            None,
-            "the audit checkpoint is missing although the log has entries (deleted?); "
-            "a truncated tail cannot be ruled out",
+            count + 1,
+            f"log truncated: it ends at entry {count} but the keystore records entry {state.seq}",
+            state.seq,
+            state.chain,
         )
-    if cp is not None:
-        seq, mac, check = cp
-        if not hmac.compare_digest(checkpoint_mac(key, seq, mac), check):
-            return VerifyResult(False, count, None, "the checkpoint fails authentication", seq)
-        if seq > count:
-            return VerifyResult(
-                False,
-                count,
-                count + 1,
-                f"log truncated: it ends at entry {count} but the checkpoint records entry {seq}",
-                seq,
-            )
-        line = lines[seq - 1] if seq >= 1 else None
-        if line is not None and json.loads(line).get("mac") != mac.hex():
-            return VerifyResult(False, count, seq, "entry at the checkpoint differs", seq)
-        return VerifyResult(True, count, None, "", seq)
-    return VerifyResult(True, count, None, "")
+    return VerifyResult(True, count, None, "", state.seq, state.chain)
 
 
-def _bad(lineno: int, count: int, reason: str) -> VerifyResult:
-    return VerifyResult(False, count, lineno, f"line {lineno}: {reason}")
+def _bad(lineno: int, count: int, reason: str, state: AuditState | None = None) -> VerifyResult:
+    return VerifyResult(
+        False,
+        count,
+        lineno,
+        f"line {lineno}: {reason}",
+        state.seq if state else None,
+        state.chain if state else 1,
+    )
+
+
+# --- recovery ------------------------------------------------------------------------------
+
+
+def diagnose(path: Path, store: AuditStateStore) -> str | None:
+    """Why the log does not match the recorded state, or None when it does."""
+    with store.audit_keys() as ring:
+        try:
+            _check_against_state(path, store.load_audit_state(), ring)
+        except (AuditStateMismatch, AuditTampered) as e:
+            return e.message
+    return None
+
+
+def recover_chain(path: Path, store: AuditStateStore, reason: str) -> tuple[Path | None, dict[str, str]]:
+    """Start a new chain after an operator accepted a loss: move whatever log is there
+    aside (kept, never deleted), begin chain n+1 whose genesis is the last MAC the state
+    recorded, and return (where the old log went, the detail for the first entry, which
+    the caller writes through a normal AuditLog)."""
+    problem = diagnose(path, store)
+    if problem is None:
+        raise AuditStateMismatch(
+            f"the audit log {path} matches the recorded chain: there is nothing to recover",
+            hint="'anyhsm audit verify' checks it",
+        )
+    old = store.load_audit_state()
+    moved: Path | None = None
+    if path.exists():
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = path.with_name(f"{path.name}.lost-chain{old.chain}-{stamp}")
+        os.replace(path, moved)
+    new = store.start_audit_chain(old.mac)
+    detail = {
+        "reason": reason[:500],
+        "found": problem[:500],
+        "lost_chain": str(old.chain),
+        "lost_recorded_seq": str(old.seq),
+        "lost_recorded_mac": old.mac.hex(),
+        "new_chain": str(new.chain),
+        "old_log_moved_to": str(moved) if moved else "",
+    }
+    return moved, detail
+

@@ -69,14 +69,44 @@ _TOP_KEYS = {
     "policy": (dict,),
 }
 _FALLBACK_KEYS = {"chain": (list,), "allow_below_minimum": (bool,), "timeout_ms": (int,)}
-_AUDIT_KEYS = {"path": (str,), "durability": (str,), "flush_interval_ms": (int,)}
+_AUDIT_KEYS = {
+    "path": (str,),
+    "durability": (str,),
+    "flush_interval_ms": (int,),
+    "forward": (str,),
+    "syslog_address": (str,),
+    "forward_required": (bool,),
+}
 _POLICY_KEYS = {
     "allow_export": (bool,),
     "allowed_sighash_types": (list,),
     "max_fee_sat": (int,),
     "max_fee_rate_sat_vb": (int, float),
     "deterministic_schnorr": (bool,),
+    "require_previous_tx_segwit_v0": (bool,),
+    "allowed_input_paths": (list,),
+    "key_input_paths": (dict,),
+    "max_change_index": (int,),
+    "max_psbt_bytes": (int,),
+    "max_inputs": (int,),
+    "max_outputs": (int,),
+    "max_derivations_per_map": (int,),
+    "max_path_depth": (int,),
+    "max_tx_weight": (int,),
+    "max_key_derivations": (int,),
+    "max_legacy_sighash_bytes": (int,),
 }
+_POLICY_LIMITS = (
+    "max_change_index",
+    "max_psbt_bytes",
+    "max_inputs",
+    "max_outputs",
+    "max_derivations_per_map",
+    "max_path_depth",
+    "max_tx_weight",
+    "max_key_derivations",
+    "max_legacy_sighash_bytes",
+)
 _SECRET_NAMES = ("pin", "passphrase", "password", "secret")
 _NOT_OVERRIDES = {"ANYHSM_PASSPHRASE", "ANYHSM_PKCS11_PIN", "ANYHSM_CONFIG"}
 
@@ -126,6 +156,9 @@ class AuditConfig:
     path: Path | None = None
     durability: str = "batched"  # "batched" | "fsync"
     flush_interval_ms: int = 5
+    forward: str = "none"  # "none" | "syslog": a copy of each entry as it is written
+    syslog_address: str = ""  # a Unix datagram socket path, or host:port (UDP); "" = /dev/log
+    forward_required: bool = False  # a failed forward fails the operation
 
 
 @dataclass(frozen=True)
@@ -135,6 +168,22 @@ class PolicyConfig:
     max_fee_sat: int = 10_000_000  # 0.1 BTC
     max_fee_rate_sat_vb: float = 1000.0
     deterministic_schnorr: bool = False
+    # PSBT signing policy (docs/bitcoin.md, "Signing policy"): the previous transaction of
+    # every segwit v0 input we sign (false is refused by 'config check' in production)
+    require_previous_tx_segwit_v0: bool = True
+    # BIP32 path prefixes an HD key may sign inputs under; empty: the network's defaults
+    allowed_input_paths: tuple[str, ...] = ()
+    key_input_paths: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per label
+    max_change_index: int = 100_000  # change index must be below this
+    # resource limits, checked before any key is derived (anyhsm.bitcoin.limits)
+    max_psbt_bytes: int = 4_000_000
+    max_inputs: int = 2_500
+    max_outputs: int = 2_500
+    max_derivations_per_map: int = 20
+    max_path_depth: int = 12
+    max_tx_weight: int = 400_000
+    max_key_derivations: int = 5_000
+    max_legacy_sighash_bytes: int = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -357,6 +406,11 @@ def structural_problems(raw: Mapping[str, object]) -> list[Problem]:
             problems.append(
                 Problem("audit.durability", repr(dur), "unknown mode", "use batched or fsync")
             )
+        fwd = audit.get("forward", "none")
+        if fwd not in ("none", "syslog"):
+            problems.append(
+                Problem("audit.forward", repr(fwd), "unknown forwarding", "use none or syslog")
+            )
     providers = raw.get("providers", {})
     if isinstance(providers, dict):
         for pname, table in providers.items():
@@ -382,6 +436,13 @@ def structural_problems(raw: Mapping[str, object]) -> list[Problem]:
     return problems
 
 
+def _limit(po: Mapping[str, object], name: str) -> int:
+    """An integer [policy] limit, or its PolicyConfig default."""
+    value = po.get(name)
+    default: int = getattr(PolicyConfig, name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> Config:
     fb = raw.get("fallback", {})
     au = raw.get("audit", {})
@@ -405,6 +466,9 @@ def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> 
             path=None,
             durability=str(au.get("durability", "batched")),
             flush_interval_ms=int(au.get("flush_interval_ms", 5)),
+            forward=str(au.get("forward", "none")),
+            syslog_address=str(au.get("syslog_address", "")),
+            forward_required=bool(au.get("forward_required", False)),
         ),
         policy=PolicyConfig(
             allow_export=bool(po.get("allow_export", False)),
@@ -412,6 +476,22 @@ def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> 
             max_fee_sat=int(po.get("max_fee_sat", 10_000_000)),
             max_fee_rate_sat_vb=float(po.get("max_fee_rate_sat_vb", 1000.0)),
             deterministic_schnorr=bool(po.get("deterministic_schnorr", False)),
+            require_previous_tx_segwit_v0=bool(po.get("require_previous_tx_segwit_v0", True)),
+            allowed_input_paths=tuple(str(x) for x in po.get("allowed_input_paths", [])),
+            key_input_paths={
+                str(k): tuple(str(x) for x in v)
+                for k, v in dict(po.get("key_input_paths", {})).items()
+                if isinstance(v, list)
+            },
+            max_change_index=_limit(po, "max_change_index"),
+            max_psbt_bytes=_limit(po, "max_psbt_bytes"),
+            max_inputs=_limit(po, "max_inputs"),
+            max_outputs=_limit(po, "max_outputs"),
+            max_derivations_per_map=_limit(po, "max_derivations_per_map"),
+            max_path_depth=_limit(po, "max_path_depth"),
+            max_tx_weight=_limit(po, "max_tx_weight"),
+            max_key_derivations=_limit(po, "max_key_derivations"),
+            max_legacy_sighash_bytes=_limit(po, "max_legacy_sighash_bytes"),
         ),
         config_dir=config_dir,
         source=source,
@@ -424,6 +504,45 @@ def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> 
 
 def _replace_audit_path(cfg: Config, path: Path) -> Config:
     return replace(cfg, audit=replace(cfg.audit, path=path))
+
+
+def _policy_problems(cfg: Config, prod: bool) -> list[Problem]:
+    """The PSBT signing policy: relaxations refused in production, limits and path
+    patterns that cannot work."""
+    from anyhsm.bitcoin.paths import pattern_problem
+
+    out: list[Problem] = []
+    po = cfg.policy
+    if not po.require_previous_tx_segwit_v0:
+        out.append(
+            Problem(
+                "policy.require_previous_tx_segwit_v0",
+                "false",
+                "segwit v0 inputs are signed without their previous transaction: a submitter "
+                "can lie about their amounts and make the fee larger than shown",
+                "set it to true (the default)",
+                "error" if prod else "warning",
+            )
+        )
+    for name in _POLICY_LIMITS:
+        value = getattr(po, name)
+        if value < 1:
+            out.append(Problem(f"policy.{name}", str(value), "must be at least 1", "raise it"))
+    tables = [("policy.allowed_input_paths", po.allowed_input_paths)]
+    tables += [(f"policy.key_input_paths.{k}", v) for k, v in po.key_input_paths.items()]
+    for setting, patterns in tables:
+        for pattern in patterns:
+            why = pattern_problem(pattern)
+            if why is not None:
+                out.append(
+                    Problem(
+                        setting,
+                        repr(pattern),
+                        why,
+                        "write an account prefix such as \"m/84'/0'/*'\"",
+                    )
+                )
+    return out
 
 
 def semantic_problems(cfg: Config) -> list[Problem]:
@@ -479,6 +598,7 @@ def semantic_problems(cfg: Config) -> list[Problem]:
                 "warning",
             )
         )
+    out += _policy_problems(cfg, prod)
     if prod and cfg.policy.allow_export:
         out.append(
             Problem(
@@ -574,6 +694,7 @@ def semantic_problems(cfg: Config) -> list[Problem]:
                     )
                 )
             elif readable_by_others(fp):
+                # The same rule as at run time (anyhsm.fsutil.check_secret_mode).
                 out.append(
                     Problem(
                         f"providers.{name}.{key}",

@@ -9,6 +9,7 @@ operation on a key whose store is not reachable fails with
 from __future__ import annotations
 
 import hmac
+import hashlib
 import logging
 import os
 import threading
@@ -19,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from anyhsm.audit import AuditLog, VerifyResult, verify_log
+from anyhsm.audit import AuditLog, AuditStateStore, VerifyResult, recover_chain
+from anyhsm.audit_file_state import FileAuditState
+from anyhsm.audit_forward import forwarder_for
 from anyhsm.config import Config
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import (
     AuditError,
     ConfigError,
+    ExportNotAllowed,
     HsmError,
     HsmKeyError,
     InvalidDigest,
@@ -34,6 +38,7 @@ from anyhsm.errors import (
     KeyLabelConflict,
     KeyNotFound,
     KeyNotInDirectory,
+    PolicyViolation,
     ProviderError,
     ProviderUnavailable,
     SecurityLevelTooLow,
@@ -48,9 +53,8 @@ from anyhsm.factory import (
     signing_probe,
     walk_chain,
 )
-from anyhsm.fsutil import atomic_write
 from anyhsm.hardening import process_status
-from anyhsm.keystore import KeyRecord, Keystore
+from anyhsm.keystore import KdfParams, KeyRecord, Keystore
 from anyhsm.provider import (
     BatchSigner,
     Bip32Deriver,
@@ -78,8 +82,30 @@ from anyhsm.types import (
 log = logging.getLogger("anyhsm")
 T = TypeVar("T")
 
-AUDIT_KEY_PURPOSE = "anyhsm/v1/audit"
-CHECKPOINT_FILE = "audit-checkpoint.json"
+_REFUSALS = (PolicyViolation, ExportNotAllowed)
+
+
+def failure_outcome(error: Exception, detail: dict[str, str]) -> str:
+    """"refused" for a decision of policy (naming its rules in ``detail``), else "error"."""
+    if not isinstance(error, _REFUSALS):
+        return "error"
+    rules = sorted({str(d["rule"]) for d in error.details if "rule" in d})
+    if rules:
+        detail["rules"] = ",".join(rules)[:300]
+    detail["reason"] = error.message[:300]
+    return "refused"
+
+
+def digests_detail(digests: Sequence[bytes]) -> dict[str, str]:
+    """What a batch signed: the digests themselves (not secret) for a few, else their
+    SHA-256 (with the first), keeping the entry bounded."""
+    if len(digests) <= 8:
+        return {"digests": ",".join(d.hex() for d in digests)}
+    return {
+        "digests_sha256": hashlib.sha256(b"".join(digests)).hexdigest(),
+        "first_digest": digests[0].hex(),
+    }
+
 
 
 @dataclass
@@ -118,23 +144,19 @@ class _Anchor:
         self.owner = owner  # a provider we opened only for this, closed with the handle
 
 
-def _audit_key_from_file(path: Path) -> SecretBytes:
-    """Development without a keystore: the audit key is a 0600 file beside the log."""
-    kp = path.with_name(path.name + ".key")
-    try:
-        return SecretBytes(kp.read_bytes())
-    except FileNotFoundError:
-        key = os.urandom(32)
-        atomic_write(kp, key)
-        return SecretBytes(key)
-
-
 class Hsm:
     """One handle over the fallback chain. Build it with :func:`open_hsm`."""
 
-    def __init__(self, config: Config, passphrase: SecretBytes | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        passphrase: SecretBytes | None = None,
+        *,
+        audit_recovery: str | None = None,
+    ) -> None:
         self._config = config
         self._passphrase = passphrase
+        self._audit_recovery = audit_recovery
         self._lock = threading.RLock()
         self._cache: dict[str, tuple[Provider, KeyInfo]] = {}
         self._unhealthy: dict[str, str] = {}
@@ -191,48 +213,31 @@ class Hsm:
             hint="provide the keystore passphrase (ANYHSM_PASSPHRASE), or enroll a TPM / token",
         )
 
-    def _checkpoint_io(
-        self, path: Path
-    ) -> tuple[Callable[[], bytes | None], Callable[[bytes], None]]:
-        """Checkpoint kept with the keystore (or beside the log without one)."""
+    def _audit_state_store(self, path: Path) -> AuditStateStore:
+        """The chain's state lives in the keystore manifest (beside the log, in a MAC-ed
+        file keyed from a file, only for development without a keystore)."""
         ks = self._anchor.keystore
-        if ks is not None:
-            store = ks
-
-            def read_ks() -> bytes | None:
-                return store.read_side_file(CHECKPOINT_FILE)
-
-            def write_ks(data: bytes) -> None:
-                store.write_side_file(CHECKPOINT_FILE, data)
-
-            return read_ks, write_ks
-        cp = path.with_name(path.name + ".checkpoint")
-
-        def read_file() -> bytes | None:
-            return cp.read_bytes() if cp.exists() else None
-
-        def write_file(data: bytes) -> None:
-            atomic_write(cp, data)
-
-        return read_file, write_file
-
-    def _audit_key(self, path: Path) -> SecretBytes:
-        ks = self._anchor.keystore
-        return ks.subkey(AUDIT_KEY_PURPOSE) if ks is not None else _audit_key_from_file(path)
+        return ks if ks is not None else FileAuditState(path)
 
     def _open_audit(self) -> AuditLog:
         cfg = self._config
         path = cfg.audit.path or (cfg.config_dir / "audit.log")
-        reader, writer = self._checkpoint_io(path)
-        with self._audit_key(path) as key:
-            return AuditLog(
-                path,
-                key,
-                durability=cfg.audit.durability,
-                flush_interval_ms=cfg.audit.flush_interval_ms,
-                read_checkpoint=reader,
-                write_checkpoint=writer,
-            )
+        store = self._audit_state_store(path)
+        recovery: dict[str, str] | None = None
+        if self._audit_recovery is not None:
+            _, recovery = recover_chain(path, store, self._audit_recovery)
+        audit = AuditLog(
+            path,
+            store,
+            durability=cfg.audit.durability,
+            flush_interval_ms=cfg.audit.flush_interval_ms,
+            forwarder=forwarder_for(cfg.audit),
+        )
+        if recovery is not None:
+            # The first entry of the new chain says what was lost, and why it was accepted.
+            audit.append("audit_recover", "ok", provider=self._active.name, detail=recovery)
+            log.warning("anyhsm: audit chain %s started after a recorded loss", recovery["new_chain"])
+        return audit
 
     def _record_chain(self) -> None:
         assert self._audit is not None
@@ -563,7 +568,8 @@ class Hsm:
             code = e.code if isinstance(e, HsmError) else type(e).__name__
             prov = provider or detail.pop("_provider", None)
             kid = key_id or detail.pop("_key", None)
-            audit.append(op, "error", provider=prov, key_id=kid, error=code, detail=detail)
+            outcome = failure_outcome(e, detail)
+            audit.append(op, outcome, provider=prov, key_id=kid, error=code, detail=detail)
             raise
         audit.append(
             op,
@@ -754,8 +760,11 @@ class Hsm:
         audit = self._audit
         if self._closed or audit is None:
             raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
-        # The hot path: audited inline rather than through _audited().
+        # The hot path: audited inline rather than through _audited(). The digest is not
+        # secret and says what was signed.
         detail = {"scheme": scheme.value}
+        if isinstance(digest, bytes | bytearray):
+            detail["digest"] = digest[:64].hex()
         provider_name: str | None = None
         key_id: str | None = None
         try:
@@ -791,8 +800,9 @@ class Hsm:
             if key_id is None:
                 detail["key_ref"] = str(key)[:128]
             code = e.code if isinstance(e, HsmError) else type(e).__name__
+            outcome = failure_outcome(e, detail)
             audit.append(
-                "sign", "error", provider=provider_name, key_id=key_id, error=code, detail=detail
+                "sign", outcome, provider=provider_name, key_id=key_id, error=code, detail=detail
             )
             raise
         audit.append("sign", "ok", provider=provider_name, key_id=key_id, detail=detail)
@@ -843,17 +853,14 @@ class Hsm:
                 ]
         except Exception as e:
             code = e.code if isinstance(e, HsmError) else type(e).__name__
+            detail = {
+                **(context or {}),
+                "requested": str(len(requests)),
+                "key_ref": str(key)[:128],
+            }
+            outcome = failure_outcome(e, detail)
             audit.append(
-                "sign",
-                "error",
-                provider=provider_name,
-                key_id=key_id,
-                error=code,
-                detail={
-                    **(context or {}),
-                    "requested": str(len(requests)),
-                    "key_ref": str(key)[:128],
-                },
+                "sign", outcome, provider=provider_name, key_id=key_id, error=code, detail=detail
             )
             raise
         schemes = ",".join(sorted({scheme.value for _, scheme, _ in reqs}))
@@ -862,7 +869,12 @@ class Hsm:
             "ok",
             provider=provider_name,
             key_id=key_id,
-            detail={**(context or {}), "scheme": schemes, "signatures": str(len(reqs))},
+            detail={
+                **(context or {}),
+                **digests_detail([r[0] for r in reqs]),
+                "scheme": schemes,
+                "signatures": str(len(reqs)),
+            },
         )
         return sigs
 
@@ -906,6 +918,49 @@ class Hsm:
                 if rec.kind == "reference" and rec.id == info.id:
                     ks.delete(rec.id)
 
+    # --- keystore administration ------------------------------------------------------------
+
+    def rotate_master_key(
+        self,
+        passphrase: SecretBytes,
+        *,
+        kdf: KdfParams | None = None,
+        reseal: Callable[[SecretBytes], Mapping[str, bytes]] | None = None,
+        op: str = "rotate_master_key",
+        detail: Mapping[str, str] | None = None,
+    ) -> dict[str, object]:
+        """Re-encrypt every key of the keystore under a fresh master key wrapped by
+        ``passphrase`` (see :meth:`Keystore.rotate`), and retire the audit key with it.
+
+        One audited step that no other writer of the log can interleave with: the
+        "started" entry is the last one under the old audit key, the "ok" entry the first
+        under the new one. ``reseal`` re-creates unlock blobs (TPM, token) for the new
+        master key; blobs it does not return are revoked with the old key.
+        """
+        ks = self.keystore
+        audit = self._audit
+        if self._closed or audit is None:
+            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        before = {"epoch": str(ks.epoch), **(detail or {})}
+        with self._lock, audit.exclusive() as append:
+            append(op, "started", before)
+            try:
+                ks.rotate(passphrase, kdf=kdf, reseal=reseal, audit_position=audit.position())
+            except Exception as e:
+                code = e.code if isinstance(e, HsmError) else type(e).__name__
+                append(op, "error", {**before, "error": code})
+                raise
+            audit.switch_key()
+            append(op, "ok", {"epoch": str(ks.epoch), "generation": str(ks.generation)})
+        self._cache.clear()
+        return {
+            "rotated": True,
+            "epoch": ks.epoch,
+            "generation": ks.generation,
+            "keys": len(ks.records()),
+            "audit_key": audit.key_id,
+        }
+
     # --- health, reload, audit ----------------------------------------------------------------
 
     def health(self) -> HealthReport:
@@ -941,6 +996,14 @@ class Hsm:
         audit["durability"] = self._config.audit.durability
         audit["key_source"] = "keystore" if self._anchor.keystore is not None else "key-file"
         audit["mlock"] = mlock_status()
+        if self._audit is not None:
+            audit["chain"] = self._audit.state.chain
+            audit["audit_key"] = self._audit.key_id
+            audit["forward"] = self._config.audit.forward
+            audit["forward_errors"] = self._audit.forward_errors
+        ks = self._anchor.keystore
+        if ks is not None:
+            audit["anchor"] = ks.anchor_status()
         report = HealthReport(
             ok=ok,
             active_provider=self._active.name,
@@ -957,12 +1020,9 @@ class Hsm:
         return report
 
     def verify_audit(self) -> VerifyResult:
-        """Verify the whole audit log chain and its checkpoint."""
+        """Verify the whole audit log chain against the state the keystore records."""
         assert self._audit is not None
-        self._audit.flush()
-        reader, _ = self._checkpoint_io(self._audit.path)
-        with self._audit_key(self._audit.path) as key:
-            return verify_log(self._audit.path, key, reader(), require_checkpoint=True)
+        return self._audit.verify()
 
     def reload(self, config: Config | str | Path | None = None) -> None:
         """Re-read the configuration and re-run the chain. Keys stay where they are;
@@ -1034,12 +1094,17 @@ def open_hsm(
     config: Config | str | Path | None = None,
     *,
     passphrase: SecretBytes | str | bytes | None = None,
+    audit_recovery: str | None = None,
 ) -> Hsm:
     """Open the configured fallback chain and return the HSM handle.
 
     ``config`` is a path to a TOML file or a :class:`Config`; None reads
     ``ANYHSM_CONFIG``. The passphrase, when one is needed, comes from the
     argument, ``ANYHSM_PASSPHRASE`` or ``[providers.software] passphrase_file``.
+
+    ``audit_recovery`` (a reason, recorded) starts a new audit chain when the log does
+    not match the state the keystore records (:class:`AuditStateMismatch`); the old
+    log is moved aside, and the new chain's first entry says what was lost.
     """
     if config is None:
         env = os.environ.get("ANYHSM_CONFIG")
@@ -1049,7 +1114,7 @@ def open_hsm(
     cfg = config if isinstance(config, Config) else Config.load(config)
     pw = resolve_passphrase(cfg, passphrase)
     own = pw if not isinstance(passphrase, SecretBytes) else SecretBytes(pw.buffer) if pw else None
-    return Hsm(cfg, own)
+    return Hsm(cfg, own, audit_recovery=audit_recovery)
 
 
 __all__ = ["PROVIDER_LEVELS", "HealthReport", "Hsm", "ProviderContext", "open_hsm"]

@@ -1,5 +1,10 @@
 """The audit log: every edit, deletion, reordering, insertion and truncation is caught
-and the first bad line named; durability modes; the CLI's exit status."""
+and the first bad line named; lines are MAC-ed over their exact bytes; durability
+modes; the CLI's exit status.
+
+These unit tests keep the chain's state in :class:`FileAuditState` (the real store of a
+keystore-less development set-up); tests/core/test_audit_history.py attacks the keystore
+manifest's copy through real deployments."""
 
 from __future__ import annotations
 
@@ -10,40 +15,46 @@ from pathlib import Path
 import pytest
 
 from anyhsm import open_hsm
-from anyhsm.audit import AuditLog, verify_log
+from anyhsm.audit import AuditKeyRing, AuditLog, VerifyResult, verify_log
+from anyhsm.audit_file_state import FileAuditState
 from anyhsm.cli.main import main
-from anyhsm.errors import AuditWriteFailed
+from anyhsm.errors import AuditStateMismatch, AuditWriteFailed
 from anyhsm.secret import SecretBytes
-
-KEY = SecretBytes(b"k" * 32)
 
 
 def write_entries(path: Path, n: int, **kw: object) -> list[str]:
-    log = AuditLog(path, KEY, **kw)  # type: ignore[arg-type]
+    log = AuditLog(path, FileAuditState(path), **kw)  # type: ignore[arg-type]
     for i in range(n):
         log.append("sign", "ok", provider="software", key_id=f"id{i}", detail={"i": str(i)})
     log.close()
     return path.read_text().splitlines()
 
 
+def check(path: Path) -> VerifyResult:
+    store = FileAuditState(path)
+    with store.audit_keys() as ring:
+        return verify_log(path, ring, store.load_audit_state())
+
+
 def test_intact(tmp_path: Path) -> None:
     p = tmp_path / "a.log"
     write_entries(p, 10)
-    res = verify_log(p, KEY)
-    assert res.ok and res.entries == 10
+    res = check(p)
+    assert res.ok and res.entries == 10 and res.checkpoint_seq == 10
 
 
 @pytest.mark.parametrize("durability", ["batched", "fsync"])
 def test_durability_modes(tmp_path: Path, durability: str) -> None:
     p = tmp_path / "a.log"
     write_entries(p, 5, durability=durability)
-    assert verify_log(p, KEY).ok
+    assert check(p).ok
 
 
 def test_wrong_key_fails_first_line(tmp_path: Path) -> None:
     p = tmp_path / "a.log"
     write_entries(p, 3)
-    res = verify_log(p, SecretBytes(b"x" * 32))
+    other = AuditKeyRing([(1, SecretBytes(b"x" * 32))])
+    res = verify_log(p, other, FileAuditState(p).load_audit_state())
     assert not res.ok and res.first_bad_line == 1
 
 
@@ -54,9 +65,8 @@ def test_edited_entry(tmp_path: Path) -> None:
     entry["outcome"] = "error"
     lines[4] = json.dumps(entry, separators=(",", ":"))
     p.write_text("\n".join(lines) + "\n")
-    res = verify_log(p, KEY)
+    res = check(p)
     assert not res.ok and res.first_bad_line == 5
-    assert "MAC" in res.reason
 
 
 def test_deleted_entry(tmp_path: Path) -> None:
@@ -64,7 +74,7 @@ def test_deleted_entry(tmp_path: Path) -> None:
     lines = write_entries(p, 10)
     del lines[6]
     p.write_text("\n".join(lines) + "\n")
-    res = verify_log(p, KEY)
+    res = check(p)
     assert not res.ok and res.first_bad_line == 7
 
 
@@ -73,7 +83,7 @@ def test_reordered_entries(tmp_path: Path) -> None:
     lines = write_entries(p, 10)
     lines[2], lines[3] = lines[3], lines[2]
     p.write_text("\n".join(lines) + "\n")
-    res = verify_log(p, KEY)
+    res = check(p)
     assert not res.ok and res.first_bad_line == 3
 
 
@@ -84,7 +94,7 @@ def test_inserted_entry(tmp_path: Path) -> None:
     forged["op"] = "export_key"
     lines.insert(6, json.dumps(forged))
     p.write_text("\n".join(lines) + "\n")
-    res = verify_log(p, KEY)
+    res = check(p)
     assert not res.ok and res.first_bad_line == 7
 
 
@@ -93,27 +103,21 @@ def test_garbage_line(tmp_path: Path) -> None:
     lines = write_entries(p, 4)
     lines[1] = "not json at all"
     p.write_text("\n".join(lines) + "\n")
-    res = verify_log(p, KEY)
+    res = check(p)
     assert not res.ok and res.first_bad_line == 2
 
 
-def test_truncated_tail_caught_by_checkpoint(tmp_path: Path) -> None:
+def test_truncated_tail_caught_by_the_recorded_state(tmp_path: Path) -> None:
     p = tmp_path / "a.log"
-    cp_path = tmp_path / "cp"
-
-    def read_cp() -> bytes | None:
-        return cp_path.read_bytes() if cp_path.exists() else None
-
-    def write_cp(b: bytes) -> None:
-        cp_path.write_bytes(b)
-
-    lines = write_entries(p, 12, read_checkpoint=read_cp, write_checkpoint=write_cp)
-    assert verify_log(p, KEY, read_cp()).ok
+    lines = write_entries(p, 12)
+    assert check(p).ok
     p.write_text("\n".join(lines[:9]) + "\n")  # a clean cut at an entry boundary
-    res = verify_log(p, KEY, read_cp())
+    res = check(p)
     assert not res.ok
     assert "truncated" in res.reason
     assert res.first_bad_line == 10
+    with pytest.raises(AuditStateMismatch, match="shorter than recorded"):
+        AuditLog(p, FileAuditState(p))  # and nothing is appended to it
 
 
 def test_torn_last_line(tmp_path: Path) -> None:
@@ -121,7 +125,7 @@ def test_torn_last_line(tmp_path: Path) -> None:
     write_entries(p, 3)
     data = p.read_bytes()
     p.write_bytes(data[:-20])
-    res = verify_log(p, KEY)
+    res = check(p)
     assert not res.ok and res.first_bad_line == 3
 
 
@@ -129,8 +133,37 @@ def test_reopened_log_continues_chain(tmp_path: Path) -> None:
     p = tmp_path / "a.log"
     write_entries(p, 3)
     write_entries(p, 3)
-    res = verify_log(p, KEY)
+    res = check(p)
     assert res.ok and res.entries == 6
+
+
+@pytest.mark.parametrize(
+    "respell",
+    [
+        lambda line: line.replace('"op":"sign"', '"op":"\\u0073ign"'),  # \u escape
+        lambda line: line.replace('"op":"sign"', '"op": "sign"'),  # spacing
+        lambda line: line.replace(
+            '"detail":{"i":"2"},"key":"id2"', '"key":"id2","detail":{"i":"2"}'
+        ),  # key order
+    ],
+    ids=["unicode-escape", "whitespace", "key-order"],
+)
+def test_non_canonical_respelling_fails(tmp_path: Path, respell: object) -> None:
+    """Item 4 of issue 9: the MAC covers the bytes, and the bytes must be canonical."""
+    p = tmp_path / "a.log"
+    lines = write_entries(p, 5)
+    changed = respell(lines[2])  # type: ignore[operator]
+    assert changed != lines[2] and json.loads(changed) == json.loads(lines[2])
+    lines[2] = changed
+    p.write_text("\n".join(lines) + "\n")
+    res = check(p)
+    assert not res.ok and res.first_bad_line == 3
+
+
+def test_entries_name_the_process_and_user(tmp_path: Path) -> None:
+    p = tmp_path / "a.log"
+    entry = json.loads(write_entries(p, 1)[0])
+    assert entry["pid"] == os.getpid() and entry["uid"] == os.getuid()
 
 
 def test_write_failure_fails_the_operation(
@@ -177,4 +210,7 @@ def test_no_secrets_in_log(deployment: Path) -> None:
         hsm.sign(info.id, b"\x02" * 32)
     text = (deployment.parent / "audit.log").read_text()
     assert "11" * 16 not in text
-    assert "02" * 16 not in text
+    # What was signed is recorded (a digest is not secret): item 5 of issue 9.
+    entries = [json.loads(x) for x in text.splitlines()]
+    signs = [e for e in entries if e["op"] == "sign" and e["outcome"] == "ok"]
+    assert signs[-1]["detail"]["digest"] == "02" * 32

@@ -136,7 +136,7 @@ def test_software_fallback_with_explicit_consent(
     ks = Keystore.load(path.parent / "keystore")
     pw = SecretBytes(PASSPHRASE.encode())
     ks.unlock_with_passphrase(pw)
-    ks.change_passphrase(pw, KdfParams())  # production-grade Argon2id
+    ks.rotate(pw, kdf=KdfParams())  # production-grade Argon2id
     ks.close()
     with open_hsm(path) as hsm:
         assert hsm.active_provider == "software"

@@ -202,11 +202,11 @@ def test_labels_unique(store: Path) -> None:
         ks.add_sealed("key0", KeyType.SECP256K1, sb, curve.public_key(sb.buffer))
 
 
-def test_change_passphrase_keeps_keys(store: Path) -> None:
+def test_rotation_with_a_new_passphrase_keeps_keys(store: Path) -> None:
     ks = opened(store)
     ids = {r.id for r in ks.records()}
     new = SecretBytes(b"another passphrase, also long enough")
-    ks.change_passphrase(new, KdfParams("scrypt", n=2**10, r=8, p=1))
+    ks.rotate(new, kdf=KdfParams("scrypt", n=2**10, r=8, p=1))
     ks.close()
     with pytest.raises(WrongPassphrase):
         Keystore.load(store).unlock_with_passphrase(PW)

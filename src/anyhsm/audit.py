@@ -791,7 +791,9 @@ def diagnose(path: Path, store: AuditStateStore) -> str | None:
     return None
 
 
-def recover_chain(path: Path, store: AuditStateStore, reason: str) -> tuple[Path | None, dict[str, str]]:
+def recover_chain(
+    path: Path, store: AuditStateStore, reason: str
+) -> tuple[Path | None, dict[str, str]]:
     """Start a new chain after an operator accepted a loss: move whatever log is there
     aside (kept, never deleted), begin chain n+1 whose genesis is the last MAC the state
     recorded, and return (where the old log went, the detail for the first entry, which
@@ -819,4 +821,3 @@ def recover_chain(path: Path, store: AuditStateStore, reason: str) -> tuple[Path
         "old_log_moved_to": str(moved) if moved else "",
     }
     return moved, detail
-

@@ -8,8 +8,8 @@ operation on a key whose store is not reachable fails with
 
 from __future__ import annotations
 
-import hmac
 import hashlib
+import hmac
 import logging
 import os
 import threading
@@ -86,7 +86,7 @@ _REFUSALS = (PolicyViolation, ExportNotAllowed)
 
 
 def failure_outcome(error: Exception, detail: dict[str, str]) -> str:
-    """"refused" for a decision of policy (naming its rules in ``detail``), else "error"."""
+    """ "refused" for a decision of policy (naming its rules in ``detail``), else "error"."""
     if not isinstance(error, _REFUSALS):
         return "error"
     rules = sorted({str(d["rule"]) for d in error.details if "rule" in d})
@@ -105,7 +105,6 @@ def digests_detail(digests: Sequence[bytes]) -> dict[str, str]:
         "digests_sha256": hashlib.sha256(b"".join(digests)).hexdigest(),
         "first_digest": digests[0].hex(),
     }
-
 
 
 @dataclass
@@ -236,7 +235,9 @@ class Hsm:
         if recovery is not None:
             # The first entry of the new chain says what was lost, and why it was accepted.
             audit.append("audit_recover", "ok", provider=self._active.name, detail=recovery)
-            log.warning("anyhsm: audit chain %s started after a recorded loss", recovery["new_chain"])
+            log.warning(
+                "anyhsm: audit chain %s started after a recorded loss", recovery["new_chain"]
+            )
         return audit
 
     def _record_chain(self) -> None:
@@ -702,8 +703,10 @@ class Hsm:
         others = self._other_stores()
         stores = {p.name: p.store_id() for p in others}
         for rec in ks.records():
-            if rec.kind != "reference" or rec.id in seen or rec.label.startswith(
-                INTERNAL_LABEL_PREFIX
+            if (
+                rec.kind != "reference"
+                or rec.id in seen
+                or rec.label.startswith(INTERNAL_LABEL_PREFIX)
             ):
                 continue
             if stores.get(rec.provider) == rec.store:

@@ -161,7 +161,9 @@ class Manifest:
                 for k in audit["keys"]
             )
             a = d["anchor"]
-            anchor = None if a is None else AnchorRef(str(a["kind"]), str(a["ref"]), int(a["value"]))
+            anchor = (
+                None if a is None else AnchorRef(str(a["kind"]), str(a["ref"]), int(a["value"]))
+            )
             generation, epoch = d["generation"], d["epoch"]
             if type(generation) is not int or type(epoch) is not int:
                 raise ValueError("generation and epoch are integers")

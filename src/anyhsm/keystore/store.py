@@ -35,9 +35,9 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
-import logging
 import secrets
 import shutil
 import threading
@@ -74,6 +74,7 @@ from anyhsm.fsutil import (
 )
 from anyhsm.keystore import aead
 from anyhsm.keystore.anchor import GenerationAnchor
+from anyhsm.keystore.kdf import KdfParams, derive_kek
 from anyhsm.keystore.manifest import (
     FILE_NAME as MANIFEST_FILE,
 )
@@ -91,7 +92,6 @@ from anyhsm.keystore.manifest import (
     audit_key_aad,
     file_digest,
 )
-from anyhsm.keystore.kdf import KdfParams, derive_kek
 from anyhsm.secret import SecretBytes
 from anyhsm.types import KeyType
 
@@ -928,7 +928,9 @@ class Keystore:
                 self._anchor = None
                 return
             value = anchor.read() + 1
-            self._commit(m.next(anchor=AnchorRef(anchor.kind, anchor.ref, value)), significant=False)
+            self._commit(
+                m.next(anchor=AnchorRef(anchor.kind, anchor.ref, value)), significant=False
+            )
             anchor.advance_to(value)
             self._anchor = anchor
             self.anchor_problem = ""
@@ -1023,9 +1025,7 @@ class Keystore:
                 for name, blob in (reseal(new_master) if reseal else {}).items():
                     atomic_write(successor._side_path(name), blob)
                 audit = m.audit
-                sealed = [
-                    successor._seal_audit_key(k, audit.chain, f) for f, k in old_ring.items()
-                ]
+                sealed = [successor._seal_audit_key(k, audit.chain, f) for f, k in old_ring.items()]
                 if audit_position is not None:
                     seq, mac, offset = audit_position
                     audit = replace(audit, seq=seq, mac=mac, offset=offset)

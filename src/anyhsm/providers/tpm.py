@@ -19,6 +19,7 @@ from anyhsm.errors import HsmError
 from anyhsm.keystore import Keystore
 from anyhsm.provider import ProviderContext
 from anyhsm.providers.software import SoftwareProvider, unlock_path_health
+from anyhsm.tpm.counter import TpmCounter
 from anyhsm.tpm.device import tpm_info, tpm_random
 from anyhsm.tpm.enrollment import SIDE_FILE, enroll, read_blob, status, unenroll
 from anyhsm.tpm.errors import TpmPolicyMismatch
@@ -43,10 +44,21 @@ class TpmProvider(SoftwareProvider):
         )
 
     def _unlock(self, keystore: Keystore) -> None:
-        """Unseal the master key with the TPM; never uses a passphrase."""
+        """Unseal the master key with the TPM (never a passphrase), then check the
+        keystore against the TPM counter its manifest names: a store older than the
+        counter (KeystoreRolledBack), or a counter gone or replaced (AnchorMissing,
+        AnchorMismatch), fails closed; these are keystore errors, so no fallback
+        provider opens the store instead."""
         blob = read_blob(keystore)
         with unseal(self.tpm_settings, blob) as master:
             keystore.unlock_with_master_key(master, via="tpm")
+        try:
+            named = keystore.generation_anchor_ref()
+            if named is not None and named[0] == TpmCounter.kind:
+                keystore.attach_generation_anchor(TpmCounter.at(self.tpm_settings, named[1]))
+        except BaseException:
+            keystore.close()  # wipes the master key just unsealed
+            raise
 
     def _extra_entropy(self) -> bytes | None:
         """TPM random bytes when ``use_rng`` is set; the key generator XORs them into
@@ -99,4 +111,23 @@ class TpmProvider(SoftwareProvider):
                 if isinstance(exc, TpmPolicyMismatch):
                     details["changed_pcrs"] = ",".join(str(p) for p in exc.changed_pcrs)
                 problem = f"the sealed master key does not unseal: {exc.message}"
+        problem = self._counter_health(details, problem)
         return unlock_path_health(self.name, self.security_level(), base, t0, details, problem)
+
+    def _counter_health(self, details: dict[str, str], problem: str) -> str:
+        """Report the generation counter the keystore names (its value read live) and
+        return the first problem: a counter that is gone or not ours is one."""
+        named = self.keystore.generation_anchor_ref()
+        if named is None or named[0] != TpmCounter.kind:
+            details["generation_counter"] = "none (the keystore names no TPM counter)"
+            return problem
+        counter = TpmCounter.at(self.tpm_settings, named[1])
+        if details.get("tpm_reachable") != "yes":
+            details["generation_counter"] = f"{counter.ref} (TPM unreachable)"
+            return problem
+        try:
+            details["generation_counter"] = f"{counter.ref} = {counter.read()}"
+        except HsmError as exc:
+            details["generation_counter"] = f"{counter.ref} ({exc.code})"
+            return problem or f"the generation counter {counter.ref}: {exc.message}"
+        return problem

@@ -4,13 +4,21 @@ Enrolment seals the keystore's master key to the TPM and writes the blob
 beside the keystore (``tpm-sealed.json``, atomically). The passphrase-wrapped
 copy of the master key in the keystore header is never touched, so the
 recovery passphrase keeps opening the same keys whatever happens to the TPM.
+
+Enrolment also anchors the keystore's generation in a TPM NV counter
+(:class:`~anyhsm.tpm.counter.TpmCounter`), so that a rollback of the whole
+keystore directory is detected; unenrolment removes the anchor from the
+keystore first, then the counter from the TPM.
 """
 
 from __future__ import annotations
 
-from anyhsm.errors import HsmError, KeystoreError
+import contextlib
+
+from anyhsm.errors import AnchorMismatch, AnchorMissing, HsmError, KeystoreError
 from anyhsm.keystore import Keystore
 from anyhsm.tpm.blob import SealedBlob
+from anyhsm.tpm.counter import TpmCounter
 from anyhsm.tpm.device import tpm_info
 from anyhsm.tpm.errors import TpmCommandFailed, TpmNotEnrolled, TpmPolicyMismatch
 from anyhsm.tpm.sealing import seal, unseal
@@ -49,6 +57,7 @@ def enroll(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
                 raise TpmCommandFailed(
                     "the TPM returned another value than the one sealed; nothing was written"
                 )
+    counter, how = _anchor(keystore, settings)
     replaced = keystore.read_side_file(SIDE_FILE) is not None
     keystore.write_side_file(SIDE_FILE, blob)
     if keystore.read_side_file(SIDE_FILE) != blob:
@@ -58,13 +67,49 @@ def enroll(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
         "file": str(keystore.path / SIDE_FILE),
         "tcti": settings.tcti,
         "replaced": replaced,
+        "anchor": {"kind": counter.kind, "ref": counter.ref, "counter": how},
     }
     out.update(_summary(SealedBlob.from_json(blob)))
     return out
 
 
-def unenroll(keystore: Keystore) -> bool:
-    """Remove the sealed blob; True if there was one. The passphrase path is unaffected."""
+def _anchor(keystore: Keystore, settings: TpmSettings) -> tuple[TpmCounter, str]:
+    """Anchor the keystore's generation in a TPM counter: keep the one the manifest
+    names if it is still there (checking the store against it, so re-enrolling never
+    hides a rollback), else define a new one. Returns it and "kept" or "defined"."""
+    named = keystore.generation_anchor_ref()
+    if named is not None and named[0] == TpmCounter.kind:
+        existing = TpmCounter.at(settings, named[1])
+        try:
+            keystore.attach_generation_anchor(existing)  # KeystoreRolledBack propagates
+            return existing, "kept"
+        except (AnchorMissing, AnchorMismatch):
+            pass  # TPM cleared or replaced, index gone or taken: re-anchor below
+    counter = TpmCounter.define(settings)
+    try:
+        keystore.set_generation_anchor(counter)
+    except BaseException:
+        with contextlib.suppress(HsmError):
+            counter.undefine()
+        raise
+    return counter, "defined"
+
+
+def unenroll(keystore: Keystore, settings: TpmSettings | None = None) -> bool:
+    """Remove the generation anchor, then (with ``settings``) its TPM counter, then the
+    sealed blob; True if there was a blob. The passphrase path is unaffected.
+
+    The anchor leaves the keystore manifest before the counter leaves the TPM: a crash
+    in between leaves an unused NV index, never a keystore naming a missing anchor.
+    A counter that cannot be removed (TPM unreachable, no ``settings``) stays behind
+    (``tpm2_nvundefine`` removes it); unenrolment still succeeds.
+    """
+    named = keystore.generation_anchor_ref()
+    if named is not None and named[0] == TpmCounter.kind:
+        keystore.set_generation_anchor(None)
+        if settings is not None:
+            with contextlib.suppress(HsmError):
+                TpmCounter.at(settings, named[1]).undefine()
     return bool(keystore.remove_side_file(SIDE_FILE))
 
 

@@ -156,6 +156,7 @@ class Hsm:
         self._config = config
         self._passphrase = passphrase
         self._audit_recovery = audit_recovery
+        self.audit_recovery: dict[str, str] | None = None
         self._lock = threading.RLock()
         self._cache: dict[str, tuple[Provider, KeyInfo]] = {}
         self._unhealthy: dict[str, str] = {}
@@ -232,6 +233,7 @@ class Hsm:
             flush_interval_ms=cfg.audit.flush_interval_ms,
             forwarder=forwarder_for(cfg.audit),
         )
+        self.audit_recovery = recovery
         if recovery is not None:
             # The first entry of the new chain says what was lost, and why it was accepted.
             audit.append("audit_recover", "ok", provider=self._active.name, detail=recovery)

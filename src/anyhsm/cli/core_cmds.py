@@ -375,37 +375,107 @@ def cmd_config_check(args: argparse.Namespace, app: App) -> Result:
     )
 
 
-def cmd_keystore_passwd(args: argparse.Namespace, app: App) -> Result:
-    """Change the passphrase and/or raise the KDF cost (re-wraps the master key only)."""
-    from anyhsm.deploy import check_passwd
-
-    check_passwd(app.config(), args.new_passphrase_file)  # the production rules of init
-    from anyhsm.factory import provider_context
-    from anyhsm.keystore import KdfParams, Keystore
-    from anyhsm.providers.software import keystore_path
-
-    cfg = app.config()
+def _current_passphrase(app: App) -> SecretBytes:
+    """The current passphrase, checked against the open store: changing or rotating the
+    keystore needs it even where a TPM or token opened the store."""
     old = app.passphrase(prompt="Current passphrase: ")
     if old is None:
-        raise HsmError("no current passphrase", hint="set ANYHSM_PASSPHRASE or --passphrase-file")
+        raise HsmError(
+            "this needs the current keystore passphrase",
+            hint="set ANYHSM_PASSPHRASE or pass --passphrase-file",
+        )
+    app.hsm().keystore.check_passphrase(old)
+    return old
+
+
+def _rotation_text(summary: dict[str, object], what: str) -> list[str]:
+    return [
+        what,
+        f"every key ({summary['keys']}) re-encrypted under a fresh master key "
+        f"(epoch {summary['epoch']}, generation {summary['generation']})",
+        "the old master key, the old passphrase and saved copies of the old header or unlock "
+        "blobs no longer open this keystore",
+    ]
+
+
+def rotate_dropping(app: App, blob: str, op: str) -> dict[str, object] | None:
+    """Unenrol an unlock path by rotating to a fresh master key without its blob: a saved
+    copy of the blob then opens nothing (removing the file alone would revoke nothing).
+    None when ``blob`` was not enrolled."""
+    from anyhsm.unlock_blobs import enrolled_blobs, resealer
+
+    hsm = app.hsm()
+    if blob not in enrolled_blobs(hsm.keystore):
+        return None
+    current = _current_passphrase(app)
+    try:
+        reseal = resealer(app.config(), hsm.keystore, drop={blob})
+        return hsm.rotate_master_key(current, reseal=reseal, op=op)
+    finally:
+        current.wipe()
+
+
+def cmd_keystore_passwd(args: argparse.Namespace, app: App) -> Result:
+    """Change the passphrase and/or raise the KDF cost: a rotation to a fresh master key,
+    so that the old passphrase and old copies of the header revoke nothing they opened."""
+    from anyhsm.deploy import check_passwd
+    from anyhsm.factory import read_secret_file
+    from anyhsm.keystore import KdfParams
+    from anyhsm.unlock_blobs import resealer
+
+    cfg = app.config()
+    check_passwd(cfg, args.new_passphrase_file)  # the production rules of init
     if not args.new_passphrase_file:
         raise HsmError(
             "give the new passphrase in a file", hint="--new-passphrase-file FILE (0600)"
         )
-    from anyhsm.factory import read_secret_file
-
+    hsm = app.hsm()
+    old = _current_passphrase(app)
     new = read_secret_file(Path(args.new_passphrase_file), "new passphrase", cfg.environment)
-    ks = Keystore.load(keystore_path(provider_context(cfg, "software", None)))
-    ks.unlock_with_passphrase(old)
     try:
-        ks.change_passphrase(
-            new, KdfParams.from_settings(cfg.provider_settings("software").get("kdf"))
+        summary = hsm.rotate_master_key(
+            new,
+            kdf=KdfParams.from_settings(cfg.provider_settings("software").get("kdf")),
+            reseal=resealer(cfg, hsm.keystore),
+            op="keystore_passwd",
         )
     finally:
-        ks.close()
         old.wipe()
         new.wipe()
-    return Result({"changed": True}, ["passphrase and KDF parameters updated"])
+    return Result({"changed": True, **summary}, _rotation_text(summary, "passphrase changed"))
+
+
+def cmd_keystore_rotate(args: argparse.Namespace, app: App) -> Result:
+    """A fresh master key, same passphrase: revokes copies of the old one (a leaked
+    keystore backup plus passphrase opens nothing created after this)."""
+    from anyhsm.unlock_blobs import resealer
+
+    hsm = app.hsm()
+    cfg = app.config()
+    current = _current_passphrase(app)
+    try:
+        summary = hsm.rotate_master_key(current, reseal=resealer(cfg, hsm.keystore))
+    finally:
+        current.wipe()
+    return Result(summary, _rotation_text(summary, "master key rotated"))
+
+
+def cmd_audit_recover(args: argparse.Namespace, app: App) -> Result:
+    """Start a new audit chain after an operator has accepted a loss (the log missing,
+    shorter, swapped or replaced); the new chain's first entry records what was lost."""
+    reason = (args.reason or "").strip()
+    if len(reason) < 8:
+        raise HsmError(
+            "say why the loss is accepted", hint="--reason 'TEXT' (recorded in the new chain)"
+        )
+    detail = app.hsm(audit_recovery=reason).audit_recovery or {}
+    return Result(
+        {"recovered": True, **detail},
+        [
+            f"started audit chain {detail.get('new_chain')} after: {detail.get('found')}",
+            f"the old log was kept as {detail.get('old_log_moved_to') or '(none was there)'}",
+        ],
+    )
 
 
 def register(sub: SubParsers) -> None:
@@ -489,6 +559,11 @@ def register(sub: SubParsers) -> None:
     a = sub.add_parser("audit", help="audit log")
     asub = a.add_subparsers(dest="audit_cmd", required=True)
     asub.add_parser("verify", help="check the audit log chain").set_defaults(func=cmd_audit_verify)
+    rc = asub.add_parser(
+        "recover", help="start a new chain after a recorded loss (log missing, cut or swapped)"
+    )
+    rc.add_argument("--reason", required=True, help="why the loss is accepted (recorded)")
+    rc.set_defaults(func=cmd_audit_recover)
     cf = sub.add_parser("config", help="configuration")
     csub = cf.add_subparsers(dest="config_cmd", required=True)
     csub.add_parser("check", help="report every configuration problem").set_defaults(
@@ -499,3 +574,6 @@ def register(sub: SubParsers) -> None:
     pw = kss.add_parser("passwd", help="change passphrase / raise KDF cost")
     pw.add_argument("--new-passphrase-file", required=False)
     pw.set_defaults(func=cmd_keystore_passwd)
+    kss.add_parser(
+        "rotate", help="re-encrypt every key under a fresh master key (same passphrase)"
+    ).set_defaults(func=cmd_keystore_rotate)

@@ -36,12 +36,23 @@ def cmd_wrap_enroll(args: argparse.Namespace, app: App) -> Result:
 
 
 def cmd_wrap_unenroll(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.providers.pkcs11_wrap import unenroll
+    """Revoke the token unlock path: rotate to a fresh master key without the wrapped
+    blob, so a saved copy of it opens nothing."""
+    from anyhsm.cli.core_cmds import rotate_dropping
+    from anyhsm.providers.pkcs11_wrap import SIDE_FILE
 
     hsm = app.hsm()
-    removed = unenroll(hsm.keystore)
-    hsm.record_event("pkcs11_wrap_unenroll", "ok" if removed else "noop")
-    return Result({"unenrolled": removed}, ["removed" if removed else "was not enrolled"])
+    summary = rotate_dropping(app, SIDE_FILE, "pkcs11_wrap_unenroll")
+    hsm.record_event("pkcs11_wrap_unenroll", "ok" if summary else "noop")
+    if summary is None:
+        return Result({"unenrolled": False}, ["was not enrolled"])
+    return Result(
+        {"unenrolled": True, **summary},
+        [
+            "removed the token unlock path: every key re-encrypted under a fresh master key "
+            f"(epoch {summary['epoch']}), so a saved copy of the wrapped blob opens nothing",
+        ],
+    )
 
 
 def register(sub: SubParsers) -> None:

@@ -57,14 +57,26 @@ def cmd_enroll(args: argparse.Namespace, app: App) -> Result:
 
 
 def cmd_unenroll(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.tpm.enrollment import unenroll
+    """Revoke the TPM unlock path: rotate to a fresh master key without the sealed blob,
+    then drop the generation anchor (and its NV counter, when the TPM is configured)."""
+    from anyhsm.cli.core_cmds import rotate_dropping
+    from anyhsm.tpm.enrollment import SIDE_FILE, unenroll
+    from anyhsm.tpm.settings import TpmSettings
 
     hsm = app.hsm()
-    removed = unenroll(hsm.keystore)
-    hsm.record_event("tpm_unenroll", "ok" if removed else "noop")
+    summary = rotate_dropping(app, SIDE_FILE, "tpm_unenroll")
+    table = app.config().provider_settings("tpm")
+    settings = TpmSettings.from_mapping(table) if "tcti" in table else None
+    unenroll(hsm.keystore, settings)
+    hsm.record_event("tpm_unenroll", "ok" if summary else "noop")
+    if summary is None:
+        return Result({"unenrolled": False}, ["the keystore was not enrolled"])
     return Result(
-        {"unenrolled": removed},
-        ["removed the TPM-sealed blob" if removed else "the keystore was not enrolled"],
+        {"unenrolled": True, **summary},
+        [
+            "removed the TPM unlock path: every key re-encrypted under a fresh master key "
+            f"(epoch {summary['epoch']}), so a saved copy of the sealed blob opens nothing",
+        ],
     )
 
 

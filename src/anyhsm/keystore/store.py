@@ -389,6 +389,27 @@ class Keystore:
         self._install_master(master, "passphrase")
         self._open_manifest()
 
+    def check_passphrase(self, passphrase: SecretBytes) -> None:
+        """WrongPassphrase unless ``passphrase`` opens this (unlocked) store: an
+        administrative step (passphrase change, rotation) asks for it even when the store
+        was opened through a TPM or token."""
+        wrapped = self._header["wrapped_master"]
+        if not isinstance(wrapped, dict):
+            raise KeystoreCorrupted("keystore header: wrapped_master is not an object")
+        nonce = _unb64(wrapped.get("nonce"), "wrapped master key nonce")
+        ct = _unb64(wrapped.get("ciphertext"), "wrapped master key")
+        with derive_kek(passphrase, self.kdf) as kek:
+            try:
+                master = aead.open_once(kek, nonce, ct, self._wrap_aad())
+            except aead.OpenFailed:
+                raise WrongPassphrase(
+                    f"the passphrase does not open the keystore at {self.path}",
+                    hint="give the current passphrase; nothing was changed",
+                ) from None
+        with master:
+            if not master.equals(self._require_master()):
+                raise WrongPassphrase(f"the passphrase opens another master key at {self.path}")
+
     def unlock_with_master_key(self, master_key: SecretBytes, *, via: str = "master-key") -> None:
         """Unlock with a master key unsealed elsewhere (TPM, HSM token)."""
         if len(master_key) != 32 or not self._check_header_mac(master_key):

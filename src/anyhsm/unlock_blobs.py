@@ -1,0 +1,55 @@
+"""Unlock blobs (the master key sealed to a TPM, or wrapped by a PKCS#11 token) across a
+master-key rotation.
+
+A rotation revokes every copy of the old master key. The blobs that should keep
+working are made again for the new key before the rotation commits (a device
+that cannot be reached aborts it, so the store never loses an unlock path by
+accident); the ones an unenrolment drops are simply not carried over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from anyhsm.config import Config
+from anyhsm.errors import ConfigError
+from anyhsm.keystore import Keystore
+from anyhsm.secret import SecretBytes
+
+TPM_BLOB = "tpm-sealed.json"
+TOKEN_BLOB = "pkcs11-wrapped.json"
+
+Resealer = Callable[[SecretBytes], dict[str, bytes]]
+
+
+def enrolled_blobs(keystore: Keystore) -> list[str]:
+    return [name for name in (TPM_BLOB, TOKEN_BLOB) if keystore.read_side_file(name) is not None]
+
+
+def resealer(config: Config, keystore: Keystore, *, drop: Collection[str] = ()) -> Resealer:
+    """A function that makes, for a new master key, every blob enrolled now except
+    ``drop``. Raises before anything is written when a needed device is not configured."""
+    keep = [name for name in enrolled_blobs(keystore) if name not in drop]
+    if TPM_BLOB in keep and "tcti" not in config.provider_settings("tpm"):
+        raise ConfigError(
+            "the keystore is enrolled with a TPM, but [providers.tpm] is not configured",
+            hint="configure the TPM to re-seal the new master key, or 'anyhsm tpm unenroll'",
+        )
+
+    def make(master: SecretBytes) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        if TPM_BLOB in keep:
+            from anyhsm.tpm.sealing import seal
+            from anyhsm.tpm.settings import TpmSettings
+
+            out[TPM_BLOB] = seal(TpmSettings.from_mapping(config.provider_settings("tpm")), master)
+        if TOKEN_BLOB in keep:
+            from anyhsm.factory import provider_context
+            from anyhsm.providers.pkcs11_wrap import wrap_master_key
+
+            out[TOKEN_BLOB] = wrap_master_key(
+                provider_context(config, "pkcs11-wrapped", None), master
+            )
+        return out
+
+    return make

@@ -17,13 +17,13 @@ from anyhsm.keystore import Keystore
 from anyhsm.secret import SecretBytes
 
 TPM_BLOB = "tpm-sealed.json"
-TOKEN_BLOB = "pkcs11-wrapped.json"
+WRAPPED_BLOB = "pkcs11-wrapped.json"
 
 Resealer = Callable[[SecretBytes], dict[str, bytes]]
 
 
 def enrolled_blobs(keystore: Keystore) -> list[str]:
-    return [name for name in (TPM_BLOB, TOKEN_BLOB) if keystore.read_side_file(name) is not None]
+    return [name for name in (TPM_BLOB, WRAPPED_BLOB) if keystore.read_side_file(name) is not None]
 
 
 def resealer(config: Config, keystore: Keystore, *, drop: Collection[str] = ()) -> Resealer:
@@ -43,11 +43,11 @@ def resealer(config: Config, keystore: Keystore, *, drop: Collection[str] = ()) 
             from anyhsm.tpm.settings import TpmSettings
 
             out[TPM_BLOB] = seal(TpmSettings.from_mapping(config.provider_settings("tpm")), master)
-        if TOKEN_BLOB in keep:
+        if WRAPPED_BLOB in keep:
             from anyhsm.factory import provider_context
             from anyhsm.providers.pkcs11_wrap import wrap_master_key
 
-            out[TOKEN_BLOB] = wrap_master_key(
+            out[WRAPPED_BLOB] = wrap_master_key(
                 provider_context(config, "pkcs11-wrapped", None), master
             )
         return out

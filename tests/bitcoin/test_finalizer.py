@@ -252,7 +252,7 @@ def test_missing_pieces_are_reported(wallet: Wallet) -> None:
     psbt = build_psbt([Spend("p2wpkh", [wallet.key("m/84'/1'/0'/0/0")])])
     res = finalize_psbt(psbt)
     assert "no valid signature" in res.inputs[0].reason
-    psbt.inputs[0].witness_utxo = None
+    psbt.inputs[0].witness_utxo = psbt.inputs[0].non_witness_utxo = None
     assert "previous output not provided" in finalize_psbt(psbt).inputs[0].reason
     odd = build_psbt([Spend("p2wsh", [wallet.key("m/0")] * 1, m=1)])
     odd.inputs[0].witness_script = b"\x51"  # does not hash to the program

@@ -130,7 +130,7 @@ class Spend:
     amount: int = 100_000
     m: int = 1
     sighash: int | None = None
-    non_witness: bool | None = None  # default: legacy inputs only
+    non_witness: bool | None = None  # default: every input but taproot (segwit v0 needs it)
     witness: bool = True  # segwit inputs: give PSBT_IN_WITNESS_UTXO
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -192,7 +192,7 @@ def build_psbt(
     for inp, sp, prev in zip(psbt.inputs, spends, prevs, strict=True):
         spk, rs, ws = spend_scripts(sp)
         segwit = sp.kind in SEGWIT_KINDS
-        if sp.non_witness if sp.non_witness is not None else not segwit:
+        if sp.non_witness if sp.non_witness is not None else sp.kind != "p2tr":
             inp.non_witness_utxo = prev
         if segwit and sp.witness:
             inp.witness_utxo = prev.outputs[-1]
@@ -230,6 +230,16 @@ def det_hsm(tmp_path: Path) -> Iterator[Hsm]:
 
 
 @pytest.fixture
+def bip174_hsm(tmp_path: Path) -> Iterator[Hsm]:
+    """The BIP174 workflow's P2SH-P2WSH input carries only PSBT_IN_WITNESS_UTXO, which the
+    default policy refuses (rule missing-previous-tx); the vector is signed with that
+    rule relaxed, as the policy allows outside production."""
+    h = software_hsm(tmp_path / "bip174", require_previous_tx_segwit_v0=False)
+    yield h
+    h.close()
+
+
+@pytest.fixture
 def sim(tmp_path: Path) -> Iterator[Hsm]:
     h = simulator_hsm(tmp_path / "sim")
     yield h
@@ -250,9 +260,10 @@ def _import_master(hsm: Hsm, label: str, tprv: str) -> None:
 # --- BIP174 workflow --------------------------------------------------------------------------
 
 
-def test_bip174_workflow_signer_matches_vector(hsm: Hsm) -> None:
+def test_bip174_workflow_signer_matches_vector(bip174_hsm: Hsm) -> None:
     """The BIP174 signer results are plain RFC 6979 (one has a 72-byte, high-R signature), so
     this test asks for grind_low_r=False; the master key signs for both BIP signers."""
+    hsm = bip174_hsm
     wf = BIP174["workflow"]
     _import_master(hsm, "bip174", wf["master_tprv"])
     unsigned = Psbt.parse(wf["updater_add_sighash_all"]["result"]["base64"])
@@ -275,7 +286,8 @@ def test_bip174_workflow_signer_matches_vector(hsm: Hsm) -> None:
     assert final.tx.serialize().hex() == wf["extractor"]["result_tx_hex"]
 
 
-def test_bip174_workflow_with_low_r_grinding(hsm: Hsm) -> None:
+def test_bip174_workflow_with_low_r_grinding(bip174_hsm: Hsm) -> None:
+    hsm = bip174_hsm
     wf = BIP174["workflow"]
     _import_master(hsm, "bip174", wf["master_tprv"])
     res = sign_psbt(hsm, Psbt.parse(wf["updater_add_sighash_all"]["result"]["base64"]))
@@ -289,6 +301,17 @@ def test_bip174_workflow_with_low_r_grinding(hsm: Hsm) -> None:
     vector_tx = Transaction.parse(wf["extractor"]["result_tx_hex"])
     assert [i.prevout for i in final.tx.inputs] == [i.prevout for i in vector_tx.inputs]
     assert final.tx.outputs == vector_tx.outputs
+
+
+def test_bip174_workflow_is_refused_by_the_default_policy(hsm: Hsm) -> None:
+    """Its P2SH-P2WSH input has no previous transaction: refused by default."""
+    wf = BIP174["workflow"]
+    _import_master(hsm, "bip174", wf["master_tprv"])
+    with pytest.raises(SigningPolicyError) as e:
+        sign_psbt(hsm, Psbt.parse(wf["updater_add_sighash_all"]["result"]["base64"]))
+    assert [(d["where"], d["rule"]) for d in e.value.details] == [
+        ("input 1", "missing-previous-tx")
+    ]
 
 
 # --- every script type ------------------------------------------------------------------------
@@ -492,15 +515,18 @@ def test_same_key_under_two_labels_signs_once(hsm: Hsm) -> None:
 
 
 @pytest.mark.parametrize("steps", [256, 3000])
-def test_derivation_deeper_than_bip32_allows_is_explained(hsm: Hsm, steps: int) -> None:
-    w = add_wallet(hsm, "w")
-    foreign = Wallet("x", bytes(range(32))).pub("m/0")
-    spends = [
-        Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")]),
-        Spend("p2wpkh", [(foreign, KeyOrigin(w.fingerprint, (1,) * steps))]),
-    ]
-    res = sign_psbt(hsm, build_psbt(spends), "w")
-    assert res.inputs[0].signed and f"path of {steps} steps" in res.inputs[1].reason
+def test_derivation_deeper_than_bip32_allows_is_explained(tmp_path: Path, steps: int) -> None:
+    """With the depth limit raised (policy.max_path_depth, 12 by default, refuses such a
+    PSBT outright: see test_policy_hardening), a path BIP32 cannot derive is explained."""
+    with software_hsm(tmp_path / "deep", max_path_depth=4000) as hsm:
+        w = add_wallet(hsm, "w")
+        foreign = Wallet("x", bytes(range(32))).pub("m/0")
+        spends = [
+            Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")]),
+            Spend("p2wpkh", [(foreign, KeyOrigin(w.fingerprint, (1,) * steps))]),
+        ]
+        res = sign_psbt(hsm, build_psbt(spends), "w")
+        assert res.inputs[0].signed and f"path of {steps} steps" in res.inputs[1].reason
 
 
 def test_a_caller_built_psbt_is_never_modified(hsm: Hsm) -> None:
@@ -545,17 +571,18 @@ def test_discarded_signatures_are_audited(tmp_path: Path) -> None:
     assert all(e["outcome"] == "ok" for e in dropped)
 
 
-def test_output_with_a_path_too_deep_is_simply_not_change(hsm: Hsm) -> None:
+def test_output_with_a_path_too_deep_is_simply_not_change(tmp_path: Path) -> None:
     """An output naming our fingerprint with a path BIP32 cannot derive must not stop the
-    signing: it is not recognised as change, that is all."""
-    w = add_wallet(hsm, "w")
-    spend = Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])
-    pub = Wallet("x", bytes(range(32))).pub("m/0")
-    for path in [(1,) * 256, (1,) * 255 + (HARDENED,), (1,) * 3000]:
-        out = PsbtOutput(99_000, p2wpkh(hash160(pub)))
-        out.bip32_derivations[pub] = KeyOrigin(w.fingerprint, path)
-        res = sign_psbt(hsm, build_psbt([spend], [out]), "w")
-        assert res.signed_inputs == 1 and not res.outputs[0].change
+    signing (once the depth limit is raised): it is not recognised as change, that is all."""
+    with software_hsm(tmp_path / "deep", max_path_depth=4000) as hsm:
+        w = add_wallet(hsm, "w")
+        spend = Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])
+        pub = Wallet("x", bytes(range(32))).pub("m/0")
+        for path in [(1,) * 256, (1,) * 255 + (HARDENED,), (1,) * 3000]:
+            out = PsbtOutput(99_000, p2wpkh(hash160(pub)))
+            out.bip32_derivations[pub] = KeyOrigin(w.fingerprint, path)
+            res = sign_psbt(hsm, build_psbt([spend], [out]), "w")
+            assert res.signed_inputs == 1 and not res.outputs[0].change
 
 
 def test_keys_of_the_wrong_size_are_never_candidates(hsm: Hsm) -> None:
@@ -807,10 +834,12 @@ def test_corrupt_signature_from_provider_is_refused(
         with pytest.raises(SigningFailed, match="does not verify"):
             sign_psbt(sim, psbt, "w")
         assert psbt.to_base64() == before
-        last = json.loads(sim.audit_path.read_text().splitlines()[-1])
+        *_, last, outcome = map(json.loads, sim.audit_path.read_text().splitlines())
         assert last["op"] == "sign_discarded" and last["outcome"] == "error"
         assert last["error"] == "signing_failed"
         assert last["detail"] == {"signatures": "1", "invalid": "1"}
+        assert outcome["op"] == "psbt_sign" and outcome["outcome"] == "error"
+        assert outcome["error"] == "signing_failed"
 
 
 def test_unknown_key_is_refused(hsm: Hsm) -> None:

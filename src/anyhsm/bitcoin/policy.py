@@ -24,14 +24,14 @@ output and the rule; all refusals found are listed in the error's ``details``.
 from __future__ import annotations
 
 import enum
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from anyhsm.bitcoin.address import address_from_script
-from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, format_path
-from anyhsm.bitcoin.encoding import compact_size, hash160, sha256
-from anyhsm.bitcoin.networks import describe_family, networks_for_bip32_version, params
+from anyhsm.bitcoin.bip32 import KeyOrigin, format_path
+from anyhsm.bitcoin.encoding import hash160, sha256
+from anyhsm.bitcoin.networks import describe_family, networks_for_bip32_version
+from anyhsm.bitcoin.paths import CHANGE_PATH_RULE, INPUT_PATH_RULE, PathRules
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput, PsbtOutput
 from anyhsm.bitcoin.psbt_fields import TapLeaf as PsbtTapLeaf
 from anyhsm.bitcoin.script import (
@@ -42,19 +42,25 @@ from anyhsm.bitcoin.script import (
     p2sh,
     p2tr,
     p2wpkh,
-    push_data,
 )
-from anyhsm.bitcoin.sighash import SIGHASH_DEFAULT, STANDARD_SIGHASH_TYPES, sighash_name
+from anyhsm.bitcoin.sighash import (
+    SIGHASH_ANYONECANPAY,
+    SIGHASH_DEFAULT,
+    STANDARD_SIGHASH_TYPES,
+    sighash_name,
+)
+from anyhsm.bitcoin.size import estimate_vsize as _estimate_size
 from anyhsm.bitcoin.taproot import branch_hash, leaf_hash, taproot_output_key
 from anyhsm.bitcoin.tx import TxOut
 from anyhsm.config import PolicyConfig
 from anyhsm.errors import ScriptError, SigningPolicyError
 from anyhsm.types import Network
 
-# Sizes used to estimate the final transaction (Bitcoin Core's estimates: a DER signature
-# with its sighash byte is counted as 72 bytes, a Schnorr signature as 64 or 65).
-ECDSA_SIG_SIZE = 72
-PUBKEY_SIZE = 33
+# Names of the rules a refusal or warning can carry (SigningPolicyError.details[*]["rule"])
+MISSING_PREVIOUS_TX_RULE = "missing-previous-tx"
+UNVERIFIED_AMOUNT_RULE = "unverified-amount"
+CHANGE_TAPROOT_TREE_RULE = "change-taproot-tree"
+TX_WEIGHT_RULE = "tx-weight"
 
 
 class SpendKind(enum.Enum):
@@ -349,6 +355,10 @@ class _Findings:
         raise err
 
 
+Signing = Mapping[int, Sequence[tuple[str, tuple[int, ...]]]]
+"""Per input index, the (key label, path) of every HD key that would sign it."""
+
+
 def check_policy(
     psbt: Psbt,
     infos: Sequence[SpendInfo],
@@ -357,26 +367,34 @@ def check_policy(
     policy: PolicyConfig,
     owner: Owner,
     single_scripts: Mapping[bytes, str],
+    *,
+    signing: Signing | None = None,
+    script_leaves: Mapping[int, Collection[bytes]] | None = None,
 ) -> PolicyReport:
     """Apply the signing policy; raise SigningPolicyError listing every refusal.
 
     ``to_sign`` maps the index of every input a key of the HSM would sign to the sighash
-    type it would use. ``owner`` and ``single_scripts`` identify change outputs.
+    type it would use. ``owner`` and ``single_scripts`` identify change outputs;
+    ``signing`` gives the paths our HD keys would sign at (rule ``input-path``, and the
+    accounts change must be under); ``script_leaves`` the taproot leaves signed by
+    script path (for the size estimate).
     """
     f = _Findings()
+    signing = signing or {}
+    rules = PathRules(network, policy)
     _check_global_xpubs(psbt, network, f)
+    committed = _amounts_committed(infos, to_sign)
     for i, (inp, info) in enumerate(zip(psbt.inputs, infos, strict=True)):
         where = f"input {i}"
         if info.problem is not None:
             rule = "missing-utxo" if info.spent is None else "inconsistent-input"
             f.refuse(where, rule, info.problem)
             continue
-        if info.kind.segwit_v0 and inp.non_witness_utxo is None and not inp.is_finalized:
-            f.warnings.append(
-                f"{where}: only PSBT_IN_WITNESS_UTXO is given; the amount cannot be checked "
-                "against the previous transaction (add PSBT_IN_NON_WITNESS_UTXO to rule out "
-                "the segwit fee attack)"
-            )
+        _check_previous_tx(where, i, inp, info, i in to_sign, committed, policy, f)
+        for label, path in signing.get(i, ()):
+            why = rules.input_problem(label, path)
+            if why is not None:
+                f.refuse(where, INPUT_PATH_RULE, f"key {label}: {why}")
         if i in to_sign:
             _check_sighash(where, info.kind, to_sign[i], policy, f)
             if to_sign[i] & 0x1F == 0x03 and i >= len(psbt.outputs):
@@ -387,8 +405,16 @@ def check_policy(
                     "that commits to no output (for legacy inputs, the constant 'one' hash "
                     "that any transaction can reuse)",
                 )
+    signed_paths: dict[str, list[tuple[int, ...]]] = {}
+    for entries in signing.values():
+        for label, path in entries:
+            signed_paths.setdefault(label, []).append(path)
+
+    def change_rule(label: str, path: tuple[int, ...]) -> str | None:
+        return rules.change_problem(label, path, signed_paths)
+
     outputs = tuple(
-        describe_output(i, out, network, owner, single_scripts, f)
+        describe_output(i, out, network, owner, single_scripts, f, change_rule)
         for i, out in enumerate(psbt.outputs)
     )
     outputs_total = sum(o.amount for o in psbt.outputs)
@@ -396,9 +422,16 @@ def check_policy(
         f.raise_if_any()  # an input without amount was refused above: no fee to judge
     inputs_total = sum(info.amount or 0 for info in infos)
     fee = inputs_total - outputs_total
-    vsize, size_notes = estimate_vsize(psbt, infos)
+    vsize, size_notes = estimate_vsize(psbt, infos, script_leaves)
     f.warnings.extend(size_notes)
     fee_rate = fee / vsize if vsize else 0.0
+    if vsize * 4 > policy.max_tx_weight:
+        f.refuse(
+            "transaction",
+            TX_WEIGHT_RULE,
+            f"the finished transaction would weigh about {vsize * 4} WU, more than "
+            f"policy.max_tx_weight = {policy.max_tx_weight} (Bitcoin Core does not relay it)",
+        )
     if fee < 0:
         f.refuse(
             "transaction",
@@ -423,6 +456,60 @@ def check_policy(
     return PolicyReport(
         inputs_total, outputs_total, fee, vsize, fee_rate, outputs, tuple(f.warnings)
     )
+
+
+def _amounts_committed(infos: Sequence[SpendInfo], to_sign: Mapping[int, int]) -> bool:
+    """Whether one of our signatures commits to the amount of every input: a BIP341
+    signature without ANYONECANPAY does (sha_amounts); legacy and BIP143 ones commit to
+    their own input's amount at most."""
+    return any(
+        infos[i].kind is SpendKind.P2TR and not hash_type & SIGHASH_ANYONECANPAY
+        for i, hash_type in to_sign.items()
+    )
+
+
+def _check_previous_tx(
+    where: str,
+    index: int,
+    inp: PsbtInput,
+    info: SpendInfo,
+    ours: bool,
+    committed: bool,
+    policy: PolicyConfig,
+    f: _Findings,
+) -> None:
+    """The segwit fee attack (2020): with only PSBT_IN_WITNESS_UTXO an amount is whatever
+    the submitter says. Our BIP143 signature commits to our input's amount only, so two
+    rounds, each lying about the other input, each show a small fee while the combined
+    signatures pay a large one. So every segwit v0 input we sign needs its previous
+    transaction, and so does every other input whose amount no signature of ours commits
+    to (unless a taproot signature of ours commits to all of them)."""
+    if inp.non_witness_utxo is not None or info.kind.legacy:
+        return  # legacy inputs without it are refused as inconsistent by describe_input
+    if ours and info.kind.segwit_v0:
+        rule, what = MISSING_PREVIOUS_TX_RULE, "a segwit v0 input we sign"
+    elif not ours and not committed:
+        rule = UNVERIFIED_AMOUNT_RULE
+        what = (
+            "an input we do not sign, whose amount counts in the fee while none of our "
+            "signatures commits to it"
+        )
+    else:
+        return
+    if policy.require_previous_tx_segwit_v0:
+        f.refuse(
+            where,
+            rule,
+            f"{what} has only PSBT_IN_WITNESS_UTXO, so its amount cannot be checked: add "
+            "PSBT_IN_NON_WITNESS_UTXO (the previous transaction) to rule out the segwit fee "
+            "attack",
+        )
+    else:
+        f.warnings.append(
+            f"{where}: only PSBT_IN_WITNESS_UTXO is given; the amount cannot be checked "
+            "against the previous transaction (policy.require_previous_tx_segwit_v0 = false; "
+            f"rule {rule} not enforced)"
+        )
 
 
 def _check_sighash(
@@ -456,6 +543,10 @@ def _check_global_xpubs(psbt: Psbt, network: Network, f: _Findings) -> None:
             )
 
 
+ChangeRule = Callable[[str, tuple[int, ...]], str | None]
+"""Given the label and path of our key an output pays, why it is not change (or None)."""
+
+
 def describe_output(
     index: int,
     out: PsbtOutput,
@@ -463,8 +554,13 @@ def describe_output(
     owner: Owner,
     single_scripts: Mapping[bytes, str],
     findings: _Findings | None = None,
+    change_rule: ChangeRule | None = None,
 ) -> OutputReport:
-    """Address (on ``network``) or kind of script, and whether the output is our change."""
+    """Address (on ``network``) or kind of script, and whether the output is our change.
+
+    An output is change only if it pays a key of ours alone, at a path the change rule
+    accepts (``change_rule``; a single key has no path); one that pays our key otherwise
+    is shown as outgoing, with a warning naming the rule."""
     spk = out.script
     info = classify(spk)
     address = address_from_script(spk, network)
@@ -481,9 +577,21 @@ def describe_output(
                 f"output {index}: pays to a future witness version ({address}); such outputs "
                 "are anyone-can-spend today"
             )
-    label, path = _change_owner(out, spk, owner, single_scripts)
-    if label is not None and path is not None and findings is not None:
-        _check_coin_type(index, path, network, findings)
+    label, path, refused = _change_owner(out, spk, owner, single_scripts)
+    if label is not None and path and change_rule is not None:
+        why = change_rule(label, path)
+        if why is not None:
+            refused = (CHANGE_PATH_RULE, why)
+            label = None
+    if refused is not None:
+        rule, why = refused
+        note = (note + "; " if note else "") + f"pays our key but is not change ({rule})"
+        if findings is not None:
+            findings.warnings.append(
+                f"output {index}: NOT CHANGE [rule {rule}]: {why}; it is shown as an "
+                "outgoing payment"
+            )
+        label, path = None, None
     return OutputReport(
         index,
         out.amount,
@@ -497,20 +605,11 @@ def describe_output(
     )
 
 
-def _check_coin_type(index: int, path: tuple[int, ...], network: Network, f: _Findings) -> None:
-    if len(path) >= 2 and path[0] in {h | HARDENED for h in (44, 49, 84, 86)}:
-        coin = path[1] & ~HARDENED
-        if path[1] >= HARDENED and coin in (0, 1) and coin != params(network).coin_type:
-            f.warnings.append(
-                f"output {index}: the change path {format_path(path)} uses coin type {coin}, "
-                f"which is not the one of {network.value}"
-            )
-
-
 def _change_owner(
     out: PsbtOutput, spk: bytes, owner: Owner, single_scripts: Mapping[bytes, str]
-) -> tuple[str | None, tuple[int, ...] | None]:
-    """(key label, path) when the output pays a single-key script of a key in the HSM."""
+) -> tuple[str | None, tuple[int, ...] | None, tuple[str, str] | None]:
+    """(key label, path, None) when the output pays a single-key script of a key in the
+    HSM; (None, None, (rule, why)) when it pays our key in a way that is not change."""
     for pub, origin in out.bip32_derivations.items():
         if len(pub) != 33:
             continue
@@ -521,7 +620,8 @@ def _change_owner(
         if spk in scripts:
             label = owner(pub, origin)
             if label is not None:
-                return label, origin.path
+                return label, origin.path, None
+    refused: tuple[str, str] | None = None
     for xonly, tko in out.tap_bip32_derivations.items():
         if out.tap_internal_key not in (None, xonly):
             continue
@@ -530,97 +630,43 @@ def _change_owner(
             q, _ = taproot_output_key(xonly, root)
         except ScriptError:
             continue
-        if spk == p2tr(q):
-            label = owner(xonly, tko.origin)
-            if label is not None:
-                return label, tko.origin.path
+        if spk != p2tr(q):
+            continue
+        label = owner(xonly, tko.origin)
+        if label is None:
+            continue
+        if root is not None:
+            # Change must be spendable by our keys alone: a script tree beside our internal
+            # key may hold anyone's leaf (an attacker's "<key> OP_CHECKSIG"), which would
+            # spend the output without us. Only BIP86 outputs (no tree) are change.
+            n = len(out.tap_tree or ())
+            refused = (
+                CHANGE_TAPROOT_TREE_RULE,
+                f"the internal key is key {label} at {format_path(tko.origin.path)}, but the "
+                f"output also commits to a script tree of {n} leaf/leaves "
+                "(PSBT_OUT_TAP_TREE) that anyone else may be able to spend; only a BIP86 "
+                "output (no script tree) is change",
+            )
+            continue
+        return label, tko.origin.path, None
     label = single_scripts.get(spk)
-    return (label, ()) if label is not None else (None, None)
+    if label is not None:
+        return label, (), None
+    return None, None, refused
 
 
 # --- size estimate -------------------------------------------------------------------------------
 
 
-def estimate_vsize(psbt: Psbt, infos: Sequence[SpendInfo]) -> tuple[int, list[str]]:
-    """Estimated virtual size of the finished transaction, and notes on inputs it had to guess."""
-    notes: list[str] = []
-    base = 4 + 4 + len(compact_size(len(psbt.inputs))) + len(compact_size(len(psbt.outputs)))
-    base += sum(len(o.txout().serialize()) for o in psbt.outputs)
-    witness_bytes = 0
-    any_witness = False
-    for i, (inp, info) in enumerate(zip(psbt.inputs, infos, strict=True)):
-        script_sig, witness = _input_size(inp, info)
-        if script_sig is None:
-            notes.append(f"input {i}: its final size is unknown; the fee rate is an estimate")
-            script_sig = 0
-        base += 36 + len(compact_size(script_sig)) + script_sig + 4
-        if witness:
-            any_witness = True
-            witness_bytes += witness
-        else:
-            witness_bytes += 1  # an empty witness is still one count byte once any exists
-    weight = base * 4 + ((witness_bytes + 2) if any_witness else 0)
-    return math.ceil(weight / 4), notes
-
-
-def _push_len(n: int) -> int:
-    return len(push_data(b"\xff" * n))
-
-
-def _multisig_m(script: bytes | None) -> int | None:
-    if script is None:
-        return None
-    info = classify(script)
-    return info.required if info.type is ScriptType.MULTISIG else None
-
-
-def _witness_len(items: Sequence[int]) -> int:
-    return len(compact_size(len(items))) + sum(len(compact_size(n)) + n for n in items)
-
-
-def _script_witness_items(ws: bytes) -> list[int]:
-    m = _multisig_m(ws)
-    t = classify(ws).type
-    if m is not None:
-        items = [0, *([ECDSA_SIG_SIZE] * m)]
-    elif t is ScriptType.P2PKH:
-        items = [ECDSA_SIG_SIZE, PUBKEY_SIZE]
-    else:
-        items = [ECDSA_SIG_SIZE]
-    return [*items, len(ws)]
-
-
-def _input_size(inp: PsbtInput, info: SpendInfo) -> tuple[int | None, int]:
-    """(scriptSig length or None if unknown, witness bytes) of the finished input."""
-    if inp.is_finalized:
-        ss = len(inp.final_scriptsig or b"")
-        wit = inp.final_scriptwitness
-        return ss, _witness_len([len(w) for w in wit]) if wit else 0
-    k = info.kind
-    if k is SpendKind.P2PKH:
-        return 1 + ECDSA_SIG_SIZE + 1 + PUBKEY_SIZE, 0
-    if k is SpendKind.P2PK:
-        return 1 + ECDSA_SIG_SIZE, 0
-    if k is SpendKind.P2WPKH:
-        return 0, _witness_len([ECDSA_SIG_SIZE, PUBKEY_SIZE])
-    if k is SpendKind.P2SH_P2WPKH:
-        return 23, _witness_len([ECDSA_SIG_SIZE, PUBKEY_SIZE])
-    if k in (SpendKind.P2WSH, SpendKind.P2SH_P2WSH):
-        ss = 35 if k is SpendKind.P2SH_P2WSH else 0
-        if info.witness_script is None:
-            return None, 0
-        return ss, _witness_len(_script_witness_items(info.witness_script))
-    if k is SpendKind.P2TR:
-        sig = 64 if inp.sighash_type in (None, SIGHASH_DEFAULT) else 65
-        return 0, _witness_len([sig])
-    if k is SpendKind.P2SH and info.redeem_script is not None:
-        m = _multisig_m(info.redeem_script)
-        sigs = 1 + m * (1 + ECDSA_SIG_SIZE) if m is not None else 1 + ECDSA_SIG_SIZE
-        return sigs + _push_len(len(info.redeem_script)), 0
-    if k is SpendKind.BARE:
-        m = _multisig_m(info.script_code)
-        return (1 + m * (1 + ECDSA_SIG_SIZE)) if m is not None else 1 + ECDSA_SIG_SIZE, 0
-    return None, 0
+def estimate_vsize(
+    psbt: Psbt,
+    infos: Sequence[SpendInfo],
+    script_leaves: Mapping[int, Collection[bytes]] | None = None,
+) -> tuple[int, list[str]]:
+    """Estimated virtual size of the finished transaction from each input's script
+    (:func:`anyhsm.bitcoin.size.estimate_vsize`), and notes on inputs it had to guess."""
+    spks = [None if info.spent is None else info.spent.script_pubkey for info in infos]
+    return _estimate_size(psbt, spks, script_leaves)
 
 
 __all__ = [

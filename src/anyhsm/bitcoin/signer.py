@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from anyhsm.bitcoin import limits
 from anyhsm.bitcoin.address import bip86_output_key
 from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, format_path
 from anyhsm.bitcoin.encoding import hash160
@@ -77,6 +78,7 @@ from anyhsm.errors import (
     Bip32Error,
     HsmError,
     NothingSigned,
+    PsbtLimitExceeded,
     ScriptError,
     SigningFailed,
     SigningPolicyError,
@@ -560,12 +562,72 @@ def sign_psbt(
 ) -> SignResult:
     """Sign every input of ``psbt`` that ``key`` (or any key in the HSM, when None) can sign.
 
-    Raises :class:`SigningPolicyError` when the policy refuses (nothing is signed then),
+    Raises :class:`PsbtLimitExceeded` when the PSBT is beyond the resource limits and
+    :class:`SigningPolicyError` when the policy refuses (nothing is signed then either),
     and :class:`NothingSigned` when no input could be signed (its ``details`` hold the
     per-input reasons). ``grind_low_r=False`` asks for plain RFC 6979 ECDSA nonces, only
     to reproduce signatures of signers that do not grind (such as the BIP174 vectors).
+
+    Every outcome is an audit entry ``psbt_sign``: "ok" with the unsigned txid, the
+    inputs signed and the fee; "refused" with the rules that refused; "error" when
+    nothing was signed or signing failed.
     """
-    keys = _signing_keys(hsm, key)
+    txid = psbt.unsigned_tx().txid_hex()
+    key_id: str | None = None
+    try:
+        keys = _signing_keys(hsm, key)
+        if key is not None and keys:
+            key_id = keys[0].info.id
+        result = _sign(hsm, psbt, keys, key, grind_low_r, txid)
+    except (SigningPolicyError, PsbtLimitExceeded) as e:
+        detail = {"txid": txid, "rules": _rules(e), "message": _bounded(e.message, 300)}
+        hsm.record_event("psbt_sign", "refused", detail, key_id=key_id, error=e.code)
+        raise
+    except HsmError as e:
+        detail = {"txid": txid, "message": _bounded(e.message, 300)}
+        hsm.record_event("psbt_sign", "error", detail, key_id=key_id, error=e.code)
+        raise
+    signed = [r.index for r in result.inputs if r.signed]
+    detail = {
+        "txid": txid,
+        "inputs": _index_list(signed),
+        "signatures": str(result.signatures),
+        "fee": str(result.fee),
+    }
+    hsm.record_event("psbt_sign", "ok", detail, key_id=key_id)
+    return result
+
+
+_MAX_LISTED = 64  # input indexes listed in an audit entry before it says "... (+N)"
+
+
+def _index_list(indexes: Sequence[int]) -> str:
+    shown = ",".join(str(i) for i in indexes[:_MAX_LISTED])
+    more = len(indexes) - _MAX_LISTED
+    return shown + (f",...(+{more})" if more > 0 else "")
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _rules(e: HsmError) -> str:
+    """The comma-separated rule names of a refusal (from its details)."""
+    names = dict.fromkeys(str(d.get("rule", "")) for d in e.details if d.get("rule"))
+    return _bounded(",".join(names) or "policy", 300)
+
+
+def _sign(
+    hsm: Hsm,
+    psbt: Psbt,
+    keys: list[_Key],
+    key: KeyRef | None,
+    grind_low_r: bool,
+    txid: str,
+) -> SignResult:
+    rules = hsm.config.policy
+    limits.check_structure(psbt, rules)  # before any copy, derivation or signature
+    limits.check_derivation_work(psbt, {k.fingerprint for k in keys if k.hd}, rules)
     keyset = _KeySet.of(keys)
     work = psbt.copy()
     deriv = _Derivations(hsm)
@@ -573,6 +635,8 @@ def sign_psbt(
     plans = [
         _plan_input(inp, info, keyset, deriv) for inp, info in zip(work.inputs, infos, strict=True)
     ]
+    legacy = sum(1 for p, info in zip(plans, infos, strict=True) if p.jobs and info.kind.legacy)
+    limits.check_legacy_work(work, legacy, rules)
 
     def owner(pubkey: bytes, origin: KeyOrigin) -> str | None:
         k = deriv.owner(keys, pubkey, origin)
@@ -586,8 +650,27 @@ def sign_psbt(
             for i, (inp, info, plan) in enumerate(zip(work.inputs, infos, plans, strict=True))
             if plan.claimed
         }
-        net, rules = hsm.network, hsm.config.policy
-        report = check_policy(work, infos, to_sign, net, rules, owner, _single_scripts(keys))
+        signing = {
+            i: [(j.key.label, j.path) for j in plan.jobs if j.key.hd]
+            for i, plan in enumerate(plans)
+            if plan.jobs
+        }
+        leaves = {
+            i: {j.leaf_hash for j in plan.jobs if j.leaf_hash is not None}
+            for i, plan in enumerate(plans)
+            if plan.jobs and all(j.kind == "taproot-script" for j in plan.jobs)
+        }
+        report = check_policy(
+            work,
+            infos,
+            to_sign,
+            hsm.network,
+            rules,
+            owner,
+            _single_scripts(keys),
+            signing=signing,
+            script_leaves=leaves,
+        )
         return report, to_sign
 
     try:
@@ -604,9 +687,9 @@ def sign_psbt(
     report, to_sign = passed if passed is not None else policy()
     if not any(p.jobs for p in plans):
         raise _nothing_signed(key, keys, work, infos, plans)
-    aux = _ZERO_AUX if hsm.config.policy.deterministic_schnorr else None
+    aux = _ZERO_AUX if rules.deterministic_schnorr else None
     cache = SighashCache(work.unsigned_tx(), [i.spent for i in infos])
-    placed = _sign_all(hsm, cache, work, infos, plans, to_sign, aux, grind_low_r, deriv)
+    placed = _sign_all(hsm, cache, work, infos, plans, to_sign, aux, grind_low_r, deriv, txid)
     if not any(placed):
         raise _nothing_signed(key, keys, work, infos, plans)
     reports: list[InputReport] = []
@@ -649,6 +732,7 @@ def _sign_all(
     aux: bytes | None,
     grind_low_r: bool,
     deriv: _Derivations,
+    txid: str,
 ) -> list[list[_Job]]:
     """Compute every digest, sign them grouped per key through ``hsm.sign_many`` (so a
     provider derives shared BIP32 parents once), verify each signature against the key
@@ -676,7 +760,8 @@ def _sign_all(
             else:
                 params = SignParams(path=path, tweak=job.tweak, aux_rand=aux)
                 requests.append((digest, SigScheme.SCHNORR, params))
-        sigs = hsm.sign_many(key_id, requests)
+        context = {"txid": txid, "inputs": _index_list(sorted({it[0] for it in items}))}
+        sigs = hsm.sign_many(key_id, requests, context=context)
         made += len(sigs)
         provider = items[0][1].key.info.provider
         wrong_key = same_key = 0

@@ -435,6 +435,21 @@ class Pkcs11Provider:
             self._forget(entry)
             entry = self._entry(key)
             return self._conn.run(op, "signing")
+        except SigningFailed:
+            self._check_not_replaced(entry)
+            raise
+
+    def _check_not_replaced(self, entry: _KeyEntry) -> None:
+        """After a signature that does not verify: if the token's key pair under this
+        id now has another public key, say so (KeyBindingMismatch) rather than blame
+        the token; the old entry is dropped either way."""
+        self._forget(entry)
+        try:
+            fresh = self._conn.run(lambda ps: self._lookup(ps, entry.id.hex()), "key lookup")
+        except HsmError:
+            return
+        if fresh.id == entry.id:
+            self._remember(fresh)  # raises KeyBindingMismatch when the public key changed
 
     @staticmethod
     def _checked(entry: _KeyEntry, digest: bytes, raw: bytes) -> bytes:

@@ -140,9 +140,18 @@ def _parse_ref(ref: object) -> int:
 
 
 @contextlib.contextmanager
-def _step(conn: Connection, what: str, ref: str, *, throttled_ok: bool = False) -> Iterator[None]:
+def _step(
+    conn: Connection,
+    what: str,
+    ref: str,
+    *,
+    throttled_ok: bool = False,
+    index_auth: bool = False,
+) -> Iterator[None]:
     """Like Connection.step, but with the NV answers that mean something for a counter.
-    ``throttled_ok``: raise _Throttled on TPM_RC_NV_RATE (the caller retries later)."""
+    ``throttled_ok``: raise _Throttled on TPM_RC_NV_RATE (the caller retries later).
+    ``index_auth``: the command authorises with the index's own (empty) authValue, so
+    an authorisation failure means the index is not the one anyhsm defined."""
     try:
         yield
     except HsmError:
@@ -163,6 +172,12 @@ def _step(conn: Connection, what: str, ref: str, *, throttled_ok: bool = False) 
             raise AnchorMismatch(
                 f"NV index {ref} was never incremented, so it is not a counter anyhsm "
                 "defined (anyhsm increments its counter as it defines it)",
+                hint=MISSING_HINT,
+            ) from None
+        if code in (_RC_AUTH_FAIL, _RC_BAD_AUTH) and index_auth:
+            raise AnchorMismatch(
+                f"NV index {ref} has an authorisation value; the counter anyhsm defines "
+                "has none, so this index was redefined by someone else",
                 hint=MISSING_HINT,
             ) from None
         if code in (_RC_AUTH_FAIL, _RC_BAD_AUTH):
@@ -217,7 +232,7 @@ def _open(conn: Connection, index: int) -> Any:
 
 
 def _read(conn: Connection, handle: Any, ref: str) -> int:
-    with _step(conn, f"read NV counter {ref}", ref):
+    with _step(conn, f"read NV counter {ref}", ref, index_auth=True):
         data = bytes(conn.esys.nv_read(handle, COUNTER_SIZE, 0, auth_handle=handle))
     if len(data) != COUNTER_SIZE:
         raise AnchorMismatch(f"NV counter {ref} returned {len(data)} bytes, not {COUNTER_SIZE}")

@@ -402,3 +402,16 @@ def test_tpm_clear_removes_it_and_never_lowers_it(private_swtpm: Swtpm) -> None:
     assert c.read() > high
     with pytest.raises(KeystoreRolledBack):
         c.advance_to(high)
+
+
+def test_redefined_with_a_password_is_anchor_mismatch(settings: TpmSettings, swtpm: Swtpm) -> None:
+    """Our attributes, but an authValue anyhsm never sets (someone redefined the index):
+    not our counter, and reading it never counts towards a lockout (NO_DA)."""
+    index = _free_index(swtpm.tcti)
+    define_nv(swtpm.tcti, index, COUNTER_ATTRIBUTES, 8, auth=b"planted")
+    try:
+        with pytest.raises(AnchorMismatch) as info:
+            TpmCounter.at(settings, f"0x{index:08x}").read()
+        assert "authorisation value" in info.value.message
+    finally:
+        undefine_nv(swtpm.tcti, index)

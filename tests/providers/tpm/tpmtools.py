@@ -28,7 +28,13 @@ def extend_pcr(tcti: str, pcr: int, data: bytes = b"anyhsm test measurement") ->
 
 
 def define_nv(
-    tcti: str, index: int, attributes: int, size: int, *, data: bytes | None = None
+    tcti: str,
+    index: int,
+    attributes: int,
+    size: int,
+    *,
+    data: bytes | None = None,
+    auth: bytes | None = None,
 ) -> None:
     """Define an NV index with the owner hierarchy (as another program on the host would),
     then write ``data`` (ordinary index) or increment it once (counter, data=None
@@ -41,7 +47,7 @@ def define_nv(
         )
     )
     with ESAPI(tcti) as esys:
-        handle = esys.nv_define_space(None, public, auth_handle=ESYS_TR.OWNER)
+        handle = esys.nv_define_space(auth, public, auth_handle=ESYS_TR.OWNER)
         if data is not None:
             esys.nv_write(handle, data, auth_handle=ESYS_TR.OWNER)
         elif (attributes >> 4) & 0xF == 1:  # TPM_NT_COUNTER

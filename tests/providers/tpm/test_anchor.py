@@ -12,7 +12,9 @@ import pytest
 from tests.providers.tpm.tpmtools import nv_attributes, undefine_nv
 from tests.support.swtpm import Swtpm
 
-from anyhsm.errors import AnchorMissing, KeystoreRolledBack
+from anyhsm.config import Config
+from anyhsm.errors import AnchorMissing, HsmError, KeystoreRolledBack
+from anyhsm.factory import walk_chain
 from anyhsm.keystore import KdfParams, Keystore
 from anyhsm.provider import ProviderContext
 from anyhsm.providers.tpm import TpmProvider
@@ -227,3 +229,40 @@ def test_health_names_the_counter_and_its_loss(tmp_path: Path, private_swtpm: Sw
         assert ref in h.reason
     finally:
         p.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open gap (factory.walk_chain / providers/software.py, not the TPM layer): the "
+    "chain treats KeystoreRolledBack from the TPM provider like an unavailable provider and "
+    "the passphrase provider then opens the rolled-back store without checking the counter",
+)
+def test_rolled_back_store_is_not_opened_by_the_passphrase_fallback(
+    tmp_path: Path, private_swtpm: Swtpm
+) -> None:
+    """The attack through the real factory with the usual chain ["tpm", "software"] and
+    a passphrase at hand: the rollback verdict must stop the chain (fail closed)."""
+    store = tmp_path / "ks"
+    _enrolled(store, TpmSettings(tcti=private_swtpm.tcti))
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    p = _open_tpm(store, private_swtpm.tcti)
+    try:
+        p.generate_key(KeySpec("after-the-copy"))
+    finally:
+        p.close()
+    _restore(copy, store)
+    raw = {
+        "environment": "development",
+        "network": "regtest",
+        "fallback": {"chain": ["tpm", "software"], "timeout_ms": 2000},
+        "providers": {"tpm": {"tcti": private_swtpm.tcti}, "software": {"path": str(store)}},
+    }
+    config = Config.from_mapping(raw, config_dir=tmp_path, env={})
+    try:
+        result = walk_chain(config, SecretBytes(PASSPHRASE))
+    except HsmError as exc:
+        assert "keystore_rolled_back" in str(exc.to_dict()) or isinstance(exc, KeystoreRolledBack)
+        return
+    result.provider.close()
+    pytest.fail(f"the rolled-back store was opened by {result.provider.name!r}")

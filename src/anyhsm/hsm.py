@@ -908,9 +908,23 @@ class Hsm:
             return ok
 
     def delete_key(self, key: KeyRef) -> None:
+        """Delete a key from its store (binding checked first) and its directory record.
+        A reference whose key its own store (same serial) no longer holds is removed
+        from the directory alone."""
         with self._lock, self._audited("delete_key", intent={"key_ref": str(key)[:128]}) as d:
             d["key_ref"] = str(key)[:128]
-            provider, info = self._route(key, fresh=True)  # binding checked first
+            try:
+                provider, info = self._route(key, fresh=True)  # binding checked first
+            except KeyNotInDirectory:
+                raise
+            except KeyNotFound:
+                gone = self._dangling_reference(key)
+                if gone is None:
+                    raise
+                d["_provider"], d["_key"] = gone.provider, gone.id
+                d["removed"] = "directory record only: the key is no longer in its store"
+                self.keystore.delete(gone.id)
+                return
             d["_provider"], d["_key"] = provider.name, info.id
             self._call(provider, lambda: provider.delete_key(info.id))
             self._forget(info)
@@ -922,6 +936,24 @@ class Hsm:
                     return
                 if rec.kind == "reference" and rec.id == info.id:
                     ks.delete(rec.id)
+
+    def _dangling_reference(self, key: str) -> KeyRecord | None:
+        """The reference record ``key`` names when its own store (provider and serial
+        as recorded) is reachable and holds no key with its id; else None."""
+        ks = self._anchor.keystore
+        if ks is None or not isinstance(key, str) or not key:
+            return None
+        try:
+            rec = ks.find(key)
+        except KeyNotFound:
+            return None
+        if rec.kind != "reference":
+            return None
+        provider = next((p for p in self._other_stores() if p.name == rec.provider), None)
+        if provider is None or provider.store_id() != rec.store:
+            return None
+        info = self._ask(provider, rec.id)
+        return rec if info is None or info.id != rec.id else None
 
     # --- keystore administration ------------------------------------------------------------
 

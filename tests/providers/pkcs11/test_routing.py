@@ -243,3 +243,21 @@ def test_key_object_swapped_while_the_handle_is_open_never_signs(
                 planted = curve.ecdsa_verify(new_pub, digest, sig)
                 outcomes.append("signed" + (" with the planted key" * planted))
         assert outcomes == [expected] * 3
+
+
+def test_key_deleted_from_the_token_elsewhere_leaves_a_record_key_delete_removes(
+    deployment: Path, softhsm: SoftHsmToken, pin_env: None
+) -> None:
+    name = label()
+    configure(deployment, softhsm)
+    with open_hsm(deployment) as hsm:
+        cold = hsm.generate_key(name)
+    plant(softhsm, name, cold.id, action="delete")  # another application deletes it
+    with open_hsm(deployment) as hsm:
+        err = refuses("key_not_found", hsm.sign, name, os.urandom(32))
+        assert cold.id in err.message and f"pkcs11:{softhsm.serial}" in err.message
+        hsm.delete_key(name)  # the directory record goes; nothing else is touched
+        refuses("key_not_found", hsm.get_key, cold.id)
+        again = hsm.generate_key(name)  # the label is free again
+        assert again.id != cold.id
+        hsm.delete_key(again.id)

@@ -10,6 +10,7 @@ python-pkcs11, as another application would.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from tests.support.softhsm import SoftHsmToken
 
 from anyhsm import open_hsm
+from anyhsm.cli.main import main
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import HsmError
 from anyhsm.providers.pkcs11_keys import decode_ec_point
@@ -180,7 +182,7 @@ def cold_scheme() -> object:
 
 
 def test_replaced_key_object_is_a_typed_error_never_a_signature(
-    deployment: Path, softhsm: SoftHsmToken, pin_env: None
+    deployment: Path, softhsm: SoftHsmToken, pin_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name = label()
     configure(deployment, softhsm)
@@ -195,6 +197,13 @@ def test_replaced_key_object_is_a_typed_error_never_a_signature(
             assert cold.public_key.hex() in err.message and new_pub.hex() in err.message
             assert f"pkcs11:{softhsm.serial}" in err.message
         refuses("key_binding_mismatch", hsm.get_key, name)
+    # the CLI: a typed error in --json, exit 8, no signature on stdout
+    code = main(
+        ["--config", str(deployment), "sign", "--key", name, "--digest", "ab" * 32, "--json"]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert code == 8 and out["error"]["code"] == "key_binding_mismatch"
+    assert "signature" not in out
 
 
 def _close_all_sessions(hsm: object) -> None:

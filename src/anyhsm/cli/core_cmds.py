@@ -334,6 +334,13 @@ def cmd_health(args: argparse.Namespace, app: App) -> Result:
     lines.append(
         f"audit log: {report.audit.get('path')} (last entry {report.audit.get('last_seq')})"
     )
+    proc = report.process
+    if proc:
+        lines.append(
+            f"process: dumpable {proc.get('dumpable')}, core limit {proc.get('core_limit')}, "
+            f"secrets dontdump {proc.get('dontdump_secrets')} "
+            f"(hardening {proc.get('hardening')})"
+        )
     return Result(report.to_dict(), lines, 0 if report.ok else 4)
 
 

@@ -101,6 +101,7 @@ HEADER_FILE = "keystore.json"
 KEYS_DIR = "keys"
 LOCK_FILE = ".lock"
 LEGACY_CHECKPOINT = "audit-checkpoint.json"
+TOMBSTONE_SUFFIX = ".revoked"
 log = logging.getLogger("anyhsm")
 T = TypeVar("T")
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -144,9 +145,10 @@ class KeyRecord:
     nonce: bytes = b""
     sealed: bytes = b""
     mac: bytes = b""
+    generation: int = 0  # the manifest generation that listed it first (0: older records)
 
     def metadata(self, store_id: str) -> dict[str, object]:
-        return {
+        meta: dict[str, object] = {
             "store_id": store_id,
             "version": VERSION,
             "kind": self.kind,
@@ -160,6 +162,9 @@ class KeyRecord:
             "provider": self.provider,
             "store": self.store,
         }
+        if self.generation:
+            meta["generation"] = self.generation
+        return meta
 
     def to_json(self) -> bytes:
         body: dict[str, object] = {k: v for k, v in self.metadata("").items() if k != "store_id"}
@@ -187,6 +192,9 @@ class KeyRecord:
         try:
             kind = str(d["kind"])
             cc = d.get("chain_code")
+            generation = d.get("generation", 0)
+            if type(generation) is not int or generation < 0:
+                raise ValueError("bad generation")
             return cls(
                 id=str(d["id"]),
                 label=str(d["label"]),
@@ -201,6 +209,7 @@ class KeyRecord:
                 nonce=_unb64(d["nonce"], where) if kind == "sealed" else b"",
                 sealed=_unb64(d["ciphertext"], where) if kind == "sealed" else b"",
                 mac=bytes.fromhex(str(d["mac"])) if kind == "reference" else b"",
+                generation=generation,
             )
         except (KeyError, ValueError, TypeError, OverflowError) as e:
             raise KeystoreCorrupted(f"{where} is missing or has a bad field ({e})") from None
@@ -240,6 +249,7 @@ class Keystore:
         self._records: dict[str, KeyRecord] = {}
         self._aads: dict[str, bytes] = {}
         self._files: dict[str, _FileState] = {}
+        self._tombs: dict[str, int] = {}
         self._scratch = threading.local()
         self.problems: dict[str, HsmError] = {}
         self.unacknowledged: set[str] = set()
@@ -430,6 +440,7 @@ class Keystore:
         self._records.clear()
         self._aads.clear()
         self._files.clear()
+        self._tombs.clear()
         self.problems.clear()
         self._manifest = None
         self._manifest_stat = None
@@ -585,8 +596,10 @@ class Keystore:
             yield self._manifest
 
     def _clean_stale(self) -> None:
-        """Remove what crashed writers left: temp files, records never acknowledged, and
-        directories of other epochs (an interrupted or finished rotation)."""
+        """Remove what crashed writers left: temp files and directories of other epochs
+        (an interrupted or finished rotation). Records never acknowledged are kept (never
+        used, reported in ``unacknowledged``): deleting them could destroy a real key
+        whose listing an attacker took back by replaying an old manifest."""
         clean_temp_files(self.keys_dir)
         clean_temp_files(self.path)
         for entry in os.scandir(self.path):
@@ -594,10 +607,6 @@ class Keystore:
             if entry.is_dir() and name != self.keys_dir.name and _is_records_dir(name):
                 shutil.rmtree(entry.path, ignore_errors=True)
         self.refresh()
-        for key_id in list(self.unacknowledged):
-            remove_durably(self.keys_dir / f"{key_id}.json")
-            self._files.pop(key_id, None)
-        self.unacknowledged.clear()
 
     # --- records -----------------------------------------------------------------------
 
@@ -653,8 +662,17 @@ class Keystore:
                     hint="reopen the handle",
                 ) from None
             raise KeystoreCorrupted(f"{self.keys_dir} is missing") from None
+        tombs: dict[str, int] = {}
         for entry in entries:
             name = entry.name
+            if name.endswith(TOMBSTONE_SUFFIX):
+                key_id = name.removesuffix(TOMBSTONE_SUFFIX)
+                if _ID_RE.match(key_id):
+                    known = self._tombs.get(key_id)
+                    tombs[key_id] = (
+                        known if known is not None else self._read_tombstone(key_id, entry.path)
+                    )
+                continue
             if not name.endswith(".json") or not _ID_RE.match(name[:-5]):
                 continue
             key_id = name[:-5]
@@ -665,9 +683,11 @@ class Keystore:
                 self._files[key_id] = self._read_record_file(key_id, entry.path, mtime)
         for gone in set(self._files) - seen:
             del self._files[gone]
+        self._tombs = tombs
         self._reconcile()
 
     def _reconcile(self) -> None:
+        self._check_not_rolled_back()
         m = self._require_manifest()
         records: dict[str, KeyRecord] = {}
         problems: dict[str, HsmError] = {}
@@ -684,7 +704,7 @@ class Keystore:
                 elif fs.problem is not None:
                     problems[key_id] = fs.problem
                 else:
-                    orphans.add(key_id)  # written, never acknowledged: dropped under lock
+                    orphans.add(key_id)  # written, never acknowledged (or listing replayed)
                 continue
             if fs.problem is not None:
                 problems[key_id] = fs.problem
@@ -772,9 +792,16 @@ class Keystore:
             exportable=exportable,
             chain_code=chain_code,
         )
-        assert self._record_key is not None
-        nonce, sealed = self._record_key.seal(secret.buffer, canonical(rec.metadata(self.store_id)))
-        return self._persist(replace(rec, nonce=nonce, sealed=sealed))
+        record_key = self._record_key
+        assert record_key is not None
+
+        def seal(generation: int) -> KeyRecord:
+            listed = replace(rec, generation=generation)
+            aad = canonical(listed.metadata(self.store_id))
+            nonce, sealed = record_key.seal(secret.buffer, aad)
+            return replace(listed, nonce=nonce, sealed=sealed)
+
+        return self._persist(rec.label, seal)
 
     def add_reference(
         self, key_id: str, label: str, public_key: bytes, provider: str, store: str
@@ -791,16 +818,29 @@ class Keystore:
             provider=provider,
             store=store,
         )
-        return self._persist(self._mac_reference(rec), replace_same_label=True)
+        return self._persist(
+            rec.label,
+            lambda g: self._mac_reference(replace(rec, generation=g)),
+            replace_same_label=True,
+        )
 
     def _mac_reference(self, rec: KeyRecord) -> KeyRecord:
         assert self._mac_key is not None
         mac = hmac.digest(self._mac_key.buffer, canonical(rec.metadata(self.store_id)), "sha256")
         return replace(rec, mac=mac)
 
-    def _persist(self, rec: KeyRecord, *, replace_same_label: bool = False) -> KeyRecord:
+    def _persist(
+        self,
+        label: str,
+        build: Callable[[int], KeyRecord],
+        *,
+        replace_same_label: bool = False,
+    ) -> KeyRecord:
+        """Write the record ``build(generation)`` makes, then list it in the next manifest
+        (a crash in between leaves a record never acknowledged, dropped later)."""
         with self._write_lock() as m:
-            owner = m.label_owner(rec.label)
+            rec = build(m.generation + 1)
+            owner = m.label_owner(label)
             replacing = None
             if owner is not None and owner != rec.id:
                 entry = m.keys[owner]
@@ -821,6 +861,8 @@ class Keystore:
             keys[rec.id] = Entry(rec.label, rec.kind, file_digest(raw))
             self._commit(m.next(keys=keys, revoked=revoked), significant=True)
             if replacing is not None:
+                self._tombstone(replacing, m.generation + 1)
+                self._tombs[replacing] = m.generation + 1
                 remove_durably(self.keys_dir / f"{replacing}.json")
                 self._files.pop(replacing, None)
             self._files[rec.id] = _FileState(path.stat().st_mtime_ns, file_digest(raw), rec, None)
@@ -837,10 +879,68 @@ class Keystore:
             keys = dict(m.keys)
             keys.pop(rec.id)
             self._commit(m.next(keys=keys, revoked=m.revoked | {rec.id}), significant=True)
+            self._tombstone(rec.id, m.generation + 1)
+            self._tombs[rec.id] = m.generation + 1
             remove_durably(self.keys_dir / f"{rec.id}.json")
             self._files.pop(rec.id, None)
             self._reconcile()
         return rec
+
+    def _tombstone(self, key_id: str, generation: int) -> None:
+        """Leave a MAC-ed note that ``key_id`` was deleted at ``generation``: an older
+        manifest put back beside it is then recognised as a rollback, not a lost record."""
+        assert self._manifest_key is not None
+        body = canonical({"id": key_id, "generation": generation, "store_id": self.store_id})
+        mac = hmac.digest(self._manifest_key.buffer, body, "sha256").hex()
+        data = canonical({"id": key_id, "generation": generation, "mac": mac}) + b"\n"
+        atomic_write(self.keys_dir / f"{key_id}{TOMBSTONE_SUFFIX}", data)
+
+    def _read_tombstone(self, key_id: str, path: str) -> int:
+        """The generation of an authentic tombstone, or -1 (a forged one is ignored)."""
+        assert self._manifest_key is not None
+        try:
+            d = json.loads(Path(path).read_bytes())
+            gen = d["generation"]
+            body = canonical({"id": key_id, "generation": gen, "store_id": self.store_id})
+            want = hmac.digest(self._manifest_key.buffer, body, "sha256").hex()
+            if type(gen) is int and hmac.compare_digest(want, str(d["mac"])):
+                return gen
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return -1
+
+    def _newer_than(self, m: Manifest) -> list[str]:
+        """Ids whose deletion, or whose record, the manifest cannot know yet. A writer
+        lists a record in the very next generation and writes a tombstone after the
+        manifest, so honest ones are never more than one generation ahead of a record,
+        nor ahead of a tombstone at all."""
+        newer = [k for k, g in self._tombs.items() if g > m.generation]
+        newer += [
+            fs.record.id
+            for fs in self._files.values()
+            if fs.record is not None
+            and fs.record.generation > m.generation + 1
+            and fs.record.id not in m.keys
+        ]
+        return newer
+
+    def _check_not_rolled_back(self) -> None:
+        """Fail closed when the manifest was put back from an earlier copy (a record or a
+        deletion beside it is newer). The manifest is read again first, so a writer that
+        committed while we were scanning is not taken for an attack."""
+        if not self._newer_than(self._require_manifest()):
+            return
+        self._manifest = self._read_manifest()
+        m = self._manifest
+        newer = self._newer_than(m)
+        if newer:
+            raise KeystoreRolledBack(
+                f"the keystore manifest {self._manifest_path()} (generation {m.generation}) is "
+                f"older than {len(newer)} record(s) or deletion(s) beside it "
+                f"({', '.join(sorted(newer)[:3])}): it was put back from an earlier copy",
+                hint="restore the current manifest from the newest backup; a replayed manifest "
+                "would bring back deleted keys and hide audit entries",
+            )
 
     def _decrypt_to_scratch(self, rec: KeyRecord) -> memoryview:
         """Decrypt a sealed record into this thread's scratch buffer (mlock-ed once,

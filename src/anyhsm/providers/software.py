@@ -149,6 +149,10 @@ class SoftwareProvider:
             "mlock": mlock_status(),
             "records": str(len(ks.records())),
         }
+        if ks.unacknowledged:
+            # Written but never listed: an interrupted create, or a replayed manifest.
+            details["unacknowledged_records"] = ",".join(sorted(ks.unacknowledged))
+        details["generation"] = str(ks.generation)
         weak = ks.kdf.weaknesses()
         if weak:
             details["kdf_upgrade"] = "recommended: " + "; ".join(weak)
@@ -158,8 +162,8 @@ class SoftwareProvider:
                 self.name,
                 False,
                 "degraded",
-                f"{len(ks.problems)} key record(s) fail authentication: "
-                + "; ".join(e.message for e in ks.problems.values()),
+                f"{len(ks.problems)} key record(s) fail authentication or are not the ones "
+                "the manifest lists: " + "; ".join(e.message for e in ks.problems.values()),
                 self.security_level(),
                 (time.perf_counter() - t0) * 1000,
                 details,

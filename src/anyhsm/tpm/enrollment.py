@@ -134,6 +134,7 @@ def status(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
     except HsmError as exc:
         out["reachable"] = False
         out["tpm_error"] = exc.to_dict()
+    out["generation_counter"] = _counter_status(keystore, settings)
     raw = keystore.read_side_file(SIDE_FILE)
     if raw is None:
         out["reason"] = "not enrolled"
@@ -157,4 +158,34 @@ def status(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
         return out
     out["unsealable"] = True
     out["opens_keystore"] = True
+    return out
+
+
+def _counter_status(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
+    """The TPM counter the keystore names: its live value against the value the
+    keystore recorded (the counter above it means the keystore was rolled back)."""
+    try:  # the manifest is authenticated: readable only once the keystore is unlocked
+        named = keystore.generation_anchor_ref()
+        recorded = keystore.anchor_status().get("value")
+    except HsmError as exc:
+        return {"state": "unknown", "note": exc.message}
+    if named is None or named[0] != TpmCounter.kind:
+        return {"state": "none", "note": "the keystore names no TPM counter"}
+    out: dict[str, object] = {"ref": named[1]}
+    out["recorded"] = recorded
+    try:
+        value = TpmCounter.at(settings, named[1]).read()
+    except HsmError as exc:
+        out["state"] = "error"
+        out["error"] = exc.to_dict()
+        return out
+    out["value"] = value
+    if not isinstance(recorded, int):
+        out["state"] = "unknown"
+    elif value > recorded:
+        out["state"] = "ahead of the keystore (rolled back)"
+    elif value < recorded:
+        out["state"] = "behind the keystore (advanced on the next open)"
+    else:
+        out["state"] = "ok"
     return out

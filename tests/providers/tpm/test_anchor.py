@@ -266,3 +266,29 @@ def test_rolled_back_store_is_not_opened_by_the_passphrase_fallback(
         return
     result.provider.close()
     pytest.fail(f"the rolled-back store was opened by {result.provider.name!r}")
+
+
+def test_status_reports_the_counter(tmp_path: Path, private_swtpm: Swtpm) -> None:
+    from anyhsm.tpm import status
+
+    store = tmp_path / "ks"
+    s = TpmSettings(tcti=private_swtpm.tcti)
+    summary = _enrolled(store, s)
+    assert isinstance(summary["anchor"], dict)
+    ref = str(summary["anchor"]["ref"])
+    ks = _passphrase_store(store)
+    try:
+        info = status(ks, s)["generation_counter"]
+        assert isinstance(info, dict)
+        assert (info["ref"], info["state"]) == (ref, "ok")
+        assert info["value"] == info["recorded"]
+        TpmCounter.at(s, ref).increment()  # as if this keystore were an older copy
+        info = status(ks, s)["generation_counter"]
+        assert isinstance(info, dict)
+        assert info["state"] == "ahead of the keystore (rolled back)"
+        undefine_nv(private_swtpm.tcti, int(ref, 16))
+        info = status(ks, s)["generation_counter"]
+        assert isinstance(info, dict) and info["state"] == "error"
+        assert isinstance(info["error"], dict) and info["error"]["code"] == "anchor_missing"
+    finally:
+        ks.close()

@@ -481,11 +481,14 @@ class Hsm:
                 found = None
             except (ProviderUnavailable, ProviderError, UnsupportedOperation):
                 continue  # cannot look (the directory still decides which key signs)
+            except KeyBindingMismatch:
+                raise
             except HsmKeyError as e:  # e.g. several token objects carry the label
                 raise self._label_conflict(label, info, other.store_id(), e.message) from None
             if found is None or (other is provider and found.id == info.id):
                 continue
-            raise self._label_conflict(label, info, found.store or other.store_id(), found.id)
+            there = found.store or other.store_id()
+            raise self._label_conflict(label, info, there, f"key {found.id}")
 
     def _label_conflict(self, label: str, info: KeyInfo, there: str, what: str) -> KeyLabelConflict:
         return KeyLabelConflict(

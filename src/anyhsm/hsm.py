@@ -3,7 +3,11 @@ enforces the security policy, and writes the audit log.
 
 Keys are never swapped between stores: a key lives where it was made, and an
 operation on a key whose store is not reachable fails with
-:class:`ProviderUnavailable` naming the provider and the key.
+:class:`ProviderUnavailable` naming the provider and the key. The keystore is the
+key directory: a name resolves there first, to exactly one store, and a key kept in
+a token is used only if the token's serial and the key's public key are the ones its
+record binds (:class:`KeyBindingMismatch` otherwise); token objects the directory
+does not know are never used (see ``_route``).
 """
 
 from __future__ import annotations

@@ -213,7 +213,9 @@ def test_import_wif_and_network_check(
         json.loads(out)["public_key"]
         == coincurve.PrivateKey(b"\x33" * 32).public_key.format().hex()
     )
-    wif_main = secret_file(tmp_path, "main.wif", wif_encode(bytes.fromhex("44" * 32), Network.MAINNET))
+    wif_main = secret_file(
+        tmp_path, "main.wif", wif_encode(bytes.fromhex("44" * 32), Network.MAINNET)
+    )
     code, _, err = run(capsys, *c, "key", "import", "--label", "w2", "--wif-file", str(wif_main))
     assert code == 7 and "mainnet" in err
 

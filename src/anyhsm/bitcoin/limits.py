@@ -119,28 +119,25 @@ def check_derivation_work(psbt: Psbt, fingerprints: Iterable[bytes], policy: Pol
     """Refuse a PSBT whose derivation fields under our fingerprints would need more
     distinct derivations than allowed; returns their number."""
     ours = set(fingerprints)
-    tries: dict[bytes, dict[int, dict[int, object]]] = {}  # one trie of paths per fingerprint
-    count = 0
+    # a trie of the paths, as (parent node, step) -> node; node 0.. are the roots
+    roots: dict[bytes, int] = {}
+    nodes: dict[tuple[int, int], int] = {}
     maps: Sequence[PsbtInput | PsbtOutput] = [*psbt.inputs, *psbt.outputs]
     for m in maps:
         for o in _origins(m):
             if o.fingerprint not in ours:
                 continue
-            node: dict[int, object] = tries.setdefault(o.fingerprint, {})
+            node = roots.setdefault(o.fingerprint, -1 - len(roots))
             for step in o.path:
-                child = node.get(step)
-                if child is None:
-                    child = node[step] = {}
-                    count += 1
-                assert isinstance(child, dict)
-                node = child
+                node = nodes.setdefault((node, step), len(nodes))
+        count = len(nodes)
         if count > policy.max_key_derivations:
             raise _refuse(
                 "max_key_derivations",
                 f"the derivation fields naming our keys ask for more than "
                 f"{policy.max_key_derivations} key derivations",
             )
-    return count
+    return len(nodes)
 
 
 def check_legacy_work(psbt: Psbt, legacy_inputs: int, policy: PolicyConfig) -> None:

@@ -578,7 +578,7 @@ def describe_output(
                 "are anyone-can-spend today"
             )
     label, path, refused = _change_owner(out, spk, owner, single_scripts)
-    if label is not None and path and change_rule is not None:
+    if label is not None and path is not None and change_rule is not None:
         why = change_rule(label, path)
         if why is not None:
             refused = (CHANGE_PATH_RULE, why)
@@ -609,7 +609,8 @@ def _change_owner(
     out: PsbtOutput, spk: bytes, owner: Owner, single_scripts: Mapping[bytes, str]
 ) -> tuple[str | None, tuple[int, ...] | None, tuple[str, str] | None]:
     """(key label, path, None) when the output pays a single-key script of a key in the
-    HSM; (None, None, (rule, why)) when it pays our key in a way that is not change."""
+    HSM (path None for a single, non-HD key); (None, None, (rule, why)) when it pays our
+    key in a way that is not change."""
     for pub, origin in out.bip32_derivations.items():
         if len(pub) != 33:
             continue
@@ -651,7 +652,7 @@ def _change_owner(
         return label, tko.origin.path, None
     label = single_scripts.get(spk)
     if label is not None:
-        return label, (), None
+        return label, None, None  # a single key: no path, no path rule
     return None, None, refused
 
 

@@ -244,6 +244,9 @@ def test_new_mnemonic_is_not_shown_in_production_without_export(
     # exportable alone is not enough: the configuration must allow export
     r = cli(*base, "--label", "hd3", "--exportable", "--show-mnemonic-once", env=env)
     assert r.returncode == 7 and "allow_export" in r.stderr
+    # the flag means nothing without a new mnemonic, and says so
+    r = cli("key", "create", "--label", "k", "--show-mnemonic-once", env=env)
+    assert r.returncode == 1 and "--mnemonic-words" in r.stderr
 
 
 def test_one_time_backup_display_where_the_config_allows_it(

@@ -83,12 +83,12 @@ def cmd_init(args: argparse.Namespace, app: App) -> Result:
 
 def cmd_key_create(args: argparse.Namespace, app: App) -> Result:
     key_type = KeyType.parse(args.type)
-    hsm = app.hsm()
-    if args.show_mnemonic_once and not args.mnemonic_words:
+    if args.show_mnemonic_once and not (key_type is KeyType.BIP32 and args.mnemonic_words):
         raise HsmError(
             "--show-mnemonic-once needs --type bip32 --mnemonic-words N",
             hint="it shows the words of a new mnemonic, once",
         )
+    hsm = app.hsm()
     if key_type is KeyType.BIP32 and args.mnemonic_words:
         from anyhsm.backup import create_mnemonic_key
 
@@ -345,7 +345,7 @@ def cmd_health(args: argparse.Namespace, app: App) -> Result:
 
 
 def cmd_audit_verify(args: argparse.Namespace, app: App) -> Result:
-    res = app.hsm().verify_audit()
+    res = app.hsm(verify_only=True).verify_audit()  # read-only: works on a damaged log
     text = (
         [f"audit log intact: {res.entries} entries (checkpoint at {res.checkpoint_seq})"]
         if res.ok

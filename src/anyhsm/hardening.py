@@ -17,7 +17,7 @@ Everything here is best effort (a platform without ``prctl`` still gets the rlim
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import sys
 import threading
@@ -40,12 +40,13 @@ _lock = threading.Lock()
 _state: dict[str, object] = {"environment": None, "failures": []}
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library's symbols (loaded once: every open calls :func:`harden_process`)."""
     if not sys.platform.startswith("linux"):
         return None
-    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name, use_errno=True) if name else None
+        return ctypes.CDLL(None, use_errno=True)  # the interpreter links libc: prctl is there
     except OSError:  # pragma: no cover - exotic platforms
         return None
 
@@ -96,7 +97,8 @@ def _dumpable() -> bool | None:
     libc = _libc()
     if libc is None:
         return None
-    rc = int(libc.prctl(ctypes.c_int(PR_GET_DUMPABLE), 0, 0, 0, 0))
+    zero = ctypes.c_ulong(0)
+    rc = int(libc.prctl(ctypes.c_int(PR_GET_DUMPABLE), zero, zero, zero, zero))
     return None if rc < 0 else rc != 0
 
 

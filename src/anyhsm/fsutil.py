@@ -109,7 +109,9 @@ STDIN = "-"
 """The name that makes :func:`read_secret_source` read standard input."""
 
 
-def check_secret_mode(path: Path | str, mode: int, what: str, environment: Environment) -> None:
+def check_secret_mode(
+    path: Path | str, mode: int, what: str, environment: Environment, *, fix: str | None = None
+) -> None:
     """The one rule for every secret file: group or others may not access it.
 
     Refused with :class:`SecretFileExposed` in staging and production; a warning in
@@ -119,15 +121,16 @@ def check_secret_mode(path: Path | str, mode: int, what: str, environment: Envir
     """
     if not mode & 0o077:
         return
+    fix = fix or f"chmod 600 {path}"
     text = (
         f"the {what} file {path} is accessible by group or others (mode {stat.S_IMODE(mode):03o})"
     )
     if environment is not Environment.DEVELOPMENT:
         raise SecretFileExposed(
             f"{text}; refused in {environment.value}",
-            hint=f"chmod 600 {path}",
+            hint=fix,
         )
-    log.warning("anyhsm: %s; this is refused in staging and production (chmod 600 %s)", text, path)
+    log.warning("anyhsm: %s; this is refused in staging and production (%s)", text, fix)
 
 
 def _read_fd(fd: int, size_hint: int, what: str, where: str) -> SecretBytes:
@@ -219,7 +222,13 @@ def read_secret_source(
     fd = stdin.fileno()
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode):
-        check_secret_mode("(standard input)", st.st_mode, what, environment)
+        check_secret_mode(
+            "on standard input",
+            st.st_mode,
+            what,
+            environment,
+            fix="chmod 600 the file redirected to standard input",
+        )
     return _read_fd(fd, st.st_size if stat.S_ISREG(st.st_mode) else 4096, what, "on standard input")
 
 

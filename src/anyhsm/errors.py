@@ -224,6 +224,13 @@ class RecordNotInManifest(KeystoreTampered):
     code = "record_not_in_manifest"
 
 
+class ManifestMissing(KeystoreTampered):
+    """The keystore's manifest (its authenticated list of live records and audit state)
+    is gone: without it nothing in the directory can be trusted to be current."""
+
+    code = "manifest_missing"
+
+
 class KeystoreRotated(KeystoreError):
     """Another process re-encrypted the keystore under a new master key: this handle holds
     the retired one and must reopen."""

@@ -26,8 +26,11 @@ from anyhsm.config import Config, default_min_level
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import (
     AllProvidersFailed,
+    AnchorMismatch,
     ConfigError,
     HsmError,
+    KeystoreRolledBack,
+    ManifestMissing,
     ProviderNotInstalled,
     ProviderTimeout,
     ProviderUnavailable,
@@ -69,6 +72,14 @@ PROVIDER_LEVELS: dict[str, SecurityLevel] = {
 _EXTRAS = {"pkcs11": "pkcs11", "pkcs11-wrapped": "pkcs11", "tpm": "tpm"}
 
 T = TypeVar("T")
+
+STORE_VERDICTS: tuple[type[HsmError], ...] = (
+    KeystoreRolledBack,
+    AnchorMismatch,
+    ManifestMissing,
+)
+"""Errors that end the chain walk: they judge the store, which every later provider of a
+keystore-based chain would open too (a fallback must never be a way around them)."""
 
 
 def load_provider_class(name: str) -> Callable[[ProviderContext], Provider]:
@@ -335,6 +346,10 @@ def walk_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
                     name, "timeout", e.message, (time.perf_counter() - t0) * 1000, level, e.code
                 )
             )
+        except STORE_VERDICTS:
+            # A verdict on the keystore itself, not on this way of opening it: the next
+            # provider would open the same rolled-back or altered store. Fail closed.
+            raise
         except HsmError as e:
             attempts.append(
                 Attempt(

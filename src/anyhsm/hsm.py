@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from anyhsm.audit import AuditLog, AuditStateStore, VerifyResult, recover_chain
+from anyhsm.audit import AuditLog, AuditStateStore, VerifyResult, recover_chain, verify_log
 from anyhsm.audit_file_state import FileAuditState
 from anyhsm.audit_forward import forwarder_for
 from anyhsm.config import Config
@@ -156,8 +156,10 @@ class Hsm:
         passphrase: SecretBytes | None = None,
         *,
         audit_recovery: str | None = None,
+        verify_only: bool = False,
     ) -> None:
         self._config = config
+        self._verify_only = verify_only
         self._passphrase = passphrase
         self._audit_recovery = audit_recovery
         self.audit_recovery: dict[str, str] | None = None
@@ -183,6 +185,8 @@ class Hsm:
         self._probe_pub = chain.probe_public_key
         self._attempts = chain.attempts
         self._anchor = self._open_anchor()
+        if self._verify_only:
+            return  # read-only: nothing is appended, so nothing is checked before appending
         self._audit = self._open_audit()
         self._record_chain()
 
@@ -225,7 +229,7 @@ class Hsm:
 
     def _open_audit(self) -> AuditLog:
         cfg = self._config
-        path = cfg.audit.path or (cfg.config_dir / "audit.log")
+        path = self.audit_path
         store = self._audit_state_store(path)
         recovery: dict[str, str] | None = None
         if self._audit_recovery is not None:
@@ -304,8 +308,19 @@ class Hsm:
 
     @property
     def audit_path(self) -> Path:
-        assert self._audit is not None
-        return self._audit.path
+        cfg = self._config
+        return cfg.audit.path or (cfg.config_dir / "audit.log")
+
+    def _writer(self) -> AuditLog:
+        """The open log every operation writes through; the one closed-handle check."""
+        if self._closed:
+            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        if self._audit is None:
+            raise AuditError(
+                "this handle was opened only to verify the audit log",
+                hint="open a handle without verify_only to operate",
+            )
+        return self._audit
 
     @property
     def keystore(self) -> Keystore:
@@ -331,9 +346,7 @@ class Hsm:
         """Write an event that is not a provider call (enrolment, recovery, signatures
         the PSBT signer discarded) to the audit log; ``provider`` defaults to the active
         one."""
-        audit = self._audit
-        if self._closed or audit is None:
-            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        audit = self._writer()
         who = provider or self._active.name
         audit.append(op, outcome, provider=who, key_id=key_id, error=error, detail=detail)
 
@@ -565,11 +578,8 @@ class Hsm:
         an operation that changes state (create, import, delete, export) never
         happens unless the audit log accepted its entry first.
         """
-        if self._closed:
-            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        audit = self._writer()
         detail: dict[str, str] = {}
-        audit = self._audit
-        assert audit is not None
         if intent is not None:
             audit.append(op, "started", provider=provider, key_id=key_id, detail=intent)
         try:
@@ -769,9 +779,7 @@ class Hsm:
         params: SignParams | None = None,
     ) -> bytes:
         """Sign a 32-byte digest: strict DER low-S ECDSA, or 64-byte BIP340 Schnorr."""
-        audit = self._audit
-        if self._closed or audit is None:
-            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        audit = self._writer()
         # The hot path: audited inline rather than through _audited(). The digest is not
         # secret and says what was signed.
         detail = {"scheme": scheme.value}
@@ -832,9 +840,7 @@ class Hsm:
         others sign one by one. One audit entry for the batch: the key, the schemes
         and the number of signatures (one entry per signature cost as much as a
         tenth of signing a PSBT input and said nothing more)."""
-        audit = self._audit
-        if self._closed or audit is None:
-            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        audit = self._writer()
         provider_name: str | None = None
         key_id: str | None = None
         try:
@@ -982,9 +988,7 @@ class Hsm:
         master key; blobs it does not return are revoked with the old key.
         """
         ks = self.keystore
-        audit = self._audit
-        if self._closed or audit is None:
-            raise HsmError("the HSM handle is closed", hint="open a new one with open_hsm()")
+        audit = self._writer()
         before = {"epoch": str(ks.epoch), **(detail or {})}
         with self._lock, audit.exclusive() as append:
             append(op, "started", before)
@@ -1059,14 +1063,17 @@ class Hsm:
             audit=audit,
             process=process_status(self._config.environment).to_dict(),
         )
-        assert self._audit is not None
-        self._audit.append("health", "ok" if ok else "error", provider=self._active.name)
+        self._writer().append("health", "ok" if ok else "error", provider=self._active.name)
         return report
 
     def verify_audit(self) -> VerifyResult:
         """Verify the whole audit log chain against the state the keystore records."""
-        assert self._audit is not None
-        return self._audit.verify()
+        if self._audit is not None:
+            return self._audit.verify()
+        path = self.audit_path
+        store = self._audit_state_store(path)
+        with store.audit_keys() as ring:
+            return verify_log(path, ring, store.load_audit_state())
 
     def reload(self, config: Config | str | Path | None = None) -> None:
         """Re-read the configuration and re-run the chain. Keys stay where they are;
@@ -1078,10 +1085,9 @@ class Hsm:
                 new_cfg = Config.load(self._config.source)
             else:
                 new_cfg = config if isinstance(config, Config) else Config.load(config)
-            assert self._audit is not None
-            self._audit.append("reload", "started", provider=self._active.name)
+            self._writer().append("reload", "started", provider=self._active.name)
             old_cfg, old_attempts, old_probe = self._config, self._attempts, self._probe_pub
-            old_active, old_anchor, old_audit = self._active, self._anchor, self._audit
+            old_active, old_anchor, old_audit = self._active, self._anchor, self._writer()
             try:
                 chain = walk_chain(new_cfg, self._passphrase or resolve_passphrase(new_cfg, None))
             except HsmError as e:
@@ -1139,6 +1145,7 @@ def open_hsm(
     *,
     passphrase: SecretBytes | str | bytes | None = None,
     audit_recovery: str | None = None,
+    verify_only: bool = False,
 ) -> Hsm:
     """Open the configured fallback chain and return the HSM handle.
 
@@ -1149,6 +1156,9 @@ def open_hsm(
     ``audit_recovery`` (a reason, recorded) starts a new audit chain when the log does
     not match the state the keystore records (:class:`AuditStateMismatch`); the old
     log is moved aside, and the new chain's first entry says what was lost.
+
+    ``verify_only`` opens the keystore but not the log for writing: a handle for
+    :meth:`Hsm.verify_audit` that works on a damaged log and appends nothing.
     """
     if config is None:
         env = os.environ.get("ANYHSM_CONFIG")
@@ -1158,7 +1168,7 @@ def open_hsm(
     cfg = config if isinstance(config, Config) else Config.load(config)
     pw = resolve_passphrase(cfg, passphrase)
     own = pw if not isinstance(passphrase, SecretBytes) else SecretBytes(pw.buffer) if pw else None
-    return Hsm(cfg, own, audit_recovery=audit_recovery)
+    return Hsm(cfg, own, audit_recovery=audit_recovery, verify_only=verify_only)
 
 
 __all__ = ["PROVIDER_LEVELS", "HealthReport", "Hsm", "ProviderContext", "open_hsm"]

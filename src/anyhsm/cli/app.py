@@ -122,7 +122,7 @@ class App:
             return SecretBytes(first.encode())
         return None
 
-    def hsm(self, *, audit_recovery: str | None = None) -> Hsm:
+    def hsm(self, *, audit_recovery: str | None = None, verify_only: bool = False) -> Hsm:
         if self._hsm is None:
             cfg = self.config()
             # A chain that starts with a passphrase-less path (TPM, token-wrapped)
@@ -130,7 +130,9 @@ class App:
             unattended = cfg.fallback.chain[0] in ("tpm", "pkcs11-wrapped")
             self._prompt_pkcs11_pin(cfg)
             pw = self.passphrase(interactive=not unattended)
-            self._hsm = open_hsm(cfg, passphrase=pw, audit_recovery=audit_recovery)
+            self._hsm = open_hsm(
+                cfg, passphrase=pw, audit_recovery=audit_recovery, verify_only=verify_only
+            )
         return self._hsm
 
     @staticmethod

@@ -60,6 +60,7 @@ from anyhsm.errors import (
     KeystoreRolledBack,
     KeystoreRotated,
     KeystoreTampered,
+    ManifestMissing,
     RecordNotInManifest,
     UnsupportedFormatVersion,
     WrongPassphrase,
@@ -502,7 +503,7 @@ class Keystore:
                     "by another process",
                     hint="reopen the handle",
                 ) from None
-            raise KeystoreTampered(
+            raise ManifestMissing(
                 f"the keystore manifest {mp} is missing: the list of live records cannot be "
                 "authenticated",
                 hint="restore the keystore directory from backup",

@@ -231,12 +231,6 @@ def test_health_names_the_counter_and_its_loss(tmp_path: Path, private_swtpm: Sw
         p.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open gap (factory.walk_chain / providers/software.py, not the TPM layer): the "
-    "chain treats KeystoreRolledBack from the TPM provider like an unavailable provider and "
-    "the passphrase provider then opens the rolled-back store without checking the counter",
-)
 def test_rolled_back_store_is_not_opened_by_the_passphrase_fallback(
     tmp_path: Path, private_swtpm: Swtpm
 ) -> None:

@@ -1,6 +1,7 @@
 """Benchmark: sign a 100-input P2WPKH PSBT and a 100-input P2TR PSBT with the software provider.
 
-Prints, per PSBT, the time per input of
+Each PSBT is parsed from its bytes first, as the CLI and the Bitcoin Core signer get
+it (parsing is not timed). Prints, per PSBT, the time per input of
 - anyhsm ``sign_psbt`` (software keystore, HD key, audit log on, every signature verified),
 - embit's ``PSBT.sign_with`` on the same PSBT, in the same run (the independent library),
 - raw: 100 libsecp256k1 signatures (low-R ECDSA / tweaked BIP340) with child keys
@@ -11,6 +12,19 @@ Prints, per PSBT, the time per input of
 and the ratios anyhsm/embit, anyhsm/raw (targets: < 1 and < 2) and anyhsm/(raw+verify).
 A breakdown, measured through public calls, shows where anyhsm's time goes: the
 provider batch (``Hsm.sign_many``), the verification, and the PSBT handling around them.
+
+A second table times hostile PSBTs against the resource limits of ``[policy]``
+(anyhsm.bitcoin.limits), each as a ratio to the honest 100-input P2WPKH signing
+measured above (the reference, in the same run):
+- the attack of issue 9: 1,000 inputs naming our fingerprint with 255-level paths
+  (1.1 MB), refused by ``max_path_depth`` before any derivation;
+- the worst case the default limits let through to the provider: 416 inputs naming
+  our fingerprint with distinct 12-level hardened paths (4,992 derivations, just
+  under ``max_key_derivations``), keys not ours: every path is derived to sign, every
+  signature fails verification and the path is derived again to say why;
+- the worst legacy case: 670 P2PKH inputs of ours (about the largest all-P2PKH
+  transaction under 400,000 WU, ~18 MB of legacy sighash input, under
+  ``max_legacy_sighash_bytes``), all signed.
 
 Run: ``.venv/bin/python benchmarks/bench_psbt.py [--inputs 100] [--rounds 7]``
 """
@@ -29,8 +43,8 @@ from pathlib import Path
 from embit.bip32 import HDKey
 from embit.psbt import PSBT as EmbitPsbt
 
-from anyhsm.bitcoin import Psbt, sign_psbt
-from anyhsm.bitcoin.bip32 import KeyOrigin, parse_path
+from anyhsm.bitcoin import NothingSigned, Psbt, sign_psbt
+from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, parse_path
 from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.psbt import TapKeyOrigin
 from anyhsm.bitcoin.script import p2pkh, p2tr, p2wpkh
@@ -39,6 +53,7 @@ from anyhsm.bitcoin.taproot import taproot_output_key, taproot_tweak
 from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn, TxOut
 from anyhsm.crypto import secp256k1 as ec
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
+from anyhsm.errors import PsbtLimitExceeded
 from anyhsm.hsm import Hsm, open_hsm
 from anyhsm.secret import SecretBytes
 from anyhsm.types import KeyType, SignParams, SigScheme
@@ -72,11 +87,115 @@ def build(kind: str, seed: bytes, n: int) -> tuple[Psbt, list[tuple[int, ...]]]:
     for inp, prev, pub, path in zip(psbt.inputs, prevs, pubs, paths, strict=True):
         inp.witness_utxo = prev.outputs[0]
         if kind == "p2wpkh":
+            inp.non_witness_utxo = prev  # the policy requires it for segwit v0 inputs
             inp.bip32_derivations[pub] = KeyOrigin(fp, path)
         else:
             inp.tap_internal_key = pub[1:]
             inp.tap_bip32_derivations[pub[1:]] = TapKeyOrigin((), KeyOrigin(fp, path))
     return psbt, paths
+
+
+def _hostile(seed: bytes, n: int, depth: int, rng: random.Random) -> Psbt:
+    """``n`` P2WPKH inputs whose keys are not ours, each named under our fingerprint at a
+    distinct ``depth``-level hardened path."""
+    fp = HDKey.from_seed(seed).my_fingerprint
+    prevs, pubs = [], []
+    for _ in range(n):
+        pub = ec.public_key(bytearray(rng.randbytes(32)))
+        spk = p2wpkh(hash160(pub))
+        prevs.append(
+            Transaction(2, [TxIn(OutPoint(rng.randbytes(32), 0))], [TxOut(10_000, spk)], 0)
+        )
+        pubs.append(pub)
+    tx = Transaction(
+        2,
+        [TxIn(OutPoint(p.txid(), 0), b"", 0xFFFFFFFD) for p in prevs],
+        [TxOut(n * 10_000 - 200 * n, p2wpkh(rng.randbytes(20)))],
+        0,
+    )
+    psbt = Psbt.from_unsigned_tx(tx)
+    for i, (inp, prev, pub) in enumerate(zip(psbt.inputs, prevs, pubs, strict=True)):
+        inp.witness_utxo = prev.outputs[0]
+        inp.non_witness_utxo = prev
+        path = (i | HARDENED, *(rng.randrange(HARDENED) | HARDENED for _ in range(depth - 1)))
+        inp.bip32_derivations[pub] = KeyOrigin(fp, path)
+    return psbt
+
+
+def _legacy(seed: bytes, n: int) -> Psbt:
+    """``n`` P2PKH inputs of ours (m/44'/1'/0'/0/i), with their previous transactions."""
+    rng = random.Random("legacy")
+    account = HDKey.from_seed(seed).derive("m/44h/1h/0h/0")
+    fp = HDKey.from_seed(seed).my_fingerprint
+    prevs, pubs = [], []
+    for i in range(n):
+        pub = account.derive([i]).get_public_key().sec()
+        src = TxIn(OutPoint(rng.randbytes(32), 0))
+        prevs.append(Transaction(2, [src], [TxOut(100_000, p2pkh(hash160(pub)))], 0))
+        pubs.append(pub)
+    tx = Transaction(
+        2,
+        [TxIn(OutPoint(p.txid(), 0), b"", 0xFFFFFFFD) for p in prevs],
+        [TxOut(n * 100_000 - 200 * n, p2wpkh(rng.randbytes(20)))],
+        0,
+    )
+    psbt = Psbt.from_unsigned_tx(tx)
+    for i, (inp, prev, pub) in enumerate(zip(psbt.inputs, prevs, pubs, strict=True)):
+        inp.non_witness_utxo = prev
+        inp.bip32_derivations[pub] = KeyOrigin(fp, (44 | HARDENED, 1 | HARDENED, HARDENED, 0, i))
+    return psbt
+
+
+def worst_cases(hsm: Hsm, seed: bytes, rounds: int, reference: float) -> None:
+    """Time the hostile PSBTs of the docstring against the honest 100-input signing."""
+    rng = random.Random("hostile")
+    raw = [
+        _hostile(seed, 1_000, 255, rng).serialize(),
+        _hostile(seed, 416, 12, rng).serialize(),
+        _legacy(seed, 670).serialize(),
+    ]
+    attack, allowed, legacy = (Psbt.parse(r) for r in raw)
+
+    def refused(psbt: Psbt = attack) -> None:
+        try:
+            sign_psbt(hsm, psbt, "bench")
+        except PsbtLimitExceeded:
+            return
+        raise AssertionError("the attack PSBT was not refused")
+
+    def unsigned(psbt: Psbt = allowed) -> None:
+        try:
+            sign_psbt(hsm, psbt, "bench")
+        except NothingSigned:
+            return
+        raise AssertionError("a key not ours was signed for")
+
+    def signed(psbt: Psbt = legacy) -> None:
+        assert sign_psbt(hsm, psbt, "bench").signed_inputs == len(psbt.inputs)
+
+    rows = [
+        ("1,000 inputs x 255-level paths, 1.1 MB (refused)", refused, raw[0]),
+        ("416 inputs x distinct 12-level paths, not ours", unsigned, raw[1]),
+        ("670 P2PKH inputs of ours (legacy sighash)", signed, raw[2]),
+    ]
+    print()
+    print(
+        "hostile PSBTs under the default [policy] limits, against the honest 100-input "
+        f"P2WPKH signing above ({reference * 1e3:.1f} ms, the reference):"
+    )
+    print(f"  {'PSBT':50} {'bytes':>9} {'parse':>10} {'sign_psbt':>10} {'/reference':>11}")
+    for name, fn, data in rows:
+        n = max(1, rounds // 3)
+        t_parse = best(lambda data=data: Psbt.parse(data), n)
+        t = best(fn, n)
+        print(
+            f"  {name:50} {len(data):9d} {t_parse * 1e3:7.1f} ms {t * 1e3:7.1f} ms "
+            f"{t / reference:10.2f}x"
+        )
+    print(
+        "  (parse: Psbt.parse of the bytes, linear, paid by whoever accepts the PSBT; "
+        "sign_psbt: from the parsed PSBT to its refusal or result)"
+    )
 
 
 def best(fn: Callable[[], object], rounds: int) -> float:
@@ -188,8 +307,10 @@ def main() -> int:
             )
             details: dict[str, dict[str, float]] = {}
             floors: dict[str, float] = {}
+            reference = 0.0
             for kind in ("p2wpkh", "p2tr"):
-                psbt, paths = build(kind, seed, n)
+                built, paths = build(kind, seed, n)
+                psbt = Psbt.parse(built.serialize())  # bytes, as the CLI and signer get it
                 res = sign_psbt(hsm, psbt, "bench")
                 assert res.signed_inputs == n, res.inputs[0].reason
 
@@ -215,6 +336,8 @@ def main() -> int:
                     f"{vs_raw:6.2f} {'PASS' if vs_raw < 2 else 'MISS'} {vs_raw_v:7.2f}"
                 )
                 floors[kind] = t_raw_v / t_raw
+                if kind == "p2wpkh":
+                    reference = t_any
                 details[kind] = breakdown(hsm, kind, psbt, paths, args.rounds, t_any)
             print()
             print("targets: anyhsm/embit < 1, anyhsm/raw < 2")
@@ -232,6 +355,7 @@ def main() -> int:
             for kind, rows in details.items():
                 for name, secs in rows.items():
                     print(f"  {kind:8} {name:54} {secs * 1e6:7.1f} us")
+            worst_cases(hsm, seed, args.rounds, reference)
     return 0
 
 

@@ -12,9 +12,10 @@ transaction the network would relay fits, except where noted:
     A standard transaction weighs at most 400,000 WU (at most 100 kB without its
     witness); a PSBT carries it plus the previous transaction of each input (now
     required for segwit v0 inputs too). 4 MB leaves room for ~1,000 inputs with 4 kB
-    previous transactions, or ten 400 kB ones. Checked on the encoded size (by
-    :func:`check_encoded_size`, before parsing, where the caller has the bytes) and
-    on the re-serialised PSBT.
+    previous transactions, or ten 400 kB ones. Checked on the size the PSBT was
+    parsed from (``Psbt.parsed_size``; a PSBT built in code is serialised to measure
+    it), and by :func:`check_encoded_size` on text before parsing, for callers that
+    hold it.
 ``max_inputs`` / ``max_outputs`` 2,500
     The smallest input is 41 bytes (164 WU) and the smallest output 9 bytes, so the
     weight limit allows ~2,400 inputs; payouts of more outputs than that split.
@@ -108,7 +109,7 @@ def check_structure(psbt: Psbt, policy: PolicyConfig) -> None:
             "max_tx_weight",
             f"the unsigned transaction alone weighs {weight} WU, more than {policy.max_tx_weight}",
         )
-    size = len(psbt.serialize())
+    size = psbt.parsed_size if psbt.parsed_size is not None else len(psbt.serialize())
     if size > policy.max_psbt_bytes:
         raise _refuse(
             "max_psbt_bytes", f"the PSBT is {size} bytes, more than {policy.max_psbt_bytes}"

@@ -93,10 +93,26 @@ def _copy_map(m: _M) -> _M:
             fields[name] = value.copy()
         elif kind is TxOut:
             fields[name] = TxOut(value.value, value.script_pubkey)
-        else:  # a Transaction, or a type a caller put there: copied in full
+        elif kind is Transaction:  # PSBT_IN_NON_WITNESS_UTXO: deepcopy cost 100 us a tx
+            fields[name] = _copy_tx(value)
+        else:  # a type a caller put there: copied in full
             fields[name] = copy.deepcopy(value)
     new.__dict__ = fields
     return new
+
+
+def _copy_tx(tx: Transaction) -> Transaction:
+    """A full copy of a transaction (outpoints are frozen; scripts and witnesses bytes)."""
+    if type(tx) is not Transaction or any(
+        type(i) is not TxIn or type(i.witness) is not list for i in tx.inputs
+    ):
+        return copy.deepcopy(tx)
+    return Transaction(
+        tx.version,
+        [TxIn(i.prevout, i.script_sig, i.sequence, list(i.witness)) for i in tx.inputs],
+        [TxOut(o.value, o.script_pubkey) for o in tx.outputs],
+        tx.locktime,
+    )
 
 
 @dataclass
@@ -125,6 +141,10 @@ class Psbt:
     global_map: PsbtGlobals = field(default_factory=PsbtGlobals)
     inputs: list[PsbtInput] = field(default_factory=list)
     outputs: list[PsbtOutput] = field(default_factory=list)
+    # bytes of the raw PSBT this one was parsed from (None if built in code): lets the
+    # signer's size limit (anyhsm.bitcoin.limits) judge submitted data without
+    # serialising it again; not part of the value
+    parsed_size: int | None = field(default=None, compare=False, repr=False)
 
     # --- construction ---------------------------------------------------------------------
 
@@ -257,7 +277,7 @@ class Psbt:
             _copy_map(self.global_map),
             [_copy_map(i) for i in self.inputs],
             [_copy_map(o) for o in self.outputs],
-        )
+        )  # not parsed_size: a copy is a new value, free to change
 
     def to_v0(self) -> Psbt:
         """The same transaction as a version 0 PSBT (lock time and sequences made explicit)."""
@@ -451,7 +471,7 @@ class Psbt:
         if unsigned_tx is not None:
             g.tx_version = unsigned_tx.version
             g.fallback_locktime = unsigned_tx.locktime
-        return cls(g, inputs, outputs)
+        return cls(g, inputs, outputs, len(raw))
 
     def __str__(self) -> str:
         return f"Psbt(v{self.version}, {len(self.inputs)} inputs, {len(self.outputs)} outputs)"

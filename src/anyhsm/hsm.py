@@ -1005,7 +1005,7 @@ class Hsm:
             "rotated": True,
             "epoch": ks.epoch,
             "generation": ks.generation,
-            "keys": len(ks.records()),
+            "keys": sum(not r.label.startswith(INTERNAL_LABEL_PREFIX) for r in ks.records()),
             "audit_key": audit.key_id,
         }
 

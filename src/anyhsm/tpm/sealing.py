@@ -269,6 +269,10 @@ def _parse_objects(lib: Any, blob: SealedBlob) -> tuple[Any, Any]:
         raise connection.translate(exc, "parse the sealed blob", "") from None
     if used != len(blob.public) or used_priv != len(blob.private):
         raise TpmBlobInvalid("the sealed blob's TPM objects have trailing bytes (edited)")
+    # The MU layer tolerates some framing it then ignores (a TPM2B size field it
+    # re-derives): insist the bytes are exactly what these objects marshal to.
+    if bytes(public.marshal()) != blob.public or bytes(private.marshal()) != blob.private:
+        raise TpmBlobInvalid("the sealed blob's TPM objects are not in canonical form (edited)")
     area = public.publicArea
     attrs = int(area.objectAttributes)
     want_user = 0 if blob.pcrs else _USERWITHAUTH

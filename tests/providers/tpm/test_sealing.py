@@ -359,3 +359,17 @@ def test_concurrent_unseals_are_serialised(settings: TpmSettings) -> None:
         t.join()
     assert errors == []
     assert results == [True] * 18
+
+
+@pytest.mark.parametrize(("part", "index", "flip"), [("public", 1, 2), ("private", 1, 2)])
+def test_edited_tpm2b_size_field_is_refused(
+    settings: TpmSettings, part: str, index: int, flip: int
+) -> None:
+    """Regression (found by the fuzz test above): a TPM2B size field edited so that the MU
+    layer still parses the structure used to unseal; the blob must be byte-canonical."""
+    d = json.loads(_fuzz_blob(settings))
+    raw = bytearray.fromhex(d[part])
+    raw[index] ^= flip
+    d[part] = raw.hex()
+    with pytest.raises((TpmBlobInvalid, TpmForeignBlob)):
+        unseal(settings, json.dumps(d).encode())

@@ -50,6 +50,7 @@ from anyhsm.errors import (
 )
 from anyhsm.factory import (
     PROVIDER_LEVELS,
+    STORE_VERDICTS,
     Attempt,
     ChainResult,
     floor_detail,
@@ -185,10 +186,40 @@ class Hsm:
         self._probe_pub = chain.probe_public_key
         self._attempts = chain.attempts
         self._anchor = self._open_anchor()
+        if self._anchor.keystore is not None:
+            self._check_generation_anchor(self._anchor.keystore)
         if self._verify_only:
             return  # read-only: nothing is appended, so nothing is checked before appending
         self._audit = self._open_audit()
         self._record_chain()
+
+    def _check_generation_anchor(self, ks: Keystore) -> None:
+        """A store opened without the TPM (passphrase, token wrap) is still checked against
+        the TPM counter its manifest names, whenever the TPM is configured and answers: a
+        fallback must not be a way around rollback detection. Unreachable: reported."""
+        named = ks.generation_anchor_ref()
+        if named is None or ks.anchor_attached or named[0] != "tpm-nv-counter":
+            return
+        table = self._config.provider_settings("tpm")
+        if "tcti" not in table:
+            ks.anchor_problem = "the TPM is not configured here, so the counter was not read"
+            return
+        from anyhsm.factory import run_bounded
+        from anyhsm.tpm.counter import TpmCounter
+        from anyhsm.tpm.settings import TpmSettings
+
+        settings = TpmSettings.from_mapping(table)
+        try:
+            run_bounded(
+                lambda: ks.attach_generation_anchor(TpmCounter.at(settings, named[1])),
+                self._config.fallback.timeout_ms / 1000,
+                "TPM generation counter",
+            )
+        except STORE_VERDICTS:
+            raise
+        except HsmError as e:
+            ks.anchor_problem = f"the TPM counter could not be read: {e.message}"
+            log.warning("anyhsm: keystore anchor not checked: %s", e.message)
 
     def _open_anchor(self) -> _Anchor:
         """The keystore holds the audit key and the key directory. When the active

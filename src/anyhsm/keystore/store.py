@@ -1035,6 +1035,11 @@ class Keystore:
 
     # --- the generation anchor (TPM NV counter) -----------------------------------------
 
+    @property
+    def anchor_attached(self) -> bool:
+        """Whether the store was checked against its external anchor, which now moves with it."""
+        return self._anchor is not None
+
     def generation_anchor_ref(self) -> tuple[str, str] | None:
         """(kind, ref) of the anchor the manifest names, or None."""
         anchor = self._require_manifest().anchor
@@ -1093,8 +1098,8 @@ class Keystore:
             return out
         out.update(kind=m.anchor.kind, ref=m.anchor.ref, value=m.anchor.value)
         out["checked"] = self._anchor is not None
-        if self._anchor is None:
-            out["note"] = "the anchor was not reachable when the keystore was opened"
+        if self._anchor is None and not self.anchor_problem:
+            out["note"] = "the anchor was not checked when the keystore was opened"
         if self.anchor_problem:
             out["problem"] = self.anchor_problem
         return out

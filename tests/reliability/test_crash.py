@@ -32,10 +32,9 @@ from tests.reliability.helpers_worker import AckedKey, AckedSig, Worker
 
 import anyhsm.audit as audit_module
 from anyhsm import open_hsm
-from anyhsm.audit import verify_log
+from anyhsm.audit import AuditKeyRing, AuditState, VerifyResult, verify_log
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import AuditError, AuditWriteFailed
-from anyhsm.hsm import AUDIT_KEY_PURPOSE, CHECKPOINT_FILE
 from anyhsm.keystore import Keystore
 from anyhsm.secret import SecretBytes
 from anyhsm.types import SigScheme
@@ -329,7 +328,7 @@ def test_short_write_is_refused_and_leaves_no_torn_line(
     hsm.close()
     audit_path = deployment.parent / "audit.log"
     assert audit_path.read_bytes().endswith(b"\n"), "a torn entry was left in the log"
-    result = verify_log(audit_path, audit_key(deployment), read_checkpoint(deployment))
+    result = verify_on_disk(deployment)
     assert result.ok, result.reason
 
 
@@ -342,7 +341,7 @@ def test_verify_names_a_torn_last_line(deployment: Path) -> None:
     raw = audit_path.read_bytes()
     audit_path.write_bytes(raw[:-20])
     lines = audit_path.read_bytes().split(b"\n")
-    result = verify_log(audit_path, audit_key(deployment), read_checkpoint(deployment))
+    result = verify_on_disk(deployment)
     assert not result.ok
     assert result.first_bad_line == len(lines)
     assert "incomplete" in result.reason
@@ -370,15 +369,19 @@ def test_short_write_does_not_brick_the_deployment(deployment: Path, faulty_os: 
         assert again.verify_audit().ok
 
 
-def audit_key(deployment: Path) -> SecretBytes:
+def audit_ring_and_state(deployment: Path) -> tuple[AuditKeyRing, AuditState]:
+    """The audit chain's keys and recorded state, read from the keystore manifest the way
+    an auditor holding the passphrase would (the caller wipes the ring)."""
     ks = Keystore.load(deployment.parent / "keystore")
     try:
         ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
-        return ks.subkey(AUDIT_KEY_PURPOSE)
+        return ks.audit_keys(), ks.load_audit_state()
     finally:
         ks.close()
 
 
-def read_checkpoint(deployment: Path) -> bytes | None:
-    cp = deployment.parent / "keystore" / CHECKPOINT_FILE
-    return cp.read_bytes() if cp.exists() else None
+def verify_on_disk(deployment: Path) -> VerifyResult:
+    """verify_log over the real log against the state the manifest records."""
+    ring, state = audit_ring_and_state(deployment)
+    with ring:
+        return verify_log(deployment.parent / "audit.log", ring, state)

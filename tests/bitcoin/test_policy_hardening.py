@@ -480,6 +480,7 @@ def test_every_outcome_of_sign_psbt_is_audited(hsm: Hsm, wallet: Wallet) -> None
     last = _audit(hsm)[-1]
     assert last["op"] == "psbt_sign" and last["outcome"] == "error"
     assert last["error"] == "nothing_signed"
+    assert last["detail"]["rules"] == "nothing-signed"  # type: ignore[index]
     assert last["detail"]["txid"] == nothing.unsigned_tx().txid_hex()  # type: ignore[index]
     assert all(isinstance(v, str) for e in _audit(hsm) for v in (e.get("detail") or {}).values())
 
@@ -515,9 +516,28 @@ def test_cli_refused_and_nothing_signed_psbt_sign_are_in_the_audit_log(
     psbt_entries = [e for e in entries if e["op"] == "psbt_sign"]
     assert [(e["outcome"], e["detail"].get("rules")) for e in psbt_entries] == [
         ("refused", "sighash"),
-        ("error", None),
+        ("error", "nothing-signed"),
     ]
     assert (
         psbt_entries[1]["detail"]["txid"]
         == Psbt.parse(nothing.read_text()).unsigned_tx().txid_hex()
     )
+
+
+def test_byte_limit_on_parsed_and_built_psbts(tmp_path: Path) -> None:
+    with software_hsm(tmp_path / "d", max_psbt_bytes=400) as h:
+        w = add_wallet(h, "w", bytes(range(32)))
+        built = build_psbt([_p2wpkh(w), _p2wpkh(w, "m/84'/1'/0'/0/1")])
+        data = built.serialize()
+        assert len(data) > 400
+        parsed = Psbt.parse(data)
+        assert parsed.parsed_size == len(data) and parsed == built  # not part of the value
+        assert parsed.copy().parsed_size is None
+        for psbt in (built, parsed):
+            with pytest.raises(PsbtLimitExceeded) as e:
+                sign_psbt(h, psbt, "w")
+            assert e.value.field == "policy.max_psbt_bytes"
+    for form in (data, built.to_base64(), built.to_hex()):
+        with pytest.raises(PsbtLimitExceeded, match="before parsing"):
+            Psbt.parse(form, max_bytes=400)
+        assert Psbt.parse(form, max_bytes=len(data)) == built

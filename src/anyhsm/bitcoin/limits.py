@@ -14,8 +14,8 @@ transaction the network would relay fits, except where noted:
     required for segwit v0 inputs too). 4 MB leaves room for ~1,000 inputs with 4 kB
     previous transactions, or ten 400 kB ones. Checked on the size the PSBT was
     parsed from (``Psbt.parsed_size``; a PSBT built in code is serialised to measure
-    it), and by :func:`check_encoded_size` on text before parsing, for callers that
-    hold it.
+    it); callers that hold the bytes should also pass it to ``Psbt.parse(data,
+    max_bytes=...)``, which refuses before decoding.
 ``max_inputs`` / ``max_outputs`` 2,500
     The smallest input is 41 bytes (164 WU) and the smallest output 9 bytes, so the
     weight limit allows ~2,400 inputs; payouts of more outputs than that split.
@@ -59,17 +59,6 @@ def _refuse(setting: str, message: str) -> PsbtLimitExceeded:
     )
     err.details = [{"rule": "limit", "setting": f"policy.{setting}", "message": message}]
     return err
-
-
-def check_encoded_size(size: int, policy: PolicyConfig) -> None:
-    """Refuse an encoded PSBT (raw, base64 or hex) larger than the byte limit allows;
-    base64 takes 4/3 of the raw size and hex twice, so the text limit scales with it."""
-    if size > 2 * policy.max_psbt_bytes:
-        raise _refuse(
-            "max_psbt_bytes",
-            f"the PSBT is {size} bytes encoded, more than twice the limit of "
-            f"{policy.max_psbt_bytes} raw bytes",
-        )
 
 
 def _origins(m: PsbtInput | PsbtOutput) -> list[KeyOrigin]:
@@ -156,4 +145,4 @@ def check_legacy_work(psbt: Psbt, legacy_inputs: int, policy: PolicyConfig) -> N
         )
 
 
-__all__ = ["check_derivation_work", "check_encoded_size", "check_legacy_work", "check_structure"]
+__all__ = ["check_derivation_work", "check_legacy_work", "check_structure"]

@@ -54,7 +54,13 @@ from anyhsm.bitcoin.psbt_maps import (
     ordered_records,
 )
 from anyhsm.bitcoin.tx import Transaction, TxIn, TxOut
-from anyhsm.errors import BitcoinError, EncodingError, PsbtError, TransactionError
+from anyhsm.errors import (
+    BitcoinError,
+    EncodingError,
+    PsbtError,
+    PsbtLimitExceeded,
+    TransactionError,
+)
 
 __all__ = [
     "GlobalType",
@@ -425,10 +431,21 @@ class Psbt:
     # --- parsing --------------------------------------------------------------------------
 
     @classmethod
-    def parse(cls, data: bytes | bytearray | memoryview | str) -> Psbt:
-        """Parse raw bytes, base64 text or hex text. Raises only :class:`PsbtError`."""
+    def parse(
+        cls, data: bytes | bytearray | memoryview | str, *, max_bytes: int | None = None
+    ) -> Psbt:
+        """Parse raw bytes, base64 text or hex text. Raises only :class:`PsbtError`.
+
+        ``max_bytes`` (such as ``policy.max_psbt_bytes``) refuses a larger PSBT with
+        :class:`PsbtLimitExceeded` before decoding it (text may be up to twice as long:
+        hex)."""
+        if max_bytes is not None and len(data) > 2 * max_bytes:
+            raise _too_large(len(data), max_bytes)
         try:
-            return cls._parse_raw(_decode_container(data))
+            raw = _decode_container(data)
+            if max_bytes is not None and len(raw) > max_bytes:
+                raise _too_large(len(raw), max_bytes)
+            return cls._parse_raw(raw)
         except PsbtError:
             raise
         except (BitcoinError, ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
@@ -478,6 +495,14 @@ class Psbt:
 
 
 # --- parsing helpers --------------------------------------------------------------------------
+
+
+def _too_large(size: int, limit: int) -> PsbtLimitExceeded:
+    return PsbtLimitExceeded(
+        f"PSBT refused before parsing: {size} bytes, more than {limit} (policy.max_psbt_bytes)",
+        field="policy.max_psbt_bytes",
+        hint="split the transaction, or raise the limit if this size is expected",
+    )
 
 
 def _decode_container(data: bytes | bytearray | memoryview | str) -> bytes:

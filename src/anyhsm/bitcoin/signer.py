@@ -572,7 +572,10 @@ def sign_psbt(
     inputs signed and the fee; "refused" with the rules that refused; "error" when
     nothing was signed or signing failed.
     """
-    txid = psbt.unsigned_tx().txid_hex()
+    try:
+        txid = psbt.unsigned_tx().txid_hex()
+    except HsmError:  # no v0 transaction can be made (a v2 PSBT without a lock time)
+        txid = "unknown"
     key_id: str | None = None
     try:
         keys = _signing_keys(hsm, key)
@@ -585,6 +588,8 @@ def sign_psbt(
         raise
     except HsmError as e:
         detail = {"txid": txid, "message": _bounded(e.message, 300)}
+        if isinstance(e, NothingSigned):
+            detail["rules"] = "nothing-signed"
         hsm.record_event("psbt_sign", "error", detail, key_id=key_id, error=e.code)
         raise
     signed = [r.index for r in result.inputs if r.signed]

@@ -358,6 +358,7 @@ def test_deep_paths_on_a_thousand_inputs_are_refused_before_any_work(
     last = _audit(hsm)[-1]
     assert last["op"] == "psbt_sign" and last["outcome"] == "refused"
     assert last["detail"]["rules"] == "limit"  # type: ignore[index]
+    assert last["detail"]["setting"] == "policy.max_path_depth"  # type: ignore[index]
 
 
 def test_many_derivations_are_refused_before_any_work(

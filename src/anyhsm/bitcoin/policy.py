@@ -7,15 +7,26 @@ are consistent: the BIP174 signer checks). :func:`check_policy` then applies the
 rules of :class:`anyhsm.config.PolicyConfig` to the whole transaction:
 
 - every input's previous output must be provided (the fee needs every amount);
-- a segwit v0 input's WITNESS_UTXO must equal the output in its NON_WITNESS_UTXO;
-  with only the witness UTXO the fee attack of 2020 is possible, which is a warning;
+- a segwit v0 input's WITNESS_UTXO must equal the output in its NON_WITNESS_UTXO, and
+  the NON_WITNESS_UTXO must be there for every segwit v0 input we sign and every
+  other input whose amount none of our signatures commits to (the segwit fee attack
+  of 2020: ``missing-previous-tx``, ``unverified-amount``; a warning only when
+  ``require_previous_tx_segwit_v0`` is false);
+- HD keys sign only under their allowed account prefixes, never at ``m``
+  (``input-path``, :mod:`anyhsm.bitcoin.paths`);
 - the sighash type of every input to be signed must be allowed (ALL and DEFAULT by default);
-- the fee (inputs minus outputs) and the fee rate (over an estimated vsize) must stay
-  below ``max_fee_sat`` and ``max_fee_rate_sat_vb``;
+- the fee (inputs minus outputs) and the fee rate (over a vsize estimated from each
+  input's script, :mod:`anyhsm.bitcoin.size`, never from final fields) must stay
+  below ``max_fee_sat`` and ``max_fee_rate_sat_vb``; the weight below ``max_tx_weight``;
 - every output is shown with its address on the configured network, or as a script
   without address (OP_RETURN, bare scripts; never by itself a refusal); change outputs
-  (derived from a signing key, with a script that matches the derived key) are marked;
-  global xpubs of another network are refused.
+  (derived from a signing key, with a script that matches the derived key, no taproot
+  script tree, on the change branch of a signed input's account) are marked, and an
+  output that pays our key otherwise is shown as outgoing with a warning naming the
+  rule (``change-taproot-tree``, ``change-path``);
+- global xpubs of another network are refused.
+
+The resource limits (:mod:`anyhsm.bitcoin.limits`) run before all this, in the signer.
 
 Every refusal raises :class:`anyhsm.errors.SigningPolicyError` naming the input or
 output and the rule; all refusals found are listed in the error's ``details``.

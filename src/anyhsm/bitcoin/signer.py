@@ -584,6 +584,8 @@ def sign_psbt(
         result = _sign(hsm, psbt, keys, key, grind_low_r, txid)
     except (SigningPolicyError, PsbtLimitExceeded) as e:
         detail = {"txid": txid, "rules": _rules(e), "message": _bounded(e.message, 300)}
+        if isinstance(e, PsbtLimitExceeded) and e.field:
+            detail["setting"] = e.field
         hsm.record_event("psbt_sign", "refused", detail, key_id=key_id, error=e.code)
         raise
     except HsmError as e:

@@ -542,3 +542,21 @@ def test_byte_limit_on_parsed_and_built_psbts(tmp_path: Path) -> None:
         with pytest.raises(PsbtLimitExceeded, match="before parsing"):
             Psbt.parse(form, max_bytes=400)
         assert Psbt.parse(form, max_bytes=len(data)) == built
+
+
+@pytest.mark.parametrize("internal_ours", [False, True])
+def test_size_estimate_of_taproot_script_and_key_path(tmp_path: Path, internal_ours: bool) -> None:
+    """The estimate follows the spend our signatures make: a script path (the leaf, its
+    control block, one signature) or the key path, within a few bytes of the real one,
+    and finalized or not (final fields are not measured)."""
+    from tests.bitcoin.test_signer import _tap_tree_psbt
+
+    with software_hsm(tmp_path / "d", deterministic_schnorr=True) as h:
+        w = add_wallet(h, "w", bytes(range(32)))
+        psbt, _, _ = _tap_tree_psbt(w, internal_ours=internal_ours)
+        res = sign_psbt(h, psbt, "w")
+        final = finalize_psbt(res.psbt)
+        assert final.tx is not None
+        assert final.tx.vsize() <= res.vsize <= final.tx.vsize() + 1
+        infos = [describe_input(i) for i in final.psbt.inputs]
+        assert estimate_vsize(final.psbt, infos)[0] == final.tx.vsize()

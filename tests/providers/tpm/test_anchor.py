@@ -286,3 +286,36 @@ def test_status_reports_the_counter(tmp_path: Path, private_swtpm: Swtpm) -> Non
         assert isinstance(info["error"], dict) and info["error"]["code"] == "anchor_missing"
     finally:
         ks.close()
+
+
+def test_passphrase_path_checks_the_counter_when_the_tpm_is_configured(
+    tmp_path: Path, private_swtpm: Swtpm
+) -> None:
+    """A chain without the TPM provider (or a TPM whose unseal fails, e.g. PCRs changed)
+    still reads the counter the manifest names when [providers.tpm] is configured: the
+    passphrase path is no way around rollback detection."""
+    from anyhsm import open_hsm
+
+    store = tmp_path / "ks"
+    _enrolled(store, TpmSettings(tcti=private_swtpm.tcti))
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    p = _open_tpm(store, private_swtpm.tcti)
+    try:
+        p.generate_key(KeySpec("after-the-copy"))
+    finally:
+        p.close()
+    raw = {
+        "environment": "development",
+        "network": "regtest",
+        "fallback": {"chain": ["software"], "timeout_ms": 2000},
+        "providers": {"tpm": {"tcti": private_swtpm.tcti}, "software": {"path": str(store)}},
+        "audit": {"path": str(tmp_path / "audit.log")},
+    }
+    config = Config.from_mapping(raw, config_dir=tmp_path, env={})
+    with open_hsm(config, passphrase=SecretBytes(PASSPHRASE)) as hsm:
+        anchor = hsm.health().audit["anchor"]
+        assert isinstance(anchor, dict) and anchor["checked"] is True
+    _restore(copy, store)
+    with pytest.raises(KeystoreRolledBack):
+        open_hsm(config, passphrase=SecretBytes(PASSPHRASE))

@@ -560,3 +560,89 @@ def test_size_estimate_of_taproot_script_and_key_path(tmp_path: Path, internal_o
         assert final.tx.vsize() <= res.vsize <= final.tx.vsize() + 1
         infos = [describe_input(i) for i in final.psbt.inputs]
         assert estimate_vsize(final.psbt, infos)[0] == final.tx.vsize()
+
+
+# --- claims under our fingerprint must not relax a rule -------------------------------------
+# The signer trusts a derivation naming our fingerprint until its signature fails to verify.
+# No rule may be relaxed on such a claim alone: each is derived first.
+
+
+def _claimed_taproot(w: Wallet, rng: random.Random, leaf_padding: int | None = None) -> Psbt:
+    """One P2TR input whose key is not ours, named under our fingerprint: by key path, or
+    (``leaf_padding``) by a leaf ``<key> OP_CHECKSIG`` followed by that many OP_NOPs."""
+    from anyhsm.bitcoin.psbt import LeafScript
+    from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn
+
+    x = ec.public_key(bytearray(rng.randbytes(32)))[1:]
+    origin = KeyOrigin(w.fingerprint, (86 | H, 1 | H, H, 0, 9))
+    if leaf_padding is None:
+        q = taproot_output_key(x, None)[0]
+    else:
+        nums = bytes.fromhex("50929b74c1a04954b78b4b6035e97a5e078a5a0f28ec96d547bfee9ace803ac0")
+        script = bytes([32]) + x + bytes([OP_CHECKSIG]) + b"\x61" * leaf_padding
+        q, parity = taproot_output_key(nums, leaf_hash(script))
+    prev = Transaction(2, [TxIn(OutPoint(rng.randbytes(32), 0))], [TxOut(5_000_000, p2tr(q))], 0)
+    psbt = Psbt.from_unsigned_tx(
+        Transaction(2, [TxIn(OutPoint(prev.txid(), 0), b"", 0xFFFFFFFD)], [], 0)
+    )
+    inp = psbt.inputs[0]
+    inp.witness_utxo = prev.outputs[0]
+    if leaf_padding is None:
+        inp.tap_internal_key = x
+        inp.tap_bip32_derivations[x] = TapKeyOrigin((), origin)
+    else:
+        cb = bytes([0xC0 | parity]) + nums
+        inp.tap_leaf_scripts[cb] = LeafScript(script, 0xC0)
+        inp.tap_bip32_derivations[x] = TapKeyOrigin((leaf_hash(script),), origin)
+    return psbt
+
+
+def _join(a: Psbt, b: Psbt, outputs: list[TxOut]) -> Psbt:
+    """The inputs of ``a`` then ``b``, with ``outputs``."""
+    from anyhsm.bitcoin.tx import Transaction
+
+    ins = [*a.unsigned_tx().inputs, *b.unsigned_tx().inputs]
+    psbt = Psbt.from_unsigned_tx(Transaction(2, ins, outputs, 0))
+    psbt.inputs = [*a.inputs, *b.inputs]
+    return psbt
+
+
+def test_a_claimed_taproot_input_does_not_waive_the_previous_tx_rule(
+    hsm: Hsm, wallet: Wallet
+) -> None:
+    """A taproot signature of ours would commit to every amount; a taproot input whose
+    key is merely claimed under our fingerprint must not waive the rule for the
+    lied-about foreign input beside it."""
+    rng = random.Random(21)
+    stranger = Wallet("x", b"\x07" * 32)
+    base = build_psbt([_p2wpkh(wallet), _p2wpkh(stranger, non_witness=False)], rng=rng)
+    psbt = _join(base, _claimed_taproot(wallet, rng), [TxOut(5_150_000, p2wpkh(bytes(20)))])
+    with pytest.raises(SigningPolicyError) as e:
+        sign_psbt(hsm, psbt, "w")
+    assert ("input 1", "unverified-amount") in _rules(e.value)
+
+
+def test_a_claimed_input_at_another_account_does_not_make_change(hsm: Hsm, wallet: Wallet) -> None:
+    """An input naming our fingerprint at account 5' with a key not ours must not make
+    our key's output at account 5' look like change."""
+    rng = random.Random(22)
+    fake = ec.public_key(bytearray(rng.randbytes(32)))
+    claim = Spend("p2wpkh", [(fake, KeyOrigin(wallet.fingerprint, (84 | H, 1 | H, 5 | H, 0, 0)))])
+    change = _pays_key(wallet, "m/84'/1'/5'/1/0")
+    res = sign_psbt(hsm, build_psbt([_p2wpkh(wallet), claim], [change], rng=rng), "w")
+    assert [r.status for r in res.inputs] == ["signed", "not-signed"]
+    assert not res.outputs[0].change
+    assert any("[rule change-path]" in w for w in res.warnings)
+
+
+def test_a_claimed_large_leaf_does_not_lower_the_fee_rate(hsm: Hsm, wallet: Wallet) -> None:
+    """A foreign input's 100 kB leaf, with its key claimed under our fingerprint, is not
+    a spend we make: its size is not counted (a 9,000,000 sat fee stays expensive)."""
+    rng = random.Random(23)
+    base = build_psbt([_p2wpkh(wallet, amount=5_000_000)], rng=rng)
+    claimed = _claimed_taproot(wallet, rng, leaf_padding=100_000)
+    claimed.inputs[0].non_witness_utxo = None
+    psbt = _join(base, claimed, [TxOut(1_000_000, p2wpkh(bytes(20)))])
+    with pytest.raises(SigningPolicyError) as e:
+        sign_psbt(hsm, psbt, "w")
+    assert ("transaction", "max-fee-rate") in _rules(e.value)

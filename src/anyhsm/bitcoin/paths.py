@@ -33,7 +33,7 @@ and it is at least as long.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from anyhsm.bitcoin.bip32 import HARDENED, format_path
@@ -182,10 +182,18 @@ class PathRules:
         return self.for_key(label).input_problem(path, self.network)
 
     def change_problem(
-        self, label: str, path: Sequence[int], signed: Mapping[str, Sequence[Sequence[int]]]
+        self,
+        label: str,
+        path: Sequence[int],
+        signed: Mapping[str, Sequence[Sequence[int]]],
+        confirmed: Callable[[str, tuple[int, ...]], bool] | None = None,
     ) -> str | None:
         """Why an output paying key ``label`` at ``path`` is not change (None when it is).
-        ``signed`` maps each key label to the paths of the inputs it signs."""
+        ``signed`` maps each key label to the paths of the inputs it would sign;
+        ``confirmed`` says whether the key at such a path really is the one the input
+        names (asked only of the input that makes the output change: an input naming
+        our fingerprint at another account, with a key not ours, must not make an
+        output at that account look like change)."""
         inputs = [p for p in signed.get(label, ()) if len(p) >= 2]
         where = f"{format_path(path)} of key {label}"
         if not inputs:
@@ -210,6 +218,8 @@ class PathRules:
                     f"{where}: index {shown_index} is not below policy.max_change_index = "
                     f"{self.max_change_index}"
                 )
+            if confirmed is not None and not confirmed(label, tuple(inp)):
+                continue
             return None
         shown = ", ".join(sorted({format_path(p) for p in inputs})[:3])
         return (

@@ -381,6 +381,8 @@ def check_policy(
     *,
     signing: Signing | None = None,
     script_leaves: Mapping[int, Collection[bytes]] | None = None,
+    confirmed: Callable[[str, tuple[int, ...]], bool] | None = None,
+    amounts_committed: Callable[[], bool] | None = None,
 ) -> PolicyReport:
     """Apply the signing policy; raise SigningPolicyError listing every refusal.
 
@@ -388,13 +390,18 @@ def check_policy(
     type it would use. ``owner`` and ``single_scripts`` identify change outputs;
     ``signing`` gives the paths our HD keys would sign at (rule ``input-path``, and the
     accounts change must be under); ``script_leaves`` the taproot leaves signed by
-    script path (for the size estimate).
+    script path (for the size estimate). ``confirmed`` says whether key ``label`` at a
+    path of ``signing`` really is the key the input names, and ``amounts_committed``
+    whether a signature we will make commits to every amount; both are asked only when
+    a decision depends on them (the signer verifies its signatures, so a claim under
+    our fingerprint is otherwise only checked once signed). Without them every claim
+    is taken as ours.
     """
     f = _Findings()
     signing = signing or {}
     rules = PathRules(network, policy)
     _check_global_xpubs(psbt, network, f)
-    committed = _amounts_committed(infos, to_sign)
+    committed = _Lazy(amounts_committed or (lambda: _amounts_committed(infos, to_sign)))
     for i, (inp, info) in enumerate(zip(psbt.inputs, infos, strict=True)):
         where = f"input {i}"
         if info.problem is not None:
@@ -422,7 +429,7 @@ def check_policy(
             signed_paths.setdefault(label, []).append(path)
 
     def change_rule(label: str, path: tuple[int, ...]) -> str | None:
-        return rules.change_problem(label, path, signed_paths)
+        return rules.change_problem(label, path, signed_paths, confirmed)
 
     outputs = tuple(
         describe_output(i, out, network, owner, single_scripts, f, change_rule)
@@ -479,13 +486,26 @@ def _amounts_committed(infos: Sequence[SpendInfo], to_sign: Mapping[int, int]) -
     )
 
 
+class _Lazy:
+    """A boolean computed once, when first asked."""
+
+    def __init__(self, fn: Callable[[], bool]) -> None:
+        self._fn = fn
+        self._value: bool | None = None
+
+    def __bool__(self) -> bool:
+        if self._value is None:
+            self._value = self._fn()
+        return self._value
+
+
 def _check_previous_tx(
     where: str,
     index: int,
     inp: PsbtInput,
     info: SpendInfo,
     ours: bool,
-    committed: bool,
+    committed: _Lazy,
     policy: PolicyConfig,
     f: _Findings,
 ) -> None:

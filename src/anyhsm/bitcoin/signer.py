@@ -66,7 +66,12 @@ from anyhsm.bitcoin.policy import (
 )
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput
 from anyhsm.bitcoin.script import p2pkh, p2sh, p2tr, p2wpkh
-from anyhsm.bitcoin.sighash import SIGHASH_DEFAULT, SighashCache, sighash_name
+from anyhsm.bitcoin.sighash import (
+    SIGHASH_ANYONECANPAY,
+    SIGHASH_DEFAULT,
+    SighashCache,
+    sighash_name,
+)
 from anyhsm.bitcoin.taproot import (
     leaf_hash,
     taproot_tweak,
@@ -533,6 +538,12 @@ def _plan_key_path(
 # --- signing -------------------------------------------------------------------------------------
 
 
+def _ours(job: _Job, deriv: _Derivations) -> bool:
+    """Whether the key the job signs with is the key the PSBT names (derived for an HD
+    key; a single key was matched by its public key)."""
+    return not job.key.hd or deriv.holds(job.key, job.path, job.pubkey)
+
+
 def _single_scripts(keys: Sequence[_Key]) -> dict[bytes, str]:
     """The four single-key scripts of every non-HD key (to recognise change to them)."""
     out: dict[bytes, str] = {}
@@ -662,11 +673,35 @@ def _sign(
             for i, plan in enumerate(plans)
             if plan.jobs
         }
+        # the size of a script-path spend counts only for leaves our key really signs:
+        # a claim under our fingerprint on a foreign input's large leaf must not lower
+        # the fee rate (derived here; script-path jobs are rare)
         leaves = {
-            i: {j.leaf_hash for j in plan.jobs if j.leaf_hash is not None}
+            i: {j.leaf_hash for j in plan.jobs if j.leaf_hash is not None and _ours(j, deriv)}
             for i, plan in enumerate(plans)
             if plan.jobs and all(j.kind == "taproot-script" for j in plan.jobs)
         }
+
+        def confirmed(label: str, path: tuple[int, ...]) -> bool:
+            return any(
+                _ours(j, deriv)
+                for plan in plans
+                for j in plan.jobs
+                if j.key.label == label and j.path == path
+            )
+
+        def committed() -> bool:
+            """Whether a taproot signature we will make commits to every amount (a
+            claim under our fingerprint is derived first: a key not ours signs nothing)."""
+            return any(
+                _ours(j, deriv)
+                for i, plan in enumerate(plans)
+                if plan.jobs
+                and infos[i].kind is SpendKind.P2TR
+                and not to_sign[i] & SIGHASH_ANYONECANPAY
+                for j in plan.jobs
+            )
+
         report = check_policy(
             work,
             infos,
@@ -677,6 +712,8 @@ def _sign(
             _single_scripts(keys),
             signing=signing,
             script_leaves=leaves,
+            confirmed=confirmed,
+            amounts_committed=committed,
         )
         return report, to_sign
 

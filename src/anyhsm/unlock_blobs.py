@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from anyhsm.config import Config
-from anyhsm.errors import ConfigError
+from anyhsm.errors import ConfigError, KeystoreError
 from anyhsm.keystore import Keystore
 from anyhsm.secret import SecretBytes
 
@@ -37,19 +37,35 @@ def resealer(config: Config, keystore: Keystore, *, drop: Collection[str] = ()) 
         )
 
     def make(master: SecretBytes) -> dict[str, bytes]:
+        """Each new blob is opened again and compared before the rotation may commit, so
+        a rotation never leaves an unlock path that does not work."""
         out: dict[str, bytes] = {}
         if TPM_BLOB in keep:
-            from anyhsm.tpm.sealing import seal
+            from anyhsm.tpm.sealing import seal, unseal
             from anyhsm.tpm.settings import TpmSettings
 
-            out[TPM_BLOB] = seal(TpmSettings.from_mapping(config.provider_settings("tpm")), master)
+            settings = TpmSettings.from_mapping(config.provider_settings("tpm"))
+            blob = seal(settings, master)
+            with unseal(settings, blob) as back:
+                _same(back, master, "the TPM")
+            out[TPM_BLOB] = blob
         if WRAPPED_BLOB in keep:
             from anyhsm.factory import provider_context
-            from anyhsm.providers.pkcs11_wrap import wrap_master_key
+            from anyhsm.providers.pkcs11_wrap import unwrap_master_key, wrap_master_key
 
-            out[WRAPPED_BLOB] = wrap_master_key(
-                provider_context(config, "pkcs11-wrapped", None), master
-            )
+            context = provider_context(config, "pkcs11-wrapped", None)
+            blob = wrap_master_key(context, master)
+            with unwrap_master_key(context, blob) as back:
+                _same(back, master, "the token")
+            out[WRAPPED_BLOB] = blob
         return out
 
     return make
+
+
+def _same(back: SecretBytes, master: SecretBytes, device: str) -> None:
+    if not back.equals(master):
+        raise KeystoreError(
+            f"{device} returned another key than the one it sealed; nothing was rotated",
+            hint="check the device; the keystore is unchanged",
+        )

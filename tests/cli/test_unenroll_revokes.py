@@ -118,3 +118,31 @@ def test_saved_sealed_blob_opens_nothing_after_tpm_unenroll(
     monkeypatch.setenv("ANYHSM_PASSPHRASE", PASSPHRASE)
     code, out = run(capsys, *c, "key", "show", "k", "--json")
     assert code == 0 and out["label"] == "k"
+
+
+def test_rotation_reseals_the_tpm_blob_and_revokes_the_old_one(
+    deployment: Path,
+    tpm: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A rotation while enrolled keeps the TPM path working (the blob is made again for
+    the new master key, checked before the switch) and revokes the old blob."""
+    tcti = tpm.tcti  # type: ignore[attr-defined]
+    text = deployment.read_text().replace('chain = ["software"]', 'chain = ["tpm", "software"]')
+    deployment.write_text(text + f'\n[providers.tpm]\ntcti = "{tcti}"\n')
+    c = ["--config", str(deployment)]
+    ks = deployment.parent / "keystore"
+    assert run(capsys, *c, "tpm", "enroll", "--json")[0] == 0
+    assert run(capsys, *c, "key", "create", "--label", "k", "--json")[0] == 0
+    saved = (ks / "tpm-sealed.json").read_bytes()
+    code, out = run(capsys, *c, "keystore", "rotate", "--json")
+    assert code == 0 and out["epoch"] == 2, out
+    assert not (ks / "tpm-sealed.json").exists() and (ks / "keys.2" / "tpm-sealed.json").exists()
+
+    monkeypatch.delenv("ANYHSM_PASSPHRASE")
+    code, out = run(capsys, *c, "health", "--json")
+    assert code == 0 and out["active_provider"] == "tpm"  # the new blob opens the store
+    (ks / "keys.2" / "tpm-sealed.json").write_bytes(saved)  # the old blob put back
+    code, out = run(capsys, *c, "key", "list", "--json")
+    assert code != 0

@@ -1214,9 +1214,8 @@ class Keystore:
         self._record_key = successor._record_key
         self._mac_key = successor._mac_key
         self._manifest_key = successor._manifest_key
-        self._manifest = successor._manifest
-        self._manifest_stat = successor._manifest_stat
-        self._seen_generation = successor._seen_generation
+        self._manifest = None  # read back from the new epoch directory by refresh()
+        self._manifest_stat = None
         self._anchor = anchor
         self.refresh()
 

@@ -488,7 +488,7 @@ def enroll(keystore: Keystore, context: ProviderContext) -> dict[str, object]:
     parsed = WrappedBlob.from_json(blob)
     return {
         "enrolled": True,
-        "file": str(keystore.path / SIDE_FILE),
+        "file": str(keystore.side_file_path(SIDE_FILE)),
         "token_serial": parsed.token_serial,
         "token_label": parsed.token_label,
         "wrap_key_label": parsed.key_label,

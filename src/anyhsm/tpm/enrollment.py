@@ -64,7 +64,7 @@ def enroll(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
         raise KeystoreError(f"{SIDE_FILE} did not read back as written", hint="check the disk")
     out: dict[str, object] = {
         "enrolled": True,
-        "file": str(keystore.path / SIDE_FILE),
+        "file": str(keystore.side_file_path(SIDE_FILE)),
         "tcti": settings.tcti,
         "replaced": replaced,
         "anchor": {"kind": counter.kind, "ref": counter.ref, "counter": how},

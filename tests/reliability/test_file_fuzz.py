@@ -1,18 +1,20 @@
-"""Fuzz the on-disk formats: keystore header, key records, audit log, audit checkpoint.
+"""Fuzz the on-disk formats: keystore header, key records, the keystore manifest, audit log.
 
 Each example copies a real deployment (made once per module: keys created and
-signed with through open_hsm, handle closed so the checkpoint covers the whole
-log), mutates one file — raw byte edits, or JSON-aware edits that keep the
+signed with through open_hsm, handle closed so the audit state the manifest
+records covers the whole log), mutates one file — raw byte edits, or JSON-aware edits that keep the
 file parseable (for the header optionally with its plain checksum recomputed,
-so the edit reaches the authenticated layers) — and then loads, unlocks, signs
-or verifies. Properties:
+so the edit reaches the authenticated layers; for the manifest optionally with its
+MAC recomputed under the real key, so the edit reaches the parser behind the MAC)
+— and then loads, unlocks, signs or verifies. Properties:
 
 - only anyhsm errors (HsmError subclasses) come out; the audit verifier
   returns ok=False and never raises;
 - nothing reading the files changes them (every byte of every file compared);
 - whatever still opens is exactly what was written (same store, same records,
-  same audit entries); a damaged record never yields a signature from other
-  key material, and never stops the other keys from signing.
+  same audit entries; for the manifest: the same set of live keys and the same
+  audit state); a damaged record never yields a signature from other key
+  material, and never stops the other keys from signing.
 
 The crashers this suite found keep their own targeted tests at the end: as
 regression tests once fixed in the library, as strict xfails until then (and
@@ -24,7 +26,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import json
+import re
 import shutil
 import tempfile
 import threading
@@ -39,14 +43,23 @@ from hypothesis import strategies as st
 from tests.conftest import PASSPHRASE
 
 from anyhsm import open_hsm
-from anyhsm.audit import parse_checkpoint, verify_log
+from anyhsm.audit import MAX_SEQ, AuditKeyRing, AuditState, VerifyResult, verify_log
 from anyhsm.config import Config
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
-from anyhsm.errors import AuditError, AuditTampered, HsmError, KeystoreCorrupted
+from anyhsm.errors import (
+    AllProvidersFailed,
+    AuditError,
+    AuditTampered,
+    HsmError,
+    KeystoreCorrupted,
+    KeystoreRolledBack,
+    KeystoreTampered,
+    ManifestMissing,
+)
 from anyhsm.factory import provider_context
-from anyhsm.hsm import AUDIT_KEY_PURPOSE, CHECKPOINT_FILE
 from anyhsm.keystore import KeyRecord, Keystore
+from anyhsm.keystore.manifest import MAC_PURPOSE as MANIFEST_MAC_PURPOSE
 from anyhsm.keystore.store import canonical
 from anyhsm.providers.software import SoftwareProvider
 from anyhsm.secret import SecretBytes
@@ -58,6 +71,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 DIGEST = hashlib.sha256(b"anyhsm fuzz").digest()
+MANIFEST = "keystore/keys/MANIFEST"
 
 
 # --- the base deployment -------------------------------------------------------------------
@@ -72,6 +86,8 @@ class Base:
     keys: dict[str, tuple[str, bytes]]  # id -> (label, public key)
     records: dict[str, KeyRecord]  # id -> record as written
     audit_lines: list[dict[str, object]]
+    live: dict[str, tuple[str, str, bytes]]  # every live record: id -> (label, kind, pub)
+    audit_state: AuditState  # what the manifest records about the chain
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -96,9 +112,13 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     dep = cfg.parent
     ks = Keystore.load(dep / "keystore")
     ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
-    recs = {r.id: r for r in ks.records() if r.kind == "sealed"}
+    all_recs = ks.records()
+    recs = {r.id: r for r in all_recs if r.kind == "sealed"}
+    live = {r.id: (r.label, r.kind, r.public_key) for r in all_recs}
     store_id = ks.store_id
+    state = ks.load_audit_state()
     ks.close()
+    assert state.seq == len((dep / "audit.log").read_bytes().splitlines()) > 0
     lines = [json.loads(x) for x in (dep / "audit.log").read_bytes().splitlines()]
     return Base(
         root=root,
@@ -108,6 +128,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
         keys={i: (r.label, r.public_key) for i, r in recs.items()},
         records=recs,
         audit_lines=lines,
+        live=live,
+        audit_state=state,
     )
 
 
@@ -296,13 +318,43 @@ def meaning(line: bytes) -> dict[str, object]:
     return entry
 
 
-def audit_key_of(dep: Path) -> SecretBytes:
+def audit_of(dep: Path) -> tuple[AuditKeyRing, AuditState]:
+    """The chain's key ring and recorded state, from the (intact) manifest; wipe the ring."""
     ks = Keystore.load(dep / "keystore")
     try:
         ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
-        return ks.subkey(AUDIT_KEY_PURPOSE)
+        return ks.audit_keys(), ks.load_audit_state()
     finally:
         ks.close()
+
+
+def verify_with(dep: Path, log: Path | None = None) -> VerifyResult:
+    """verify_log over ``log`` (default: the deployment's) against the manifest's state."""
+    ring, state = audit_of(dep)
+    with ring:
+        return verify_log(log or dep / "audit.log", ring, state)
+
+
+def manifest_key_of(dep: Path) -> SecretBytes:
+    """The manifest's MAC key (derived from the master key): what a test needs to make an
+    edit that reaches the parser behind the MAC. The caller wipes it."""
+    ks = Keystore.load(dep / "keystore")
+    try:
+        ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
+        return ks.subkey(MANIFEST_MAC_PURPOSE)
+    finally:
+        ks.close()
+
+
+def remac(raw: bytes, key: SecretBytes) -> bytes:
+    """``raw`` (a manifest's text, possibly edited) with its "mac" replaced by the MAC the
+    keystore computes over the parsed body; the text is otherwise kept byte for byte."""
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or not isinstance(doc.get("mac"), str):
+        return raw
+    old = doc.pop("mac")
+    new = hmac.digest(key.buffer, canonical(doc), "sha256").hex()
+    return raw.replace(old.encode(), new.encode()) if old else raw
 
 
 # --- keystore header -------------------------------------------------------------------------
@@ -436,10 +488,10 @@ def test_fuzz_audit_log(
     for dep in copy_of():
         log = dep / "audit.log"
         log.write_bytes(mutated)
-        checkpoint = (dep / "keystore" / CHECKPOINT_FILE).read_bytes()
-        key = audit_key_of(dep)
+        ring, state = audit_of(dep)
         before = snapshot(dep)
-        result = verify_log(log, key, checkpoint)  # must not raise
+        with ring:
+            result = verify_log(log, ring, state)  # must not raise
         assert snapshot(dep) == before, "verifying changed a file"
         if result.ok:  # only an edit that changes no entry may verify
             assert [meaning(x) for x in mutated.splitlines()] == [
@@ -449,25 +501,152 @@ def test_fuzz_audit_log(
             assert result.reason
 
 
+def read_only_use(
+    dep: Path, *, through_hsm: bool = True
+) -> tuple[dict[str, tuple[str, str, bytes]], AuditState] | None:
+    """Everything that reads a store without writing to it: unlock, list, the audit state
+    and keys, verify_log; a verify-only open_hsm (which would create the health-probe key
+    of a store that has none, so not for manifests forged with the key). Returns (live
+    records, audit state) when all of it opened, None when the store refused with an
+    anyhsm error (anything else escapes and fails the test)."""
+    try:
+        ks = Keystore.load(dep / "keystore")
+        ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
+        try:
+            live = {r.id: (r.label, r.kind, r.public_key) for r in ks.records()}
+            ks.refresh()
+            state = ks.load_audit_state()
+            with ks.audit_keys() as ring:
+                verify_log(dep / "audit.log", ring, state)
+        finally:
+            ks.close()
+        if through_hsm:
+            with open_hsm(dep / "anyhsm.toml", passphrase=PASSPHRASE, verify_only=True) as h:
+                h.verify_audit()
+    except HsmError:
+        return None
+    return live, state
+
+
 @FUZZ
 @given(data=st.data())
-def test_fuzz_audit_checkpoint(
+def test_fuzz_manifest(
     base: Base, copy_of: Callable[[], Iterator[Path]], data: st.DataObject
 ) -> None:
-    original = base.files[f"keystore/{CHECKPOINT_FILE}"]
-    if data.draw(st.booleans(), label="raw"):
+    """The MANIFEST (live records, revoked ids, audit state and sealed audit keys,
+    generation, anchor) edited: open, refresh and verify only ever raise anyhsm errors and
+    change no file; an edit the MAC does not catch must change nothing (the same live keys,
+    the same audit state); an edit made with the MAC key (reaching the parser) still only
+    gives anyhsm errors."""
+    original = base.files[MANIFEST]
+    kind = data.draw(st.sampled_from(["bytes", "json", "json+mac"]), label="kind")
+    if kind == "bytes":
         mutated = data.draw(byte_mutation(original), label="mutated")
     else:
-        mutated, _ = data.draw(json_mutation(original, indent=None), label="edit")
+        mutated, _ = data.draw(json_mutation(original, avoid=("mac",)), label="edit")
     for dep in copy_of():
-        cp = dep / "keystore" / CHECKPOINT_FILE
-        cp.write_bytes(mutated)
-        key = audit_key_of(dep)
+        if kind == "json+mac":
+            with manifest_key_of(dep) as key:
+                mutated = remac(mutated, key)
+        (dep / MANIFEST).write_bytes(mutated)
         before = snapshot(dep)
-        result = verify_log(dep / "audit.log", key, cp.read_bytes())  # must not raise
+        opened, signed = use_software_provider(dep, base)
+        seen = read_only_use(dep, through_hsm=kind != "json+mac")
+        assert snapshot(dep) == before, "reading the keystore changed a file"
+        if kind == "json+mac":
+            continue  # made with the key: robustness only (anyhsm errors, no file changed)
+        assert (seen is not None) == opened
+        if seen is not None:  # the MAC let it through: it must mean the same
+            live, state = seen
+            assert live == base.live, "an edited manifest opened with another set of keys"
+            assert state == base.audit_state, "an edited manifest moved the audit state"
+            assert signed == {i for i, _, _ in user_keys(base)}
+        # A writing open either refuses or sees exactly the original store and chain.
+        try:
+            hsm = open_hsm(dep / "anyhsm.toml", passphrase=PASSPHRASE)
+        except HsmError:
+            assert seen is None
+            continue
+        with hsm:
+            assert seen is not None, "open_hsm accepted a manifest the keystore refused"
+            listed = {k.id: (k.label, k.public_key) for k in hsm.list_keys()}
+            assert listed == {
+                i: (label, pub)
+                for i, (label, _, pub) in base.live.items()
+                if not label.startswith("anyhsm:")  # internal keys are not listed
+            }
+            assert hsm.verify_audit().ok
+
+
+def test_deleted_manifest_is_refused_and_nothing_changes(
+    base: Base, copy_of: Callable[[], Iterator[Path]]
+) -> None:
+    """Without the manifest the live set cannot be authenticated: every way in refuses
+    with ManifestMissing (the software provider with an anyhsm error), nothing is
+    rewritten, and no new chain is started over the existing log."""
+    for dep in copy_of():
+        (dep / MANIFEST).unlink()
+        before = snapshot(dep)
+        ks = Keystore.load(dep / "keystore")
+        with pytest.raises(ManifestMissing):
+            ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
+        ks.close()
+        for verify_only in (True, False):
+            with pytest.raises(ManifestMissing):
+                open_hsm(dep / "anyhsm.toml", passphrase=PASSPHRASE, verify_only=verify_only)
+        assert use_software_provider(dep, base) == (False, set())
         assert snapshot(dep) == before
-        if result.ok:
-            assert parse_checkpoint(mutated) == parse_checkpoint(original)
+
+
+def test_replayed_manifest(base: Base, copy_of: Callable[[], Iterator[Path]]) -> None:
+    """An older MANIFEST put back (from a backup) after a key was deleted and another one
+    created: the tombstone and the newer record beside it give the replay away
+    (KeystoreRolledBack), with the log cut back to the old manifest's point or not.
+    Put back over a period in which only signing happened, it opens, but the log still
+    verifies in full against it (the replay hides no entry)."""
+    old_manifest = base.files[MANIFEST]
+    old_log = base.files["audit.log"]
+    for dep in copy_of():
+        cfg = dep / "anyhsm.toml"
+        with open_hsm(cfg, passphrase=PASSPHRASE) as hsm:
+            for _ in range(3):
+                hsm.sign("alpha", DIGEST)
+        entries = len((dep / "audit.log").read_bytes().splitlines())
+        (dep / MANIFEST).write_bytes(old_manifest)
+        with open_hsm(cfg, passphrase=PASSPHRASE) as hsm:
+            result = hsm.verify_audit()
+            assert result.ok, result.reason
+            assert result.entries == entries + 1  # + this open
+            hsm.sign("alpha", DIGEST)
+        with open_hsm(cfg, passphrase=PASSPHRASE) as hsm:
+            hsm.delete_key("beta")
+            for n in range(3):
+                hsm.generate_key(f"later-{n}")
+        for cut in (False, True):
+            (dep / MANIFEST).write_bytes(old_manifest)
+            if cut:
+                (dep / "audit.log").write_bytes(old_log)
+            before = snapshot(dep)
+            ks = Keystore.load(dep / "keystore")
+            with pytest.raises(KeystoreRolledBack):
+                ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
+            ks.close()
+            with pytest.raises(KeystoreRolledBack):
+                open_hsm(cfg, passphrase=PASSPHRASE)
+            assert use_software_provider(dep, base) == (False, set())
+            assert snapshot(dep) == before
+
+
+def test_manifest_of_another_store_is_refused(
+    base: Base, copy_of: Callable[[], Iterator[Path]], tmp_path: Path
+) -> None:
+    """A MANIFEST copied from another keystore (same passphrase) fails authentication."""
+    other = init_deployment(tmp_path / "other", SecretBytes(PASSPHRASE.encode()), kdf=FAST_DEV_KDF)
+    foreign = (other.parent / MANIFEST).read_bytes()
+    for dep in copy_of():
+        (dep / MANIFEST).write_bytes(foreign)
+        with pytest.raises(KeystoreTampered):
+            Keystore.load(dep / "keystore").unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -606,7 +785,7 @@ def test_deeply_nested_json(base: Base, copy_of: Callable[[], Iterator[Path]], t
         elif target == "audit-line":
             log = dep / "audit.log"
             log.write_bytes(DEEP + b"\n" + log.read_bytes())
-            result = verify_log(log, audit_key_of(dep), None)
+            result = verify_with(dep, log)
             assert not result.ok and result.first_bad_line == 1
         else:
             log = dep / "audit.log"
@@ -615,67 +794,117 @@ def test_deeply_nested_json(base: Base, copy_of: Callable[[], Iterator[Path]], t
                 open_hsm(dep / "anyhsm.toml", passphrase=PASSPHRASE)
 
 
-@pytest.mark.parametrize("target", ["checkpoint", "audit-tail"])
+def edit_manifest_seq(dep: Path, literal: bytes, *, with_mac: bool) -> None:
+    """Set the audit sequence number in the manifest's text to ``literal`` (optionally with
+    the MAC recomputed under the real key, so the value reaches the parser)."""
+    mp = dep / MANIFEST
+    raw, n = re.subn(rb'"seq": \d+', b'"seq": ' + literal, mp.read_bytes(), count=1)
+    assert n == 1
+    if with_mac:
+        with manifest_key_of(dep) as key:
+            raw = remac(raw, key)
+    mp.write_bytes(raw)
+
+
+def refuses_to_open(dep: Path, error: type[HsmError]) -> None:
+    """Unlocking refuses with ``error``, a verify-only and a writing open_hsm with it (or,
+    for a damaged store, with the chain's AllProvidersFailed); no file is changed."""
+    before = snapshot(dep)
+    ks = Keystore.load(dep / "keystore")
+    with pytest.raises(error):
+        ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
+    ks.close()
+    for verify_only in (True, False):
+        with pytest.raises((error, AllProvidersFailed)):
+            open_hsm(dep / "anyhsm.toml", passphrase=PASSPHRASE, verify_only=verify_only)
+    assert snapshot(dep) == before
+
+
+def forge_last_line(log: Path, edit: Callable[[bytes], bytes], *, append: bool) -> None:
+    """Edit the last entry of ``log`` in place, or append an edited copy of it."""
+    raw = log.read_bytes()
+    head, _, last = raw[:-1].rpartition(b"\n")
+    new = edit(last)
+    log.write_bytes(raw + new + b"\n" if append else head + b"\n" + new + b"\n")
+
+
+@pytest.mark.parametrize(
+    "target", ["manifest", "manifest+mac", "audit-tail", "audit-beyond-recorded"]
+)
 def test_infinite_sequence_number(
     base: Base, copy_of: Callable[[], Iterator[Path]], target: str
 ) -> None:
-    """Regression test for a bug this suite found (fixed in 6d88009).
+    """Regression test for a bug this suite found (fixed in 6d88009), carried over to the
+    manifest.
 
-    Before the fix: parse_checkpoint and read_tail call int() on a JSON number without catching
-    OverflowError: a checkpoint or last audit entry with seq 1e999 (infinity) makes
-    verify_log / open_hsm raise OverflowError instead of reporting tampering.
+    Before the fix: parse_checkpoint and read_tail called int() on a JSON number without
+    catching OverflowError: a checkpoint or last audit entry with seq 1e999 (infinity) made
+    verify_log / open_hsm raise OverflowError instead of reporting tampering. The chain's
+    state now lives in the manifest: seq 1e999 there (with or without a valid MAC), on the
+    recorded last entry, or on a forged entry after it, is refused with an anyhsm error.
     """
+
+    def inf(line: bytes) -> bytes:
+        return line.replace(b'"seq":', b'"seq":1e999,"x":')
+
     for dep in copy_of():
-        if target == "checkpoint":
-            cp = dep / "keystore" / CHECKPOINT_FILE
-            cp.write_bytes(cp.read_bytes().replace(b'"seq":', b'"seq":1e999,"x":'))
-            result = verify_log(dep / "audit.log", audit_key_of(dep), cp.read_bytes())
-            assert not result.ok
-        else:
-            log = dep / "audit.log"
-            raw = log.read_bytes()
-            head, _, last = raw[:-1].rpartition(b"\n")
-            last = last.replace(b'"seq":', b'"seq":1e999,"x":')
-            log.write_bytes(head + b"\n" + last + b"\n")
-            with pytest.raises(AuditTampered):
-                open_hsm(dep / "anyhsm.toml", passphrase=PASSPHRASE)
+        if target.startswith("manifest"):
+            with_mac = target == "manifest+mac"
+            edit_manifest_seq(dep, b"1e999", with_mac=with_mac)
+            refuses_to_open(dep, KeystoreCorrupted if with_mac else KeystoreTampered)
+            assert use_software_provider(dep, base) == (False, set())
+            continue
+        log = dep / "audit.log"
+        forge_last_line(log, inf, append=target == "audit-beyond-recorded")
+        result = verify_with(dep)
+        assert not result.ok and result.first_bad_line == len(log.read_bytes().splitlines())
+        before = snapshot(dep)
+        with pytest.raises(AuditTampered if target == "audit-beyond-recorded" else AuditError):
+            open_hsm(dep / "anyhsm.toml", passphrase=PASSPHRASE)
+        assert snapshot(dep) == before
 
 
 SEQ_2_64 = 2**64
 
 
-@pytest.mark.parametrize("target", ["checkpoint", "tail-batched", "tail-fsync"])
+@pytest.mark.parametrize(
+    "target", ["manifest-2^64", "manifest-2^63", "tail-batched", "tail-fsync", "beyond-fsync"]
+)
 def test_sequence_number_beyond_64_bits(
     base: Base,
     copy_of: Callable[[], Iterator[Path]],
     target: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Regression test for a bug this suite found (fixed: sequence numbers are bounded).
+    """Regression test for a bug this suite found (fixed: sequence numbers are bounded),
+    carried over to the manifest.
 
     Before the fix: read_tail and parse_checkpoint accepted any positive int as seq, but
-    checkpoint_mac packs it in 8 bytes: a seq >= 2^64 raised OverflowError in verify_log,
-    in every fsync-mode operation, and silently killed the batched flusher thread.
+    checkpoint_mac packed it in 8 bytes: a seq >= 2^64 raised OverflowError in verify_log,
+    in every fsync-mode operation, and silently killed the batched flusher thread. Now a
+    manifest recording seq 2^64 or 2^63 (one past MAX_SEQ), even with a valid MAC, is
+    corrupted; a log whose recorded or next entry claims such a seq is refused at open;
+    and no thread dies on the way.
     """
     died: list[str] = []
     monkeypatch.setattr(threading, "excepthook", lambda a: died.append(repr(a.exc_value)))
     for dep in copy_of():
-        if target == "checkpoint":
-            cp = dep / "keystore" / CHECKPOINT_FILE
-            doc = json.loads(cp.read_bytes())
-            doc["seq"] = SEQ_2_64
-            cp.write_text(json.dumps(doc))
-            result = verify_log(dep / "audit.log", audit_key_of(dep), cp.read_bytes())
-            assert not result.ok
+        if target.startswith("manifest"):
+            seq = SEQ_2_64 if target == "manifest-2^64" else MAX_SEQ + 1
+            edit_manifest_seq(dep, str(seq).encode(), with_mac=True)
+            refuses_to_open(dep, KeystoreCorrupted)
             continue
         cfg = dep / "anyhsm.toml"
-        if target == "tail-fsync":
+        if target.endswith("fsync"):
             cfg.write_text(cfg.read_text().replace('"batched"', '"fsync"'))
-        log = dep / "audit.log"
-        head, _, last = log.read_bytes()[:-1].rpartition(b"\n")
-        entry = json.loads(last)
-        entry["seq"] = SEQ_2_64
-        log.write_bytes(head + b"\n" + json.dumps(entry).encode() + b"\n")
+
+        def big(line: bytes) -> bytes:
+            entry = json.loads(line)
+            entry["seq"] = SEQ_2_64
+            return json.dumps(entry).encode()
+
+        forge_last_line(dep / "audit.log", big, append=target.startswith("beyond"))
+        assert not verify_with(dep).ok
         try:
             hsm = open_hsm(cfg, passphrase=PASSPHRASE)
         except AuditError:
@@ -689,36 +918,41 @@ def test_sequence_number_beyond_64_bits(
         finally:
             hsm.close()
         assert not died, f"a thread died: {died}"
+    assert not died, f"a thread died: {died}"
 
 
-def test_truncation_with_the_checkpoint_deleted(
+def test_truncation_with_the_manifest_deleted(
     base: Base, copy_of: Callable[[], Iterator[Path]]
 ) -> None:
-    """Regression test for a bug this suite found (fixed in 6d88009).
+    """Regression test for a bug this suite found (fixed in 6d88009), carried over to the
+    manifest.
 
-    Before the fix: verify_log treats a missing checkpoint as 'no checkpoint yet', so deleting
-    audit-checkpoint.json and cutting the log's tail verifies as intact; the keystore should
-    remember that a checkpoint exists (or verify should require one for a non-empty log).
+    Before the fix: verify_log treated a missing checkpoint as 'no checkpoint yet', so
+    deleting audit-checkpoint.json and cutting the log's tail verified as intact. The
+    chain's state is in the manifest now; deleting it together with the log's tail makes
+    every open fail closed (ManifestMissing) instead of verifying the cut log or starting
+    a new chain.
     """
     for dep in copy_of():
         log = dep / "audit.log"
         lines = log.read_bytes().split(b"\n")[:-1]
         log.write_bytes(b"".join(x + b"\n" for x in lines[:-3]))
-        (dep / "keystore" / CHECKPOINT_FILE).unlink()
-        with open_hsm(dep / "anyhsm.toml", passphrase=PASSPHRASE) as hsm:
-            assert not hsm.verify_audit().ok
+        (dep / MANIFEST).unlink()
+        refuses_to_open(dep, ManifestMissing)
 
 
-def test_truncation_is_caught_by_the_checkpoint(
+def test_truncation_is_caught_by_the_manifest(
     base: Base, copy_of: Callable[[], Iterator[Path]]
 ) -> None:
     for dep in copy_of():
         log = dep / "audit.log"
         lines = log.read_bytes().split(b"\n")[:-1]
         log.write_bytes(b"".join(x + b"\n" for x in lines[:-3]))
-        result = verify_log(
-            log, audit_key_of(dep), (dep / "keystore" / CHECKPOINT_FILE).read_bytes()
-        )
+        result = verify_with(dep)
         assert not result.ok
         assert result.first_bad_line == len(lines) - 2
         assert "truncated" in result.reason
+        before = snapshot(dep)
+        with pytest.raises(AuditError):  # AuditStateMismatch: nothing is appended
+            open_hsm(dep / "anyhsm.toml", passphrase=PASSPHRASE)
+        assert snapshot(dep) == before

@@ -251,6 +251,7 @@ class Keystore:
         self._aads: dict[str, bytes] = {}
         self._files: dict[str, _FileState] = {}
         self._tombs: dict[str, int] = {}
+        self._keys_str = f"{self.keys_dir}/"  # the signing path's existence check
         self._scratch = threading.local()
         self.problems: dict[str, HsmError] = {}
         self.unacknowledged: set[str] = set()
@@ -747,7 +748,7 @@ class Keystore:
         is missing or altered raises that problem, never another key's record."""
         self._require_master()
         rec = self._lookup(ref)
-        if rec is not None and not os.path.exists(f"{self.keys_dir}/{rec.id}.json"):
+        if rec is not None and not os.path.exists(f"{self._keys_str}{rec.id}.json"):
             rec = None
         if rec is None:
             self.refresh()
@@ -1209,6 +1210,7 @@ class Keystore:
         self._anchor = None
         self.close()
         self._header = successor._header
+        self._keys_str = f"{self.keys_dir}/"
         self.kdf = params
         self._master = successor._master
         self._record_key = successor._record_key

@@ -646,3 +646,14 @@ def test_a_claimed_large_leaf_does_not_lower_the_fee_rate(hsm: Hsm, wallet: Wall
     with pytest.raises(SigningPolicyError) as e:
         sign_psbt(hsm, psbt, "w")
     assert ("transaction", "max-fee-rate") in _rules(e.value)
+
+
+def test_a_claimed_taproot_input_cannot_lie_about_its_own_amount(hsm: Hsm, wallet: Wallet) -> None:
+    """The claimed taproot input itself has only a witness UTXO: our ECDSA signature does
+    not commit to its amount and its own "signature" will not verify, so it is refused."""
+    rng = random.Random(24)
+    base = build_psbt([_p2wpkh(wallet)], rng=rng)
+    psbt = _join(base, _claimed_taproot(wallet, rng), [TxOut(5_050_000, p2wpkh(bytes(20)))])
+    with pytest.raises(SigningPolicyError) as e:
+        sign_psbt(hsm, psbt, "w")
+    assert _rules(e.value) == [("input 1", "unverified-amount")]

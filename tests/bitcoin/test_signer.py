@@ -424,11 +424,16 @@ def test_wrong_key_under_our_fingerprint_leaves_only_that_input_unsigned(
     elif kind == "p2tr-key":
         pub, _ = stranger.key("m/86'/1'/0'/0/0")
         _, ours = w.key("m/86'/1'/0'/0/0")
-        psbt = build_psbt([good, Spend("p2tr", [(pub, ours)])])
+        # its previous transaction too: our ECDSA signature does not commit to its amount
+        psbt = build_psbt([good, Spend("p2tr", [(pub, ours)], non_witness=True)])
     else:  # a leaf of the stranger's tree, its key claimed at our fingerprint
         tree_psbt, leaf_x, leaf = _tap_tree_psbt(stranger, internal_ours=False)
         _, ours = w.key("m/86'/1'/0'/0/7")
         tree_psbt.inputs[0].tap_bip32_derivations[leaf_x] = TapKeyOrigin((leaf.hash,), ours)
+        spent = tree_psbt.inputs[0].witness_utxo
+        assert spent is not None  # the previous transaction _tap_tree_psbt made:
+        prev = Transaction(2, [TxIn(OutPoint(bytes(32), 0))], [spent], 0)
+        tree_psbt.inputs[0].non_witness_utxo = prev
         psbt = _append_input(build_psbt([good]), tree_psbt)
     before = psbt.serialize()
     res = sign_psbt(det_hsm, psbt, "w")
@@ -784,7 +789,8 @@ def test_provider_without_schnorr_reports_taproot_inputs(
     w = add_wallet(sim, "w")
     spends = [
         Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")]),
-        Spend("p2tr", [w.key("m/86'/1'/0'/0/0")]),
+        # not signed here, so its amount needs its previous transaction (unverified-amount)
+        Spend("p2tr", [w.key("m/86'/1'/0'/0/0")], non_witness=True),
     ]
     res = sign_psbt(sim, build_psbt(spends), "w")
     assert [r.status for r in res.inputs] == ["signed", "not-signed"]

@@ -513,18 +513,15 @@ def _check_previous_tx(
     the submitter says. Our BIP143 signature commits to our input's amount only, so two
     rounds, each lying about the other input, each show a small fee while the combined
     signatures pay a large one. So every segwit v0 input we sign needs its previous
-    transaction, and so does every other input whose amount no signature of ours commits
-    to (unless a taproot signature of ours commits to all of them)."""
+    transaction, and so does every other input (a foreign one, or a taproot one we
+    would sign) unless a taproot signature we really make commits to every amount."""
     if inp.non_witness_utxo is not None or info.kind.legacy:
         return  # legacy inputs without it are refused as inconsistent by describe_input
     if ours and info.kind.segwit_v0:
         rule, what = MISSING_PREVIOUS_TX_RULE, "a segwit v0 input we sign"
-    elif not ours and not committed:
+    elif not committed:  # also a taproot input merely claimed under our fingerprint
         rule = UNVERIFIED_AMOUNT_RULE
-        what = (
-            "an input we do not sign, whose amount counts in the fee while none of our "
-            "signatures commits to it"
-        )
+        what = "an input whose amount counts in the fee while none of our signatures commits to it"
     else:
         return
     if policy.require_previous_tx_segwit_v0:

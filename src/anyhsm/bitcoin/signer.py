@@ -692,7 +692,10 @@ def _sign(
 
         def committed() -> bool:
             """Whether a taproot signature we will make commits to every amount (a
-            claim under our fingerprint is derived first: a key not ours signs nothing)."""
+            claim under our fingerprint is derived first: a key not ours signs nothing).
+            With nothing to sign no signature of ours is at stake (NothingSigned follows)."""
+            if not any(plan.jobs for plan in plans):
+                return True
             return any(
                 _ours(j, deriv)
                 for i, plan in enumerate(plans)

@@ -657,3 +657,33 @@ def test_a_claimed_taproot_input_cannot_lie_about_its_own_amount(hsm: Hsm, walle
     with pytest.raises(SigningPolicyError) as e:
         sign_psbt(hsm, psbt, "w")
     assert _rules(e.value) == [("input 1", "unverified-amount")]
+
+
+def test_production_ignores_a_relaxed_previous_tx_rule(tmp_path: Path) -> None:
+    """'config check' reports the relaxation as an error in production; signing there
+    applies the rule anyway."""
+    import dataclasses
+
+    from tests.bitcoin.test_signer import PASSPHRASE
+
+    from anyhsm.deploy import init_deployment
+    from anyhsm.hsm import open_hsm
+    from anyhsm.secret import SecretBytes
+    from anyhsm.types import Environment
+
+    cfg_path = init_deployment(
+        tmp_path / "prod", SecretBytes(PASSPHRASE.encode()), environment=Environment.PRODUCTION
+    )
+    cfg = Config.load(cfg_path, env={})
+    cfg = dataclasses.replace(
+        cfg, policy=dataclasses.replace(cfg.policy, require_previous_tx_segwit_v0=False)
+    )
+    assert any(
+        p.setting == "policy.require_previous_tx_segwit_v0" and p.severity == "error"
+        for p in cfg.check()
+    )
+    with open_hsm(cfg, passphrase=PASSPHRASE) as h:
+        w = add_wallet(h, "w", bytes(range(32)))
+        with pytest.raises(SigningPolicyError) as e:
+            sign_psbt(h, build_psbt([_p2wpkh(w, non_witness=False)]), "w")
+        assert _rules(e.value) == [("input 0", "missing-previous-tx")]

@@ -9,7 +9,12 @@ and works against the real keystore and audit log, printing one line per
     KEY <id> <label> <public key hex>
     SIG <key id> <digest hex> <signature hex>
     EXISTS <label>
+    DELETING <id>          (printed before the call: the deletion may or may not happen)
     DELETED <id>
+    ROTATING <epoch> <passphrase index>   (before a rotation: it may or may not commit)
+    ROTATED <epoch> <passphrase index>    (after it returned: committed)
+    ERR <error code>       (an anyhsm error the worker was told to expect and survive)
+    REOPENED
     DONE
 
 Modes:
@@ -23,6 +28,17 @@ Modes:
         delete one key.
     create CONFIG LABEL
         create one key.
+    rotate CONFIG --start I --how passwd|cli [--rounds N]
+        rotate the master key over and over (forever unless --rounds): "passwd" calls
+        Hsm.rotate_master_key with passphrase I+1, I+2, ... (one handle for all rounds),
+        "cli" runs ``anyhsm keystore rotate`` in-process with passphrase I each time (a
+        fresh handle per round, as the command does). Passphrase number I is
+        passphrase_for(ANYHSM_PASSPHRASE, I), so no secret crosses the command line.
+    churn CONFIG PREFIX [--index I]
+        forever (with passphrase number I): create PREFIX-i, then delete the key created before it.
+    signloop CONFIG STOP_FILE KEY...
+        sign with the keys in turn until STOP_FILE exists (then sign once more with
+        each key); on an anyhsm error print ERR, close the handle and open a new one.
 
 Any other error escapes with a traceback and a non-zero exit status, which
 the tests report.
@@ -31,6 +47,7 @@ the tests report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import subprocess
@@ -130,6 +147,97 @@ def _create(args: argparse.Namespace) -> None:
     _say("DONE")
 
 
+def passphrase_for(base: str, index: int) -> str:
+    """Passphrase number ``index`` of a rotation series (0: the deployment's own)."""
+    return base if index == 0 else f"{base} / rotation {index}"
+
+
+def _rotate(args: argparse.Namespace) -> None:
+    import contextlib
+    import io
+    import json
+
+    from anyhsm import open_hsm
+    from anyhsm.cli.main import main as cli_main
+    from anyhsm.secret import SecretBytes
+
+    base = os.environ["ANYHSM_PASSPHRASE"]
+    index = args.start
+    rounds = 0
+    if args.how == "cli":
+        os.environ["ANYHSM_PASSPHRASE"] = passphrase_for(base, index)
+        _say(f"READY {os.getpid()}")
+        while args.rounds is None or rounds < args.rounds:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                rc = cli_main(["--config", args.config, "--json", "keystore", "rotate"])
+            if rc != 0:
+                raise SystemExit(f"worker: keystore rotate exited {rc}: {out.getvalue()}")
+            _say(f"ROTATED {json.loads(out.getvalue())['epoch']} {index}")
+            rounds += 1
+        _say("DONE")
+        return
+    hsm = open_hsm(args.config, passphrase=passphrase_for(base, index))
+    _say(f"READY {os.getpid()}")
+    while args.rounds is None or rounds < args.rounds:
+        _say(f"ROTATING {hsm.keystore.epoch} {index + 1}")
+        with SecretBytes(passphrase_for(base, index + 1).encode()) as new:
+            summary = hsm.rotate_master_key(new)
+        index += 1
+        _say(f"ROTATED {summary['epoch']} {index}")
+        rounds += 1
+    hsm.close()
+    _say("DONE")
+
+
+def _churn(args: argparse.Namespace) -> None:
+    from anyhsm import open_hsm
+
+    hsm = open_hsm(
+        args.config, passphrase=passphrase_for(os.environ["ANYHSM_PASSPHRASE"], args.index)
+    )
+    _say(f"READY {os.getpid()}")
+    previous: str | None = None
+    i = 0
+    while True:
+        info = hsm.generate_key(f"{args.prefix}-{i}")
+        _say(f"KEY {info.id} {info.label} {info.public_key.hex()}")
+        if previous is not None:
+            _say(f"DELETING {previous}")
+            hsm.delete_key(previous)
+            _say(f"DELETED {previous}")
+        previous = info.id
+        i += 1
+
+
+def _signloop(args: argparse.Namespace) -> None:
+    from anyhsm import open_hsm
+    from anyhsm.errors import HsmError
+
+    hsm = open_hsm(args.config)
+    _say(f"READY {os.getpid()}")
+    stop = Path(args.stop)
+    last_round = False
+    while True:
+        for key_id in args.keys:
+            digest = os.urandom(32)
+            try:
+                sig = hsm.sign(key_id, digest)
+            except HsmError as e:
+                _say(f"ERR {e.code}")
+                with contextlib.suppress(HsmError):
+                    hsm.close()
+                hsm = open_hsm(args.config)
+                _say("REOPENED")
+                continue
+            _say(f"SIG {key_id} {digest.hex()} {sig.hex()}")
+        if last_round:
+            break
+        last_round = stop.exists()
+    hsm.close()
+    _say("DONE")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -150,8 +258,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     c = sub.add_parser("create")
     c.add_argument("config")
     c.add_argument("label")
+    ro = sub.add_parser("rotate")
+    ro.add_argument("config")
+    ro.add_argument("--start", type=int, default=0)
+    ro.add_argument("--how", choices=["passwd", "cli"], default="passwd")
+    ro.add_argument("--rounds", type=int, default=None)
+    ch = sub.add_parser("churn")
+    ch.add_argument("config")
+    ch.add_argument("prefix")
+    ch.add_argument("--index", type=int, default=0, help="passphrase number")
+    sl = sub.add_parser("signloop")
+    sl.add_argument("config")
+    sl.add_argument("stop")
+    sl.add_argument("keys", nargs="+")
     args = ap.parse_args(argv)
-    {"generate": _generate, "race": _race, "delete": _delete, "create": _create}[args.mode](args)
+    modes = {
+        "generate": _generate,
+        "race": _race,
+        "delete": _delete,
+        "create": _create,
+        "rotate": _rotate,
+        "churn": _churn,
+        "signloop": _signloop,
+    }
+    modes[args.mode](args)
 
 
 # --- test side ----------------------------------------------------------------------------
@@ -180,6 +310,12 @@ class Output:
     sigs: list[AckedSig] = field(default_factory=list)
     exists: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    deleting: list[str] = field(default_factory=list)
+    rotating: list[tuple[int, int]] = field(default_factory=list)  # (epoch before, index)
+    rotated: list[tuple[int, int]] = field(default_factory=list)  # (epoch after, index)
+    errors: list[str] = field(default_factory=list)
+    reopened: int = 0
+    lines: list[str] = field(default_factory=list)  # every tagged line, in order
     done: bool = False
 
     def add(self, line: str) -> None:
@@ -187,6 +323,7 @@ class Output:
         if not parts:
             return
         tag = parts[0]
+        self.lines.append(line.rstrip("\n"))
         if tag == "READY":
             self.pid = int(parts[1])
         elif tag == "KEY":
@@ -197,6 +334,16 @@ class Output:
             self.exists.append(parts[1])
         elif tag == "DELETED":
             self.deleted.append(parts[1])
+        elif tag == "DELETING":
+            self.deleting.append(parts[1])
+        elif tag == "ROTATING":
+            self.rotating.append((int(parts[1]), int(parts[2])))
+        elif tag == "ROTATED":
+            self.rotated.append((int(parts[1]), int(parts[2])))
+        elif tag == "ERR":
+            self.errors.append(parts[1])
+        elif tag == "REOPENED":
+            self.reopened += 1
         elif tag == "DONE":
             self.done = True
 

@@ -357,3 +357,19 @@ def test_message_verify_without_config(run: Run, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("ANYHSM_CONFIG")
     code, out, _ = run("message", "verify", str(data["address"]), "hi", str(data["signature"]))
     assert code == 0 and out.strip() == "valid"
+
+
+def test_psbt_sign_refuses_an_oversized_file_before_parsing(
+    deployment: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """policy.max_psbt_bytes is applied by the CLI to the bytes read, before decoding."""
+    monkeypatch.setenv("ANYHSM_POLICY__MAX_PSBT_BYTES", "1000")
+    big = tmp_path / "big.psbt"
+    big.write_bytes(b"psbt\xff" + b"\x00" * 5000)
+    code = main(["--config", str(deployment), "psbt", "sign", "w", str(big), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and out["error"]["code"] == "psbt_limit_exceeded", out
+    assert "max_psbt_bytes" in out["error"]["message"]

@@ -67,7 +67,7 @@ class App:
             self._config = Config.load(self.config_path())
         return self._config
 
-    def _loaded_config(self) -> Config | None:
+    def loaded_config(self) -> Config | None:
         """The config if one is named and loads; None otherwise (the command that needs it
         reports the error when it opens the handle)."""
         if self._config is None and not getattr(self.args, "config", None):
@@ -83,7 +83,7 @@ class App:
         env = getattr(self.args, "environment", None)
         if isinstance(env, str):
             return Environment(env)
-        cfg = self._loaded_config()
+        cfg = self.loaded_config()
         return cfg.environment if cfg is not None else Environment.PRODUCTION
 
     def passphrase(
@@ -106,7 +106,7 @@ class App:
         pf = getattr(self.args, "passphrase_file", None)
         if pf:
             return read_secret_file(Path(pf), "passphrase", environment)
-        cfg = self._loaded_config()
+        cfg = self.loaded_config()
         if cfg is not None and not getattr(self.args, "environment", None):
             found = resolve_passphrase(cfg, None)
             if found is not None:

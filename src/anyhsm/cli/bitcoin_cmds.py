@@ -187,7 +187,9 @@ def cmd_descriptor(args: argparse.Namespace, app: App) -> Result:
 # --- PSBT -------------------------------------------------------------------------------------
 
 
-def _read_psbt(source: str) -> Psbt:
+def _read_psbt(source: str, max_bytes: int | None = None) -> Psbt:
+    """Read and parse a PSBT; ``max_bytes`` (the policy's ``max_psbt_bytes``) refuses an
+    oversized one before any decoding work."""
     if source == "-":
         data = sys.stdin.buffer.read()
     else:
@@ -197,7 +199,7 @@ def _read_psbt(source: str) -> Psbt:
             raise PsbtError(f"cannot read PSBT file {source}: {e.strerror or e}") from None
     if not data.strip():
         raise PsbtError(f"{'stdin' if source == '-' else source} is empty; no PSBT to read")
-    return Psbt.parse(data)
+    return Psbt.parse(data, max_bytes=max_bytes)
 
 
 def _write_psbt(psbt: Psbt, out: str, binary: bool) -> None:
@@ -225,7 +227,8 @@ def _network_hint(app: App) -> Network | None:
 
 
 def cmd_psbt_inspect(args: argparse.Namespace, app: App) -> Result:
-    psbt = _read_psbt(args.file)
+    cfg = app.loaded_config()
+    psbt = _read_psbt(args.file, cfg.policy.max_psbt_bytes if cfg else None)
     network = _network_hint(app) or Network.MAINNET
     infos = [describe_input(i) for i in psbt.inputs]
     inputs: list[dict[str, object]] = []
@@ -319,7 +322,7 @@ def _sign_report(res: SignResult) -> list[str]:
 
 
 def cmd_psbt_sign(args: argparse.Namespace, app: App) -> Result:
-    psbt = _read_psbt(args.file)
+    psbt = _read_psbt(args.file, app.config().policy.max_psbt_bytes)
     res = sign_psbt(app.hsm(), psbt, args.key)
     if args.out:
         _write_psbt(res.psbt, args.out, args.binary)
@@ -331,7 +334,8 @@ def cmd_psbt_sign(args: argparse.Namespace, app: App) -> Result:
 
 
 def cmd_psbt_finalize(args: argparse.Namespace, app: App) -> Result:
-    psbt = _read_psbt(args.file)
+    cfg = app.loaded_config()
+    psbt = _read_psbt(args.file, cfg.policy.max_psbt_bytes if cfg else None)
     res = finalize_psbt(psbt)
     if args.out:
         _write_psbt(res.psbt, args.out, args.binary)

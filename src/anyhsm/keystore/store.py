@@ -377,8 +377,8 @@ class Keystore:
             want.encode(), str(self._header["mac"]).encode("utf-8", "replace")
         )
 
-    def unlock_with_passphrase(self, passphrase: SecretBytes) -> None:
-        """Derive the KEK and unwrap the master key. Wrong passphrase: WrongPassphrase."""
+    def _unwrap_with_passphrase(self, passphrase: SecretBytes) -> SecretBytes:
+        """The master key the header wraps under ``passphrase``; WrongPassphrase otherwise."""
         wrapped = self._header["wrapped_master"]
         if not isinstance(wrapped, dict):
             raise KeystoreCorrupted("keystore header: wrapped_master is not an object")
@@ -386,12 +386,16 @@ class Keystore:
         ct = _unb64(wrapped.get("ciphertext"), "wrapped master key")
         with derive_kek(passphrase, self.kdf) as kek:
             try:
-                master = aead.open_once(kek, nonce, ct, self._wrap_aad())
+                return aead.open_once(kek, nonce, ct, self._wrap_aad())
             except aead.OpenFailed:
                 raise WrongPassphrase(
                     f"the passphrase does not open the keystore at {self.path}",
                     hint="check ANYHSM_PASSPHRASE or the passphrase file; nothing was changed",
                 ) from None
+
+    def unlock_with_passphrase(self, passphrase: SecretBytes) -> None:
+        """Derive the KEK and unwrap the master key. Wrong passphrase: WrongPassphrase."""
+        master = self._unwrap_with_passphrase(passphrase)
         if not self._check_header_mac(master):
             master.wipe()
             raise KeystoreTampered(
@@ -405,20 +409,7 @@ class Keystore:
         """WrongPassphrase unless ``passphrase`` opens this (unlocked) store: an
         administrative step (passphrase change, rotation) asks for it even when the store
         was opened through a TPM or token."""
-        wrapped = self._header["wrapped_master"]
-        if not isinstance(wrapped, dict):
-            raise KeystoreCorrupted("keystore header: wrapped_master is not an object")
-        nonce = _unb64(wrapped.get("nonce"), "wrapped master key nonce")
-        ct = _unb64(wrapped.get("ciphertext"), "wrapped master key")
-        with derive_kek(passphrase, self.kdf) as kek:
-            try:
-                master = aead.open_once(kek, nonce, ct, self._wrap_aad())
-            except aead.OpenFailed:
-                raise WrongPassphrase(
-                    f"the passphrase does not open the keystore at {self.path}",
-                    hint="give the current passphrase; nothing was changed",
-                ) from None
-        with master:
+        with self._unwrap_with_passphrase(passphrase) as master:
             if not master.equals(self._require_master()):
                 raise WrongPassphrase(f"the passphrase opens another master key at {self.path}")
 

@@ -4,8 +4,6 @@ token active, the keystore is opened the way it can be: through the TPM when enr
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,26 +13,6 @@ from anyhsm import open_hsm
 from anyhsm.errors import AuditError
 from anyhsm.keystore import Keystore
 from anyhsm.secret import SecretBytes
-
-
-@pytest.fixture(scope="module")
-def token(tmp_path_factory: pytest.TempPathFactory) -> object:
-    from tests.support.softhsm import find_softhsm_module, init_softhsm
-
-    if find_softhsm_module() is None or importlib.util.find_spec("pkcs11") is None:
-        pytest.skip("SoftHSM2 / python-pkcs11 not installed (scripts/test.sh installs them)")
-    return init_softhsm(tmp_path_factory.mktemp("softhsm-anchor"), label="anchor")
-
-
-@pytest.fixture(scope="module")
-def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from tests.support.swtpm import start_swtpm, swtpm_available
-
-    if not swtpm_available() or importlib.util.find_spec("tpm2_pytss") is None:
-        pytest.skip("swtpm / tpm2-pytss not installed (scripts/install-tpm.sh installs them)")
-    t = start_swtpm(tmp_path_factory.mktemp("swtpm-anchor"))
-    yield t
-    t.stop()
 
 
 def test_token_active_keystore_anchored_by_tpm(

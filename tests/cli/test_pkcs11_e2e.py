@@ -4,7 +4,6 @@ in the token are never swapped; wrap mode opens the keystore without a passphras
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,15 +14,6 @@ from tests.conftest import PASSPHRASE
 from anyhsm import open_hsm
 from anyhsm.cli.main import main
 from anyhsm.errors import ProviderUnavailable
-
-
-@pytest.fixture(scope="module")
-def token(tmp_path_factory: pytest.TempPathFactory) -> object:
-    from tests.support.softhsm import find_softhsm_module, init_softhsm
-
-    if find_softhsm_module() is None or importlib.util.find_spec("pkcs11") is None:
-        pytest.skip("SoftHSM2 / python-pkcs11 not installed (scripts/test.sh installs them)")
-    return init_softhsm(tmp_path_factory.mktemp("softhsm-e2e"), label="e2e")
 
 
 def configure(deployment: Path, token: object, chain: str, extra: str = "") -> Path:

@@ -4,7 +4,6 @@ because the token cannot make BIP340 signatures."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,15 +16,6 @@ from tests.bitcoin.test_signer import Spend, build_psbt
 from anyhsm import open_hsm
 from anyhsm.bitcoin import Psbt, finalize_psbt, sign_psbt
 from anyhsm.cli.main import main
-
-
-@pytest.fixture(scope="module")
-def token(tmp_path_factory: pytest.TempPathFactory) -> object:
-    from tests.support.softhsm import find_softhsm_module, init_softhsm
-
-    if find_softhsm_module() is None or importlib.util.find_spec("pkcs11") is None:
-        pytest.skip("SoftHSM2 / python-pkcs11 not installed (scripts/test.sh installs them)")
-    return init_softhsm(tmp_path_factory.mktemp("softhsm-psbt"), label="psbt")
 
 
 @pytest.fixture

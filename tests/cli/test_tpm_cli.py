@@ -4,26 +4,13 @@ passphrase still opens the same keys (recovery)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests.conftest import PASSPHRASE
 
 from anyhsm.cli.main import main
-
-
-@pytest.fixture(scope="module")
-def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from tests.support.swtpm import start_swtpm, swtpm_available
-
-    if not swtpm_available() or importlib.util.find_spec("tpm2_pytss") is None:
-        pytest.skip("swtpm / tpm2-pytss not installed (scripts/install-tpm.sh installs them)")
-    t = start_swtpm(tmp_path_factory.mktemp("swtpm-cli"))
-    yield t
-    t.stop()
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, object]]:

@@ -7,10 +7,8 @@ blob unwraps a retired key that opens nothing. Real SoftHSM2 token, real swtpm."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,26 +29,6 @@ def put_back(keystore: Path, name: str, saved: bytes) -> None:
     for epoch_dir in keystore.glob("keys*"):
         if epoch_dir.is_dir():
             (epoch_dir / name).write_bytes(saved)
-
-
-@pytest.fixture(scope="module")
-def token(tmp_path_factory: pytest.TempPathFactory) -> object:
-    from tests.support.softhsm import find_softhsm_module, init_softhsm
-
-    if find_softhsm_module() is None or importlib.util.find_spec("pkcs11") is None:
-        pytest.skip("SoftHSM2 / python-pkcs11 not installed (scripts/test.sh installs them)")
-    return init_softhsm(tmp_path_factory.mktemp("softhsm-revoke"), label="revoke")
-
-
-@pytest.fixture(scope="module")
-def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from tests.support.swtpm import start_swtpm, swtpm_available
-
-    if not swtpm_available() or importlib.util.find_spec("tpm2_pytss") is None:
-        pytest.skip("swtpm / tpm2-pytss not installed (scripts/install-tpm.sh installs them)")
-    t = start_swtpm(tmp_path_factory.mktemp("swtpm-revoke"))
-    yield t
-    t.stop()
 
 
 def test_saved_wrapped_blob_opens_nothing_after_wrap_unenroll(

@@ -604,15 +604,16 @@ class AuditLog:
         if not force and now - self._checkpoint_at < CHECKPOINT_INTERVAL_S:
             return
         self._checkpoint_at = now
+        # On failure: plain assignments, no `with self._lock`: close() calls this with the
+        # lock held (a threading.Lock, not reentrant), and taking it again here hung close()
+        # for ever when recording the state failed (a damaged manifest, a rotation elsewhere).
         try:
             self._store.advance_audit_state(seq, mac, offset)
         except OSError as e:
-            with self._lock:
-                self._failed = e.strerror or str(e)
+            self._failed = e.strerror or str(e)
             raise AuditWriteFailed(f"cannot record the audit state: {e.strerror}") from None
         except HsmError as e:
-            with self._lock:
-                self._failed = e.message
+            self._failed = e.message
             raise
         self._checkpointed_seq = seq
 

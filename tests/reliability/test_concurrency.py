@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tests.reliability.helpers_worker import Output, Worker
 
 from anyhsm import open_hsm
 from anyhsm.crypto import secp256k1 as curve
-from anyhsm.errors import KeyNotFound
+from anyhsm.errors import HsmError, KeyNotFound
 from anyhsm.keystore import Keystore
 from anyhsm.secret import SecretBytes
 from anyhsm.types import SigScheme
@@ -190,3 +191,39 @@ def test_public_key_after_another_process_replaced_the_label(deployment: Path) -
         new = Worker("create", str(deployment), "addr-key").check_ok().keys[0]
         # An application deriving a receive address must not get the deleted key's.
         assert hsm.public_key("addr-key") == new.public_key
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_close_does_not_hang_when_the_last_checkpoint_fails(deployment: Path, damage: str) -> None:
+    """Regression test for a bug this suite found (fixed in the commit that adds it).
+
+    Before the fix: AuditLog.close holds the log's (non-reentrant) lock while it forces the
+    last checkpoint; when recording the audit state failed with an anyhsm error (here the
+    manifest was deleted or overwritten while the handle was open; equally a lock timeout
+    or a rotation by another process), _maybe_checkpoint took that lock again to mark the
+    log failed, and close() hung for ever. Now close returns, the log's entries are all on
+    disk, and the damage is reported at the next open.
+    """
+    # fsync durability: no background flusher, so the forced checkpoint in close is the
+    # one that meets the damage (in batched mode the flusher may get there first).
+    fsync_cfg = deployment.with_name("fsync.toml")
+    fsync_cfg.write_text(
+        deployment.read_text().replace('durability = "batched"', 'durability = "fsync"')
+    )
+    assert 'durability = "fsync"' in fsync_cfg.read_text()
+    hsm = open_hsm(fsync_cfg)
+    hsm.generate_key("k")
+    hsm.sign("k", bytes(32))  # entries newer than the last checkpoint
+    manifest = Keystore.load(deployment.parent / "keystore").keys_dir / "MANIFEST"
+    if damage == "deleted":
+        manifest.unlink()
+    else:
+        manifest.write_bytes(b"{}")
+    closing = threading.Thread(target=hsm.close, daemon=True)
+    closing.start()
+    closing.join(20)
+    assert not closing.is_alive(), "closing the handle hung"
+    entries = audit_entries(deployment)
+    assert entries[-1]["op"] == "close"  # written before the checkpoint was attempted
+    with pytest.raises(HsmError):
+        open_hsm(deployment)

@@ -407,6 +407,10 @@ class AuditLog:
                 "the audit key was rotated by another process (master-key rotation)",
                 hint="reopen the handle (open_hsm) to continue with the new key",
             )
+        # The tail still shows our key, but the writer may have rotated the master key and
+        # been killed before its first entry under the new one: ask the store, which
+        # refuses a retired handle (KeystoreRotated), before appending under our key.
+        self._store.load_audit_state()
         self._seq, self._mac, self._last_offset, self._end = seq, mac, offset, size
 
     # --- appending ---------------------------------------------------------------------

@@ -28,11 +28,12 @@ Modes:
         delete one key.
     create CONFIG LABEL
         create one key.
-    rotate CONFIG --start I --how passwd|cli [--rounds N]
+    rotate CONFIG --start I --how passwd|cli [--rounds N] [--die-after-commit]
         rotate the master key over and over (forever unless --rounds): "passwd" calls
         Hsm.rotate_master_key with passphrase I+1, I+2, ... (one handle for all rounds),
         "cli" runs ``anyhsm keystore rotate`` in-process with passphrase I each time (a
-        fresh handle per round, as the command does). Passphrase number I is
+        fresh handle per round, as the command does); --die-after-commit kills itself
+        right after the first rotation committed. Passphrase number I is
         passphrase_for(ANYHSM_PASSPHRASE, I), so no secret crosses the command line.
     churn CONFIG PREFIX [--index I]
         forever (with passphrase number I): create PREFIX-i, then delete the key created before it.
@@ -164,6 +165,19 @@ def _rotate(args: argparse.Namespace) -> None:
     base = os.environ["ANYHSM_PASSPHRASE"]
     index = args.start
     rounds = 0
+    if args.die_after_commit:
+        # Fault injection: SIGKILL ourselves the moment the new header is in place (the
+        # rotation committed), before the old epoch is removed and the "ok" entry written.
+        import signal
+
+        from anyhsm.keystore.store import Keystore
+
+        def die(*_: object) -> None:
+            sys.__stdout__.write("COMMITTED\n")  # the CLI's own output is redirected
+            sys.__stdout__.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        Keystore._adopt = die  # type: ignore[method-assign,assignment]
     if args.how == "cli":
         os.environ["ANYHSM_PASSPHRASE"] = passphrase_for(base, index)
         _say(f"READY {os.getpid()}")
@@ -263,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ro.add_argument("--start", type=int, default=0)
     ro.add_argument("--how", choices=["passwd", "cli"], default="passwd")
     ro.add_argument("--rounds", type=int, default=None)
+    ro.add_argument("--die-after-commit", action="store_true")
     ch = sub.add_parser("churn")
     ch.add_argument("config")
     ch.add_argument("prefix")
@@ -392,6 +407,26 @@ class Worker:
             if line.startswith(tag):
                 return
 
+    def wait_for_any(self, tags: Sequence[str], timeout_s: float = 60.0) -> str:
+        """Block until the worker printed a line starting with one of ``tags``; return it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"worker printed none of {tags} in {timeout_s} s") from None
+            if line is None:
+                self.finish(timeout_s)
+                raise AssertionError(
+                    f"worker exited ({self.proc.returncode}) before printing {tags}:\n"
+                    + self.stderr
+                )
+            self._take(line)
+            for tag in tags:
+                if line.startswith(tag):
+                    return tag
+
     def kill(self) -> Output:
         """SIGKILL the worker and collect every complete line it printed."""
         self.proc.kill()
@@ -427,6 +462,32 @@ class Worker:
         assert self.proc.returncode == 0, f"worker failed ({self.proc.returncode}):\n{self.stderr}"
         assert out.done, "worker exited without DONE"
         return out
+
+
+ROTATION_OPS = ("rotate_master_key", "keystore_passwd")
+
+
+def check_audit_key_ids(audit_path: Path, epoch: int) -> list[dict[str, object]]:
+    """One chain whose key id (``kid``) moves up by exactly one, only right after a
+    rotation's "started" entry (the last entry under the old key), once per committed
+    rotation: it ends at the keystore's epoch. Returns the entries."""
+    import itertools
+    import json
+
+    entries = [json.loads(line) for line in audit_path.read_bytes().splitlines()]
+    assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
+    kid = 1
+    for prev, entry in itertools.pairwise(entries):
+        k = entry.get("kid", 1)
+        if k == kid:
+            continue
+        assert k == kid + 1, f"entry {entry['seq']}: audit key {k} after {kid}"
+        assert prev["op"] in ROTATION_OPS and prev["outcome"] == "started", (
+            f"entry {entry['seq']}: the audit key changed after {prev['op']} {prev['outcome']}"
+        )
+        kid = k
+    assert kid == epoch, f"{epoch - 1} rotations committed but the audit key is number {kid}"
+    return entries
 
 
 if __name__ == "__main__":

@@ -7,24 +7,29 @@ Real processes (tests/reliability/helpers_worker.py), real files, real flock:
 - processes racing to create the same label: exactly one wins, the others get
   KeyExists, and the store holds that label once;
 - a key deleted by another process while this handle has it cached: signing
-  fails with KeyNotFound, never a signature from the deleted key.
+  fails with KeyNotFound, never a signature from the deleted key;
+- a master-key rotation by another process while a handle signs: the handle's
+  next signing fails with a typed error (or succeeds), never with the retired
+  key, and the audit chain stays continuous across the rotation.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import signal
 import threading
 from collections import Counter
 from pathlib import Path
 
+import coincurve
 import pytest
 from tests.conftest import PASSPHRASE
-from tests.reliability.helpers_worker import Output, Worker
+from tests.reliability.helpers_worker import Output, Worker, check_audit_key_ids
 
 from anyhsm import open_hsm
 from anyhsm.crypto import secp256k1 as curve
-from anyhsm.errors import HsmError, KeyNotFound
+from anyhsm.errors import AuditKeyRotated, HsmError, KeyNotFound, KeystoreRotated
 from anyhsm.keystore import Keystore
 from anyhsm.secret import SecretBytes
 from anyhsm.types import SigScheme
@@ -191,6 +196,130 @@ def test_public_key_after_another_process_replaced_the_label(deployment: Path) -
         new = Worker("create", str(deployment), "addr-key").check_ok().keys[0]
         # An application deriving a receive address must not get the deleted key's.
         assert hsm.public_key("addr-key") == new.public_key
+
+
+# --- a master-key rotation by another process -------------------------------------------------
+
+ROTATION_ERRORS = {"keystore_rotated", "audit_key_rotated"}
+
+
+@pytest.mark.parametrize("rotations", [1, 2])
+def test_rotation_by_another_process_while_one_signs(
+    deployment: Path, tmp_path: Path, rotations: int
+) -> None:
+    """Process A holds a handle and signs in a loop; process B runs ``anyhsm keystore
+    rotate`` (once, or twice in a row). A's signing after B committed either fails with
+    a typed error naming the rotation (KeystoreRotated / AuditKeyRotated) or succeeds
+    through the new keys, never with the retired key: no entry of A's old handle comes
+    after B's "started" entry, every signature A acknowledged has its entry and
+    verifies. After A reopens, the log verifies and the chain is continuous: the entry
+    after each "rotate_master_key started" is B's "ok" under the next audit key (kid)."""
+    with open_hsm(deployment) as hsm:
+        keys = {k.id: k for k in (hsm.generate_key(f"busy-{i}") for i in range(3))}
+    stop = tmp_path / "stop"
+    a = Worker("signloop", str(deployment), str(stop), *keys)
+    a.wait_for("READY")
+    for _ in range(20):  # A is signing with its open handle
+        a.wait_for("SIG")
+    for _ in range(rotations):
+        b = Worker("rotate", str(deployment), "--how", "cli", "--rounds", "1")
+        assert len(b.check_ok().rotated) == 1, b.stderr
+    # A's next signing: an error and a reopen, or (were handles to follow rotations) SIGs.
+    signed_after = 0
+    while a.wait_for_any(["REOPENED", "SIG"]) == "SIG" and signed_after < 200:
+        signed_after += 1
+    stop.touch()
+    out = a.check_ok()
+
+    assert set(out.errors) <= ROTATION_ERRORS, f"A failed with {out.errors}"
+    assert out.reopened == len(out.errors)
+    print(f"A: errors {out.errors}, {len(out.sigs)} signatures, {signed_after} before reopening")
+    for sig in out.sigs:
+        assert coincurve.PublicKey(keys[sig.key_id].public_key).verify(
+            sig.signature, sig.digest, hasher=None
+        ), "a signature from another key"
+
+    with open_hsm(deployment) as hsm:
+        result = hsm.verify_audit()
+        assert result.ok, result.reason
+        epoch = hsm.keystore.epoch
+    assert epoch == 1 + rotations
+    entries = check_audit_key_ids(deployment.parent / "audit.log", epoch)
+    starts = [
+        i
+        for i, e in enumerate(entries)
+        if e["op"] == "rotate_master_key" and e["outcome"] == "started"
+    ]
+    assert len(starts) == rotations
+    for n, i in enumerate(starts, start=1):
+        after = entries[i + 1]
+        assert (after["op"], after["outcome"], after.get("kid")) == (
+            "rotate_master_key",
+            "ok",
+            n + 1,
+        ), f"the entry after rotation {n} started: {after}"
+        assert after["pid"] == entries[i]["pid"] != out.pid
+    # What A's first handle wrote all comes before B's first rotation; each signature A
+    # acknowledged has exactly one "sign ok" entry.
+    first = entries[starts[0]]["seq"]
+    mine = [e for e in entries if e["pid"] == out.pid]
+    old_handle = [e for e in mine if e.get("kid", 1) == 1]
+    assert all(e["seq"] < first for e in old_handle if e["outcome"] == "ok" and e["op"] == "sign")
+    assert all(e["seq"] < first for e in old_handle), "A's retired handle wrote after B rotated"
+    ok_signs = [e for e in mine if e["op"] == "sign" and e["outcome"] == "ok"]
+    assert len(ok_signs) == len(out.sigs)
+    before_reopen = out.lines.index("REOPENED") if out.reopened else len(out.lines)
+    acked_old = sum(1 for line in out.lines[:before_reopen] if line.startswith("SIG "))
+    assert acked_old == sum(1 for e in ok_signs if e["seq"] < first)
+
+
+def test_rotation_whose_process_died_after_the_commit(deployment: Path) -> None:
+    """Regression test for two bugs this suite found (fixed in the commits that add it).
+
+    Process B runs ``anyhsm keystore rotate`` and is killed right after the new header is
+    in place: the rotation committed, but B wrote no "ok" entry and the old epoch's
+    directory is still there. Before the fix, handle A (opened before) saw nothing: it went
+    on signing with the retired master key and appending under the retired audit key, right
+    after B's "started" entry, where the manifest now expects the new key, so the log stopped
+    verifying and every later open failed. And closing A then hung for ever: the forced
+    checkpoint in AuditLog.close failed (KeystoreRotated) and re-took the lock close holds.
+    Now A's next signing fails with a typed error, no signature; A closes; the log verifies
+    and continues under the new key.
+    """
+    digest = bytes(range(32))
+    a = open_hsm(deployment)
+    key = a.generate_key("held")
+    a.sign("held", digest)
+    b = Worker("rotate", str(deployment), "--how", "cli", "--rounds", "1", "--die-after-commit")
+    out = b.finish()
+    assert b.proc.returncode == -signal.SIGKILL and "COMMITTED" in out.lines, b.stderr
+    ks_dir = deployment.parent / "keystore"
+    assert (ks_dir / "keys").is_dir() and (ks_dir / "keys.2").is_dir()  # the fault: both
+
+    with pytest.raises((KeystoreRotated, AuditKeyRotated)):
+        a.sign("held", digest)
+    for _ in range(3):  # and never later either
+        with pytest.raises(HsmError):
+            a.sign("held", digest)
+    closing = threading.Thread(target=a.close, daemon=True)
+    closing.start()
+    closing.join(20)
+    assert not closing.is_alive(), "closing the handle hung"
+
+    with open_hsm(deployment) as hsm:
+        result = hsm.verify_audit()
+        assert result.ok, result.reason
+        assert hsm.keystore.epoch == 2
+        sig = hsm.sign("held", digest)
+        assert coincurve.PublicKey(key.public_key).verify(sig, digest, hasher=None)
+    entries = check_audit_key_ids(deployment.parent / "audit.log", 2)
+    started = next(i for i, e in enumerate(entries) if e["op"] == "rotate_master_key")
+    assert entries[started]["pid"] == out.pid and entries[started]["outcome"] == "started"
+    assert all(e.get("kid") == 2 for e in entries[started + 1 :])
+    assert not any(
+        e["pid"] != out.pid and e.get("kid", 1) == 1 and e["seq"] > entries[started]["seq"]
+        for e in entries
+    )
 
 
 @pytest.mark.parametrize("damage", ["deleted", "garbage"])

@@ -25,8 +25,6 @@ delay (seeded, a bounded number of rounds) and then checks the real files:
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import random
 import signal
@@ -37,7 +35,13 @@ from pathlib import Path
 import coincurve
 import pytest
 from tests.conftest import PASSPHRASE
-from tests.reliability.helpers_worker import AckedKey, Output, Worker, passphrase_for
+from tests.reliability.helpers_worker import (
+    AckedKey,
+    Output,
+    Worker,
+    check_audit_key_ids,
+    passphrase_for,
+)
 
 from anyhsm import open_hsm
 from anyhsm.errors import RecordNotInManifest, WrongPassphrase
@@ -48,7 +52,6 @@ ROUNDS = 45
 SEED = 20261206
 N_KEYS = 20
 KINDS = ("passwd", "cli", "churn")
-ROTATION_OPS = ("rotate_master_key", "keystore_passwd")
 
 
 def records_dirs(keystore_dir: Path) -> set[str]:
@@ -172,25 +175,7 @@ def check_after_kill(dep: Path, kind: str, out: Output, exp: Expected) -> None:
     # That handle wrote (the audit state advanced under the write lock): whatever an
     # interrupted rotation left behind is gone now.
     assert records_dirs(keystore_dir) == {epoch_dir(epoch)}
-    check_audit_keys(dep.parent / "audit.log", epoch)
-
-
-def check_audit_keys(audit_path: Path, epoch: int) -> None:
-    """One chain; its key id moves up by exactly one, only right after a rotation's
-    "started" entry (the last entry under the old key), once per committed rotation."""
-    entries = [json.loads(line) for line in audit_path.read_bytes().splitlines()]
-    assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
-    kid = 1
-    for prev, entry in itertools.pairwise(entries):
-        k = entry.get("kid", 1)
-        if k == kid:
-            continue
-        assert k == kid + 1, f"entry {entry['seq']}: audit key {k} after {kid}"
-        assert prev["op"] in ROTATION_OPS and prev["outcome"] == "started", (
-            f"entry {entry['seq']}: the audit key changed after {prev['op']} {prev['outcome']}"
-        )
-        kid = k
-    assert kid == epoch, f"{epoch - 1} rotations committed but the audit key is number {kid}"
+    check_audit_key_ids(dep.parent / "audit.log", epoch)
 
 
 @pytest.mark.slow

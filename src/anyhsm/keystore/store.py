@@ -259,6 +259,7 @@ class Keystore:
         self._anchor: GenerationAnchor | None = None
         self.anchor_problem = ""
         self.upgraded = False
+        self._header_seen: tuple[int, int, int] | None = None  # stat of the header checked
 
     # --- layout ------------------------------------------------------------------------
 
@@ -988,8 +989,31 @@ class Keystore:
 
     def load_audit_state(self) -> AuditState:
         self._require_master()
+        self._check_not_rotated()
         self._reload_manifest_if_changed()
         return self._require_manifest().audit
+
+    def _check_not_rotated(self) -> None:
+        """KeystoreRotated when the header on disk names another epoch. Without this, a
+        handle whose store another process rotated (and was killed before it removed the
+        old epoch's directory and wrote its first entry under the new audit key) still
+        found its old manifest, and its log went on appending under the retired audit key
+        where the new manifest expects the new one. One stat per call; the header is
+        parsed only when it was replaced."""
+        try:
+            st = os.stat(self.path / HEADER_FILE)
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            seen = None
+        if seen is not None and seen == self._header_seen:
+            return
+        if self._header_epoch_on_disk() != self.epoch:
+            raise KeystoreRotated(
+                f"the keystore at {self.path} was re-encrypted under a new master key by "
+                "another process; this handle holds the retired key",
+                hint="reopen the handle",
+            )
+        self._header_seen = seen
 
     def advance_audit_state(self, seq: int, mac: bytes, offset: int) -> None:
         with self._write_lock() as m:

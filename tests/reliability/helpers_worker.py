@@ -407,26 +407,6 @@ class Worker:
             if line.startswith(tag):
                 return
 
-    def wait_for_any(self, tags: Sequence[str], timeout_s: float = 60.0) -> str:
-        """Block until the worker printed a line starting with one of ``tags``; return it."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise AssertionError(f"worker printed none of {tags} in {timeout_s} s") from None
-            if line is None:
-                self.finish(timeout_s)
-                raise AssertionError(
-                    f"worker exited ({self.proc.returncode}) before printing {tags}:\n"
-                    + self.stderr
-                )
-            self._take(line)
-            for tag in tags:
-                if line.startswith(tag):
-                    return tag
-
     def kill(self) -> Output:
         """SIGKILL the worker and collect every complete line it printed."""
         self.proc.kill()

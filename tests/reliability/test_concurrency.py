@@ -224,16 +224,13 @@ def test_rotation_by_another_process_while_one_signs(
     for _ in range(rotations):
         b = Worker("rotate", str(deployment), "--how", "cli", "--rounds", "1")
         assert len(b.check_ok().rotated) == 1, b.stderr
-    # A's next signing: an error and a reopen, or (were handles to follow rotations) SIGs.
-    signed_after = 0
-    while a.wait_for_any(["REOPENED", "SIG"]) == "SIG" and signed_after < 200:
-        signed_after += 1
+    # B committed: A's signings from now on (at least one more with each key after it sees
+    # the stop file) meet the rotation.
     stop.touch()
     out = a.check_ok()
 
     assert set(out.errors) <= ROTATION_ERRORS, f"A failed with {out.errors}"
     assert out.reopened == len(out.errors)
-    print(f"A: errors {out.errors}, {len(out.sigs)} signatures, {signed_after} before reopening")
     for sig in out.sigs:
         assert coincurve.PublicKey(keys[sig.key_id].public_key).verify(
             sig.signature, sig.digest, hasher=None
@@ -264,7 +261,6 @@ def test_rotation_by_another_process_while_one_signs(
     first = entries[starts[0]]["seq"]
     mine = [e for e in entries if e["pid"] == out.pid]
     old_handle = [e for e in mine if e.get("kid", 1) == 1]
-    assert all(e["seq"] < first for e in old_handle if e["outcome"] == "ok" and e["op"] == "sign")
     assert all(e["seq"] < first for e in old_handle), "A's retired handle wrote after B rotated"
     ok_signs = [e for e in mine if e["op"] == "sign" and e["outcome"] == "ok"]
     assert len(ok_signs) == len(out.sigs)
@@ -274,17 +270,16 @@ def test_rotation_by_another_process_while_one_signs(
 
 
 def test_rotation_whose_process_died_after_the_commit(deployment: Path) -> None:
-    """Regression test for two bugs this suite found (fixed in the commits that add it).
+    """Regression test for a bug this suite found (fixed in d413bf9).
 
     Process B runs ``anyhsm keystore rotate`` and is killed right after the new header is
     in place: the rotation committed, but B wrote no "ok" entry and the old epoch's
     directory is still there. Before the fix, handle A (opened before) saw nothing: it went
     on signing with the retired master key and appending under the retired audit key, right
     after B's "started" entry, where the manifest now expects the new key, so the log stopped
-    verifying and every later open failed. And closing A then hung for ever: the forced
-    checkpoint in AuditLog.close failed (KeystoreRotated) and re-took the lock close holds.
-    Now A's next signing fails with a typed error, no signature; A closes; the log verifies
-    and continues under the new key.
+    verifying and every later open failed (AuditStateMismatch). Now A's next signing fails
+    with a typed error and no signature, A closes (see the next test for a hang that closing
+    met on the way), the log verifies and continues under the new key.
     """
     digest = bytes(range(32))
     a = open_hsm(deployment)
@@ -324,7 +319,7 @@ def test_rotation_whose_process_died_after_the_commit(deployment: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["deleted", "garbage"])
 def test_close_does_not_hang_when_the_last_checkpoint_fails(deployment: Path, damage: str) -> None:
-    """Regression test for a bug this suite found (fixed in the commit that adds it).
+    """Regression test for a bug this suite found (fixed in f95b91c).
 
     Before the fix: AuditLog.close holds the log's (non-reentrant) lock while it forces the
     last checkpoint; when recording the audit state failed with an anyhsm error (here the

@@ -409,8 +409,11 @@ class AuditLog:
             )
         # The tail still shows our key, but the writer may have rotated the master key and
         # been killed before its first entry under the new one: ask the store, which
-        # refuses a retired handle (KeystoreRotated), before appending under our key.
-        self._store.load_audit_state()
+        # refuses a retired handle (the keystore: KeystoreRotated), before appending under
+        # our key. Only that check (one stat), not a manifest reload racing our flusher.
+        check_not_rotated = getattr(self._store, "check_not_rotated", None)
+        if check_not_rotated is not None:
+            check_not_rotated()
         self._seq, self._mac, self._last_offset, self._end = seq, mac, offset, size
 
     # --- appending ---------------------------------------------------------------------

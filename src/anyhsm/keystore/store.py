@@ -989,11 +989,11 @@ class Keystore:
 
     def load_audit_state(self) -> AuditState:
         self._require_master()
-        self._check_not_rotated()
+        self.check_not_rotated()
         self._reload_manifest_if_changed()
         return self._require_manifest().audit
 
-    def _check_not_rotated(self) -> None:
+    def check_not_rotated(self) -> None:
         """KeystoreRotated when the header on disk names another epoch. Without this, a
         handle whose store another process rotated (and was killed before it removed the
         old epoch's directory and wrote its first entry under the new audit key) still

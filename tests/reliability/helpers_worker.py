@@ -28,11 +28,13 @@ Modes:
         delete one key.
     create CONFIG LABEL
         create one key.
-    rotate CONFIG --start I --how passwd|cli [--rounds N] [--die-after-commit]
+    rotate CONFIG --start I --how passwd|cli|cli-passwd [--rounds N] [--secret-dir D]
+           [--die-after-commit]
         rotate the master key over and over (forever unless --rounds): "passwd" calls
         Hsm.rotate_master_key with passphrase I+1, I+2, ... (one handle for all rounds),
         "cli" runs ``anyhsm keystore rotate`` in-process with passphrase I each time (a
-        fresh handle per round, as the command does); --die-after-commit kills itself
+        fresh handle per round, as the command does), "cli-passwd" runs ``anyhsm keystore
+        passwd --new-passphrase-file D/...`` with I+1, I+2, ...; --die-after-commit kills itself
         right after the first rotation committed. Passphrase number I is
         passphrase_for(ANYHSM_PASSPHRASE, I), so no secret crosses the command line.
     churn CONFIG PREFIX [--index I]
@@ -178,15 +180,25 @@ def _rotate(args: argparse.Namespace) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
         Keystore._adopt = die  # type: ignore[method-assign,assignment]
-    if args.how == "cli":
-        os.environ["ANYHSM_PASSPHRASE"] = passphrase_for(base, index)
+    if args.how in ("cli", "cli-passwd"):
         _say(f"READY {os.getpid()}")
         while args.rounds is None or rounds < args.rounds:
+            os.environ["ANYHSM_PASSPHRASE"] = passphrase_for(base, index)
+            command = ["keystore", "rotate"]
+            new = index
+            if args.how == "cli-passwd":
+                new = index + 1
+                secret = Path(args.secret_dir) / f"new-passphrase-{new}"
+                fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(passphrase_for(base, new))
+                command = ["keystore", "passwd", "--new-passphrase-file", str(secret)]
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
-                rc = cli_main(["--config", args.config, "--json", "keystore", "rotate"])
+                rc = cli_main(["--config", args.config, "--json", *command])
             if rc != 0:
-                raise SystemExit(f"worker: keystore rotate exited {rc}: {out.getvalue()}")
+                raise SystemExit(f"worker: {' '.join(command)} exited {rc}: {out.getvalue()}")
+            index = new
             _say(f"ROTATED {json.loads(out.getvalue())['epoch']} {index}")
             rounds += 1
         _say("DONE")
@@ -275,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ro = sub.add_parser("rotate")
     ro.add_argument("config")
     ro.add_argument("--start", type=int, default=0)
-    ro.add_argument("--how", choices=["passwd", "cli"], default="passwd")
+    ro.add_argument("--how", choices=["passwd", "cli", "cli-passwd"], default="passwd")
+    ro.add_argument("--secret-dir", default="", help="where cli-passwd writes new passphrases")
     ro.add_argument("--rounds", type=int, default=None)
     ro.add_argument("--die-after-commit", action="store_true")
     ch = sub.add_parser("churn")

@@ -2,10 +2,11 @@
 
 "Killed at any point, the store opens as either the old or the new one, never a
 mix." A worker (tests/reliability/helpers_worker.py) rotates the master key of a
-store holding ~20 keys over and over, either through ``Hsm.rotate_master_key``
-with a new passphrase each round (what ``keystore passwd`` does) or by running
-``anyhsm keystore rotate`` (same passphrase, a fresh handle each time); other
-rounds create and delete keys. The test kills it with SIGKILL after a random
+store holding ~20 keys over and over: through ``Hsm.rotate_master_key`` with a
+new passphrase each round (one handle), by running ``anyhsm keystore rotate``
+(same passphrase, a fresh handle each time) or ``anyhsm keystore passwd
+--new-passphrase-file F`` (a new passphrase each time); other rounds create and
+delete keys. The test kills it with SIGKILL after a random
 delay (seeded, a bounded number of rounds) and then checks the real files:
 
 - exactly one passphrase of {the one before the last acknowledged rotation, the
@@ -51,7 +52,8 @@ from anyhsm.secret import SecretBytes
 ROUNDS = 45
 SEED = 20261206
 N_KEYS = 20
-KINDS = ("passwd", "cli", "churn")
+KINDS = ("passwd", "cli", "churn", "cli-passwd")
+NEW_PASSPHRASE = ("passwd", "cli-passwd")  # kinds that move to the next passphrase
 
 
 def records_dirs(keystore_dir: Path) -> set[str]:
@@ -110,7 +112,7 @@ def check_after_kill(dep: Path, kind: str, out: Output, exp: Expected) -> None:
     index, ks = open_exactly_one(keystore_dir, candidates)
     try:
         epoch = ks.epoch
-        if kind == "passwd":
+        if kind in NEW_PASSPHRASE:
             assert index in (acked_index, acked_index + 1)
             # the new passphrase goes with the new master key, never with the old epoch
             assert epoch == acked_epoch + (index - acked_index)
@@ -179,8 +181,14 @@ def check_after_kill(dep: Path, kind: str, out: Output, exp: Expected) -> None:
 
 
 @pytest.mark.slow
-def test_kill_during_rotation_delete_and_create(deployment: Path) -> None:
+def test_kill_during_rotation_delete_and_create(deployment: Path, tmp_path: Path) -> None:
     rng = random.Random(SEED)
+    # 'keystore passwd' re-keys with the configured KDF: keep the cheap one of the tests.
+    passwd_cfg = deployment.with_name("passwd.toml")
+    passwd_cfg.write_text(
+        deployment.read_text()
+        + '\n[providers.software.kdf]\nname = "argon2id"\nmemory_kib = 1024\niterations = 1\n'
+    )
     with open_hsm(deployment) as hsm:
         infos = [hsm.generate_key(f"base-{i}") for i in range(N_KEYS)]
     exp = Expected(live={i.id: AckedKey(i.id, i.label, i.public_key) for i in infos})
@@ -192,6 +200,10 @@ def test_kill_during_rotation_delete_and_create(deployment: Path) -> None:
             delay = rng.uniform(0.0, 0.15)  # a rotation of 20 keys takes a few tens of ms
         elif kind == "cli":
             args = ["rotate", str(deployment), "--start", str(exp.index), "--how", "cli"]
+            delay = rng.uniform(0.0, 0.25)
+        elif kind == "cli-passwd":
+            args = ["rotate", str(passwd_cfg), "--start", str(exp.index), "--how", kind]
+            args += ["--secret-dir", str(tmp_path)]
             delay = rng.uniform(0.0, 0.25)
         else:
             args = ["churn", str(deployment), f"c{rnd}", "--index", str(exp.index)]

@@ -230,3 +230,38 @@ def test_kill_during_rotation_delete_and_create(deployment: Path, tmp_path: Path
         f"records of deleted keys left by a kill seen {exp.leftovers_seen} times; "
         f"{len(exp.live)} keys, {len(exp.gone)} deleted"
     )
+
+
+@pytest.mark.slow
+def test_kill_a_rotation_while_another_process_signs(deployment: Path, tmp_path: Path) -> None:
+    """B runs 'anyhsm keystore rotate' in a loop and is killed at a random point while A
+    holds a handle and signs: A's signing only ever fails with a typed rotation error
+    (then A reopens) or succeeds with the right key; afterwards the log verifies, every key
+    signs, and the audit key id moves only right after a committed rotation's start."""
+    rng = random.Random(SEED + 1)
+    with open_hsm(deployment) as hsm:
+        keys = {k.id: k for k in (hsm.generate_key(f"busy-{i}") for i in range(N_KEYS))}
+    signing = list(keys)[:3]
+    for rnd in range(6):
+        stop = tmp_path / f"stop-{rnd}"
+        a = Worker("signloop", str(deployment), str(stop), *signing)
+        a.wait_for("SIG")
+        b = Worker("rotate", str(deployment), "--how", "cli")
+        b.wait_for("READY")
+        time.sleep(rng.uniform(0.0, 0.3))
+        b.kill()
+        assert b.proc.returncode == -signal.SIGKILL, b.stderr
+        stop.touch()
+        out = a.check_ok()
+        assert set(out.errors) <= {"keystore_rotated", "audit_key_rotated"}, out.errors
+        for sig in out.sigs:
+            assert ecdsa_ok(keys[sig.key_id].public_key, sig.digest, sig.signature)
+        with open_hsm(deployment) as hsm:
+            result = hsm.verify_audit()
+            assert result.ok, f"round {rnd}: {result.reason}"
+            epoch = hsm.keystore.epoch
+            digest = os.urandom(32)
+            for key in keys.values():
+                assert ecdsa_ok(key.public_key, digest, hsm.sign(key.id, digest))
+        check_audit_key_ids(deployment.parent / "audit.log", epoch)
+    assert epoch > 1, "no rotation committed in any round"

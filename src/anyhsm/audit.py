@@ -200,6 +200,11 @@ class AuditStateStore(Protocol):
         """Begin chain ``chain + 1`` at ``genesis`` with a fresh key (recovery)."""
         ...
 
+    def check_not_rotated(self) -> None:
+        """Raise (KeystoreRotated) when the keys this handle holds were retired by another
+        process; cheap, called before appending after another process wrote."""
+        ...
+
 
 class AuditForwarder(Protocol):
     """Somewhere each entry is copied to as it is written (syslog / journald)."""
@@ -411,9 +416,7 @@ class AuditLog:
         # been killed before its first entry under the new one: ask the store, which
         # refuses a retired handle (the keystore: KeystoreRotated), before appending under
         # our key. Only that check (one stat), not a manifest reload racing our flusher.
-        check_not_rotated = getattr(self._store, "check_not_rotated", None)
-        if check_not_rotated is not None:
-            check_not_rotated()
+        self._store.check_not_rotated()
         self._seq, self._mac, self._last_offset, self._end = seq, mac, offset, size
 
     # --- appending ---------------------------------------------------------------------

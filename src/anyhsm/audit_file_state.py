@@ -73,3 +73,6 @@ class FileAuditState:
             state = AuditState(self.load_audit_state().chain + 1, 0, genesis, 0, genesis)
             self._write(state)
             return state
+
+    def check_not_rotated(self) -> None:
+        """This store's key is a file that is never rotated."""

@@ -163,3 +163,30 @@ def _open(path: Path, passphrase: str) -> Keystore:
     ks = Keystore.load(path)
     ks.unlock_with_passphrase(SecretBytes(passphrase.encode()))
     return ks
+
+
+def test_delete_killed_before_removing_the_record_is_finished_not_alarmed(
+    deployment: Path,
+) -> None:
+    """A delete killed after its manifest but before the record went leaves the record
+    and its pending-removal marker: that is not a restored copy (no alarm), and the next
+    writer finishes the removal. Reproduced by putting back exactly what such a crash
+    leaves on disk."""
+    with open_hsm(deployment) as hsm:
+        info = hsm.generate_key("gone")
+        kd = hsm.keystore.keys_dir
+        record = (kd / f"{info.id}.json").read_bytes()
+        hsm.delete_key("gone")
+    (kd / f"{info.id}.json").write_bytes(record)
+    (kd / f"{info.id}.removing").write_bytes(b"")
+    with open_hsm(deployment) as hsm:
+        assert info.id not in hsm.keystore.problems  # not reported as an attack
+        with pytest.raises(HsmError):
+            hsm.sign(info.id, bytes(32))  # and never used
+        hsm.generate_key("next")  # the next writer finishes the removal
+        assert not (kd / f"{info.id}.json").exists()
+        assert not (kd / f"{info.id}.removing").exists()
+    # Without the marker the same file is a restored copy of a deleted key: an alarm.
+    (kd / f"{info.id}.json").write_bytes(record)
+    with open_hsm(deployment) as hsm:
+        assert isinstance(hsm.keystore.problems[info.id], RecordNotInManifest)

@@ -103,6 +103,7 @@ KEYS_DIR = "keys"
 LOCK_FILE = ".lock"
 LEGACY_CHECKPOINT = "audit-checkpoint.json"
 TOMBSTONE_SUFFIX = ".revoked"
+PENDING_REMOVAL_SUFFIX = ".removing"
 log = logging.getLogger("anyhsm")
 T = TypeVar("T")
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -251,6 +252,10 @@ class Keystore:
         self._aads: dict[str, bytes] = {}
         self._files: dict[str, _FileState] = {}
         self._tombs: dict[str, int] = {}
+        self._removing: set[str] = set()
+        # Threads of one process (a service, the audit flusher) read and write the manifest;
+        # serialising that in-process keeps the "generation only grows" check exact.
+        self._manifest_lock = threading.RLock()
         self._keys_str = f"{self.keys_dir}/"  # the signing path's existence check
         self._scratch = threading.local()
         self.problems: dict[str, HsmError] = {}
@@ -486,6 +491,10 @@ class Keystore:
         return self._manifest
 
     def _read_manifest(self) -> Manifest:
+        with self._manifest_lock:
+            return self._read_manifest_locked()
+
+    def _read_manifest_locked(self) -> Manifest:
         mp = self._manifest_path()
         try:
             fd = os.open(mp, os.O_RDONLY | os.O_CLOEXEC)
@@ -525,6 +534,10 @@ class Keystore:
         return m
 
     def _reload_manifest_if_changed(self) -> None:
+        with self._manifest_lock:
+            self._reload_manifest_if_changed_locked()
+
+    def _reload_manifest_if_changed_locked(self) -> None:
         try:
             st = os.stat(self._manifest_path())
             stat_now: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
@@ -534,6 +547,10 @@ class Keystore:
             self._manifest = self._read_manifest()
 
     def _write_manifest_file(self, manifest: Manifest, directory: Path | None = None) -> None:
+        with self._manifest_lock:
+            self._write_manifest_file_locked(manifest, directory)
+
+    def _write_manifest_file_locked(self, manifest: Manifest, directory: Path | None) -> None:
         key = self._manifest_key
         assert key is not None
         path = (directory or self.keys_dir) / MANIFEST_FILE
@@ -596,6 +613,7 @@ class Keystore:
         whose listing an attacker took back by replaying an old manifest."""
         clean_temp_files(self.keys_dir)
         clean_temp_files(self.path)
+        self._finish_interrupted_removals(self._require_manifest())
         for entry in os.scandir(self.path):
             name = entry.name
             if entry.is_dir() and name != self.keys_dir.name and _is_records_dir(name):
@@ -657,8 +675,12 @@ class Keystore:
                 ) from None
             raise KeystoreCorrupted(f"{self.keys_dir} is missing") from None
         tombs: dict[str, int] = {}
+        removing: set[str] = set()
         for entry in entries:
             name = entry.name
+            if name.endswith(PENDING_REMOVAL_SUFFIX):
+                removing.add(name.removesuffix(PENDING_REMOVAL_SUFFIX))
+                continue
             if name.endswith(TOMBSTONE_SUFFIX):
                 key_id = name.removesuffix(TOMBSTONE_SUFFIX)
                 if _ID_RE.match(key_id):
@@ -678,6 +700,7 @@ class Keystore:
         for gone in set(self._files) - seen:
             del self._files[gone]
         self._tombs = tombs
+        self._removing = removing
         self._reconcile()
 
     def _reconcile(self) -> None:
@@ -689,6 +712,8 @@ class Keystore:
         for key_id, fs in self._files.items():
             entry = m.keys.get(key_id)
             if entry is None:
+                if key_id in m.revoked and key_id in self._removing:
+                    continue  # a delete still finishing (or killed midway): not an attack
                 if key_id in m.revoked:
                     problems[key_id] = RecordNotInManifest(
                         f"key record {key_id} belongs to a deleted key: a restored copy is "
@@ -872,13 +897,36 @@ class Keystore:
                 raise KeyNotFound(f"no key {ref!r} in the keystore")
             keys = dict(m.keys)
             keys.pop(rec.id)
+            pending = self.keys_dir / f"{rec.id}{PENDING_REMOVAL_SUFFIX}"
+            atomic_write(pending, b"")  # a crash from here on is finished by the next writer
             self._commit(m.next(keys=keys, revoked=m.revoked | {rec.id}), significant=True)
-            self._tombstone(rec.id, m.generation + 1)
-            self._tombs[rec.id] = m.generation + 1
-            remove_durably(self.keys_dir / f"{rec.id}.json")
-            self._files.pop(rec.id, None)
+            self._finish_removal(rec.id, m.generation + 1)
             self._reconcile()
         return rec
+
+    def _finish_removal(self, key_id: str, generation: int) -> None:
+        """After the manifest revoked ``key_id``: tombstone, remove the record, then the
+        pending-removal marker (each step idempotent, so a writer can finish a crashed one)."""
+        if key_id not in self._tombs:
+            self._tombstone(key_id, generation)
+            self._tombs[key_id] = generation
+        remove_durably(self.keys_dir / f"{key_id}.json")
+        self._files.pop(key_id, None)
+        remove_durably(self.keys_dir / f"{key_id}{PENDING_REMOVAL_SUFFIX}")
+
+    def _finish_interrupted_removals(self, m: Manifest) -> None:
+        """A delete killed between its manifest and the record's removal left a marker:
+        finish it (the key is revoked), or drop the marker of one killed before its manifest
+        (the key is live). An attacker planting a marker only gets a revoked record of a
+        deleted key removed, which is what should happen to it anyway."""
+        for entry in os.scandir(self.keys_dir):
+            key_id = entry.name.removesuffix(PENDING_REMOVAL_SUFFIX)
+            if key_id == entry.name or not _ID_RE.match(key_id):
+                continue
+            if key_id in m.keys:
+                remove_durably(Path(entry.path))
+            else:
+                self._finish_removal(key_id, m.generation)
 
     def _tombstone(self, key_id: str, generation: int) -> None:
         """Leave a MAC-ed note that ``key_id`` was deleted at ``generation``: an older

@@ -68,3 +68,28 @@ def test_taproot_input_reports_missing_schnorr(
     with open_hsm(pkcs11_config) as hsm:
         hsm.delete_key("token-tr")
     assert Psbt.parse(f.read_text()).serialize() == psbt.serialize()  # input untouched
+
+
+@pytest.mark.parametrize(
+    ("command", "kind"), [("address", "p2tr"), ("descriptor", "tr")], ids=["address", "descriptor"]
+)
+def test_no_taproot_address_or_descriptor_for_a_token_key(
+    pkcs11_config: Path, capsys: pytest.CaptureFixture[str], command: str, kind: str
+) -> None:
+    """Issue 10 item 4: a taproot address for a key that can never make a BIP340 signature
+    would strand the coins sent there: refused, naming the capability; ECDSA types work."""
+    with open_hsm(pkcs11_config) as hsm:
+        hsm.generate_key("token-addr")
+    try:
+        c = ["--config", str(pkcs11_config)]
+        code = main([*c, command, "token-addr", "--type", kind, "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert code == 4 and out["error"]["code"] == "unsupported_operation", out
+        assert "BIP340" in out["error"]["message"] and "never be spent" in out["error"]["message"]
+        ecdsa = "p2wpkh" if command == "address" else "wpkh"
+        code = main([*c, command, "token-addr", "--type", ecdsa, "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert code == 0, out
+    finally:
+        with open_hsm(pkcs11_config) as hsm:
+            hsm.delete_key("token-addr")

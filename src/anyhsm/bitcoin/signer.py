@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 from anyhsm.bitcoin import limits
 from anyhsm.bitcoin.address import bip86_output_key
 from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, format_path
+from anyhsm.bitcoin.capability import signing_refusal
 from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.policy import (
     OutputReport,
@@ -228,12 +229,7 @@ class _Key:
 
     def cannot(self, scheme: SigScheme, tweak: bool = False) -> str | None:
         """Why this key's provider cannot make the signature (None if it can)."""
-        if scheme not in self.caps.schemes:
-            what = "BIP340 (Schnorr)" if scheme is SigScheme.SCHNORR else "ECDSA"
-            return f"provider {self.info.provider} cannot make {what} signatures"
-        if tweak and not self.caps.can_tweak:
-            return f"provider {self.info.provider} cannot apply the BIP341 taproot tweak"
-        return None
+        return signing_refusal(self.caps, self.info.provider, scheme, tweak)
 
 
 def _signing_keys(hsm: Hsm, key: KeyRef | None) -> list[_Key]:

@@ -20,6 +20,7 @@ from anyhsm.bitcoin.address import (
     script_for_pubkey,
 )
 from anyhsm.bitcoin.bip32 import ExtendedKey, KeyOrigin, format_path, parse_path
+from anyhsm.bitcoin.capability import require_spendable
 from anyhsm.bitcoin.descriptor import Descriptor, DescriptorKey
 from anyhsm.bitcoin.finalizer import finalize_psbt
 from anyhsm.bitcoin.policy import describe_input, describe_output, estimate_vsize
@@ -132,6 +133,9 @@ def cmd_address(args: argparse.Namespace, app: App) -> Result:
     hsm = app.hsm()
     kind = AddressKind.parse(args.type)
     info, hd = _signing_key(hsm, args.key)
+    require_spendable(
+        hsm.capabilities(info.id), info.provider, info.label, kind is AddressKind.P2TR
+    )
     path = _path(args.path)
     if hd and path is None:
         purpose = purpose_for(OutputType(kind.value))
@@ -160,6 +164,9 @@ def cmd_descriptor(args: argparse.Namespace, app: App) -> Result:
             f"unknown descriptor type {args.type!r}", hint="use pkh, sh-wpkh, wpkh or tr"
         )
     info, hd = _signing_key(hsm, args.key)
+    require_spendable(
+        hsm.capabilities(info.id), info.provider, info.label, otype is OutputType.P2TR
+    )
     if hd:
         apath = account_path(Purpose(purpose_for(otype)), hsm.network, args.account)
         xpub, mfp = _extended(hsm, info, apath)

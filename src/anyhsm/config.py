@@ -111,6 +111,57 @@ _SECRET_NAMES = ("pin", "passphrase", "password", "secret")
 _NOT_OVERRIDES = {"ANYHSM_PASSPHRASE", "ANYHSM_PKCS11_PIN", "ANYHSM_CONFIG"}
 
 
+CONFIG_FILE_NAME = "anyhsm.toml"
+SYSTEM_CONFIG_DIR = Path("/etc/anyhsm")
+
+
+def config_search_path(
+    env: Mapping[str, str] | None = None,
+    *,
+    cwd: Path | None = None,
+    system_dir: Path = SYSTEM_CONFIG_DIR,
+) -> list[Path]:
+    """Where a config file is looked for when none is named, in order: the working
+    directory, the user's ($XDG_CONFIG_HOME, default ~/.config, per the XDG base
+    directory spec: a relative value is ignored), the system's."""
+    env = os.environ if env is None else env
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    if not xdg or not os.path.isabs(xdg):
+        home = env.get("HOME") or str(Path.home())
+        xdg = os.path.join(home, ".config")
+    return [
+        (cwd or Path.cwd()) / CONFIG_FILE_NAME,
+        Path(xdg) / "anyhsm" / CONFIG_FILE_NAME,
+        system_dir / CONFIG_FILE_NAME,
+    ]
+
+
+def find_config(
+    explicit: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    cwd: Path | None = None,
+    system_dir: Path = SYSTEM_CONFIG_DIR,
+) -> Path:
+    """The config file to use: ``explicit`` (``--config``), else ``ANYHSM_CONFIG``, else
+    the first file that exists on :func:`config_search_path`. A named file is returned
+    even if missing (loading it then says so): naming one never falls back elsewhere."""
+    env = os.environ if env is None else env
+    named = explicit or env.get("ANYHSM_CONFIG")
+    if named:
+        return Path(named).expanduser()
+    searched = config_search_path(env, cwd=cwd, system_dir=system_dir)
+    for candidate in searched:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        "no configuration file given or found (searched: "
+        + ", ".join(str(p) for p in searched)
+        + ")",
+        hint="pass --config PATH, set ANYHSM_CONFIG, or create one with 'anyhsm init --dir DIR'",
+    )
+
+
 def default_min_level(environment: Environment, network: Network) -> SecurityLevel:
     """Development: anything; staging and production on test networks: software;
     production on mainnet: hardware-backed (tpm or better)."""

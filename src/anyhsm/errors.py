@@ -66,6 +66,14 @@ class SecretOnCommandLine(HsmError):
     exit_code = 2
 
 
+class UsageError(HsmError):
+    """The command line does not parse (unknown option or command, missing or malformed
+    argument); the CLI reports it like every other error, JSON included."""
+
+    code = "usage_error"
+    exit_code = 2
+
+
 # --- providers ---------------------------------------------------------------
 
 
@@ -176,9 +184,18 @@ class KeystoreExists(KeystoreError):
 
 
 class LockTimeout(KeystoreError):
-    """Another process held the keystore lock for too long."""
+    """Another process held the keystore lock for too long. Its own exit status (10):
+    nothing is damaged, and a retry once the holder (``holder_pid``, when known) has
+    finished usually succeeds."""
 
     code = "lock_timeout"
+    exit_code = 10
+
+    def __init__(
+        self, message: str, *, holder_pid: int | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.holder_pid = holder_pid
 
 
 class AnchorMissing(KeystoreError):
@@ -329,6 +346,13 @@ class NetworkMismatch(PolicyViolation):
     """An address, key or PSBT belongs to another network than the configured one."""
 
     code = "network_mismatch"
+
+
+class EnrolmentOnlyHandle(PolicyViolation):
+    """A key operation on a handle opened only to enrol an unlock path (TPM, token wrap)
+    below the security floor: such a handle never signs, creates, imports or exports."""
+
+    code = "enrolment_only_handle"
 
 
 class AllProvidersFailed(ProviderUnavailable):

@@ -16,25 +16,30 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-from anyhsm.config import Config
 from anyhsm.errors import ConfigError, HsmError
-from anyhsm.factory import resolve_passphrase
-from anyhsm.fsutil import read_secret_file
-from anyhsm.hardening import harden_process
-from anyhsm.hsm import Hsm, open_hsm
-from anyhsm.secret import SecretBytes
-from anyhsm.types import Environment
+
+if TYPE_CHECKING:
+    # Imported where used: a command module importing this file (and so "anyhsm
+    # --help") must not load the handle, the keystore or cryptography.
+    from anyhsm.config import Config
+    from anyhsm.hsm import Hsm
+    from anyhsm.secret import SecretBytes
+    from anyhsm.types import Environment
 
 
 @dataclass
 class Result:
-    """What a command produced: a JSON object, human text, and the exit status."""
+    """What a command produced: a JSON object, human text, and the exit status.
+
+    ``lines``, when set, is printed as is in both modes instead of ``data``/``text``
+    (a stream such as ``audit show``: readable lines, or JSON lines under --json)."""
 
     data: dict[str, object]
     text: list[str] = field(default_factory=list)
     exit_code: int = 0
+    lines: list[str] | None = None
 
 
 Handler = Callable[[argparse.Namespace, "App"], Result]
@@ -54,24 +59,23 @@ class App:
         return bool(getattr(self.args, "json", False))
 
     def config_path(self) -> Path:
-        raw = getattr(self.args, "config", None) or os.environ.get("ANYHSM_CONFIG")
-        if not raw:
-            raise ConfigError(
-                "no configuration file given",
-                hint="pass --config PATH or set ANYHSM_CONFIG (create one with 'anyhsm init')",
-            )
-        return Path(raw)
+        """--config, else ANYHSM_CONFIG, else the first of ./anyhsm.toml,
+        $XDG_CONFIG_HOME/anyhsm/anyhsm.toml, /etc/anyhsm/anyhsm.toml that exists
+        (:func:`anyhsm.config.find_config`; its error names every place searched)."""
+        from anyhsm.config import find_config
+
+        return find_config(getattr(self.args, "config", None))
 
     def config(self) -> Config:
         if self._config is None:
+            from anyhsm.config import Config
+
             self._config = Config.load(self.config_path())
         return self._config
 
     def loaded_config(self) -> Config | None:
-        """The config if one is named and loads; None otherwise (the command that needs it
-        reports the error when it opens the handle)."""
-        if self._config is None and not getattr(self.args, "config", None):
-            return None
+        """The config if one is named or found and loads; None otherwise (the command
+        that needs it reports the error when it opens the handle)."""
         try:
             return self.config()
         except ConfigError:
@@ -80,6 +84,8 @@ class App:
     def environment(self) -> Environment:
         """Whose rules apply to secrets read now: ``init --environment``, else the
         config's; production's (the strictest) when no config can be read."""
+        from anyhsm.types import Environment
+
         env = getattr(self.args, "environment", None)
         if isinstance(env, str):
             return Environment(env)
@@ -101,6 +107,11 @@ class App:
         environment and configured file are resolved by the library's own
         :func:`anyhsm.factory.resolve_passphrase`, so the CLI and ``open_hsm`` agree.
         """
+        from anyhsm.factory import resolve_passphrase
+        from anyhsm.fsutil import read_secret_file
+        from anyhsm.hardening import harden_process
+        from anyhsm.secret import SecretBytes
+
         environment = self.environment()
         harden_process(environment)
         pf = getattr(self.args, "passphrase_file", None)
@@ -124,6 +135,8 @@ class App:
 
     def hsm(self, *, audit_recovery: str | None = None, verify_only: bool = False) -> Hsm:
         if self._hsm is None:
+            from anyhsm.hsm import open_hsm
+
             cfg = self.config()
             # A chain that starts with a passphrase-less path (TPM, token-wrapped)
             # takes a passphrase only if one is already given; it never prompts.

@@ -20,11 +20,11 @@ from tests.bitcoin.test_signer import (
 from anyhsm.bitcoin import NothingSigned, Psbt, SigningPolicyError, finalize_psbt, sign_psbt
 from anyhsm.bitcoin.bip32 import ExtendedKey
 from anyhsm.bitcoin.encoding import hash160
-from anyhsm.bitcoin.policy import SpendKind, describe_input, estimate_vsize, tap_tree_root
+from anyhsm.bitcoin.policy import SpendKind, describe_input, estimate_vsize
 from anyhsm.bitcoin.psbt import PsbtOutput, TapKeyOrigin
-from anyhsm.bitcoin.psbt_fields import TapLeaf as PsbtTapLeaf
+from anyhsm.bitcoin.psbt_fields import TapTreeLeaf
 from anyhsm.bitcoin.script import multisig, op_return, p2pkh, p2sh, p2tr, p2wpkh
-from anyhsm.bitcoin.taproot import TapLeaf, merkle_root, taproot_output_key
+from anyhsm.bitcoin.taproot import TapLeaf, depth_first_merkle_root, merkle_root, taproot_output_key
 from anyhsm.bitcoin.tx import TxOut
 from anyhsm.hsm import Hsm
 from anyhsm.types import Network
@@ -288,11 +288,11 @@ def test_taproot_output_with_a_script_tree_is_not_change(hsm: Hsm, wallet: Walle
     tree = (leaves[0], (leaves[1], leaves[2]))
     root = merkle_root(tree)
     psbt_leaves = (
-        PsbtTapLeaf(1, 0xC0, b"\x51"),
-        PsbtTapLeaf(2, 0xC0, b"\x52"),
-        PsbtTapLeaf(2, 0xC0, b"\x53"),
+        TapTreeLeaf(1, 0xC0, b"\x51"),
+        TapTreeLeaf(2, 0xC0, b"\x52"),
+        TapTreeLeaf(2, 0xC0, b"\x53"),
     )
-    assert tap_tree_root(psbt_leaves) == root
+    assert depth_first_merkle_root(psbt_leaves) == root
     out = PsbtOutput(99_000, p2tr(taproot_output_key(pub[1:], root)[0]))
     out.tap_internal_key = pub[1:]
     out.tap_tree = psbt_leaves

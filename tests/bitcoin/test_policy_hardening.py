@@ -32,7 +32,7 @@ from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin
 from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.policy import describe_input, estimate_vsize
 from anyhsm.bitcoin.psbt import PsbtOutput, TapKeyOrigin
-from anyhsm.bitcoin.psbt_fields import TapLeaf as PsbtTapLeaf
+from anyhsm.bitcoin.psbt_fields import TapTreeLeaf
 from anyhsm.bitcoin.script import OP_CHECKSIG, p2tr, p2wpkh
 from anyhsm.bitcoin.taproot import leaf_hash, taproot_output_key
 from anyhsm.bitcoin.tx import TxOut
@@ -101,7 +101,7 @@ def test_taproot_change_with_an_attacker_leaf_is_not_change(hsm: Hsm, wallet: Wa
     pub, origin = wallet.key("m/86'/1'/0'/1/0")
     attacker = ec.public_key(bytearray(b"\x42" * 32))[1:]
     script = bytes([32]) + attacker + bytes([OP_CHECKSIG])
-    leaves = (PsbtTapLeaf(0, 0xC0, script),)
+    leaves = (TapTreeLeaf(0, 0xC0, script),)
     root = leaf_hash(script)
     out = PsbtOutput(99_000, p2tr(taproot_output_key(pub[1:], root)[0]))
     out.tap_internal_key = pub[1:]

@@ -20,7 +20,7 @@ from anyhsm.bitcoin.psbt import (
     Psbt,
     PsbtInput,
     PsbtOutput,
-    TapLeaf,
+    TapTreeLeaf,
     UnknownField,
 )
 from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn, TxOut
@@ -447,13 +447,13 @@ def test_valid_taproot_trees() -> None:
     raw = _one_in_one_out([], [(b"\x06", tree)])
     psbt = Psbt.parse(raw)
     assert psbt.outputs[0].tap_tree == (
-        TapLeaf(1, 0xC0, b"\x51"),
-        TapLeaf(2, 0xC0, b"\x52"),
-        TapLeaf(2, 0xC0, b"\x53"),
+        TapTreeLeaf(1, 0xC0, b"\x51"),
+        TapTreeLeaf(2, 0xC0, b"\x52"),
+        TapTreeLeaf(2, 0xC0, b"\x53"),
     )
     assert psbt.serialize() == raw
     assert Psbt.parse(_one_in_one_out([], [(b"\x06", _leaf(0))])).outputs[0].tap_tree == (
-        TapLeaf(0, 0xC0, b"\x51"),
+        TapTreeLeaf(0, 0xC0, b"\x51"),
     )
 
 
@@ -694,7 +694,7 @@ def _every_field_psbt() -> Psbt:
     inp.proprietary.append(ProprietaryField(b"x", 0, b"", b""))
     inp.unknown.append(UnknownField(b"\xfd\x00\x01\x00", b"big type"))
     out = PsbtOutput(
-        1000, b"\x51\x20" + XONLY, tap_internal_key=XONLY, tap_tree=(TapLeaf(0, 0xC0, b"\x51"),)
+        1000, b"\x51\x20" + XONLY, tap_internal_key=XONLY, tap_tree=(TapTreeLeaf(0, 0xC0, b"\x51"),)
     )
     psbt = Psbt.from_unsigned_tx(
         Transaction(2, [TxIn(inp.prevout, b"", inp.sequence)], [out.txout()], 99)

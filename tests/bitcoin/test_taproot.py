@@ -159,3 +159,18 @@ def test_every_leaf_of_random_trees_has_a_valid_control_block(tree: TapTree, see
         for sibling in parse_control_block(block).path:
             node = branch_hash(node, sibling)
         assert node == root
+
+
+def test_depth_first_root_equals_the_nested_tree_root() -> None:
+    """One Merkle root: a tree given as nested pairs and as PSBT_OUT_TAP_TREE's depth-first
+    leaves hashes the same (taproot.merkle_root vs taproot.depth_first_merkle_root)."""
+    from anyhsm.bitcoin.psbt_fields import TapTreeLeaf
+    from anyhsm.bitcoin.taproot import depth_first_merkle_root
+
+    a, b, c = TapLeaf(b"\x51"), TapLeaf(b"\x52"), TapLeaf(b"\x53", 0xC2)
+    nested: TapTree = [a, [b, c]]
+    flat = [TapTreeLeaf(1, a.leaf_version, a.script), TapTreeLeaf(2, b.leaf_version, b.script),
+            TapTreeLeaf(2, c.leaf_version, c.script)]  # fmt: skip
+    assert depth_first_merkle_root(flat) == merkle_root(nested)
+    with pytest.raises(ScriptError):
+        depth_first_merkle_root(flat[:2])  # incomplete

@@ -44,7 +44,6 @@ from anyhsm.bitcoin.encoding import hash160, sha256
 from anyhsm.bitcoin.networks import describe_family, networks_for_bip32_version
 from anyhsm.bitcoin.paths import CHANGE_PATH_RULE, INPUT_PATH_RULE, PathRules
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput, PsbtOutput
-from anyhsm.bitcoin.psbt_fields import TapLeaf as PsbtTapLeaf
 from anyhsm.bitcoin.script import (
     ScriptType,
     classify,
@@ -61,7 +60,7 @@ from anyhsm.bitcoin.sighash import (
     sighash_name,
 )
 from anyhsm.bitcoin.size import estimate_vsize as _estimate_size
-from anyhsm.bitcoin.taproot import branch_hash, leaf_hash, taproot_output_key
+from anyhsm.bitcoin.taproot import depth_first_merkle_root, taproot_output_key
 from anyhsm.bitcoin.tx import TxOut
 from anyhsm.config import PolicyConfig
 from anyhsm.errors import ScriptError, SigningPolicyError
@@ -280,20 +279,6 @@ def default_sighash(inp: PsbtInput, kind: SpendKind) -> int:
 
 
 # --- taproot trees of outputs ------------------------------------------------------------------
-
-
-def tap_tree_root(leaves: Sequence[PsbtTapLeaf]) -> bytes:
-    """Merkle root of a PSBT_OUT_TAP_TREE (leaves in depth-first order with their depths)."""
-    stack: list[tuple[int, bytes]] = []
-    for leaf in leaves:
-        node = (leaf.depth, leaf_hash(leaf.script, leaf.leaf_version))
-        while stack and stack[-1][0] == node[0] and node[0] > 0:
-            depth, left = stack.pop()
-            node = (depth - 1, branch_hash(left, node[1]))
-        stack.append(node)
-    if len(stack) != 1 or stack[0][0] != 0:
-        raise ScriptError("taproot tree is incomplete")
-    return stack[0][1]
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -655,7 +640,7 @@ def _change_owner(
         if out.tap_internal_key not in (None, xonly):
             continue
         try:
-            root = None if out.tap_tree is None else tap_tree_root(out.tap_tree)
+            root = None if out.tap_tree is None else depth_first_merkle_root(out.tap_tree)
             q, _ = taproot_output_key(xonly, root)
         except ScriptError:
             continue
@@ -711,5 +696,4 @@ __all__ = [
     "estimate_vsize",
     "key_in_script",
     "script_pushes",
-    "tap_tree_root",
 ]

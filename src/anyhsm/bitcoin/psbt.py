@@ -33,7 +33,7 @@ from anyhsm.bitcoin.psbt_fields import (
     OutputType,
     ProprietaryField,
     TapKeyOrigin,
-    TapLeaf,
+    TapTreeLeaf,
     UnknownField,
     check_pubkey,
     decode_origin,
@@ -73,7 +73,7 @@ __all__ = [
     "PsbtInput",
     "PsbtOutput",
     "TapKeyOrigin",
-    "TapLeaf",
+    "TapTreeLeaf",
     "UnknownField",
 ]
 

@@ -142,8 +142,9 @@ class LeafScript:
 
 
 @dataclass(frozen=True)
-class TapLeaf:
-    """One leaf of PSBT_OUT_TAP_TREE, in depth-first order."""
+class TapTreeLeaf:
+    """One leaf of PSBT_OUT_TAP_TREE with its depth, in depth-first order (the tree's
+    serialised form; :class:`anyhsm.bitcoin.taproot.TapLeaf` is the leaf itself)."""
 
     depth: int
     leaf_version: int
@@ -294,29 +295,29 @@ def decode_witness(data: bytes) -> list[bytes]:
     return items
 
 
-def encode_tap_tree(leaves: Sequence[TapLeaf]) -> bytes:
+def encode_tap_tree(leaves: Sequence[TapTreeLeaf]) -> bytes:
     return b"".join(
         bytes([leaf.depth, leaf.leaf_version]) + var_bytes(leaf.script) for leaf in leaves
     )
 
 
-def decode_tap_tree(data: bytes) -> tuple[TapLeaf, ...]:
+def decode_tap_tree(data: bytes) -> tuple[TapTreeLeaf, ...]:
     if not data:
         raise PsbtError("taproot tree is empty")
     stream = BytesIO(data)
-    leaves: list[TapLeaf] = []
+    leaves: list[TapTreeLeaf] = []
     try:
         while stream.tell() < len(data):
             depth, leaf_version = read_exact(stream, 2, "leaf header")
             size = read_compact_size(stream, "leaf script length")
-            leaves.append(TapLeaf(depth, leaf_version, read_exact(stream, size, "leaf script")))
+            leaves.append(TapTreeLeaf(depth, leaf_version, read_exact(stream, size, "leaf script")))
     except EncodingError as e:
         raise PsbtError(f"taproot tree is malformed: {e.message}") from None
     check_tap_tree(leaves)
     return tuple(leaves)
 
 
-def check_tap_tree(leaves: Sequence[TapLeaf]) -> None:
+def check_tap_tree(leaves: Sequence[TapTreeLeaf]) -> None:
     """The leaves, in depth-first order, must form one complete binary tree (as Bitcoin
     Core's TaprootBuilder checks), at most 128 deep, with valid leaf versions."""
     if not leaves:

@@ -24,7 +24,7 @@ from anyhsm.bitcoin.psbt_fields import (
     OutputType,
     ProprietaryField,
     TapKeyOrigin,
-    TapLeaf,
+    TapTreeLeaf,
     UnknownField,
     check_control_block,
     check_pubkey,
@@ -536,7 +536,7 @@ class PsbtOutput:
     witness_script: bytes | None = None
     bip32_derivations: dict[bytes, KeyOrigin] = field(default_factory=dict)
     tap_internal_key: bytes | None = None
-    tap_tree: tuple[TapLeaf, ...] | None = None
+    tap_tree: tuple[TapTreeLeaf, ...] | None = None
     tap_bip32_derivations: dict[bytes, TapKeyOrigin] = field(default_factory=dict)
     proprietary: list[ProprietaryField] = field(default_factory=list)
     unknown: list[UnknownField] = field(default_factory=list)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from anyhsm.bitcoin.encoding import tagged_hash, var_bytes
 from anyhsm.crypto import secp256k1
@@ -84,6 +84,35 @@ def merkle_root(tree: TapTree | None) -> bytes | None:
     if tree is None:
         return None
     return _node_hash(tree, 0)
+
+
+class DepthFirstLeaf(Protocol):
+    """A leaf with its depth, as PSBT_OUT_TAP_TREE and descriptors list a tree."""
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def leaf_version(self) -> int: ...
+
+    @property
+    def script(self) -> bytes: ...
+
+
+def depth_first_merkle_root(leaves: Sequence[DepthFirstLeaf]) -> bytes:
+    """The Merkle root of a tree given as its leaves in depth-first order with their
+    depths (PSBT_OUT_TAP_TREE); ScriptError when they do not form a complete tree."""
+    stack: list[tuple[int, bytes]] = []
+    for leaf in leaves:
+        _check_depth(leaf.depth)
+        node = (leaf.depth, leaf_hash(leaf.script, leaf.leaf_version))
+        while stack and stack[-1][0] == node[0] and node[0] > 0:
+            depth, left = stack.pop()
+            node = (depth - 1, branch_hash(left, node[1]))
+        stack.append(node)
+    if len(stack) != 1 or stack[0][0] != 0:
+        raise ScriptError("taproot tree is incomplete")
+    return stack[0][1]
 
 
 def leaves(tree: TapTree | None) -> list[TapLeaf]:

@@ -20,10 +20,11 @@ from tests.bitcoin.test_signer import (
 from anyhsm.bitcoin import NothingSigned, Psbt, SigningPolicyError, finalize_psbt, sign_psbt
 from anyhsm.bitcoin.bip32 import ExtendedKey
 from anyhsm.bitcoin.encoding import hash160
-from anyhsm.bitcoin.policy import SpendKind, describe_input, estimate_vsize
+from anyhsm.bitcoin.policy import estimate_vsize
 from anyhsm.bitcoin.psbt import PsbtOutput, TapKeyOrigin
 from anyhsm.bitcoin.psbt_fields import TapTreeLeaf
 from anyhsm.bitcoin.script import multisig, op_return, p2pkh, p2sh, p2tr, p2wpkh
+from anyhsm.bitcoin.spend import SpendKind, describe_input
 from anyhsm.bitcoin.taproot import TapLeaf, depth_first_merkle_root, merkle_root, taproot_output_key
 from anyhsm.bitcoin.tx import TxOut
 from anyhsm.hsm import Hsm

@@ -30,10 +30,11 @@ from tests.bitcoin.test_signer import (
 from anyhsm.bitcoin import NothingSigned, Psbt, SigningPolicyError, finalize_psbt, sign_psbt
 from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin
 from anyhsm.bitcoin.encoding import hash160
-from anyhsm.bitcoin.policy import describe_input, estimate_vsize
+from anyhsm.bitcoin.policy import estimate_vsize
 from anyhsm.bitcoin.psbt import PsbtOutput, TapKeyOrigin
 from anyhsm.bitcoin.psbt_fields import TapTreeLeaf
 from anyhsm.bitcoin.script import OP_CHECKSIG, p2tr, p2wpkh
+from anyhsm.bitcoin.spend import describe_input
 from anyhsm.bitcoin.taproot import leaf_hash, taproot_output_key
 from anyhsm.bitcoin.tx import TxOut
 from anyhsm.config import Config

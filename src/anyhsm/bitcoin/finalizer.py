@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from anyhsm.bitcoin.encoding import hash160
-from anyhsm.bitcoin.policy import SpendInfo, SpendKind, describe_input
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput
 from anyhsm.bitcoin.script import OP_CHECKSIG, ScriptType, classify, push_data
 from anyhsm.bitcoin.sighash import SIGHASH_DEFAULT, STANDARD_SIGHASH_TYPES, SighashCache
+from anyhsm.bitcoin.spend import SpendInfo, SpendKind, describe_input
 from anyhsm.bitcoin.taproot import TAPROOT_LEAF_TAPSCRIPT, leaf_hash, verify_control_block
 from anyhsm.bitcoin.tx import Transaction
 from anyhsm.crypto import secp256k1 as ec

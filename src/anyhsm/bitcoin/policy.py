@@ -1,10 +1,8 @@
-"""What a PSBT input spends, and the signing policy checked before any signature is made.
+"""The signing policy checked before any signature is made.
 
 Hardware wallets refuse to sign what they cannot account for; so does this layer.
-:func:`describe_input` works out, from public data only, what an input spends and
-which script its signatures are checked against (and whether the PSBT's scripts
-are consistent: the BIP174 signer checks). :func:`check_policy` then applies the
-rules of :class:`anyhsm.config.PolicyConfig` to the whole transaction:
+From what each input spends (:mod:`anyhsm.bitcoin.spend`), :func:`check_policy`
+applies the rules of :class:`anyhsm.config.PolicyConfig` to the whole transaction:
 
 - every input's previous output must be provided (the fee needs every amount);
 - a segwit v0 input's WITNESS_UTXO must equal the output in its NON_WITNESS_UTXO, and
@@ -34,20 +32,18 @@ output and the rule; all refusals found are listed in the error's ``details``.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from anyhsm.bitcoin.address import address_from_script
 from anyhsm.bitcoin.bip32 import KeyOrigin, format_path
-from anyhsm.bitcoin.encoding import hash160, sha256
+from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.networks import describe_family, networks_for_bip32_version
 from anyhsm.bitcoin.paths import CHANGE_PATH_RULE, INPUT_PATH_RULE, PathRules
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput, PsbtOutput
 from anyhsm.bitcoin.script import (
     ScriptType,
     classify,
-    iter_ops,
     p2pkh,
     p2sh,
     p2tr,
@@ -55,13 +51,12 @@ from anyhsm.bitcoin.script import (
 )
 from anyhsm.bitcoin.sighash import (
     SIGHASH_ANYONECANPAY,
-    SIGHASH_DEFAULT,
     STANDARD_SIGHASH_TYPES,
     sighash_name,
 )
 from anyhsm.bitcoin.size import estimate_vsize as _estimate_size
+from anyhsm.bitcoin.spend import SpendInfo, SpendKind, script_pushes_in_order
 from anyhsm.bitcoin.taproot import depth_first_merkle_root, taproot_output_key
-from anyhsm.bitcoin.tx import TxOut
 from anyhsm.config import PolicyConfig
 from anyhsm.errors import ScriptError, SigningPolicyError
 from anyhsm.types import Network
@@ -71,214 +66,6 @@ MISSING_PREVIOUS_TX_RULE = "missing-previous-tx"
 UNVERIFIED_AMOUNT_RULE = "unverified-amount"
 CHANGE_TAPROOT_TREE_RULE = "change-taproot-tree"
 TX_WEIGHT_RULE = "tx-weight"
-
-
-class SpendKind(enum.Enum):
-    """How an input is spent, as far as signing and finalizing care."""
-
-    P2PKH = "p2pkh"
-    P2PK = "p2pk"
-    P2SH = "p2sh"  # legacy P2SH: the redeem script runs without segwit
-    P2SH_P2WPKH = "p2sh-p2wpkh"
-    P2WPKH = "p2wpkh"
-    P2WSH = "p2wsh"
-    P2SH_P2WSH = "p2sh-p2wsh"
-    P2TR = "p2tr"
-    BARE = "bare"  # bare multisig or another legacy script
-    UNKNOWN = "unknown"  # no previous output, a future witness version, or non-standard
-
-    @property
-    def segwit_v0(self) -> bool:
-        return self in _SEGWIT_V0
-
-    @property
-    def legacy(self) -> bool:
-        return self in _LEGACY
-
-
-_SEGWIT_V0 = frozenset(
-    {SpendKind.P2WPKH, SpendKind.P2SH_P2WPKH, SpendKind.P2WSH, SpendKind.P2SH_P2WSH}
-)
-_LEGACY = frozenset({SpendKind.P2PKH, SpendKind.P2PK, SpendKind.P2SH, SpendKind.BARE})
-
-
-@dataclass(frozen=True)
-class SpendInfo:
-    """What one input spends.
-
-    ``script_code`` is the script whose signature check the sighash commits to
-    (without length prefix): the scriptPubKey (P2PKH, P2PK, bare), the redeem script
-    (legacy P2SH), the witness script (P2WSH) or the P2PKH script of the key hash
-    (P2WPKH, BIP143). ``problem`` is an inconsistency that makes the input unsafe to
-    sign (a BIP174 signer check failed); ``unsignable`` says why the input cannot be
-    signed although nothing is wrong with it (a redeem script not given yet...).
-    """
-
-    kind: SpendKind
-    spent: TxOut | None
-    script_code: bytes | None = None
-    redeem_script: bytes | None = None
-    witness_script: bytes | None = None
-    problem: str | None = None
-    unsignable: str | None = None
-
-    @property
-    def amount(self) -> int | None:
-        return None if self.spent is None else self.spent.value
-
-
-def describe_input(inp: PsbtInput) -> SpendInfo:
-    """Classify an input from its UTXO fields and scripts; run BIP174's signer checks."""
-    nwu = inp.non_witness_utxo
-    if nwu is not None:
-        if nwu.txid() != inp.previous_txid:
-            return SpendInfo(
-                SpendKind.UNKNOWN,
-                None,
-                problem="PSBT_IN_NON_WITNESS_UTXO is not the transaction the input spends "
-                "(its txid differs)",
-            )
-        if inp.output_index >= len(nwu.outputs):
-            return SpendInfo(
-                SpendKind.UNKNOWN,
-                None,
-                problem=f"PSBT_IN_NON_WITNESS_UTXO has no output {inp.output_index}",
-            )
-        spent: TxOut | None = nwu.outputs[inp.output_index]
-        if inp.witness_utxo is not None and inp.witness_utxo != spent:
-            return SpendInfo(
-                SpendKind.UNKNOWN,
-                spent,
-                problem="PSBT_IN_WITNESS_UTXO does not match the spent output in "
-                "PSBT_IN_NON_WITNESS_UTXO (amount or script differ)",
-            )
-    else:
-        spent = inp.witness_utxo
-    if spent is None:
-        return SpendInfo(
-            SpendKind.UNKNOWN,
-            None,
-            problem="previous output not provided (no PSBT_IN_NON_WITNESS_UTXO or "
-            "PSBT_IN_WITNESS_UTXO)",
-        )
-    info = _classify_spend(inp, spent)
-    if info.problem is None and info.unsignable is None and info.kind.legacy and nwu is None:
-        return SpendInfo(
-            info.kind,
-            spent,
-            info.script_code,
-            info.redeem_script,
-            problem="a PSBT_IN_WITNESS_UTXO is given for a non-segwit input; its amount "
-            "cannot be verified without PSBT_IN_NON_WITNESS_UTXO",
-        )
-    return info
-
-
-def _classify_spend(inp: PsbtInput, spent: TxOut) -> SpendInfo:
-    spk = spent.script_pubkey
-    info = classify(spk)
-    t = info.type
-    if t is ScriptType.P2PKH:
-        return SpendInfo(SpendKind.P2PKH, spent, spk)
-    if t is ScriptType.P2PK:
-        return SpendInfo(SpendKind.P2PK, spent, spk)
-    if t is ScriptType.MULTISIG:
-        return SpendInfo(SpendKind.BARE, spent, spk)
-    if t is ScriptType.P2WPKH:
-        return SpendInfo(SpendKind.P2WPKH, spent, p2pkh(info.data))
-    if t is ScriptType.P2WSH:
-        return _witness_script(inp, spent, SpendKind.P2WSH, info.data, None)
-    if t is ScriptType.P2TR:
-        return SpendInfo(SpendKind.P2TR, spent)
-    if t is ScriptType.P2SH:
-        rs = inp.redeem_script
-        if rs is None:
-            return SpendInfo(
-                SpendKind.P2SH, spent, unsignable="the P2SH redeem script is not given"
-            )
-        if hash160(rs) != info.data:
-            return SpendInfo(
-                SpendKind.P2SH,
-                spent,
-                problem="PSBT_IN_REDEEM_SCRIPT does not hash to the P2SH scriptPubKey",
-            )
-        inner = classify(rs)
-        if inner.type is ScriptType.P2WPKH:
-            return SpendInfo(SpendKind.P2SH_P2WPKH, spent, p2pkh(inner.data), rs)
-        if inner.type is ScriptType.P2WSH:
-            return _witness_script(inp, spent, SpendKind.P2SH_P2WSH, inner.data, rs)
-        if inner.witness_version is not None:
-            return SpendInfo(
-                SpendKind.UNKNOWN,
-                spent,
-                redeem_script=rs,
-                unsignable=f"P2SH-wrapped witness version {inner.witness_version} cannot be signed",
-            )
-        return SpendInfo(SpendKind.P2SH, spent, rs, rs)
-    if t is ScriptType.WITNESS_UNKNOWN:
-        return SpendInfo(
-            SpendKind.UNKNOWN,
-            spent,
-            unsignable=f"witness version {info.witness_version} cannot be signed",
-        )
-    if t is ScriptType.OP_RETURN:
-        return SpendInfo(SpendKind.UNKNOWN, spent, unsignable="spends an OP_RETURN output")
-    return SpendInfo(SpendKind.BARE, spent, spk)
-
-
-def _witness_script(
-    inp: PsbtInput, spent: TxOut, kind: SpendKind, program: bytes, rs: bytes | None
-) -> SpendInfo:
-    ws = inp.witness_script
-    if ws is None:
-        return SpendInfo(kind, spent, None, rs, unsignable="the witness script is not given")
-    if sha256(ws) != program:
-        return SpendInfo(
-            kind,
-            spent,
-            None,
-            rs,
-            problem="PSBT_IN_WITNESS_SCRIPT does not hash to the P2WSH program"
-            + (" in the redeem script" if rs is not None else ""),
-        )
-    return SpendInfo(kind, spent, ws, rs, ws)
-
-
-def script_pushes(script: bytes) -> set[bytes]:
-    """Every data push of ``script`` (empty when it does not parse)."""
-    try:
-        return {op.data for op in iter_ops(script) if op.data}
-    except ScriptError:
-        return set()
-
-
-def script_pushes_in_order(script: bytes) -> list[bytes]:
-    """The data pushes of ``script`` in order (empty when it does not parse)."""
-    try:
-        return [op.data for op in iter_ops(script) if op.data]
-    except ScriptError:
-        return []
-
-
-def key_in_script(pubkey: bytes, info: SpendInfo) -> bool:
-    """Whether a signature by ``pubkey`` (33 or 65 bytes) can help spend this input."""
-    if info.script_code is None:
-        return False
-    kind = info.kind
-    if kind in (SpendKind.P2PKH, SpendKind.P2WPKH, SpendKind.P2SH_P2WPKH):
-        return p2pkh(hash160(pubkey)) == info.script_code
-    pushes = script_pushes(info.script_code)
-    return pubkey in pushes or hash160(pubkey) in pushes
-
-
-def default_sighash(inp: PsbtInput, kind: SpendKind) -> int:
-    """PSBT_IN_SIGHASH_TYPE, else DEFAULT for taproot and ALL for everything else."""
-    if inp.sighash_type is not None:
-        return inp.sighash_type
-    return SIGHASH_DEFAULT if kind is SpendKind.P2TR else 0x01
-
-
-# --- taproot trees of outputs ------------------------------------------------------------------
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -687,13 +474,7 @@ __all__ = [
     "OutputReport",
     "Owner",
     "PolicyReport",
-    "SpendInfo",
-    "SpendKind",
     "check_policy",
-    "default_sighash",
-    "describe_input",
     "describe_output",
     "estimate_vsize",
-    "key_in_script",
-    "script_pushes",
 ]

@@ -55,17 +55,7 @@ from anyhsm.bitcoin.address import bip86_output_key
 from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, format_path
 from anyhsm.bitcoin.capability import signing_refusal
 from anyhsm.bitcoin.encoding import hash160
-from anyhsm.bitcoin.policy import (
-    OutputReport,
-    PolicyReport,
-    SpendInfo,
-    SpendKind,
-    check_policy,
-    default_sighash,
-    describe_input,
-    key_in_script,
-    script_pushes,
-)
+from anyhsm.bitcoin.policy import OutputReport, PolicyReport, check_policy
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput
 from anyhsm.bitcoin.script import p2pkh, p2sh, p2tr, p2wpkh
 from anyhsm.bitcoin.sighash import (
@@ -73,6 +63,14 @@ from anyhsm.bitcoin.sighash import (
     SIGHASH_DEFAULT,
     SighashCache,
     sighash_name,
+)
+from anyhsm.bitcoin.spend import (
+    SpendInfo,
+    SpendKind,
+    default_sighash,
+    describe_input,
+    key_in_script,
+    script_pushes,
 )
 from anyhsm.bitcoin.taproot import (
     leaf_hash,

@@ -23,11 +23,12 @@ from anyhsm.bitcoin.bip32 import ExtendedKey, KeyOrigin, format_path, parse_path
 from anyhsm.bitcoin.capability import require_spendable
 from anyhsm.bitcoin.descriptor import Descriptor, DescriptorKey
 from anyhsm.bitcoin.finalizer import finalize_psbt
-from anyhsm.bitcoin.policy import describe_input, describe_output, estimate_vsize
+from anyhsm.bitcoin.policy import describe_output, estimate_vsize
 from anyhsm.bitcoin.presets import OutputType, Purpose, account_path, address_path, purpose_for
 from anyhsm.bitcoin.psbt import Psbt
 from anyhsm.bitcoin.sighash import sighash_name
 from anyhsm.bitcoin.signer import HD_KEY_TYPES, SIGNING_KEY_TYPES, SignResult, sign_psbt
+from anyhsm.bitcoin.spend import describe_input
 from anyhsm.cli.app import App, Result, SubParsers
 from anyhsm.errors import HsmError, MessageError, PsbtError, UnsupportedOperation
 from anyhsm.fsutil import atomic_write

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from anyhsm.audit import VerifyResult
 from anyhsm.cli.app import App, Result, SubParsers
 from anyhsm.config import Config
 from anyhsm.errors import (
@@ -354,6 +355,74 @@ def cmd_audit_verify(args: argparse.Namespace, app: App) -> Result:
     return Result(res.to_dict(), text, 0 if res.ok else 8)
 
 
+def _verified_log(app: App) -> tuple[Path, VerifyResult]:
+    """The audit log's path and its chain verification, from a read-only handle."""
+    hsm = app.hsm(verify_only=True)  # read-only: never appends, works on a damaged log
+    return hsm.audit_path, hsm.verify_audit()
+
+
+def _chain_line(res: VerifyResult) -> str:
+    if res.ok:
+        return f"audit chain verified: {res.entries} entries (chain {res.chain})"
+    return f"AUDIT CHAIN BROKEN: {res.reason} (entries below are unverified)"
+
+
+def cmd_audit_show(args: argparse.Namespace, app: App) -> Result:
+    from anyhsm.audit_query import AuditQuery, format_entry, parse_time, select
+
+    query = AuditQuery(
+        op=args.op,
+        key=args.key,
+        outcome=args.outcome,
+        since=parse_time(args.since, "--since") if args.since else None,
+        until=parse_time(args.until, "--until") if args.until else None,
+        limit=args.limit,
+    )
+    path, res = _verified_log(app)
+    found = select(path, query)
+    code = 0 if res.ok else 8
+    if app.json:  # JSON lines: one entry object per line, then one summary object
+        import json
+
+        lines = [json.dumps(e, sort_keys=True, separators=(",", ":")) for e in found.entries]
+        summary = {
+            "summary": {
+                "verified": res.ok,
+                "verify": res.to_dict(),
+                "matched": len(found.entries),
+                "scanned": found.scanned,
+                "unreadable_lines": found.unreadable_lines,
+            }
+        }
+        if not res.ok:
+            summary["error"] = {
+                "code": "audit_tampered",
+                "error": "AuditTampered",
+                "message": f"the audit chain does not verify: {res.reason}",
+                "hint": "run 'anyhsm audit verify'; the entries shown are unverified",
+            }
+        lines.append(json.dumps(summary, sort_keys=True, separators=(",", ":")))
+        return Result({}, lines=lines, exit_code=code)
+    text = [_chain_line(res)]
+    text += [format_entry(e) for e in found.entries]
+    text += [f"line {n}: unreadable (not an audit entry)" for n in found.unreadable_lines]
+    text.append(f"{len(found.entries)} of {found.scanned} entries shown")
+    return Result({}, lines=text, exit_code=code)
+
+
+def cmd_audit_export(args: argparse.Namespace, app: App) -> Result:
+    from anyhsm.audit_query import export_log
+
+    path, res = _verified_log(app)
+    summary = export_log(path, Path(args.out), res)
+    text = [
+        _chain_line(res),
+        f"exported {summary['lines']} lines to {summary['out']} "
+        f"(sha256 {summary['sha256']}); summary in {summary['summary']}",
+    ]
+    return Result(summary, text, 0 if res.ok else 8)
+
+
 def cmd_config_check(args: argparse.Namespace, app: App) -> Result:
     import tomllib
 
@@ -571,6 +640,23 @@ def register(sub: SubParsers) -> None:
     )
     rc.add_argument("--reason", required=True, help="why the loss is accepted (recorded)")
     rc.set_defaults(func=cmd_audit_recover)
+    sh = asub.add_parser(
+        "show",
+        help="print matching entries after verifying the chain (read-only); "
+        "--json: JSON lines, one entry per line, then a summary line",
+    )
+    sh.add_argument("--op", help="only this operation (e.g. sign, create_key) (default: all)")
+    sh.add_argument("--key", help="only entries about this key id (default: all)")
+    sh.add_argument("--outcome", help="only this outcome (ok, error, refused, ...) (default: all)")
+    sh.add_argument("--since", metavar="ISO", help="from this time, inclusive (UTC if no zone)")
+    sh.add_argument("--until", metavar="ISO", help="before this time, exclusive (UTC if no zone)")
+    sh.add_argument("--limit", type=int, metavar="N", help="the last N matches (default: all)")
+    sh.set_defaults(func=cmd_audit_show)
+    ex = asub.add_parser(
+        "export", help="copy the log and a verification summary to 0600 files (read-only)"
+    )
+    ex.add_argument("--out", required=True, metavar="FILE", help="the copy (FILE.summary.json too)")
+    ex.set_defaults(func=cmd_audit_export)
     cf = sub.add_parser("config", help="configuration")
     csub = cf.add_subparsers(dest="config_cmd", required=True)
     csub.add_parser("check", help="report every configuration problem").set_defaults(

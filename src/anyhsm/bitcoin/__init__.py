@@ -20,7 +20,13 @@ from anyhsm.bitcoin.bip32 import ExtendedKey, KeyOrigin, format_path, parse_path
 from anyhsm.bitcoin.finalizer import FinalizeInputReport, FinalizeResult, finalize_psbt
 from anyhsm.bitcoin.policy import OutputReport, PolicyReport
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput, PsbtOutput
-from anyhsm.bitcoin.signer import InputReport, SignatureReport, SignResult, sign_psbt
+from anyhsm.bitcoin.signer import (
+    InputReport,
+    SignatureKind,
+    SignatureReport,
+    SignResult,
+    sign_psbt,
+)
 from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn, TxOut
 from anyhsm.errors import NothingSigned, PsbtError, SigningPolicyError
 
@@ -40,6 +46,7 @@ __all__ = [
     "PsbtInput",
     "PsbtOutput",
     "SignResult",
+    "SignatureKind",
     "SignatureReport",
     "SigningPolicyError",
     "Transaction",

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -111,6 +112,14 @@ _ZERO_AUX = bytes(32)
 # --- reports -------------------------------------------------------------------------------------
 
 
+class SignatureKind(enum.StrEnum):
+    """What a signature the signer makes is, and where it goes in the PSBT."""
+
+    ECDSA = "ecdsa"  # PSBT_IN_PARTIAL_SIG
+    TAPROOT_KEY = "taproot-key"  # PSBT_IN_TAP_KEY_SIG (BIP86 / key path, tweaked key)
+    TAPROOT_SCRIPT = "taproot-script"  # PSBT_IN_TAP_SCRIPT_SIG (one leaf)
+
+
 @dataclass(frozen=True)
 class SignatureReport:
     """One signature the signer added."""
@@ -118,7 +127,7 @@ class SignatureReport:
     key: str  # label of the key in the HSM
     pubkey: bytes  # 33-byte key (ECDSA) or 32-byte x-only key (taproot)
     path: tuple[int, ...] | None  # BIP32 path below the master; None for a single key
-    kind: str  # "ecdsa" | "taproot-key" | "taproot-script"
+    kind: SignatureKind
     sighash: int
     leaf_hash: bytes | None = None
 
@@ -127,7 +136,7 @@ class SignatureReport:
             "key": self.key,
             "pubkey": self.pubkey.hex(),
             "path": None if self.path is None else format_path(self.path),
-            "kind": self.kind,
+            "kind": self.kind.value,
             "sighash": sighash_name(self.sighash),
             "leaf_hash": None if self.leaf_hash is None else self.leaf_hash.hex(),
         }
@@ -310,7 +319,7 @@ class _Job:  # internal and short-lived: slots, not frozen, as it is made per in
     key: _Key
     path: tuple[int, ...]
     pubkey: bytes  # the PSBT field's key: 33 bytes (ECDSA) or x-only (taproot)
-    kind: str
+    kind: SignatureKind
     verify_key: bytes  # what the signature must verify against
     tweak: bytes | None = None
     leaf_hash: bytes | None = None
@@ -422,7 +431,7 @@ def _plan_input(
         if why is not None:
             _note(plan, deriv, k, path, pub, why)
             continue
-        plan.add(_Job(k, path, pub, "ecdsa", pub))
+        plan.add(_Job(k, path, pub, SignatureKind.ECDSA, pub))
     return plan
 
 
@@ -482,7 +491,7 @@ def _plan_taproot(
             if why is not None:
                 _note(plan, deriv, k, path, xonly, why)
                 continue
-            plan.add(_Job(k, path, xonly, "taproot-script", xonly, leaf_hash=lh))
+            plan.add(_Job(k, path, xonly, SignatureKind.TAPROOT_SCRIPT, xonly, leaf_hash=lh))
 
 
 def _plan_key_path(
@@ -528,7 +537,7 @@ def _plan_key_path(
     if why is not None:
         _note(plan, deriv, k, path, xonly, why)
         return
-    plan.add(_Job(k, path, xonly, "taproot-key", q, tweak=tweak))
+    plan.add(_Job(k, path, xonly, SignatureKind.TAPROOT_KEY, q, tweak=tweak))
 
 
 # --- signing -------------------------------------------------------------------------------------
@@ -556,7 +565,7 @@ def _single_scripts(keys: Sequence[_Key]) -> dict[bytes, str]:
 
 
 def _digest(cache: SighashCache, index: int, info: SpendInfo, job: _Job, hash_type: int) -> bytes:
-    if job.kind == "ecdsa":
+    if job.kind is SignatureKind.ECDSA:
         assert info.script_code is not None and info.spent is not None
         if info.kind.segwit_v0:
             return cache.bip143(index, info.script_code, info.spent.value, hash_type)
@@ -679,7 +688,7 @@ def _sign(
         leaves = {
             i: {j.leaf_hash for j in plan.jobs if j.leaf_hash is not None and _ours(j, deriv)}
             for i, plan in enumerate(plans)
-            if plan.jobs and all(j.kind == "taproot-script" for j in plan.jobs)
+            if plan.jobs and all(j.kind is SignatureKind.TAPROOT_SCRIPT for j in plan.jobs)
         }
 
         def confirmed(label: str, path: tuple[int, ...]) -> bool:
@@ -801,7 +810,7 @@ def _sign_all(
         requests: list[tuple[bytes, SigScheme, SignParams | None]] = []
         for _, job, digest, _ in items:
             path = job.path if job.key.hd else ()
-            if job.kind == "ecdsa":
+            if job.kind is SignatureKind.ECDSA:
                 params = SignParams(path=path, grind_low_r=grind_low_r)
                 requests.append((digest, SigScheme.ECDSA, params))
             else:
@@ -853,7 +862,7 @@ def _same_slot(a: _Job, b: _Job) -> bool:
 
 def _verifies(job: _Job, digest: bytes, sig: bytes) -> bool:
     """Whether ``sig`` verifies under the key the PSBT names (strict DER, low S)."""
-    if job.kind == "ecdsa":
+    if job.kind is SignatureKind.ECDSA:
         return ec.ecdsa_verify(job.verify_key, digest, sig)
     return len(sig) == 64 and ec.schnorr_verify(job.verify_key, digest, sig)
 
@@ -862,11 +871,11 @@ def _place(inp: PsbtInput, job: _Job, hash_type: int, sig: bytes) -> None:
     """Add a verified signature to the input. Set directly rather than through the
     PsbtInput.add_* mutators: verification has parsed the key and strictly decoded the
     signature, which is all they check."""
-    if job.kind == "ecdsa":
+    if job.kind is SignatureKind.ECDSA:
         inp.partial_sigs[job.pubkey] = sig + bytes((hash_type,))
         return
     full = sig if hash_type == SIGHASH_DEFAULT else sig + bytes((hash_type,))
-    if job.kind == "taproot-key":
+    if job.kind is SignatureKind.TAPROOT_KEY:
         inp.tap_key_sig = full
     else:
         assert job.leaf_hash is not None

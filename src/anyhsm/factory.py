@@ -16,7 +16,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -27,9 +27,11 @@ from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import (
     AllProvidersFailed,
     AnchorMismatch,
+    AuthenticationFailed,
     ConfigError,
     HsmError,
     KeystoreRolledBack,
+    LockTimeout,
     ManifestMissing,
     ProviderNotInstalled,
     ProviderTimeout,
@@ -80,6 +82,34 @@ STORE_VERDICTS: tuple[type[HsmError], ...] = (
 )
 """Errors that end the chain walk: they judge the store, which every later provider of a
 keystore-based chain would open too (a fallback must never be a way around them)."""
+
+COMMON_CAUSES: tuple[type[HsmError], ...] = (AuthenticationFailed, LockTimeout)
+"""Kinds of failure that, when every provider tried failed of one of them, are the
+chain's error (with its exit status: 5 for a credential, 10 for the lock) instead of
+:class:`AllProvidersFailed` (4) or :class:`SecurityLevelTooLow` (7)."""
+
+
+def common_cause(failures: Sequence[HsmError]) -> HsmError | None:
+    """The first failure when all of ``failures`` are of one kind of
+    :data:`COMMON_CAUSES` (a wrong, missing or locked credential; the keystore lock),
+    else None. Providers skipped by policy (below the floor, refused) were not tried and
+    are not in ``failures``: a wrong PIN on the only provider the floor allows is an
+    authentication failure, not a security level too low."""
+    if not failures:
+        return None
+    for kind in COMMON_CAUSES:
+        if all(isinstance(f, kind) for f in failures):
+            return failures[0]
+    return None
+
+
+def restate(cause: HsmError, message: str) -> HsmError:
+    """An error of ``cause``'s class (same ``code``, ``exit_code``, hint and attributes,
+    such as :attr:`LockTimeout.holder_pid`) with another message and no details."""
+    err = type(cause).__new__(type(cause))
+    err.__dict__.update(cause.__dict__)
+    HsmError.__init__(err, message, hint=cause.hint)
+    return err
 
 
 def load_provider_class(name: str) -> Callable[[ProviderContext], Provider]:
@@ -304,12 +334,42 @@ class ChainResult:
     attempts: list[Attempt]
 
 
+ENROLMENT_REASON = "enrolment only: the keystore opened with the passphrase, below the floor"
+
+
+def enrolment_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
+    """The keystore opened with the passphrase whatever the floor, for a handle that may
+    only enrol an unlock path (:data:`anyhsm.hsm.ENROLMENT`): on a fresh production
+    mainnet deployment nothing reaches the ``tpm`` floor until the TPM (or a token wrap)
+    is enrolled. The floor itself is not lowered: the handle refuses every key operation.
+    A lowered floor without consent is still refused (:func:`check_floor`)."""
+    harden_process(config.environment)
+    check_floor(config)
+    if passphrase is None:
+        from anyhsm.errors import AuthenticationFailed
+
+        raise AuthenticationFailed(
+            "enrolling an unlock path needs the keystore passphrase",
+            hint="set ANYHSM_PASSPHRASE or pass --passphrase-file",
+        )
+    timeout = provider_context(config, "software", None).timeout_s
+    t0 = time.perf_counter()
+    provider, pub = run_bounded(
+        lambda: open_provider(config, "software", passphrase), timeout, "keystore (enrolment)"
+    )
+    elapsed = (time.perf_counter() - t0) * 1000
+    attempt = Attempt("software", "ok", ENROLMENT_REASON, elapsed, SecurityLevel.SOFTWARE)
+    return ChainResult(provider, pub, [attempt])
+
+
 def walk_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
     """Open the first healthy provider of the chain that policy allows."""
     harden_process(config.environment)
     check_floor(config)
     minimum = config.effective_min_level
     attempts: list[Attempt] = []
+    failures: list[HsmError] = []  # the errors of the providers actually tried...
+    tried: list[str] = []  # ...and their names
     chosen: tuple[Provider, bytes] | None = None
     below: list[str] = []
     for name in config.fallback.chain:
@@ -341,6 +401,8 @@ def walk_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
             )
             attempts.append(Attempt(name, "ok", "", (time.perf_counter() - t0) * 1000, level))
         except ProviderTimeout as e:
+            failures.append(e)
+            tried.append(name)
             attempts.append(
                 Attempt(
                     name, "timeout", e.message, (time.perf_counter() - t0) * 1000, level, e.code
@@ -351,6 +413,8 @@ def walk_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
             # provider would open the same rolled-back or altered store. Fail closed.
             raise
         except HsmError as e:
+            failures.append(e)
+            tried.append(name)
             attempts.append(
                 Attempt(
                     name,
@@ -364,7 +428,14 @@ def walk_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
     if chosen is None:
         reasons = "; ".join(f"{a.name}: {a.reason}" for a in attempts)
         err: HsmError
-        if below:
+        cause = common_cause(failures)
+        if cause is not None:
+            # Every provider tried failed for the same reason (a credential, the lock):
+            # that is the error, whatever the providers skipped by policy.
+            where = next(n for n, f in zip(tried, failures, strict=True) if f is cause)
+            others = "; ".join(f"{a.name}: {a.reason}" for a in attempts if a.name != where)
+            err = restate(cause, f"{where}: {cause.message}" + (f"; {others}" if others else ""))
+        elif below:
             err = SecurityLevelTooLow(
                 f"no provider at or above {minimum.label} could be opened ({reasons})",
                 hint="fix the hardware provider, or give explicit consent with "

@@ -232,17 +232,80 @@ def read_secret_source(
     return _read_fd(fd, st.st_size if stat.S_ISREG(st.st_mode) else 4096, what, "on standard input")
 
 
+LOCK_TIMEOUT_S = 10.0
+"""How long :func:`file_lock` waits for another process by default (read at each call)."""
+
+LOCK_WAIT_WARNING_S = 0.5
+"""After this long waiting, :func:`file_lock` logs (once) that it waits, and for whom."""
+
+_PID_BYTES = 32
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid the exclusive holder wrote into the lock file, or None (unknown, a shared
+    holder, a holder from before pids were written, or a write in progress)."""
+    try:
+        raw = os.pread(fd, _PID_BYTES, 0)
+    except OSError:
+        return None
+    text = raw.split(b"\n", 1)[0].strip()
+    if not text.isdigit() or len(text) > 10:
+        return None
+    pid = int(text)
+    return pid if pid > 0 else None
+
+
+def _record_holder(fd: int) -> None:
+    """Write this process's pid into the lock file, after the exclusive flock is taken
+    (truncate first: the file is shared, the previous holder's pid may be longer)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:  # naming the holder is a courtesy: never fail the lock for it
+        log.debug("anyhsm: could not record the lock holder in the lock file: %s", e)
+
+
+def _release_holder(fd: int) -> None:
+    """Clear the pid before the flock goes, so the file never names a past holder."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+
+
+def _lock_timeout(path: Path, timeout_s: float, holder: int | None) -> LockTimeout:
+    who = f"process {holder}" if holder is not None else "another process"
+    find = (
+        f"see what it is with 'ps -o pid,etime,args -p {holder}'"
+        if holder is not None
+        else f"find it with 'fuser -v {path}' or 'lsof {path}'"
+    )
+    return LockTimeout(
+        f"could not lock {path} within {timeout_s:.1f} s: {who} holds it",
+        holder_pid=holder,
+        hint=f"{find}; it may be a long key-derivation or a stuck anyhsm command: "
+        "retry when it has finished, or stop it",
+    )
+
+
 @contextlib.contextmanager
-def file_lock(path: Path, *, exclusive: bool = True, timeout_s: float = 10.0) -> Iterator[None]:
+def file_lock(
+    path: Path, *, exclusive: bool = True, timeout_s: float | None = None
+) -> Iterator[None]:
     """Advisory ``flock`` on ``path`` (created 0600), held for the ``with`` block.
 
     Works across processes; the kernel drops it if the holder dies, so a
-    crashed writer never leaves the store locked.
+    crashed writer never leaves the store locked. An exclusive holder writes its pid
+    into the file, so a process that has to wait can say for whom: after
+    :data:`LOCK_WAIT_WARNING_S` it logs a warning once, and :class:`LockTimeout` (after
+    ``timeout_s``, default :data:`LOCK_TIMEOUT_S`) names the holder.
     """
+    limit = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    locked = False
     try:
         op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + limit
+        warned = False
         delay = 0.0005
         while True:
             try:
@@ -251,13 +314,25 @@ def file_lock(path: Path, *, exclusive: bool = True, timeout_s: float = 10.0) ->
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(
-                        f"could not lock {path} within {timeout_s:.1f} s",
-                        hint="another anyhsm process holds it; retry, or find the stuck process",
-                    ) from None
+                now = time.monotonic()
+                if now >= deadline:
+                    raise _lock_timeout(path, limit, _lock_holder(fd)) from None
+                if not warned and now - start >= LOCK_WAIT_WARNING_S:
+                    warned = True
+                    holder = _lock_holder(fd)
+                    log.warning(
+                        "anyhsm: waiting for the lock %s held by %s (up to %.0f s)",
+                        path,
+                        f"pid {holder}" if holder is not None else "another process",
+                        limit,
+                    )
                 time.sleep(delay)
                 delay = min(delay * 2, 0.02)
+        locked = exclusive
+        if locked:
+            _record_holder(fd)
         yield
     finally:
+        if locked:
+            _release_holder(fd)
         os.close(fd)  # closing releases the flock

@@ -53,8 +53,12 @@ from anyhsm.factory import (
     STORE_VERDICTS,
     Attempt,
     ChainResult,
+    common_cause,
+    enrolment_chain,
     floor_detail,
+    floor_lowered,
     resolve_passphrase,
+    restate,
     signing_probe,
     walk_chain,
 )
@@ -89,6 +93,11 @@ T = TypeVar("T")
 
 _REFUSALS = (PolicyViolation, ExportNotAllowed)
 
+OPERATE = "operate"
+ENROLMENT = "enrolment"
+"""Purposes of a handle: ``enrolment`` opens the keystore with the passphrase below the
+floor and permits only enrolment and status (see :func:`open_for_enrolment`)."""
+
 
 def failure_outcome(error: Exception, detail: dict[str, str]) -> str:
     """ "refused" for a decision of policy (naming its rules in ``detail``), else "error"."""
@@ -114,30 +123,71 @@ def digests_detail(digests: Sequence[bytes]) -> dict[str, str]:
 
 @dataclass
 class HealthReport:
-    """What ``anyhsm health`` prints."""
+    """What ``anyhsm health`` prints: the same shape whether the handle opened or not.
+
+    ``ok`` says the active provider passed its check; ``degraded`` that the handle
+    runs, but worse than the configuration asks for (each reason in
+    ``degraded_reasons``, see :data:`DEGRADED_REASONS`). When nothing could be opened
+    (:func:`health_from_failure`), ``ok`` is false, ``active_provider`` and
+    ``security_level`` are None, ``providers`` holds every provider's reason and
+    ``error`` the error's JSON object.
+    """
 
     ok: bool
-    active_provider: str
-    security_level: SecurityLevel
-    min_security_level: SecurityLevel
-    environment: str
-    network: str
+    active_provider: str | None
+    security_level: SecurityLevel | None
+    min_security_level: SecurityLevel | None
+    environment: str | None
+    network: str | None
     providers: list[dict[str, object]] = field(default_factory=list)
     audit: dict[str, object] = field(default_factory=dict)
     process: dict[str, object] = field(default_factory=dict)  # core dumps, dumpable, dontdump
+    degraded_reasons: list[dict[str, str]] = field(default_factory=list)
+    error: dict[str, object] | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_reasons)
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "ok": self.ok,
+            "degraded": self.degraded,
+            "degraded_reasons": self.degraded_reasons,
             "active_provider": self.active_provider,
-            "security_level": self.security_level.label,
-            "min_security_level": self.min_security_level.label,
+            "security_level": self.security_level.label if self.security_level else None,
+            "min_security_level": (
+                self.min_security_level.label if self.min_security_level else None
+            ),
             "environment": self.environment,
             "network": self.network,
             "providers": self.providers,
             "audit": self.audit,
             "process": self.process,
         }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+DEGRADED_REASONS: dict[str, str] = {
+    "below_minimum": "the active provider is below the minimum security level "
+    "(consented by fallback.allow_below_minimum)",
+    "floor_lowered": "min_security_level is below the environment's default minimum",
+    "fell_back": "the active provider is not the first of the chain",
+    "provider_degraded": "the active provider reports itself degraded",
+    "unacknowledged_records": "the keystore holds key records its manifest does not list",
+    "anchor_not_checked": "the keystore's generation anchor was not checked at open",
+    "audit_forward_errors": "audit entries could not be forwarded",
+    "hardening_not_in_force": "process hardening is required here but not in force",
+}
+"""The ``code`` of each reason ``health`` may give for ``degraded`` (stable; the
+``reason`` beside it says what exactly)."""
+
+
+def _degraded(code: str, reason: str) -> dict[str, str]:
+    assert code in DEGRADED_REASONS
+    return {"code": code, "reason": reason}
 
 
 class _Anchor:
@@ -158,8 +208,12 @@ class Hsm:
         *,
         audit_recovery: str | None = None,
         verify_only: bool = False,
+        purpose: str = OPERATE,
     ) -> None:
+        if purpose not in (OPERATE, ENROLMENT):
+            raise ConfigError(f"unknown handle purpose {purpose!r}")
         self._config = config
+        self._enrolment_only = purpose == ENROLMENT
         self._verify_only = verify_only
         self._passphrase = passphrase
         self._audit_recovery = audit_recovery
@@ -170,7 +224,8 @@ class Hsm:
         self._audit: AuditLog | None = None
         self._anchor = _Anchor(None, None)
         self._closed = False
-        chain = walk_chain(config, passphrase)
+        opener = enrolment_chain if self._enrolment_only else walk_chain
+        chain = opener(config, passphrase)
         try:
             self._install(chain)
         except BaseException:
@@ -229,14 +284,21 @@ class Hsm:
             return _Anchor(self._active.keystore, None)
         cfg = self._config
         configured = set(cfg.providers) | set(cfg.fallback.chain)
+        if "wrap_key_label" in cfg.provider_settings("pkcs11"):
+            # A token wrap opens the keystore whether or not the chain lists
+            # "pkcs11-wrapped" (docs/pkcs11/README.md, "Wrap mode").
+            configured.add("pkcs11-wrapped")
         if not configured & {"software", "tpm", "pkcs11-wrapped"}:
             return _Anchor(None, None)
         from anyhsm.factory import load_provider_class, provider_context, run_bounded
 
         reasons: list[str] = []
+        failures: list[HsmError] = []
+        rows: list[dict[str, object]] = []
         for name in ("tpm", "pkcs11-wrapped", "software"):
             if name not in configured:
                 continue
+            t0 = time.perf_counter()
             try:
                 cls = load_provider_class(name)
                 ctx = provider_context(cfg, name, self._passphrase)
@@ -245,12 +307,30 @@ class Hsm:
                 run_bounded(provider.open, ctx.timeout_s, f"keystore via {name}")
             except HsmError as e:
                 reasons.append(f"{name}: {e.message}")
+                failures.append(e)
+                elapsed = (time.perf_counter() - t0) * 1000
+                level = PROVIDER_LEVELS.get(name)
+                row = Attempt(name, "unavailable", e.message, elapsed, level, e.code).to_dict()
+                rows.append({**row, "purpose": "keystore"})
                 continue
             return _Anchor(provider.keystore, provider)
-        raise AuditError(
-            "cannot open the keystore that holds the audit key (" + "; ".join(reasons) + ")",
-            hint="provide the keystore passphrase (ANYHSM_PASSPHRASE), or enroll a TPM / token",
+        what = "cannot open the keystore that holds the audit key (" + "; ".join(reasons) + ")"
+        cause = common_cause(failures)
+        # Every way failed on a credential (wrong or missing passphrase, PIN) or the lock:
+        # that is the error (exit 5 / 10), not a damaged audit log.
+        err = (
+            restate(cause, what)
+            if cause is not None
+            else AuditError(
+                what,
+                hint="provide the keystore passphrase (ANYHSM_PASSPHRASE), or enroll a TPM / "
+                "token",
+            )
         )
+        # The chain's attempts (the active provider opened) and each way to the keystore,
+        # so 'health' can show them all (:func:`health_from_failure`).
+        err.details = [a.to_dict() for a in self._attempts] + rows
+        raise err
 
     def _audit_state_store(self, path: Path) -> AuditStateStore:
         """The chain's state lives in the keystore manifest (beside the log, in a MAC-ed
@@ -312,8 +392,32 @@ class Hsm:
                 "network": self._config.network.value,
                 "fallback": "yes" if self._active.name != first else "no",
                 **floor_detail(self._config),
+                **self._purpose_detail(),
             },
         )
+
+    def _purpose_detail(self) -> dict[str, str]:
+        """The open entry of an enrolment-only handle says so, and that it is below the floor."""
+        if not self._enrolment_only:
+            return {}
+        below = self.security_level < self._min_level
+        return {"purpose": ENROLMENT, "below_floor": "yes" if below else "no"}
+
+    def _key_operations(self, what: str) -> None:
+        """The guard of the enrolment-only handle: no key operation, whatever the key."""
+        if self._enrolment_only:
+            from anyhsm.errors import EnrolmentOnlyHandle
+
+            raise EnrolmentOnlyHandle(
+                f"{what} refused: this handle was opened only to enrol an unlock path "
+                "(TPM, token wrap) below the security floor",
+                hint="enrol the TPM or token wrap, then open the deployment normally",
+            )
+
+    @property
+    def enrolment_only(self) -> bool:
+        """True for a handle opened by :func:`open_for_enrolment`."""
+        return self._enrolment_only
 
     # --- public facts ---------------------------------------------------------------------
 
@@ -422,6 +526,7 @@ class Hsm:
         elsewhere, and all four are checked before the key is used. An object in a
         token that the directory does not know is never used. Without a keystore
         (development), the active provider alone answers."""
+        self._key_operations("using a key")
         if not isinstance(key, str) or not key:
             raise KeyNotFound("a key must be named by its id or label")
         hit = None if fresh else self._cache.get(key)
@@ -682,6 +787,7 @@ class Hsm:
         self, label: str, key_type: KeyType = KeyType.SECP256K1, *, exportable: bool = False
     ) -> KeyInfo:
         """Create a key in the active provider (secp256k1 by default)."""
+        self._key_operations("creating a key")
         intent = {"label": label[:128], "key_type": key_type.value}
         with self._lock, self._audited("generate_key", self._active.name, intent=intent) as d:
             d["label"] = label
@@ -705,6 +811,7 @@ class Hsm:
         exportable: bool = False,
     ) -> KeyInfo:
         """Import key material (32-byte secp256k1 scalar, or a 16-64 byte BIP32 seed)."""
+        self._key_operations("importing a key")
         provider = self._active
         intent = {"label": str(label)[:128], "key_type": key_type.value}
         with self._lock, self._audited("import_key", provider.name, intent=intent) as d:
@@ -744,6 +851,7 @@ class Hsm:
         store (the simulator); internal keys hidden. Token objects the directory does not
         know are not listed: they are never used. Without a keystore: the active
         provider's keys."""
+        self._key_operations("listing keys")
         ks = self._anchor.keystore
         kp = self._keystore_provider()
         if ks is None or kp is None:
@@ -1018,6 +1126,7 @@ class Hsm:
         under the new one. ``reseal`` re-creates unlock blobs (TPM, token) for the new
         master key; blobs it does not return are revoked with the old key.
         """
+        self._key_operations("rotating the master key")
         ks = self.keystore
         audit = self._writer()
         before = {"epoch": str(ks.epoch), **(detail or {})}
@@ -1046,12 +1155,15 @@ class Hsm:
         """Re-check the active provider (status + signing probe); report the chain."""
         rows: list[dict[str, object]] = []
         ok = True
+        degraded: list[dict[str, str]] = []
         for a in self._attempts:
             row = a.to_dict()
             if a.name == self._active.name:
                 t0 = time.perf_counter()
                 try:
                     h = self._active.health()
+                    if h.status == "degraded":
+                        degraded.append(_degraded("provider_degraded", h.reason or h.status))
                     if not h.ok:
                         raise ProviderUnavailable(h.reason or h.status)
                     signing_probe(self._active, self._probe_pub)
@@ -1083,6 +1195,8 @@ class Hsm:
         ks = self._anchor.keystore
         if ks is not None:
             audit["anchor"] = ks.anchor_status()
+        process = process_status(self._config.environment)
+        degraded += self._degraded_reasons(audit, process.ok)
         report = HealthReport(
             ok=ok,
             active_provider=self._active.name,
@@ -1092,10 +1206,84 @@ class Hsm:
             network=self._config.network.value,
             providers=rows,
             audit=audit,
-            process=process_status(self._config.environment).to_dict(),
+            process=process.to_dict(),
+            degraded_reasons=degraded,
         )
         self._writer().append("health", "ok" if ok else "error", provider=self._active.name)
         return report
+
+    def _degraded_reasons(
+        self, audit: Mapping[str, object], hardened: bool
+    ) -> list[dict[str, str]]:
+        """What makes this open handle run worse than its configuration asks for (the
+        active provider's own "degraded" status is added by :meth:`health`)."""
+        cfg = self._config
+        out: list[dict[str, str]] = []
+        level, minimum = self.security_level, cfg.effective_min_level
+        if level < minimum:
+            out.append(
+                _degraded(
+                    "below_minimum",
+                    f"running {self._active.name} at security level {level.label}, below the "
+                    f"minimum {minimum.label} (consented by fallback.allow_below_minimum)",
+                )
+            )
+        if floor_lowered(cfg):
+            detail = floor_detail(cfg)
+            out.append(
+                _degraded(
+                    "floor_lowered",
+                    f"min_security_level {detail['min_security_level']} is below the default "
+                    f"{detail['default_min_security_level']} for {cfg.environment.value} on "
+                    f"{cfg.network.value}",
+                )
+            )
+        first = cfg.fallback.chain[0] if cfg.fallback.chain else self._active.name
+        if self._active.name != first:
+            skipped = "; ".join(
+                f"{a.name}: {a.reason}"
+                for a in self._attempts
+                if a.status not in ("ok", "not_tried")
+            )
+            out.append(
+                _degraded(
+                    "fell_back",
+                    f"fell back from {first} to {self._active.name}"
+                    + (f" ({skipped})" if skipped else ""),
+                )
+            )
+        ks = self._anchor.keystore
+        if ks is not None and ks.unacknowledged:
+            out.append(
+                _degraded(
+                    "unacknowledged_records",
+                    f"{len(ks.unacknowledged)} key record(s) written but not listed by the "
+                    "manifest (an interrupted create, or a replayed manifest): "
+                    + ",".join(sorted(ks.unacknowledged)),
+                )
+            )
+        anchor = audit.get("anchor")
+        named = isinstance(anchor, Mapping) and anchor.get("kind") != "manifest"
+        if named and isinstance(anchor, Mapping) and not anchor.get("checked"):
+            why = anchor.get("problem") or anchor.get("note") or "not checked"
+            out.append(_degraded("anchor_not_checked", f"{anchor.get('kind')}: {why}"))
+        errors = audit.get("forward_errors")
+        if isinstance(errors, int) and errors > 0:
+            out.append(
+                _degraded(
+                    "audit_forward_errors",
+                    f"{errors} audit entr{'y' if errors == 1 else 'ies'} could not be forwarded",
+                )
+            )
+        if not hardened:
+            out.append(
+                _degraded(
+                    "hardening_not_in_force",
+                    f"process hardening is required in {cfg.environment.value} but not in "
+                    "force (see 'process' for what failed)",
+                )
+            )
+        return out
 
     def verify_audit(self) -> VerifyResult:
         """Verify the whole audit log chain against the state the keystore records."""
@@ -1109,6 +1297,7 @@ class Hsm:
     def reload(self, config: Config | str | Path | None = None) -> None:
         """Re-read the configuration and re-run the chain. Keys stay where they are;
         the audit log continues (same chain) if its path and key are unchanged."""
+        self._key_operations("reloading")
         with self._lock:
             if config is None:
                 if self._config.source is None:
@@ -1191,6 +1380,63 @@ def open_hsm(
     ``verify_only`` opens the keystore but not the log for writing: a handle for
     :meth:`Hsm.verify_audit` that works on a damaged log and appends nothing.
     """
+    cfg, pw = _config_and_passphrase(config, passphrase)
+    return Hsm(cfg, pw, audit_recovery=audit_recovery, verify_only=verify_only)
+
+
+def health_from_failure(error: HsmError, config: Config | None = None) -> HealthReport:
+    """The health report of a deployment whose handle could not be opened: ``ok`` false,
+    no active provider, and every provider's reason, taken from the chain's attempts the
+    error carries (:func:`anyhsm.factory.walk_chain` and the keystore opening put them in
+    ``error.details``); without them (a configuration error, a verdict on the store), each
+    provider of the configured chain with the error's message. ``error`` holds the
+    error's JSON object, so one shape serves both outcomes."""
+    rows: list[dict[str, object]] = [
+        {**d, "active": False} for d in error.details if "name" in d and "status" in d
+    ]
+    if not rows and config is not None:
+        for name in config.fallback.chain:
+            level = PROVIDER_LEVELS.get(name)
+            row = Attempt(name, "unavailable", error.message, 0.0, level, error.code).to_dict()
+            rows.append({**row, "active": False})
+    return HealthReport(
+        ok=False,
+        active_provider=None,
+        security_level=None,
+        min_security_level=config.effective_min_level if config is not None else None,
+        environment=config.environment.value if config is not None else None,
+        network=config.network.value if config is not None else None,
+        providers=rows,
+        audit=(
+            {"path": str(config.audit.path or config.config_dir / "audit.log")}
+            if config is not None
+            else {}
+        ),
+        process=process_status(config.environment).to_dict() if config is not None else {},
+        error=error.to_dict(),
+    )
+
+
+def open_for_enrolment(
+    config: Config | str | Path | None = None,
+    *,
+    passphrase: SecretBytes | str | bytes | None = None,
+) -> Hsm:
+    """An administrative handle for enrolling an unlock path (``tpm enroll``, ``pkcs11
+    wrap-enroll``) and reporting its status, where the chain cannot reach its floor
+    until that path exists (a fresh production mainnet deployment): the keystore is
+    opened with the passphrase even below the floor, the audit log is written as usual
+    (the ``open`` entry carries ``purpose = enrolment`` and ``below_floor``), and every
+    key operation (sign, create, import, export, list, delete, rotate) raises
+    :class:`~anyhsm.errors.EnrolmentOnlyHandle`. The floor is lowered for nothing else.
+    """
+    cfg, pw = _config_and_passphrase(config, passphrase)
+    return Hsm(cfg, pw, purpose=ENROLMENT)
+
+
+def _config_and_passphrase(
+    config: Config | str | Path | None, passphrase: SecretBytes | str | bytes | None
+) -> tuple[Config, SecretBytes | None]:
     if config is None:
         env = os.environ.get("ANYHSM_CONFIG")
         if not env:
@@ -1199,7 +1445,17 @@ def open_hsm(
     cfg = config if isinstance(config, Config) else Config.load(config)
     pw = resolve_passphrase(cfg, passphrase)
     own = pw if not isinstance(passphrase, SecretBytes) else SecretBytes(pw.buffer) if pw else None
-    return Hsm(cfg, own, audit_recovery=audit_recovery, verify_only=verify_only)
+    return cfg, own
 
 
-__all__ = ["PROVIDER_LEVELS", "HealthReport", "Hsm", "ProviderContext", "open_hsm"]
+__all__ = [
+    "DEGRADED_REASONS",
+    "ENROLMENT",
+    "PROVIDER_LEVELS",
+    "HealthReport",
+    "Hsm",
+    "ProviderContext",
+    "health_from_failure",
+    "open_for_enrolment",
+    "open_hsm",
+]

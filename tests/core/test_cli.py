@@ -127,7 +127,7 @@ def test_errors_are_one_line_without_traceback(deployment: Path) -> None:
 
 def test_wrong_passphrase_exit_code(deployment: Path) -> None:
     r = cli("--config", str(deployment), "key", "list", env={"ANYHSM_PASSPHRASE": "nope"})
-    assert r.returncode == 4  # every provider failed; the reason names the passphrase
+    assert r.returncode == 5  # an authentication failure, whatever the chain; names it
     assert "passphrase" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -46,36 +46,70 @@ def key_text(info: KeyInfo) -> list[str]:
 
 
 def cmd_init(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.deploy import FAST_DEV_KDF, init_deployment
+    from anyhsm.deploy import (
+        AUDIT_NAME,
+        FAST_DEV_KDF,
+        KEYSTORE_NAME,
+        init_deployment,
+        plan_providers,
+    )
 
     env = Environment(args.environment)
+    network = Network(args.network)
     if args.insecure_fast_kdf and env is Environment.PRODUCTION:
         raise ConfigError("--insecure-fast-kdf is refused in production")
+    chain = [c.strip() for c in args.chain.split(",") if c.strip()]
+    providers: dict[str, dict[str, object]] = {
+        "tpm": {"tcti": args.tcti},
+        "pkcs11": {
+            "module": args.pkcs11_module,
+            "token_label": args.token_label,
+            "token_serial": args.token_serial,
+            "pin_file": args.pin_file,
+            "wrap_key_label": args.wrap_key_label,
+        },
+    }
+    consent = bool(args.allow_below_minimum)
+    # The chain is checked before the passphrase is asked for: a refusal costs nothing.
+    plan_providers(chain, env, network, providers, allow_below_minimum=consent)
     pw = app.passphrase(prompt="New keystore passphrase: ", confirm=True)
     if pw is None:
         raise HsmError(
             "no passphrase for the new keystore",
             hint="set ANYHSM_PASSPHRASE or pass --passphrase-file",
         )
-    path = init_deployment(
-        Path(args.dir),
-        pw,
-        network=Network(args.network),
-        environment=env,
-        kdf=FAST_DEV_KDF if args.insecure_fast_kdf else None,
-    )
+    try:
+        path = init_deployment(
+            Path(args.dir),
+            pw,
+            network=network,
+            environment=env,
+            kdf=FAST_DEV_KDF if args.insecure_fast_kdf else None,
+            chain=chain,
+            providers=providers,
+            allow_below_minimum=consent,
+        )
+    finally:
+        pw.wipe()
     directory = path.parent
+    enrolled = [p for p in ("tpm",) if p in chain]
+    if args.wrap_key_label:
+        enrolled.append("pkcs11-wrap")
+    lines = [
+        f"created keystore {directory / KEYSTORE_NAME}",
+        f"created audit log {directory / AUDIT_NAME}",
+        f"chain: {', '.join(chain)}",
+    ]
+    lines += [f"enrolled: {e} (the passphrase stays the recovery path)" for e in enrolled]
     return Result(
         {
             "config": str(path),
-            "keystore": str(directory / "keystore"),
-            "audit_log": str(directory / "audit.log"),
+            "keystore": str(directory / KEYSTORE_NAME),
+            "audit_log": str(directory / AUDIT_NAME),
+            "chain": chain,
+            "enrolled": enrolled,
         },
-        [
-            f"created keystore {directory / 'keystore'}",
-            f"created audit log {directory / 'audit.log'}",
-            str(path),
-        ],
+        [*lines, str(path)],
     )
 
 
@@ -323,12 +357,31 @@ def cmd_verify(args: argparse.Namespace, app: App) -> Result:
 
 
 def cmd_health(args: argparse.Namespace, app: App) -> Result:
-    report = app.hsm().health()
+    """The health object in every case: when the handle cannot be opened, ``ok`` is false,
+    every provider's reason is listed, and the error is its ``error`` member; the exit
+    status is then the error's (5 for a credential, 4 when every provider failed...)."""
+    import sys
+
+    from anyhsm.hsm import health_from_failure
+
+    failure: HsmError | None = None
+    try:
+        report = app.hsm().health()
+    except HsmError as e:
+        failure = e
+        report = health_from_failure(e, app.loaded_config())
+        print(f"anyhsm: error: {e}", file=sys.stderr)
+    level = report.security_level.label if report.security_level else "none"
+    minimum = report.min_security_level.label if report.min_security_level else "unknown"
     lines = [
-        f"active provider: {report.active_provider} (security level {report.security_level.label}, "
-        f"minimum {report.min_security_level.label})",
+        f"active provider: {report.active_provider or 'none'} (security level {level}, "
+        f"minimum {minimum})",
         f"environment: {report.environment}, network: {report.network}",
     ]
+    if failure is not None:
+        lines.append(f"NOT OK: {failure.message}")
+    for d in report.degraded_reasons:
+        lines.append(f"DEGRADED ({d['code']}): {d['reason']}")
     for p in report.providers:
         extra = f" - {p['reason']}" if p.get("reason") else ""
         lines.append(f"  {p['name']:15} {p['status']:13} {p['elapsed_ms']:>9} ms{extra}")
@@ -342,6 +395,8 @@ def cmd_health(args: argparse.Namespace, app: App) -> Result:
             f"secrets dontdump {proc.get('dontdump_secrets')} "
             f"(hardening {proc.get('hardening')})"
         )
+    if failure is not None:
+        return Result(report.to_dict(), lines, failure.exit_code)
     return Result(report.to_dict(), lines, 0 if report.ok else 4)
 
 
@@ -560,6 +615,32 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--network", default="regtest", choices=[n.value for n in Network])
     p.add_argument("--environment", default="development", choices=[e.value for e in Environment])
     p.add_argument("--insecure-fast-kdf", action="store_true", help="cheap KDF for tests and demos")
+    p.add_argument(
+        "--chain",
+        default="software",
+        help="providers tried in order, comma-separated (default: software; production "
+        "mainnet needs tpm,software or pkcs11,software)",
+    )
+    p.add_argument(
+        "--tcti", help="the TPM for a tpm chain (default: device:/dev/tpmrm0); enrolled by init"
+    )
+    p.add_argument("--pkcs11-module", help="the vendor's PKCS#11 library, for a pkcs11 chain")
+    p.add_argument("--token-label", help="the PKCS#11 token's label")
+    p.add_argument(
+        "--token-serial", help="the PKCS#11 token's serial (instead of, or with, the label)"
+    )
+    p.add_argument("--pin-file", help="a 0600 file with the token PIN (else ANYHSM_PKCS11_PIN)")
+    p.add_argument(
+        "--wrap-key-label",
+        help="wrap the keystore master key with this AES key in the token (created there), so "
+        "the keystore opens through the token; enrolled by init",
+    )
+    p.add_argument(
+        "--allow-below-minimum",
+        action="store_true",
+        help="explicit consent to a chain below the environment's minimum security level "
+        "(writes fallback.allow_below_minimum = true)",
+    )
     p.set_defaults(func=cmd_init)
 
     key = sub.add_parser("key", help="create, list, show, delete, import, export keys")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 
@@ -212,6 +211,8 @@ def _modules_for(command: str | None) -> tuple[str, ...]:
 
 
 def _dump(obj: object) -> str:
+    import json  # only when there is JSON to print: start-up budget
+
     return json.dumps(obj, indent=2, sort_keys=True)
 
 

@@ -133,19 +133,37 @@ class App:
             return SecretBytes(first.encode())
         return None
 
-    def hsm(self, *, audit_recovery: str | None = None, verify_only: bool = False) -> Hsm:
+    def hsm(
+        self,
+        *,
+        audit_recovery: str | None = None,
+        verify_only: bool = False,
+        enrolment: bool = False,
+    ) -> Hsm:
+        """The handle; with ``enrolment``, the enrolment-only handle when the chain cannot
+        reach its floor yet (:func:`anyhsm.enrol.open_admin`)."""
         if self._hsm is None:
             from anyhsm.hsm import open_hsm
 
             cfg = self.config()
-            # A chain that starts with a passphrase-less path (TPM, token-wrapped)
-            # takes a passphrase only if one is already given; it never prompts.
-            unattended = cfg.fallback.chain[0] in ("tpm", "pkcs11-wrapped")
+            # A chain that starts with a passphrase-less path (TPM, token-wrapped, or a
+            # token whose wrap opens the keystore) takes a passphrase only if one is
+            # already given; it never prompts. Enrolment needs the passphrase.
+            unattended = not enrolment and _unattended(cfg)
             self._prompt_pkcs11_pin(cfg)
             pw = self.passphrase(interactive=not unattended)
-            self._hsm = open_hsm(
-                cfg, passphrase=pw, audit_recovery=audit_recovery, verify_only=verify_only
-            )
+            if enrolment:
+                from anyhsm.enrol import open_admin
+
+                try:
+                    self._hsm = open_admin(cfg, pw)
+                finally:
+                    if pw is not None:
+                        pw.wipe()
+            else:
+                self._hsm = open_hsm(
+                    cfg, passphrase=pw, audit_recovery=audit_recovery, verify_only=verify_only
+                )
         return self._hsm
 
     @staticmethod
@@ -164,3 +182,16 @@ class App:
         if self._hsm is not None:
             self._hsm.close()
             self._hsm = None
+
+
+def _unattended(cfg: Config) -> bool:
+    """No passphrase prompt: the chain starts with a passphrase-less path, or with a token
+    while the keystore holds an unlock blob this configuration can use."""
+    first = cfg.fallback.chain[0]
+    if first in ("tpm", "pkcs11-wrapped"):
+        return True
+    if first != "pkcs11":
+        return False
+    from anyhsm.enrol import opens_without_passphrase
+
+    return opens_without_passphrase(cfg)

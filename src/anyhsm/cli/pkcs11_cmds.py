@@ -1,8 +1,11 @@
 """``anyhsm pkcs11 wrap-enroll|wrap-unenroll``: wrap the keystore master key with an
 AES key inside the PKCS#11 token (the ``pkcs11-wrapped`` provider).
 
-Enrolment needs the passphrase once; afterwards the keystore opens without it
-wherever the token is present. The passphrase stays the recovery path.
+Enrolment needs the passphrase once (on a deployment whose chain cannot reach its
+floor yet, through the enrolment-only handle, see ``tpm_cmds``); afterwards the
+keystore opens without it wherever the token is present and ``[providers.pkcs11]``
+names ``wrap_key_label``, whether the chain lists ``pkcs11`` or ``pkcs11-wrapped``.
+The passphrase stays the recovery path.
 """
 
 from __future__ import annotations
@@ -10,27 +13,23 @@ from __future__ import annotations
 import argparse
 
 from anyhsm.cli.app import App, Result, SubParsers
-from anyhsm.errors import ConfigError, HsmError
+from anyhsm.errors import ConfigError
 
 
 def cmd_wrap_enroll(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.factory import provider_context
-    from anyhsm.providers.pkcs11_wrap import enroll
+    from anyhsm.enrol import enrol_token_wrap
 
-    cfg = app.config()
-    if "wrap_key_label" not in cfg.provider_settings("pkcs11"):
+    if "wrap_key_label" not in app.config().provider_settings("pkcs11"):
         raise ConfigError(
             "no [providers.pkcs11] wrap_key_label in the configuration",
             hint='add wrap_key_label = "anyhsm-wrap" (the AES key is created in the token)',
         )
-    hsm = app.hsm()
-    try:
-        summary = enroll(hsm.keystore, provider_context(cfg, "pkcs11-wrapped", None))
-    except HsmError as e:
-        hsm.record_event("pkcs11_wrap_enroll", "error", {"error": e.code})
-        raise
-    hsm.record_event("pkcs11_wrap_enroll", "ok", {"mechanism": str(summary.get("mechanism", ""))})
+    summary = enrol_token_wrap(app.hsm(enrolment=True))
     lines = [f"{k}: {v}" for k, v in summary.items()]
+    lines.append(
+        "the keystore now opens through the token wherever [providers.pkcs11] names "
+        "wrap_key_label (chain 'pkcs11' or 'pkcs11-wrapped')"
+    )
     lines.append("the passphrase still opens the keystore (recovery)")
     return Result(summary, lines)
 

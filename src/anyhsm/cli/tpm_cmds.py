@@ -1,9 +1,12 @@
 """``anyhsm tpm enroll|unenroll|status``: seal the keystore's master key to a TPM.
 
-Enrolment needs the passphrase once (the keystore is opened through the
-configured chain, which falls back to the passphrase path while the TPM is
-not enrolled); afterwards the TPM path opens the keystore with no passphrase.
-Every enrolment change is written to the audit log.
+Enrolment needs the passphrase once. Where the chain already opens (a development or
+staging deployment falling back to the passphrase path), the normal handle is used;
+where it cannot reach its floor until the TPM is enrolled (a fresh production mainnet
+deployment), ``enroll`` and ``status`` open the enrolment-only handle
+(:func:`anyhsm.hsm.open_for_enrolment`): the keystore opened with the passphrase,
+audited as such, every key operation refused. Afterwards the TPM path opens the
+keystore with no passphrase. Every enrolment change is written to the audit log.
 """
 
 from __future__ import annotations
@@ -11,49 +14,26 @@ from __future__ import annotations
 import argparse
 
 from anyhsm.cli.app import App, Result, SubParsers
-from anyhsm.errors import ConfigError, HsmError
-
-
-def _settings(app: App) -> object:
-    from anyhsm.tpm.settings import TpmSettings
-
-    table = app.config().provider_settings("tpm")
-    if "tcti" not in table:
-        raise ConfigError(
-            "no [providers.tpm] tcti in the configuration",
-            hint='add tcti = "device:/dev/tpmrm0" (or a swtpm TCTI)',
-        )
-    return TpmSettings.from_mapping(table)
 
 
 def cmd_enroll(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.tpm.enrollment import enroll
-    from anyhsm.tpm.settings import TpmSettings
+    from anyhsm.enrol import enrol_tpm, tpm_settings
 
-    settings = _settings(app)
-    assert isinstance(settings, TpmSettings)
-    hsm = app.hsm()
-    ks = hsm.keystore
-    if ks.unlocked_by != "passphrase" and not args.force:
-        raise HsmError(
-            f"the keystore was opened via {ks.unlocked_by}, not the passphrase",
-            hint="re-enrolling normally follows a recovery with the passphrase; add --force",
-        )
-    try:
-        summary = enroll(ks, settings)
-    except HsmError as e:
-        hsm.record_event("tpm_enroll", "error", {"error": e.code})
-        raise
-    hsm.record_event("tpm_enroll", "ok", {"tcti": settings.tcti, "pcrs": str(summary["pcrs"])})
+    tpm_settings(app.config())  # a missing [providers.tpm] is reported before any open
+    summary = enrol_tpm(app.hsm(enrolment=True), force=args.force)
     return Result(
         summary,
         [
-            f"sealed the keystore master key to the TPM at {settings.tcti}",
-            f"PCR policy: {summary['pcrs'] or 'none'} ({summary['pcr_bank']})",
+            f"sealed the keystore master key to the TPM at {summary['tcti']}",
+            f"PCR policy: {_pcrs(summary.get('pcrs'))} ({summary['pcr_bank']})",
             f"blob: {summary['file']}",
             "the passphrase still opens the keystore (recovery)",
         ],
     )
+
+
+def _pcrs(value: object) -> str:
+    return ",".join(str(p) for p in value) if isinstance(value, list) and value else "none"
 
 
 def cmd_unenroll(args: argparse.Namespace, app: App) -> Result:
@@ -81,15 +61,26 @@ def cmd_unenroll(args: argparse.Namespace, app: App) -> Result:
 
 
 def cmd_status(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.tpm.enrollment import status
-    from anyhsm.tpm.settings import TpmSettings
+    from anyhsm.enrol import tpm_settings, tpm_status
 
-    settings = _settings(app)
-    assert isinstance(settings, TpmSettings)
-    info = status(app.hsm().keystore, settings)
-    lines = [f"{k}: {v}" for k, v in info.items() if k not in ("settings", "tpm_error", "error")]
+    tpm_settings(app.config())
+    info = tpm_status(app.hsm(enrolment=True))
+    lines = [
+        f"{k}: {_text(v)}" for k, v in info.items() if k not in ("settings", "tpm_error", "error")
+    ]
     ok = bool(info.get("enrolled")) and bool(info.get("opens_keystore"))
     return Result(info, lines, 0 if ok else 4)
+
+
+def _text(value: object) -> str:
+    """Text output shows values, not Python reprs."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_text(v)}" for k, v in value.items())
+    return str(value)
 
 
 def register(sub: SubParsers) -> None:

@@ -274,3 +274,33 @@ def test_cli_finds_the_config_in_the_working_directory(
     elsewhere.mkdir()
     r = cli("key", "list", "--json", env=env, cwd=elsewhere)
     assert r.returncode == 0, r.stderr
+
+
+# --- text output shows no Python reprs -------------------------------------------------
+
+
+def test_text_value_has_no_python_reprs() -> None:
+    from anyhsm.cli.app import text_value
+
+    assert text_value(True) == "yes" and text_value(False) == "no"
+    assert text_value(None) == "none" and text_value([]) == "none"
+    assert text_value([1, 2]) == "1, 2"
+    status = {
+        "state": "ok",
+        "recorded": None,
+        "live": 3,
+        "error": {"code": "x", "ok": False},
+        "pcrs": [0, 7],
+    }
+    assert text_value(status) == (
+        "state=ok, recorded=none, live=3, error=(code=x, ok=no), pcrs=(0, 7)"
+    )
+
+
+def test_tpm_status_text_renders_through_text_value() -> None:
+    """``tpm status`` text goes through the one renderer (no dict or True in its lines)."""
+    from anyhsm.cli import tpm_cmds
+
+    line = tpm_cmds._text({"enrolled": True, "tpm": {"reachable": False, "counter": None}})
+    assert line == "enrolled=yes, tpm=(reachable=no, counter=none)"
+    assert "{" not in line and "True" not in line and "None" not in line

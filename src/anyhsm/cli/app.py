@@ -42,6 +42,28 @@ class Result:
     lines: list[str] | None = None
 
 
+def text_value(value: object) -> str:
+    """A value as text output shows it, never a Python repr: booleans ``yes``/``no``,
+    ``None`` ``none``, lists comma-separated (``none`` when empty), mappings
+    ``name=value`` pairs (a nested one in parentheses)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_nested(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_nested(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def _nested(value: object) -> str:
+    text = text_value(value)
+    return f"({text})" if isinstance(value, (dict, list, tuple)) and value else text
+
+
 Handler = Callable[[argparse.Namespace, "App"], Result]
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 

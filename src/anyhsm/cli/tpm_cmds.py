@@ -73,14 +73,10 @@ def cmd_status(args: argparse.Namespace, app: App) -> Result:
 
 
 def _text(value: object) -> str:
-    """Text output shows values, not Python reprs."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value) or "none"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_text(v)}" for k, v in value.items())
-    return str(value)
+    """Text output shows values, not Python reprs (yes/no, none, nested readable)."""
+    from anyhsm.cli.app import text_value
+
+    return text_value(value)
 
 
 def register(sub: SubParsers) -> None:

@@ -50,6 +50,7 @@ from anyhsm.errors import (
     AuditTampered,
     AuditWriteFailed,
     HsmError,
+    LockTimeout,
 )
 from anyhsm.secret import SecretBytes
 
@@ -372,6 +373,7 @@ class AuditLog:
         )
         self._synced_seq = self._checkpointed_seq = self.state.seq
         self._checkpoint_at = 0.0
+        self._checkpoint_blocked = False  # the last checkpoint timed out on the store's lock
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -622,9 +624,16 @@ class AuditLog:
         except OSError as e:
             self._failed = e.strerror or str(e)
             raise AuditWriteFailed(f"cannot record the audit state: {e.strerror}") from None
+        except LockTimeout:
+            # Another process holds the keystore lock: the entries are written, only their
+            # record in the manifest waits (it may lag the log). Not a failure of the log:
+            # the caller gets the LockTimeout (exit 10), the next checkpoint tries again.
+            self._checkpoint_blocked = True
+            raise
         except HsmError as e:
             self._failed = e.message
             raise
+        self._checkpoint_blocked = False
         self._checkpointed_seq = seq
 
     @property
@@ -654,9 +663,16 @@ class AuditLog:
                         self._sync_tail()
                         os.fsync(self._fd)
                         self._synced_seq = self._seq
-                        if self._failed is None:
+                        if self._failed is None and not self._checkpoint_blocked:
                             self._maybe_checkpoint(
                                 self._seq, self._mac, self._last_offset, force=True
+                            )
+                        elif self._checkpoint_blocked:
+                            # Not a second full lock wait on the way out: the recorded
+                            # state lags the log until the next writer's checkpoint.
+                            log.warning(
+                                "anyhsm: audit state not recorded at close (the keystore "
+                                "lock is held by another process)"
                             )
                     finally:
                         fcntl.flock(self._fd, fcntl.LOCK_UN)

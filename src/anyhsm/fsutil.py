@@ -17,6 +17,7 @@ import os
 import secrets
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,6 +241,38 @@ LOCK_WAIT_WARNING_S = 0.5
 
 _PID_BYTES = 32
 
+_warned: dict[str, int] = {}
+"""Lock files this process has warned about and still waits for (count of waiters): a
+second thread waiting on the same lock (the audit flusher behind a command) says nothing."""
+_warned_lock = threading.Lock()
+
+
+def _warn_waiting(path: Path, holder: int | None, limit: float) -> bool:
+    """Log that this process waits for ``path`` unless one of its threads already said so;
+    True when this call logged (the caller then calls :func:`_done_waiting`)."""
+    key = str(path)
+    with _warned_lock:
+        first = key not in _warned
+        _warned[key] = _warned.get(key, 0) + 1
+    if first:
+        log.warning(
+            "anyhsm: waiting for the lock %s held by %s (up to %.0f s)",
+            path,
+            f"pid {holder}" if holder is not None else "another process",
+            limit,
+        )
+    return True
+
+
+def _done_waiting(path: Path) -> None:
+    key = str(path)
+    with _warned_lock:
+        left = _warned.get(key, 1) - 1
+        if left > 0:
+            _warned[key] = left
+        else:
+            _warned.pop(key, None)
+
 
 def _lock_holder(fd: int) -> int | None:
     """The pid the exclusive holder wrote into the lock file, or None (unknown, a shared
@@ -301,11 +334,11 @@ def file_lock(
     limit = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     locked = False
+    warned = False
     try:
         op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         start = time.monotonic()
         deadline = start + limit
-        warned = False
         delay = 0.0005
         while True:
             try:
@@ -318,21 +351,19 @@ def file_lock(
                 if now >= deadline:
                     raise _lock_timeout(path, limit, _lock_holder(fd)) from None
                 if not warned and now - start >= LOCK_WAIT_WARNING_S:
-                    warned = True
-                    holder = _lock_holder(fd)
-                    log.warning(
-                        "anyhsm: waiting for the lock %s held by %s (up to %.0f s)",
-                        path,
-                        f"pid {holder}" if holder is not None else "another process",
-                        limit,
-                    )
+                    warned = _warn_waiting(path, _lock_holder(fd), limit)
                 time.sleep(delay)
                 delay = min(delay * 2, 0.02)
+        if warned:
+            warned = False
+            _done_waiting(path)
         locked = exclusive
         if locked:
             _record_holder(fd)
         yield
     finally:
+        if warned:
+            _done_waiting(path)
         if locked:
             _release_holder(fd)
         os.close(fd)  # closing releases the flock

@@ -323,8 +323,7 @@ class Hsm:
             if cause is not None
             else AuditError(
                 what,
-                hint="provide the keystore passphrase (ANYHSM_PASSPHRASE), or enroll a TPM / "
-                "token",
+                hint="provide the keystore passphrase (ANYHSM_PASSPHRASE), or enroll a TPM / token",
             )
         )
         # The chain's attempts (the active provider opened) and each way to the keystore,

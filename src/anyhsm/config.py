@@ -304,8 +304,14 @@ class Config:
         return _build(merged, config_dir or Path.cwd(), source)
 
     def check(self) -> list[Problem]:
-        """Every problem, structural and environment-specific (production rules)."""
-        return structural_problems(self.raw) + semantic_problems(self)
+        """Every problem, structural and environment-specific (production rules), and
+        whether the keystore's KDF fits in the time its provider has to open."""
+        return structural_problems(self.raw) + semantic_problems(self) + kdf_time_problems(self)
+
+    def open_timeout_ms(self, provider: str) -> float:
+        """The bound on ``provider``'s open (its own timeout_ms, else the fallback's)."""
+        value = self.provider_settings(provider).get("timeout_ms", self.fallback.timeout_ms)
+        return float(value) if isinstance(value, int | float) else float(self.fallback.timeout_ms)
 
 
 def _parse_env_value(text: str) -> object:
@@ -806,3 +812,33 @@ def semantic_problems(cfg: Config) -> list[Problem]:
             )
         )
     return out
+
+
+def kdf_time_problems(cfg: Config) -> list[Problem]:
+    """The passphrase path opens the keystore through its KDF within the provider's
+    timeout: a KDF raised past it (``keystore passwd``) makes every open time out. Measured
+    here (a scaled-down run, extrapolated) against the KDF the keystore really uses."""
+    if "software" not in cfg.fallback.chain:
+        return []
+    from anyhsm.errors import HsmError
+    from anyhsm.keystore import Keystore
+    from anyhsm.keystore.kdf import open_time_problem
+
+    path = cfg.resolve(str(cfg.provider_settings("software").get("path", "keystore")))
+    try:
+        params = Keystore.load(path).kdf
+    except HsmError:
+        return []  # no keystore (yet), or unreadable: reported by the other checks
+    timeout = cfg.open_timeout_ms("software")
+    why = open_time_problem(params, timeout)
+    if why is None:
+        return []
+    return [
+        Problem(
+            "providers.software.timeout_ms",
+            f"{timeout:.0f}",
+            why,
+            "raise providers.software.timeout_ms (or fallback.timeout_ms) above the KDF time, "
+            "or lower the KDF cost with 'anyhsm keystore passwd'",
+        )
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -546,6 +547,25 @@ def rotate_dropping(app: App, blob: str, op: str) -> dict[str, object] | None:
         current.wipe()
 
 
+def check_kdf_open_time(kdf: object, timeout_ms: float, allow_slow: bool) -> str | None:
+    """Refuse new KDF parameters that would make every later open time out (the provider's
+    open includes the KDF), unless allowed; returns a progress note when the KDF is slow."""
+    from anyhsm.keystore.kdf import KdfParams, estimate_ms, open_time_problem
+
+    assert isinstance(kdf, KdfParams)
+    why = open_time_problem(kdf, timeout_ms)
+    if why is not None and not allow_slow:
+        raise ConfigError(
+            f"refusing the new KDF parameters: {why}",
+            hint="raise providers.software.timeout_ms first, choose a cheaper "
+            "[providers.software.kdf], or pass --allow-slow-open",
+        )
+    est = estimate_ms(kdf)
+    if est < 1000:
+        return None
+    return f"deriving the new passphrase key takes about {est / 1000:.1f} s (please wait)"
+
+
 def cmd_keystore_passwd(args: argparse.Namespace, app: App) -> Result:
     """Change the passphrase and/or raise the KDF cost: a rotation to a fresh master key,
     so that the old passphrase and old copies of the header revoke nothing they opened."""
@@ -560,15 +580,16 @@ def cmd_keystore_passwd(args: argparse.Namespace, app: App) -> Result:
         raise HsmError(
             "give the new passphrase in a file", hint="--new-passphrase-file FILE (0600)"
         )
+    kdf = KdfParams.from_settings(cfg.provider_settings("software").get("kdf"))
+    slow = check_kdf_open_time(kdf, cfg.open_timeout_ms("software"), args.allow_slow_open)
     hsm = app.hsm()
     old = _current_passphrase(app)
     new = read_secret_file(Path(args.new_passphrase_file), "new passphrase", cfg.environment)
+    if slow is not None and not app.json:
+        print(slow, file=sys.stderr, flush=True)
     try:
         summary = hsm.rotate_master_key(
-            new,
-            kdf=KdfParams.from_settings(cfg.provider_settings("software").get("kdf")),
-            reseal=resealer(cfg, hsm.keystore),
-            op="keystore_passwd",
+            new, kdf=kdf, reseal=resealer(cfg, hsm.keystore), op="keystore_passwd"
         )
     finally:
         old.wipe()
@@ -747,6 +768,11 @@ def register(sub: SubParsers) -> None:
     kss = kst.add_subparsers(dest="keystore_cmd", required=True)
     pw = kss.add_parser("passwd", help="change passphrase / raise KDF cost")
     pw.add_argument("--new-passphrase-file", required=False)
+    pw.add_argument(
+        "--allow-slow-open",
+        action="store_true",
+        help="accept a KDF slower than the provider's open timeout (default: refused)",
+    )
     pw.set_defaults(func=cmd_keystore_passwd)
     kss.add_parser(
         "rotate", help="re-encrypt every key under a fresh master key (same passphrase)"

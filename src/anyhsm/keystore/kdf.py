@@ -1,7 +1,8 @@
 """Passphrase key derivation: memory-hard (Argon2id by default, scrypt supported).
 
 Parameters are stored with the keystore so they can be raised later
-(``Keystore.change_passphrase`` re-wraps the master key under new ones).
+(``keystore passwd`` re-encrypts the store under new ones; :func:`estimate_ms`
+measures what they cost here).
 """
 
 from __future__ import annotations
@@ -187,3 +188,51 @@ def derive_kek(passphrase: SecretBytes, params: KdfParams) -> SecretBytes:
         return SecretBytes(kdf.derive(bytes(passphrase.buffer)))
     except (ValueError, MemoryError) as e:
         raise KeystoreCorrupted(f"keystore KDF parameters are unusable ({e})") from None
+
+
+# --- how long a KDF takes here -------------------------------------------------------------
+
+_PROBE_ARGON2_KIB = 16 * 1024
+_PROBE_SCRYPT_N = 2**14
+
+
+def _cost(params: KdfParams) -> float:
+    if params.name == "argon2id":
+        return float(params.memory_kib * params.iterations)
+    return float(params.n * params.r * params.p)
+
+
+def estimate_ms(params: KdfParams) -> float:
+    """About how long deriving a key with ``params`` takes on this machine, measured on a
+    scaled-down run and extrapolated by cost (both KDFs grow about linearly with
+    memory × passes), so even a 4 GiB setting is estimated in tens of milliseconds."""
+    import time
+
+    if params.name == "argon2id":
+        probe = KdfParams(
+            "argon2id",
+            memory_kib=min(params.memory_kib, _PROBE_ARGON2_KIB),
+            iterations=1,
+            lanes=min(params.lanes, 4),
+        )
+    else:
+        probe = KdfParams("scrypt", n=min(params.n, _PROBE_SCRYPT_N), r=params.r, p=1)
+    probe = probe.with_salt()
+    with SecretBytes(b"anyhsm kdf timing probe") as pw:
+        t0 = time.perf_counter()
+        derive_kek(pw, probe).wipe()
+        elapsed = (time.perf_counter() - t0) * 1000
+    return elapsed * _cost(params) / _cost(probe)
+
+
+def open_time_problem(params: KdfParams, timeout_ms: float) -> str | None:
+    """Why a store with ``params`` would not open within ``timeout_ms`` (the bound on a
+    provider's open, which includes this KDF), or None. Keeps a margin of a fifth for the
+    rest of the open and a busier machine."""
+    est = estimate_ms(params)
+    if est <= 0.8 * timeout_ms:
+        return None
+    return (
+        f"deriving the passphrase key takes about {est:.0f} ms here, more than 80% of the "
+        f"{timeout_ms:.0f} ms the provider has to open: every open would time out"
+    )

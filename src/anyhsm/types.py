@@ -72,6 +72,10 @@ class SecurityLevel(enum.IntEnum):
     def label(self) -> str:
         return self.name.lower().replace("_", "-")
 
+    def __str__(self) -> str:
+        """The label ("tpm"), not the number an IntEnum would print."""
+        return self.label
+
     @classmethod
     def parse(cls, text: str) -> SecurityLevel:
         norm = text.strip().lower().replace("-", "_").upper()

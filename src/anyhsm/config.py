@@ -811,6 +811,62 @@ def semantic_problems(cfg: Config) -> list[Problem]:
                 "warning",
             )
         )
+    out += _token_wrap_problems(cfg)
+    return out
+
+
+def _token_wrap_problems(cfg: Config) -> list[Problem]:
+    """The token wrap as it behaves (docs/pkcs11/README.md, "Wrap mode"): once
+    ``[providers.pkcs11] wrap_key_label`` is set and ``anyhsm pkcs11 wrap-enroll`` made the
+    blob, the keystore opens through the token whether the chain lists ``pkcs11`` or
+    ``pkcs11-wrapped``; before that, only with the passphrase."""
+    chain = cfg.fallback.chain
+    p11 = cfg.provider_settings("pkcs11")
+    wrap = "wrap_key_label" in p11
+    out: list[Problem] = []
+    if "pkcs11-wrapped" in chain and not wrap:
+        out.append(
+            Problem(
+                "providers.pkcs11.wrap_key_label",
+                "<unset>",
+                "pkcs11-wrapped is in the chain but no wrap key is named; it can never open",
+                'set wrap_key_label = "anyhsm-wrap", then run \'anyhsm pkcs11 wrap-enroll\'',
+            )
+        )
+    uses_token = "pkcs11" in chain or "pkcs11-wrapped" in chain
+    if not uses_token or cfg.environment is Environment.DEVELOPMENT:
+        return out
+    from anyhsm.errors import HsmError
+    from anyhsm.keystore import Keystore
+
+    path = cfg.resolve(str(cfg.provider_settings("software").get("path", "keystore")))
+    try:
+        wrapped = Keystore.load(path).read_side_file("pkcs11-wrapped.json") is not None
+    except HsmError:
+        return out  # no keystore: reported above
+    if wrap and not wrapped:
+        out.append(
+            Problem(
+                "providers.pkcs11.wrap_key_label",
+                str(p11["wrap_key_label"]),
+                "the keystore is not wrapped by the token yet: it opens only with the "
+                "passphrase",
+                "run 'anyhsm pkcs11 wrap-enroll' (needs the passphrase once)",
+                "warning",
+            )
+        )
+    elif not wrap and "tcti" not in cfg.provider_settings("tpm") and "pkcs11" in chain:
+        out.append(
+            Problem(
+                "providers.pkcs11.wrap_key_label",
+                "<unset>",
+                "the keystore (audit key, key directory) opens only with the passphrase, "
+                "so every open needs it beside the token PIN",
+                'to open it through the token: set wrap_key_label = "anyhsm-wrap" and run '
+                "'anyhsm pkcs11 wrap-enroll'; or keep the passphrase in passphrase_file",
+                "warning",
+            )
+        )
     return out
 
 

@@ -134,6 +134,9 @@ def test_init_pkcs11_chain_production(
     cfg = Path(capsys.readouterr().out.splitlines()[-1])
     code, data = run(capsys, "--config", str(cfg), "config", "check", "--json")
     assert code == 0 and data["ok"] is True, data
+    # config check says what behaviour shows: the keystore needs the passphrase here
+    (note,) = [p for p in data["problems"] if "wrap" in p["setting"]]  # type: ignore[attr-defined]
+    assert "only with the passphrase" in note["message"] and note["severity"] == "warning"
     code, data = run(capsys, "--config", str(cfg), "key", "create", "--label", "cold", "--json")
     assert code == 0 and data["provider"] == "pkcs11"
     with open_hsm(cfg) as hsm:  # the keystore (audit key, directory) with the passphrase
@@ -159,8 +162,12 @@ def test_wrap_enroll_then_pkcs11_chain_opens_through_the_token(
     c = ("--config", str(cfg))
     code, data = run(capsys, *c, "config", "check", "--json")
     assert code == 0, data
+    (warning,) = [p for p in data["problems"] if "wrap" in p["setting"]]  # type: ignore[attr-defined]
+    assert "not wrapped" in warning["message"] and "wrap-enroll" in warning["fix"]
     code, data = run(capsys, *c, "pkcs11", "wrap-enroll", "--json")
     assert code == 0 and data["enrolled"] is True, data
+    code, data = run(capsys, *c, "config", "check", "--json")
+    assert code == 0 and not [p for p in data["problems"] if "wrap" in p["setting"]], data  # type: ignore[attr-defined]
     monkeypatch.delenv("ANYHSM_PASSPHRASE")
     code, data = run(capsys, *c, "key", "create", "--label", "cold-wrapped", "--json")
     assert code == 0 and data["provider"] == "pkcs11", data

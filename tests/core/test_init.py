@@ -231,3 +231,11 @@ def test_cli_tpm_status_without_a_tpm_reports_through_the_enrolment_handle(
     assert data["handle"] == "enrolment"
     code, data, _ = run(capsys, "--config", str(cfg), "key", "create", "--label", "k", "--json")
     assert code == 7 and data["error"]["code"] == "security_level_too_low"  # type: ignore[index]
+
+
+def test_config_check_wrapped_chain_needs_a_wrap_key(tmp_path: Path, passphrase_env: str) -> None:
+    cfg = init_deployment(tmp_path / "d", SecretBytes(PASSPHRASE.encode()), kdf=FAST_DEV_KDF)
+    text = cfg.read_text().replace('chain = ["software"]', 'chain = ["pkcs11-wrapped", "software"]')
+    cfg.write_text(text + '\n[providers.pkcs11]\nmodule = "/x.so"\ntoken_label = "t"\n')
+    errors = [p for p in Config.load(cfg).check() if p.severity == "error"]
+    assert [p.setting for p in errors] == ["providers.pkcs11.wrap_key_label"]

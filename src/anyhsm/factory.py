@@ -349,7 +349,8 @@ def enrolment_chain(config: Config, passphrase: SecretBytes | None) -> ChainResu
         from anyhsm.errors import AuthenticationFailed
 
         raise AuthenticationFailed(
-            "enrolling an unlock path needs the keystore passphrase",
+            "opening the keystore to enrol an unlock path (or report its status) below the "
+            "floor needs the keystore passphrase",
             hint="set ANYHSM_PASSPHRASE or pass --passphrase-file",
         )
     timeout = provider_context(config, "software", None).timeout_s

@@ -221,7 +221,8 @@ def init_deployment(
     keystore's record of it together. Only then is it renamed into place; on any failure
     the temporary directory is removed (and a TPM counter defined for it undefined).
     """
-    target = Path(directory).expanduser().absolute()
+    named = Path(directory).expanduser().absolute()
+    target = named.resolve()  # a symlinked directory: build beside what it points to
     names = list(chain) if chain is not None else ["software"]
     params = kdf or KdfParams()
     tables = plan_providers(
@@ -245,7 +246,7 @@ def init_deployment(
             shutil.rmtree(created_parent, ignore_errors=True)
         raise
     fsync_dir(target.parent)
-    return target / CONFIG_NAME
+    return named / CONFIG_NAME
 
 
 def _refuse_existing(target: Path) -> None:

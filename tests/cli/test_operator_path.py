@@ -173,6 +173,10 @@ def test_wrap_enroll_then_pkcs11_chain_opens_through_the_token(
     assert code == 0 and data["provider"] == "pkcs11", data
     code, data = run(capsys, *c, "key", "list", "--json")
     assert code == 0 and [k["label"] for k in data["keys"]] == ["cold-wrapped"]  # type: ignore[attr-defined]
+    from anyhsm.cli.app import _unattended
+    from anyhsm.config import Config
+
+    assert _unattended(Config.load(cfg))  # so the CLI does not prompt for the passphrase
     with open_hsm(cfg) as hsm:
         assert hsm.keystore.unlocked_by == "pkcs11"  # the token wrap, not the passphrase
     code, data = run(capsys, *c, "audit", "verify", "--json")
@@ -202,3 +206,37 @@ def test_init_wrapped_chain_production_enrols_the_wrap(
     assert code == 0 and data["active_provider"] == "pkcs11-wrapped", data
     code, data = run(capsys, "--config", str(cfg), "config", "check", "--json")
     assert code == 0, data
+
+
+def test_wrap_enroll_on_fresh_production_wrapped_chain(
+    tmp_path: Path,
+    token: object,
+    passphrase_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``["pkcs11-wrapped", "software"]`` on production mainnet, not wrapped yet: nothing
+    reaches the floor, so ``wrap-enroll`` opens the enrolment-only handle; afterwards the
+    chain opens through the token with no passphrase."""
+    monkeypatch.setenv("ANYHSM_PKCS11_PIN", token.pin)  # type: ignore[attr-defined]
+    code = main(["init", "--dir", str(tmp_path / "d"), *PROD, "--allow-below-minimum"])
+    assert code == 0
+    cfg = Path(capsys.readouterr().out.splitlines()[-1])
+    text = cfg.read_text().replace('chain = ["software"]', 'chain = ["pkcs11-wrapped", "software"]')
+    text = text.replace("allow_below_minimum = true", "allow_below_minimum = false")
+    cfg.write_text(
+        text + f'\n[providers.pkcs11]\nmodule = "{token.module}"\n'  # type: ignore[attr-defined]
+        f'token_label = "{token.label}"\nwrap_key_label = "operator-path-wrap3"\n'  # type: ignore[attr-defined]
+    )
+    c = ("--config", str(cfg))
+    code, data = run(capsys, *c, "key", "create", "--label", "w", "--json")
+    assert code == 7  # below the floor: refused
+    code, data = run(capsys, *c, "pkcs11", "wrap-enroll", "--json")
+    assert code == 0 and data["enrolled"] is True, data
+    monkeypatch.delenv("ANYHSM_PASSPHRASE")
+    code, data = run(capsys, *c, "key", "create", "--label", "w", "--type", "bip32", "--json")
+    assert code == 0 and data["provider"] == "pkcs11-wrapped", data
+    entries = audit_entries(cfg)
+    opens = [e["detail"].get("purpose") for e in entries if e["op"] == "open"]  # type: ignore[union-attr]
+    assert opens == [None, "enrolment", None]  # init (with consent), wrap-enroll, key create
+    assert [e["outcome"] for e in entries if e["op"] == "pkcs11_wrap_enroll"] == ["started", "ok"]

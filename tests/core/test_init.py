@@ -239,3 +239,16 @@ def test_config_check_wrapped_chain_needs_a_wrap_key(tmp_path: Path, passphrase_
     cfg.write_text(text + '\n[providers.pkcs11]\nmodule = "/x.so"\ntoken_label = "t"\n')
     errors = [p for p in Config.load(cfg).check() if p.severity == "error"]
     assert [p.setting for p in errors] == ["providers.pkcs11.wrap_key_label"]
+
+
+def test_init_through_a_symlinked_directory(tmp_path: Path, passphrase_env: str) -> None:
+    real = tmp_path / "data" / "anyhsm"
+    real.mkdir(parents=True)
+    (tmp_path / "srv").symlink_to(real)
+    cfg = init_deployment(tmp_path / "srv", SecretBytes(PASSPHRASE.encode()), kdf=FAST_DEV_KDF)
+    assert cfg == tmp_path / "srv" / "anyhsm.toml"
+    assert (tmp_path / "srv").is_symlink()  # the link is kept, the deployment is behind it
+    assert leftovers(real) == ["anyhsm.toml", "audit.log", "keystore"]
+    assert leftovers(real.parent) == ["anyhsm"]
+    with open_hsm(cfg) as hsm:
+        assert hsm.verify_audit().ok

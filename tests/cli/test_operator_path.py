@@ -240,3 +240,38 @@ def test_wrap_enroll_on_fresh_production_wrapped_chain(
     opens = [e["detail"].get("purpose") for e in entries if e["op"] == "open"]  # type: ignore[union-attr]
     assert opens == [None, "enrolment", None]  # init (with consent), wrap-enroll, key create
     assert [e["outcome"] for e in entries if e["op"] == "pkcs11_wrap_enroll"] == ["started", "ok"]
+
+
+def test_failed_init_undefines_the_tpm_counter_it_defined(
+    tmp_path: Path, tpm: object, passphrase_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after the TPM enrolment (the final health check, injected) removes the
+    deployment and the NV counter init defined for it: nothing is left on the TPM."""
+    import anyhsm.enrol
+    from anyhsm.errors import AnchorMissing, HsmError
+    from anyhsm.hsm import Hsm
+    from anyhsm.tpm.counter import TpmCounter
+    from anyhsm.tpm.settings import TpmSettings
+
+    refs: list[str] = []
+    real = anyhsm.enrol.enrol_tpm
+
+    def spy(hsm: Hsm, *, force: bool = False) -> dict[str, object]:
+        out = real(hsm, force=force)
+        named = hsm.keystore.generation_anchor_ref()
+        assert named is not None
+        refs.append(named[1])
+        return out
+
+    def broken(self: Hsm) -> object:
+        raise HsmError("injected health failure")
+
+    monkeypatch.setattr(anyhsm.enrol, "enrol_tpm", spy)
+    monkeypatch.setattr(Hsm, "health", broken)
+    tcti = tpm.tcti  # type: ignore[attr-defined]
+    code = main(["init", "--dir", str(tmp_path / "p"), *PROD, "--chain", "tpm,software",
+                 "--tcti", tcti])  # fmt: skip
+    assert code != 0 and list(tmp_path.iterdir()) == []
+    assert len(refs) == 1
+    with pytest.raises(AnchorMissing):
+        TpmCounter.at(TpmSettings.from_mapping({"tcti": tcti}), refs[0]).read()

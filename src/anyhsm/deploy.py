@@ -239,11 +239,13 @@ def init_deployment(
             tmp, passphrase, params, environment, network, names, tables, allow_below_minimum, undo
         )
         _place(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _undo_devices(undo)
         if created_parent is not None:
             shutil.rmtree(created_parent, ignore_errors=True)
+        if isinstance(e, HsmError):
+            e.hint = (f"{e.hint}; " if e.hint else "") + f"init created nothing in {named}"
         raise
     fsync_dir(target.parent)
     return named / CONFIG_NAME

@@ -374,7 +374,14 @@ class Hsm:
                 detail={"reason": a.reason[:300]},
             )
         first = self._config.fallback.chain[0]
-        if self._active.name != first:
+        if self._enrolment_only:
+            log.warning(
+                "anyhsm: keystore opened with the passphrase for enrolment only (security "
+                "level %s, minimum %s); key operations are refused on this handle",
+                self.security_level.label,
+                self._min_level.label,
+            )
+        elif self._active.name != first:
             log.warning(
                 "anyhsm: fell back from %s to %s (security level %s)",
                 first,

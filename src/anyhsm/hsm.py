@@ -1390,16 +1390,21 @@ def open_hsm(
     return Hsm(cfg, pw, audit_recovery=audit_recovery, verify_only=verify_only)
 
 
-def health_from_failure(error: HsmError, config: Config | None = None) -> HealthReport:
+def health_from_failure(
+    error: HsmError, config: Config | None = None, attempts: Sequence[Attempt] | None = None
+) -> HealthReport:
     """The health report of a deployment whose handle could not be opened: ``ok`` false,
     no active provider, and every provider's reason, taken from the chain's attempts the
     error carries (:func:`anyhsm.factory.walk_chain` and the keystore opening put them in
     ``error.details``); without them (a configuration error, a verdict on the store), each
     provider of the configured chain with the error's message. ``error`` holds the
-    error's JSON object, so one shape serves both outcomes."""
+    error's JSON object, so one shape serves both outcomes. ``attempts``: the chain of a
+    handle that opened but whose check itself failed (the audit log refused the entry)."""
     rows: list[dict[str, object]] = [
         {**d, "active": False} for d in error.details if "name" in d and "status" in d
     ]
+    if not rows and attempts:
+        rows = [{**a.to_dict(), "active": False} for a in attempts]
     if not rows and config is not None:
         for name in config.fallback.chain:
             level = PROVIDER_LEVELS.get(name)

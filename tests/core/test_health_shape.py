@@ -168,3 +168,27 @@ def test_degraded_reason_codes_are_documented() -> None:
         text = (root / doc).read_text(encoding="utf-8")
         missing = [c for c in DEGRADED_REASONS if f"`{c}`" not in text]
         assert not missing, (doc, missing)
+
+
+def test_a_check_that_fails_after_the_open_keeps_the_shape_and_the_chain(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fault injection: the audit log refuses the ``health`` entry (a full disk)."""
+    from anyhsm.audit import AuditLog
+    from anyhsm.errors import AuditWriteFailed
+
+    real = AuditLog.append
+
+    def append(self: AuditLog, op: str, *args: object, **kwargs: object) -> int:
+        if op == "health":
+            raise AuditWriteFailed("injected: the disk is full")
+        return real(self, op, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AuditLog, "append", append)
+    code, out, _ = health(capsys, deployment, "--json")
+    assert code == 8
+    assert set(out) == SHAPE | {"error"} and out["ok"] is False
+    assert out["error"]["code"] == "audit_write_failed"  # type: ignore[index]
+    rows = out["providers"]
+    assert isinstance(rows, list) and rows[0]["name"] == "software"
+    assert rows[0]["status"] == "ok"  # it opened: the chain as walked, not a guess

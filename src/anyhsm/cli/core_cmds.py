@@ -366,11 +366,14 @@ def cmd_health(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.hsm import health_from_failure
 
     failure: HsmError | None = None
+    hsm: Hsm | None = None
     try:
-        report = app.hsm().health()
+        hsm = app.hsm()
+        report = hsm.health()
     except HsmError as e:
         failure = e
-        report = health_from_failure(e, app.loaded_config())
+        attempts = hsm.attempts if hsm is not None else None
+        report = health_from_failure(e, app.loaded_config(), attempts)
         print(f"anyhsm: error: {e}", file=sys.stderr)
     level = report.security_level.label if report.security_level else "none"
     minimum = report.min_security_level.label if report.min_security_level else "unknown"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from anyhsm.cli.app import App, Result, SubParsers
+from anyhsm.cli.app import App, Result, SubParsers, text_value
 from anyhsm.errors import ConfigError
 
 
@@ -25,7 +25,7 @@ def cmd_wrap_enroll(args: argparse.Namespace, app: App) -> Result:
             hint='add wrap_key_label = "anyhsm-wrap" (the AES key is created in the token)',
         )
     summary = enrol_token_wrap(app.hsm(enrolment=True))
-    lines = [f"{k}: {v}" for k, v in summary.items()]
+    lines = [f"{k}: {text_value(v)}" for k, v in summary.items()]
     lines.append(
         "the keystore now opens through the token wherever [providers.pkcs11] names "
         "wrap_key_label (chain 'pkcs11' or 'pkcs11-wrapped')"

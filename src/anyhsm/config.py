@@ -830,7 +830,7 @@ def _token_wrap_problems(cfg: Config) -> list[Problem]:
                 "providers.pkcs11.wrap_key_label",
                 "<unset>",
                 "pkcs11-wrapped is in the chain but no wrap key is named; it can never open",
-                'set wrap_key_label = "anyhsm-wrap", then run \'anyhsm pkcs11 wrap-enroll\'',
+                "set wrap_key_label = \"anyhsm-wrap\", then run 'anyhsm pkcs11 wrap-enroll'",
             )
         )
     uses_token = "pkcs11" in chain or "pkcs11-wrapped" in chain
@@ -849,8 +849,7 @@ def _token_wrap_problems(cfg: Config) -> list[Problem]:
             Problem(
                 "providers.pkcs11.wrap_key_label",
                 str(p11["wrap_key_label"]),
-                "the keystore is not wrapped by the token yet: it opens only with the "
-                "passphrase",
+                "the keystore is not wrapped by the token yet: it opens only with the passphrase",
                 "run 'anyhsm pkcs11 wrap-enroll' (needs the passphrase once)",
                 "warning",
             )

@@ -247,13 +247,20 @@ second thread waiting on the same lock (the audit flusher behind a command) says
 _warned_lock = threading.Lock()
 
 
+_told: set[tuple[str, int | None]] = set()
+"""(lock file, holder) pairs this process has already warned about: waiting again for the
+same holder (a command's open, then its close) is not news."""
+
+
 def _warn_waiting(path: Path, holder: int | None, limit: float) -> bool:
-    """Log that this process waits for ``path`` unless one of its threads already said so;
-    True when this call logged (the caller then calls :func:`_done_waiting`)."""
+    """Log that this process waits for ``path`` unless one of its threads already said so,
+    or it already said so about this holder; True when this call counted itself as a
+    waiter (the caller then calls :func:`_done_waiting`)."""
     key = str(path)
     with _warned_lock:
-        first = key not in _warned
+        first = key not in _warned and (key, holder) not in _told
         _warned[key] = _warned.get(key, 0) + 1
+        _told.add((key, holder))
     if first:
         log.warning(
             "anyhsm: waiting for the lock %s held by %s (up to %.0f s)",

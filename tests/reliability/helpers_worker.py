@@ -236,6 +236,24 @@ def _churn(args: argparse.Namespace) -> None:
         i += 1
 
 
+def _reopen(config: str) -> object:
+    """Open again after a typed failure. An open that races a rotation committing in
+    another process fails with a typed error too (KeystoreRotated, AuditKeyRotated):
+    retry, a bounded number of times, as an operator's supervisor would."""
+    import time
+
+    from anyhsm import open_hsm
+    from anyhsm.errors import HsmError
+
+    for _ in range(100):
+        try:
+            return open_hsm(config)
+        except HsmError as e:
+            _say(f"REOPEN-ERR {e.code}")
+            time.sleep(0.02)
+    return open_hsm(config)
+
+
 def _signloop(args: argparse.Namespace) -> None:
     from anyhsm import open_hsm
     from anyhsm.errors import HsmError
@@ -253,7 +271,7 @@ def _signloop(args: argparse.Namespace) -> None:
                 _say(f"ERR {e.code}")
                 with contextlib.suppress(HsmError):
                     hsm.close()
-                hsm = open_hsm(args.config)
+                hsm = _reopen(args.config)
                 _say("REOPENED")
                 continue
             _say(f"SIG {key_id} {digest.hex()} {sig.hex()}")
@@ -344,6 +362,7 @@ class Output:
     errors: list[str] = field(default_factory=list)
     reopened: int = 0
     lines: list[str] = field(default_factory=list)  # every tagged line, in order
+    reopen_errors: list[str] = field(default_factory=list)  # a reopen that raced a rotation
     done: bool = False
 
     def add(self, line: str) -> None:
@@ -370,6 +389,8 @@ class Output:
             self.rotated.append((int(parts[1]), int(parts[2])))
         elif tag == "ERR":
             self.errors.append(parts[1])
+        elif tag == "REOPEN-ERR":
+            self.reopen_errors.append(parts[1])
         elif tag == "REOPENED":
             self.reopened += 1
         elif tag == "DONE":

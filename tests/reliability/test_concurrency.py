@@ -230,6 +230,7 @@ def test_rotation_by_another_process_while_one_signs(
     out = a.check_ok()
 
     assert set(out.errors) <= ROTATION_ERRORS, f"A failed with {out.errors}"
+    assert set(out.reopen_errors) <= ROTATION_ERRORS, f"A's reopen: {out.reopen_errors}"
     assert out.reopened == len(out.errors)
     for sig in out.sigs:
         assert coincurve.PublicKey(keys[sig.key_id].public_key).verify(

@@ -254,6 +254,7 @@ def test_kill_a_rotation_while_another_process_signs(deployment: Path, tmp_path:
         stop.touch()
         out = a.check_ok()
         assert set(out.errors) <= {"keystore_rotated", "audit_key_rotated"}, out.errors
+        assert set(out.reopen_errors) <= {"keystore_rotated", "audit_key_rotated"}
         for sig in out.sigs:
             assert ecdsa_ok(keys[sig.key_id].public_key, sig.digest, sig.signature)
         with open_hsm(deployment) as hsm:

@@ -17,42 +17,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from anyhsm import registry
 from anyhsm.errors import ConfigError
 from anyhsm.fsutil import readable_by_others
 from anyhsm.types import Environment, Network, SecurityLevel
 
-KNOWN_PROVIDERS = ("pkcs11", "tpm", "pkcs11-wrapped", "software", "simulator")
+KNOWN_PROVIDERS = registry.NAMES
 
-_PROVIDER_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
-    "software": {"path": (str,), "passphrase_file": (str,), "kdf": (dict,), "timeout_ms": (int,)},
-    "simulator": {
-        "latency_ms": (int, float),
-        "failure_rate": (int, float),
-        "offline": (bool,),
-        "fail_after": (int,),
-        "hang": (bool,),
-        "seed": (int,),
-        "corrupt_signatures": (bool,),
-        "timeout_ms": (int,),
-    },
-    "pkcs11": {
-        "module": (str,),
-        "token_label": (str,),
-        "token_serial": (str,),
-        "pool_size": (int,),
-        "pin_file": (str,),
-        "threadsafe_module": (bool,),
-        "wrap_key_label": (str,),
-        "timeout_ms": (int,),
-    },
-    "pkcs11-wrapped": {"timeout_ms": (int,)},
-    "tpm": {
-        "tcti": (str,),
-        "pcrs": (list,),
-        "pcr_bank": (str,),
-        "use_rng": (bool,),
-        "timeout_ms": (int,),
-    },
+_PROVIDER_KEYS: dict[str, Mapping[str, tuple[type, ...]]] = {
+    spec.name: spec.settings for spec in registry.SPECS
 }
 _KDF_KEYS = {"name": (str,), "memory_kib": (int,), "iterations": (int,), "lanes": (int,)} | {
     "n": (int,),
@@ -682,10 +655,7 @@ def semantic_problems(cfg: Config) -> list[Problem]:
             )
         )
     sw = cfg.provider_settings("software")
-    uses_keystore = (
-        any(p in ("software", "tpm", "pkcs11-wrapped") for p in chain)
-        or "software" in cfg.providers
-    )
+    uses_keystore = registry.opens_keystore(chain) or "software" in cfg.providers
     if not uses_keystore and cfg.environment is not Environment.DEVELOPMENT:
         out.append(
             Problem(
@@ -833,7 +803,7 @@ def _token_wrap_problems(cfg: Config) -> list[Problem]:
                 "set wrap_key_label = \"anyhsm-wrap\", then run 'anyhsm pkcs11 wrap-enroll'",
             )
         )
-    uses_token = "pkcs11" in chain or "pkcs11-wrapped" in chain
+    uses_token = registry.uses_token(chain)
     if not uses_token or cfg.environment is Environment.DEVELOPMENT:
         return out
     from anyhsm.errors import HsmError

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from anyhsm import registry
 from anyhsm.config import KNOWN_PROVIDERS, Config, default_min_level
 from anyhsm.errors import ConfigError, HsmError
 from anyhsm.fsutil import fsync_dir, read_secret_file
@@ -140,7 +141,7 @@ def plan_providers(
         tpm.setdefault("tcti", DEFAULT_TCTI)
         out["tpm"] = {k: tpm[k] for k in _TABLE_KEYS["tpm"] if k in tpm}
     token = {k: v for k, v in given.get("pkcs11", {}).items() if v is not None}
-    if "pkcs11" in chain or "pkcs11-wrapped" in chain or token:
+    if registry.uses_token(chain) or token:
         if "module" not in token:
             raise ConfigError(
                 "a PKCS#11 chain needs the vendor's module", hint="--pkcs11-module /path/lib.so"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from anyhsm import fsutil
+from anyhsm import fsutil, registry
 from anyhsm.config import Config, default_min_level
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import (
@@ -53,25 +53,13 @@ from anyhsm.types import (
 
 log = logging.getLogger("anyhsm")
 
-PROVIDERS: dict[str, str] = {
-    "software": "anyhsm.providers.software:SoftwareProvider",
-    "simulator": "anyhsm.providers.simulator:SimulatorProvider",
-    "pkcs11": "anyhsm.providers.pkcs11:Pkcs11Provider",
-    "pkcs11-wrapped": "anyhsm.providers.pkcs11_wrap:Pkcs11WrappedProvider",
-    "tpm": "anyhsm.providers.tpm:TpmProvider",
-}
-"""Provider name -> import string. Imported only when the chain names it."""
+PROVIDERS: dict[str, str] = {spec.name: spec.target for spec in registry.SPECS}
+"""Provider name -> import string (from the registry). Imported only when the chain names it."""
 
-PROVIDER_LEVELS: dict[str, SecurityLevel] = {
-    "simulator": SecurityLevel.SIMULATOR,
-    "software": SecurityLevel.SOFTWARE,
-    "tpm": SecurityLevel.TPM,
-    "pkcs11-wrapped": SecurityLevel.HSM_WRAPPED,
-    "pkcs11": SecurityLevel.HSM,
-}
+PROVIDER_LEVELS: dict[str, SecurityLevel] = {spec.name: spec.level for spec in registry.SPECS}
 """Declared levels, known without importing or opening a provider."""
 
-_EXTRAS = {"pkcs11": "pkcs11", "pkcs11-wrapped": "pkcs11", "tpm": "tpm"}
+_EXTRAS = {spec.name: spec.extra for spec in registry.SPECS if spec.extra}
 
 T = TypeVar("T")
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from anyhsm import registry
 from anyhsm.audit import AuditLog, AuditStateStore, VerifyResult, recover_chain, verify_log
 from anyhsm.audit_file_state import FileAuditState
 from anyhsm.audit_forward import forwarder_for
@@ -288,14 +289,14 @@ class Hsm:
             # A token wrap opens the keystore whether or not the chain lists
             # "pkcs11-wrapped" (docs/pkcs11/README.md, "Wrap mode").
             configured.add("pkcs11-wrapped")
-        if not configured & {"software", "tpm", "pkcs11-wrapped"}:
+        if not registry.opens_keystore(configured):
             return _Anchor(None, None)
         from anyhsm.factory import load_provider_class, provider_context, run_bounded
 
         reasons: list[str] = []
         failures: list[HsmError] = []
         rows: list[dict[str, object]] = []
-        for name in ("tpm", "pkcs11-wrapped", "software"):
+        for name in registry.KEYSTORE_OPEN_ORDER:
             if name not in configured:
                 continue
             t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
+from anyhsm import registry
 from anyhsm.errors import ConfigError, HsmError
 
 if TYPE_CHECKING:
@@ -192,8 +193,7 @@ class App:
     def _prompt_pkcs11_pin(cfg: Config) -> None:
         """The token PIN from a prompt on a terminal when neither ANYHSM_PKCS11_PIN nor a
         pin_file gives it (kept in this process's environment only, never in argv)."""
-        uses_token = any(p in ("pkcs11", "pkcs11-wrapped") for p in cfg.fallback.chain)
-        if not uses_token or os.environ.get("ANYHSM_PKCS11_PIN"):
+        if not registry.uses_token(cfg.fallback.chain) or os.environ.get("ANYHSM_PKCS11_PIN"):
             return
         if "pin_file" in cfg.provider_settings("pkcs11"):
             return
@@ -210,7 +210,7 @@ def _unattended(cfg: Config) -> bool:
     """No passphrase prompt: the chain starts with a passphrase-less path, or with a token
     while the keystore holds an unlock blob this configuration can use."""
     first = cfg.fallback.chain[0]
-    if first in ("tpm", "pkcs11-wrapped"):
+    if registry.unattended(first):
         return True
     if first != "pkcs11":
         return False

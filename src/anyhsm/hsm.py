@@ -111,6 +111,30 @@ def failure_outcome(error: Exception, detail: dict[str, str]) -> str:
     return "refused"
 
 
+def _digest_bytes(digest: object) -> bytes:
+    """The one digest check of the signing paths: exactly 32 bytes, as ``bytes``."""
+    if type(digest) is bytes and len(digest) == 32:
+        return digest
+    if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
+        raise InvalidDigest(
+            "digest must be exactly 32 bytes",
+            hint="hash the message first (for Bitcoin, the sighash)",
+        )
+    return bytes(digest)
+
+
+def _audit_failed_sign(
+    audit: AuditLog,
+    error: Exception,
+    provider: str | None,
+    key_id: str | None,
+    detail: dict[str, str],
+) -> None:
+    code = error.code if isinstance(error, HsmError) else type(error).__name__
+    outcome = failure_outcome(error, detail)
+    audit.append("sign", outcome, provider=provider, key_id=key_id, error=code, detail=detail)
+
+
 def digests_detail(digests: Sequence[bytes]) -> dict[str, str]:
     """What a batch signed: the digests themselves (not secret) for a few, else their
     SHA-256 (with the first), keeping the entry bounded."""
@@ -934,15 +958,10 @@ class Hsm:
         provider_name: str | None = None
         key_id: str | None = None
         try:
-            if not isinstance(digest, bytes | bytearray) or len(digest) != 32:
-                raise InvalidDigest(
-                    "digest must be exactly 32 bytes", hint="hash the message first"
-                )
+            digest = _digest_bytes(digest)
             provider, info = self._cache.get(key) or self._route(key)
             provider_name, key_id = provider.name, info.id
             self._check_level(provider, info)
-            if type(digest) is not bytes:
-                digest = bytes(digest)
             try:
                 sig = provider.sign_digest(info.id, digest, scheme, params)
             except KeyNotFound:
@@ -957,19 +976,13 @@ class Hsm:
                 if not isinstance(e, UnsupportedOperation):
                     self._unhealthy[provider.name] = e.message
                 raise
-            # Devices that pick their own nonces may return high-S: normalise. In-process
-            # providers sign with libsecp256k1, whose output is always strict low-S DER
-            # (the conformance suite checks every provider's output either way).
-            if scheme is SigScheme.ECDSA and not provider.capabilities().controls_nonce:
-                sig = curve.normalize_der(sig)
+            # Low-S strict DER is each provider's contract (the PKCS#11 provider normalises
+            # what the token returns; libsecp256k1 output is low-S already), checked on raw
+            # providers by tests/conformance/test_provider_contract.py: one place, not two.
         except Exception as e:
             if key_id is None:
                 detail["key_ref"] = str(key)[:128]
-            code = e.code if isinstance(e, HsmError) else type(e).__name__
-            outcome = failure_outcome(e, detail)
-            audit.append(
-                "sign", outcome, provider=provider_name, key_id=key_id, error=code, detail=detail
-            )
+            _audit_failed_sign(audit, e, provider_name, key_id, detail)
             raise
         audit.append("sign", "ok", provider=provider_name, key_id=key_id, detail=detail)
         return sig
@@ -990,15 +1003,7 @@ class Hsm:
         provider_name: str | None = None
         key_id: str | None = None
         try:
-            reqs: list[tuple[bytes, SigScheme, SignParams | None]] = []
-            for digest, scheme, params in requests:
-                if type(digest) is not bytes:
-                    if not isinstance(digest, bytes | bytearray):
-                        raise InvalidDigest("digest must be 32 bytes", hint="hash it first")
-                    digest = bytes(digest)
-                if len(digest) != 32:
-                    raise InvalidDigest("digest must be exactly 32 bytes", hint="hash it first")
-                reqs.append((digest, scheme, params))
+            reqs = [(_digest_bytes(d), scheme, params) for d, scheme, params in requests]
             provider, info = self._route(key, fresh=True)
             provider_name, key_id = provider.name, info.id
             self._check_level(provider, info)
@@ -1010,22 +1015,13 @@ class Hsm:
                     self._call(provider, lambda r=r: provider.sign_digest(info.id, *r))  # type: ignore[misc]
                     for r in reqs
                 ]
-            if not caps.controls_nonce:
-                sigs = [
-                    curve.normalize_der(sig) if r[1] is SigScheme.ECDSA else sig
-                    for sig, r in zip(sigs, reqs, strict=True)
-                ]
         except Exception as e:
-            code = e.code if isinstance(e, HsmError) else type(e).__name__
             detail = {
                 **(context or {}),
                 "requested": str(len(requests)),
                 "key_ref": str(key)[:128],
             }
-            outcome = failure_outcome(e, detail)
-            audit.append(
-                "sign", outcome, provider=provider_name, key_id=key_id, error=code, detail=detail
-            )
+            _audit_failed_sign(audit, e, provider_name, key_id, detail)
             raise
         schemes = ",".join(sorted({scheme.value for _, scheme, _ in reqs}))
         audit.append(

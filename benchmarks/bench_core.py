@@ -105,7 +105,7 @@ durability = "{durability}"
 
 def absent_primary(directory: Path) -> tuple[Path, str]:
     """A config whose first provider is absent; says which kind of absence."""
-    if importlib.util.find_spec("anyhsm.providers.pkcs11") is not None:
+    if importlib.util.find_spec("anyhsm.providers.pkcs11.provider") is not None:
         extra = (
             '[providers.pkcs11]\nmodule = "/nonexistent/libabsent-pkcs11.so"\n'
             'token_label = "anyhsm"\n'
@@ -114,7 +114,7 @@ def absent_primary(directory: Path) -> tuple[Path, str]:
         return cfg, "pkcs11 with a module path that does not exist"
     extra = "[providers.simulator]\noffline = true\n"
     cfg = write_config(directory, "fallback.toml", base_config('"simulator", "software"', extra))
-    return cfg, "simulator with offline = true (anyhsm.providers.pkcs11 not present yet)"
+    return cfg, "simulator with offline = true (anyhsm.providers.pkcs11.provider not present yet)"
 
 
 def sign_throughput(sign: Callable[[bytes], object], digests: list[bytes], repeats: int) -> float:

@@ -45,8 +45,8 @@ from tests.support.softhsm import find_softhsm_module, init_softhsm, softhsm_uti
 
 from anyhsm.crypto import secp256k1  # noqa: E402
 from anyhsm.provider import ProviderContext  # noqa: E402
-from anyhsm.providers.pkcs11 import Pkcs11Provider  # noqa: E402
-from anyhsm.providers.pkcs11_module import loaded_module  # noqa: E402
+from anyhsm.providers.pkcs11.module import loaded_module  # noqa: E402
+from anyhsm.providers.pkcs11.provider import Pkcs11Provider  # noqa: E402
 from anyhsm.types import Environment, KeySpec, Network, SigScheme  # noqa: E402
 
 THREADS = (1, 4)

@@ -97,7 +97,7 @@ def enrol_token_wrap(hsm: Hsm) -> dict[str, object]:
     Afterwards the keystore opens through the token whenever ``[providers.pkcs11]`` names
     the wrap key, whether the chain lists ``pkcs11`` or ``pkcs11-wrapped``."""
     from anyhsm.factory import provider_context
-    from anyhsm.providers.pkcs11_wrap import enroll
+    from anyhsm.providers.pkcs11.wrap import enroll
 
     cfg = hsm.config
     if "wrap_key_label" not in cfg.provider_settings("pkcs11"):

@@ -34,7 +34,7 @@ _TIMEOUT: Mapping[str, tuple[type, ...]] = {"timeout_ms": (int,)}
 SPECS: tuple[ProviderSpec, ...] = (
     ProviderSpec(
         "pkcs11",
-        "anyhsm.providers.pkcs11:Pkcs11Provider",
+        "anyhsm.providers.pkcs11.provider:Pkcs11Provider",
         SecurityLevel.HSM,
         extra="pkcs11",
         uses_token=True,
@@ -66,7 +66,7 @@ SPECS: tuple[ProviderSpec, ...] = (
     ),
     ProviderSpec(
         "pkcs11-wrapped",
-        "anyhsm.providers.pkcs11_wrap:Pkcs11WrappedProvider",
+        "anyhsm.providers.pkcs11.wrap:Pkcs11WrappedProvider",
         SecurityLevel.HSM_WRAPPED,
         extra="pkcs11",
         opens_keystore=True,

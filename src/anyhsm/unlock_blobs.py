@@ -51,7 +51,7 @@ def resealer(config: Config, keystore: Keystore, *, drop: Collection[str] = ()) 
             out[TPM_BLOB] = blob
         if WRAPPED_BLOB in keep:
             from anyhsm.factory import provider_context
-            from anyhsm.providers.pkcs11_wrap import unwrap_master_key, wrap_master_key
+            from anyhsm.providers.pkcs11.wrap import unwrap_master_key, wrap_master_key
 
             context = provider_context(config, "pkcs11-wrapped", None)
             blob = wrap_master_key(context, master)

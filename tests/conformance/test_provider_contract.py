@@ -71,7 +71,7 @@ def provider(
 
         enroll(ks, TpmSettings.from_mapping(cfg.provider_settings("tpm")))
     if name == "pkcs11-wrapped":
-        from anyhsm.providers.pkcs11_wrap import enroll as wrap_enroll
+        from anyhsm.providers.pkcs11.wrap import enroll as wrap_enroll
 
         wrap_enroll(ks, provider_context(cfg, "pkcs11-wrapped", None))
     ks.close()

@@ -330,7 +330,7 @@ def test_wrong_pin_on_a_token_only_chain(
     ],
 )
 def test_the_pkcs11_pin_translations_are_authentication_failures(ckr: str, code: str) -> None:
-    from anyhsm.providers import pkcs11_errors
+    from anyhsm.providers.pkcs11 import errors as pkcs11_errors
 
     rv = next(v for v, n in pkcs11_errors.CKR_NAMES.items() if n == ckr)
     err = pkcs11_errors.translate_rv(rv, "logging in")

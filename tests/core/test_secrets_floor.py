@@ -29,7 +29,7 @@ from anyhsm.bitcoin.bip32 import ExtendedKey
 from anyhsm.bitcoin.bip39 import mnemonic_to_seed
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
 from anyhsm.errors import SecretFileExposed, SecurityLevelTooLow
-from anyhsm.providers.pkcs11_settings import read_pin_file
+from anyhsm.providers.pkcs11.settings import read_pin_file
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment, Network
 

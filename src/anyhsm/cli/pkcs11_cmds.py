@@ -38,7 +38,7 @@ def cmd_wrap_unenroll(args: argparse.Namespace, app: App) -> Result:
     """Revoke the token unlock path: rotate to a fresh master key without the wrapped
     blob, so a saved copy of it opens nothing."""
     from anyhsm.cli.core_cmds import rotate_dropping
-    from anyhsm.providers.pkcs11_wrap import SIDE_FILE
+    from anyhsm.providers.pkcs11.wrap import SIDE_FILE
 
     hsm = app.hsm()
     summary = rotate_dropping(app, SIDE_FILE, "pkcs11_wrap_unenroll")

@@ -27,7 +27,7 @@ from tests.support.softhsm import (  # noqa: E402
 )
 
 from anyhsm.provider import ProviderContext  # noqa: E402
-from anyhsm.providers.pkcs11 import Pkcs11Provider  # noqa: E402  (imports no pkcs11)
+from anyhsm.providers.pkcs11.provider import Pkcs11Provider  # noqa: E402  (imports no pkcs11)
 from anyhsm.types import Environment, Network  # noqa: E402
 
 PIN_ENV = "ANYHSM_PKCS11_PIN"

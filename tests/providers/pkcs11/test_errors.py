@@ -21,8 +21,8 @@ from anyhsm.errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
-from anyhsm.providers import pkcs11_errors as pe
-from anyhsm.providers.pkcs11_keys import decode_ec_point
+from anyhsm.providers.pkcs11 import errors as pe
+from anyhsm.providers.pkcs11.keys import decode_ec_point
 
 pkcs11 = pytest.importorskip("pkcs11")
 

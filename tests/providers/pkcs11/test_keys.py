@@ -15,9 +15,9 @@ from anyhsm.errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
-from anyhsm.providers.pkcs11 import Pkcs11Provider
-from anyhsm.providers.pkcs11_keys import SECP256K1_OID_DER
-from anyhsm.providers.pkcs11_pool import PooledSession
+from anyhsm.providers.pkcs11.keys import SECP256K1_OID_DER
+from anyhsm.providers.pkcs11.pool import PooledSession
+from anyhsm.providers.pkcs11.provider import Pkcs11Provider
 from anyhsm.types import HEALTH_PROBE_LABEL, KeySpec, KeyType, SecurityLevel, SigScheme
 
 

@@ -19,10 +19,10 @@ from anyhsm.errors import (
     ProviderUnavailable,
 )
 from anyhsm.provider import ProviderContext
-from anyhsm.providers import pkcs11_cryptoki
-from anyhsm.providers.pkcs11 import Pkcs11Provider
-from anyhsm.providers.pkcs11_errors import CKR_PIN_LOCKED
-from anyhsm.providers.pkcs11_module import loaded_module
+from anyhsm.providers.pkcs11 import cryptoki as pkcs11_cryptoki
+from anyhsm.providers.pkcs11.errors import CKR_PIN_LOCKED
+from anyhsm.providers.pkcs11.module import loaded_module
+from anyhsm.providers.pkcs11.provider import Pkcs11Provider
 from anyhsm.types import Environment, KeySpec, Network
 
 REPO = Path(__file__).resolve().parents[3]
@@ -129,7 +129,7 @@ def test_without_python_pkcs11(
 
 def test_importing_the_provider_does_not_import_pkcs11() -> None:
     code = (
-        "import sys, anyhsm, anyhsm.providers.pkcs11, anyhsm.providers.pkcs11_wrap;"
+        "import sys, anyhsm, anyhsm.providers.pkcs11.provider, anyhsm.providers.pkcs11.wrap;"
         "assert 'pkcs11' not in sys.modules, 'pkcs11 imported';"
         "print('ok')"
     )

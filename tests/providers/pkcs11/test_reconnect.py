@@ -20,8 +20,8 @@ from tests.providers.pkcs11.conftest import ProviderMaker, unique_label
 from tests.support.softhsm import SoftHsmToken, token_subdir
 
 from anyhsm.errors import ProviderUnavailable
-from anyhsm.providers.pkcs11 import Pkcs11Provider
-from anyhsm.providers.pkcs11_module import loaded_module
+from anyhsm.providers.pkcs11.module import loaded_module
+from anyhsm.providers.pkcs11.provider import Pkcs11Provider
 from anyhsm.types import KeySpec, SigScheme
 
 # python-pkcs11 0.10 leaves a search context active when C_FindObjectsInit fails on a

@@ -24,7 +24,7 @@ from anyhsm import open_hsm
 from anyhsm.cli.main import main
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import HsmError
-from anyhsm.providers.pkcs11_keys import decode_ec_point
+from anyhsm.providers.pkcs11.keys import decode_ec_point
 
 # Another application on the same token: its own process, its own login.
 _PLANT = r"""
@@ -210,7 +210,7 @@ def _close_all_sessions(hsm: object) -> None:
     """Fault injection through the real module: every session of this process on the
     token closes (as after a token reset), so the provider reconnects and looks the key
     up again instead of using what it cached."""
-    from anyhsm.providers.pkcs11_module import loaded_module
+    from anyhsm.providers.pkcs11.module import loaded_module
 
     provider = hsm._active  # type: ignore[attr-defined]
     module = loaded_module(str(provider.settings.module))

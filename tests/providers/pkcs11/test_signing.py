@@ -18,8 +18,8 @@ from tests.support.softhsm import SoftHsmToken
 
 from anyhsm.crypto.secp256k1 import HALF_ORDER, der_decode, der_encode
 from anyhsm.errors import InvalidDigest, SigningFailed, UnsupportedOperation
-from anyhsm.providers.pkcs11 import Pkcs11Provider
-from anyhsm.providers.pkcs11_pool import PooledSession
+from anyhsm.providers.pkcs11.pool import PooledSession
+from anyhsm.providers.pkcs11.provider import Pkcs11Provider
 from anyhsm.types import KeySpec, SignParams, SigScheme
 
 REPO = Path(__file__).resolve().parents[3]
@@ -190,7 +190,7 @@ _THREADSAFE_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import coincurve
     from anyhsm.provider import ProviderContext
-    from anyhsm.providers.pkcs11 import Pkcs11Provider
+    from anyhsm.providers.pkcs11.provider import Pkcs11Provider
     from anyhsm.types import Environment, KeySpec, Network, SigScheme
     ctx = ProviderContext(Environment.DEVELOPMENT, Network.REGTEST, Path("."), settings={
         "module": sys.argv[3], "token_label": sys.argv[4], "pool_size": 4,

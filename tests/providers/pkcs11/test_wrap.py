@@ -29,9 +29,9 @@ from anyhsm.errors import (
 )
 from anyhsm.keystore import Keystore
 from anyhsm.provider import ProviderContext
-from anyhsm.providers.pkcs11 import Pkcs11Provider
-from anyhsm.providers.pkcs11_pool import PooledSession
-from anyhsm.providers.pkcs11_wrap import (
+from anyhsm.providers.pkcs11.pool import PooledSession
+from anyhsm.providers.pkcs11.provider import Pkcs11Provider
+from anyhsm.providers.pkcs11.wrap import (
     SIDE_FILE,
     Pkcs11WrappedProvider,
     WrapMechanism,
@@ -110,7 +110,7 @@ def test_gcm_that_does_not_round_trip_falls_back_to_key_wrap(
 ) -> None:
     """Fault injection: a module that uses its own GCM IV (as AWS CloudHSM documents)
     and reports another one; the round-trip check catches it before anything is stored."""
-    from anyhsm.providers import pkcs11_wrap
+    from anyhsm.providers.pkcs11 import wrap as pkcs11_wrap
 
     real = pkcs11_wrap._encrypt
 

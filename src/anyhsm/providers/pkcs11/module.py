@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from anyhsm.errors import PinLocked, PinRejected, ProviderError, ProviderTimeout
-from anyhsm.providers.pkcs11_cryptoki import Cryptoki, handle_of, logged_in_state
-from anyhsm.providers.pkcs11_errors import (
+from anyhsm.providers.pkcs11.cryptoki import Cryptoki, handle_of, logged_in_state
+from anyhsm.providers.pkcs11.errors import (
     CKR_CANT_LOCK,
     CKR_CRYPTOKI_ALREADY_INITIALIZED,
     CKR_OK,
@@ -40,7 +40,7 @@ from anyhsm.providers.pkcs11_errors import (
 if TYPE_CHECKING:
     from pkcs11 import Session, Token
 
-    from anyhsm.providers.pkcs11_lib import HookedLib
+    from anyhsm.providers.pkcs11.lib import HookedLib
     from anyhsm.secret import SecretBytes
 
 CKF_USER_PIN_COUNT_LOW = 0x00010000
@@ -179,7 +179,7 @@ class LoadedModule:
         if self.lib is None:
             import pkcs11
 
-            from anyhsm.providers import pkcs11_lib
+            from anyhsm.providers.pkcs11 import lib as pkcs11_lib
 
             try:
                 self.lib = pkcs11_lib.load(self.path, self._c_initialize)

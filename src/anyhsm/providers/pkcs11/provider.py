@@ -33,8 +33,8 @@ from anyhsm.errors import (
     UnsupportedOperation,
 )
 from anyhsm.provider import ProviderContext, check_sign_request
-from anyhsm.providers.pkcs11_conn import Connection, import_pkcs11
-from anyhsm.providers.pkcs11_keys import (
+from anyhsm.providers.pkcs11.conn import Connection, import_pkcs11
+from anyhsm.providers.pkcs11.keys import (
     KEY_ID_BYTES,
     SECP256K1_OID_DER,
     Verifier,
@@ -42,7 +42,7 @@ from anyhsm.providers.pkcs11_keys import (
     private_template,
     public_template,
 )
-from anyhsm.providers.pkcs11_settings import Pkcs11Settings
+from anyhsm.providers.pkcs11.settings import Pkcs11Settings
 from anyhsm.types import (
     Capabilities,
     Health,
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
     from pkcs11 import Attribute, Object, Session, SignMixin
 
-    from anyhsm.providers.pkcs11_pool import PooledSession
+    from anyhsm.providers.pkcs11.pool import PooledSession
 
 CAPABILITIES = Capabilities(
     key_types=frozenset({KeyType.SECP256K1}),

@@ -50,9 +50,9 @@ from anyhsm.errors import (
     UnsupportedOperation,
 )
 from anyhsm.provider import ProviderContext
-from anyhsm.providers.pkcs11_conn import Connection
-from anyhsm.providers.pkcs11_errors import ckr_name
-from anyhsm.providers.pkcs11_settings import Pkcs11Settings
+from anyhsm.providers.pkcs11.conn import Connection
+from anyhsm.providers.pkcs11.errors import ckr_name
+from anyhsm.providers.pkcs11.settings import Pkcs11Settings
 from anyhsm.providers.software import SoftwareProvider, unlock_path_health
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Health, SecurityLevel
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from pkcs11 import Attribute, DecryptMixin, EncryptMixin, SecretKey, UnwrapMixin, WrapMixin
 
     from anyhsm.keystore import Keystore
-    from anyhsm.providers.pkcs11_pool import PooledSession
+    from anyhsm.providers.pkcs11.pool import PooledSession
 
 __all__ = [
     "SIDE_FILE",

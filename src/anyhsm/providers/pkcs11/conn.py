@@ -25,14 +25,14 @@ from anyhsm.errors import (
     ProviderNotInstalled,
     ProviderUnavailable,
 )
-from anyhsm.providers.pkcs11_cryptoki import handle_of, logged_in_state
-from anyhsm.providers.pkcs11_errors import (
+from anyhsm.providers.pkcs11.cryptoki import handle_of, logged_in_state
+from anyhsm.providers.pkcs11.errors import (
     connection_lost,
     handles_gone,
     stale_object,
     translate,
 )
-from anyhsm.providers.pkcs11_module import (
+from anyhsm.providers.pkcs11.module import (
     CKF_USER_PIN_COUNT_LOW,
     CKF_USER_PIN_FINAL_TRY,
     CKF_USER_PIN_LOCKED,
@@ -41,8 +41,8 @@ from anyhsm.providers.pkcs11_module import (
     acquire_module,
     release_module,
 )
-from anyhsm.providers.pkcs11_pool import PooledSession, SessionPool
-from anyhsm.providers.pkcs11_settings import Pkcs11Settings, load_pin
+from anyhsm.providers.pkcs11.pool import PooledSession, SessionPool
+from anyhsm.providers.pkcs11.settings import Pkcs11Settings, load_pin
 from anyhsm.types import Environment
 
 if TYPE_CHECKING:

@@ -247,20 +247,25 @@ second thread waiting on the same lock (the audit flusher behind a command) says
 _warned_lock = threading.Lock()
 
 
-_told: set[tuple[str, int | None]] = set()
-"""(lock file, holder) pairs this process has already warned about: waiting again for the
-same holder (a command's open, then its close) is not news."""
+_told: dict[str, float] = {}
+"""When this process last warned about each lock file: waiting again within
+:data:`LOCK_WARNING_REPEAT_S` (a command's close after its open, the audit flusher after
+a command, the holder's pid read before and after it was written) is not news."""
+LOCK_WARNING_REPEAT_S = 60.0
 
 
 def _warn_waiting(path: Path, holder: int | None, limit: float) -> bool:
-    """Log that this process waits for ``path`` unless one of its threads already said so,
-    or it already said so about this holder; True when this call counted itself as a
-    waiter (the caller then calls :func:`_done_waiting`)."""
+    """Log that this process waits for ``path`` unless one of its threads already said so
+    recently; True when this call counted itself as a waiter (the caller then calls
+    :func:`_done_waiting`)."""
     key = str(path)
+    now = time.monotonic()
     with _warned_lock:
-        first = key not in _warned and (key, holder) not in _told
+        recent = now - _told.get(key, -LOCK_WARNING_REPEAT_S) < LOCK_WARNING_REPEAT_S
+        first = key not in _warned and not recent
         _warned[key] = _warned.get(key, 0) + 1
-        _told.add((key, holder))
+        if first:
+            _told[key] = now
     if first:
         log.warning(
             "anyhsm: waiting for the lock %s held by %s (up to %.0f s)",

@@ -19,7 +19,7 @@ import sys
 
 TYPE_CHECKING = False  # not typing's: importing typing costs a third of the start-up budget
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
     from typing import NoReturn
 
     from anyhsm.cli.app import App, Result
@@ -53,7 +53,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 EXIT_INTERNAL = 70
 EXIT_USAGE = 2
-_VALUE_OPTIONS = ("--config", "--passphrase-file")
+_VALUE_OPTIONS = ("--config", "--passphrase-file", "--log-format")
 
 
 class UsageFailure(Exception):
@@ -129,7 +129,74 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
         **extra,  # type: ignore[arg-type]
     )
     common.add_argument("--passphrase-file", help="file holding the keystore passphrase", **extra)  # type: ignore[arg-type]
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        help="more log output on stderr: -v info, -vv debug (default: warnings)",
+        **({"default": argparse.SUPPRESS} if suppress else {"default": 0}),
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="log errors only (default: warnings too)",
+        **extra,  # type: ignore[arg-type]
+    )
+    common.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines on stderr as text (default) or as JSON objects, one per line",
+        **({"default": argparse.SUPPRESS} if suppress else {"default": "text"}),  # type: ignore[arg-type]
+    )
     return common
+
+
+class _JsonLogFormatter:
+    """One JSON object per log line: ts, level, logger, message (never a secret: anyhsm's
+    log messages carry none)."""
+
+    def format(self, record: object) -> str:
+        import json
+        import logging
+        import time
+
+        assert isinstance(record, logging.LogRecord)
+        body = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        return json.dumps(body, sort_keys=True)
+
+
+def configure_logging(verbose: int, quiet: bool, log_format: str) -> Callable[[], None]:
+    """Route the ``anyhsm`` logger to stderr at the level the flags ask for (warnings by
+    default), as text or JSON lines. Returns the undo (``main`` may run in-process, in a
+    program or a test that has its own logging)."""
+    import logging
+
+    logger = logging.getLogger("anyhsm")
+    before = logger.level
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonLogFormatter())  # type: ignore[arg-type]
+    else:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    level = (
+        logging.ERROR
+        if quiet
+        else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+    )
+    logger.setLevel(level)
+    logger.addHandler(handler)
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
+
+    return undo
 
 
 def build_parser(modules: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -264,6 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as e:  # --help, or an argparse exit we did not route
         return int(e.code or 0) if isinstance(e.code, int) else EXIT_USAGE
+    undo_logging = configure_logging(
+        getattr(args, "verbose", 0) or 0,
+        bool(getattr(args, "quiet", False)),
+        getattr(args, "log_format", "text") or "text",
+    )
     from anyhsm.cli.app import App
     from anyhsm.errors import HsmError
 
@@ -301,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app.close()
         except HsmError as e:
             print(f"anyhsm: error while closing: {e}", file=sys.stderr)
+        undo_logging()
 
 
 if __name__ == "__main__":

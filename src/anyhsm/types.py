@@ -171,7 +171,19 @@ class KeyInfo:
     def internal(self) -> bool:
         return self.label.startswith(INTERNAL_LABEL_PREFIX)
 
+    @property
+    def master_fingerprint(self) -> bytes | None:
+        """BIP32 master fingerprint (HASH160 of the master public key, 4 bytes) of an HD
+        key, which PSBTs and descriptors name it by; None for a single key."""
+        if self.chain_code is None:
+            return None
+        import hashlib
+
+        sha = hashlib.sha256(self.public_key).digest()
+        return hashlib.new("ripemd160", sha).digest()[:4]
+
     def to_dict(self) -> dict[str, object]:
+        fp = self.master_fingerprint
         out: dict[str, object] = {
             "id": self.id,
             "label": self.label,
@@ -181,6 +193,7 @@ class KeyInfo:
             "store": self.store,
             "exportable": self.exportable,
             "created_at": self.created_at,
+            "master_fingerprint": None if fp is None else fp.hex(),
         }
         return out
 

@@ -373,3 +373,15 @@ def test_psbt_sign_refuses_an_oversized_file_before_parsing(
     out = json.loads(capsys.readouterr().out)
     assert code == 2 and out["error"]["code"] == "psbt_limit_exceeded", out
     assert "max_psbt_bytes" in out["error"]["message"]
+
+
+def test_key_list_names_the_master_fingerprint(run: Run, tmp_path: Path) -> None:
+    """Issue 10 item 9: key list --json carries an HD key's master fingerprint (the one the
+    xpub's origin shows), and null for a single key."""
+    code, out, _ = run("key", "create", "--label", "single", "--json")
+    assert code == 0
+    code, out, _ = run("key", "list", "--json")
+    keys = {k["label"]: k for k in json.loads(out)["keys"]}
+    code, xpub, _ = run("xpub", "w", "m/84'/1'/0'", "--json")
+    assert keys["w"]["master_fingerprint"] == json.loads(xpub)["master_fingerprint"]
+    assert keys["single"]["master_fingerprint"] is None

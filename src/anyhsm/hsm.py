@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -878,10 +878,10 @@ class Hsm:
             return self._call(provider, lambda: provider.export_key(info.id))
 
     def list_keys(self) -> list[KeyInfo]:
-        """Keys of the key directory whose store is reachable, and keys of an in-process
-        store (the simulator); internal keys hidden. Token objects the directory does not
-        know are not listed: they are never used. Without a keystore: the active
-        provider's keys."""
+        """Keys of the key directory (those whose store is not open here marked
+        ``available=False``), and keys of an in-process store (the simulator); internal
+        keys hidden. Token objects the directory does not know are not listed: they are
+        never used. Without a keystore: the active provider's keys."""
         self._key_operations("listing keys")
         ks = self._anchor.keystore
         kp = self._keystore_provider()
@@ -898,9 +898,11 @@ class Hsm:
                 or rec.label.startswith(INTERNAL_LABEL_PREFIX)
             ):
                 continue
+            seen.add(rec.id)
             if stores.get(rec.provider) == rec.store:
-                seen.add(rec.id)
                 out.append(self._reference_info(rec))
+            else:  # its store is not open here: listed, marked, never used
+                out.append(replace(self._reference_info(rec), available=False))
         for provider in others:
             if provider.capabilities().persistent:
                 continue

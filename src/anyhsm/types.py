@@ -166,6 +166,7 @@ class KeyInfo:
     exportable: bool = False
     created_at: str = ""
     chain_code: bytes | None = field(default=None, repr=False)  # BIP32 master chain code (public)
+    available: bool = True  # False: the key directory knows it, but its store is not open here
 
     @property
     def internal(self) -> bool:
@@ -194,6 +195,7 @@ class KeyInfo:
             "exportable": self.exportable,
             "created_at": self.created_at,
             "master_fingerprint": None if fp is None else fp.hex(),
+            "available": self.available,
         }
         return out
 

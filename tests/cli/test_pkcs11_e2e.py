@@ -88,6 +88,11 @@ def test_token_keys_are_never_swapped(
         assert "pkcs11" in str(e.value) and "cold" in str(e.value)
     code, out, err = run(capsys, *c, "sign", "--key", "cold", "--digest", "ab" * 32, "--json")
     assert code == 4 and out["error"]["code"] == "provider_unavailable"  # type: ignore[index]
+    # key list still shows it, marked unavailable (issue 10 item 10), never "(no keys)"
+    code, out, _ = run(capsys, *c, "key", "list", "--json")
+    listed = {k["label"]: k for k in out["keys"]}  # type: ignore[union-attr]
+    assert code == 0 and listed["cold"]["available"] is False
+    assert listed["cold"]["provider"] == "pkcs11"
 
     monkeypatch.setenv("ANYHSM_PKCS11_PIN", token.pin)  # type: ignore[attr-defined]
     code, _, _ = run(capsys, *c, "key", "delete", "cold", "--yes")

@@ -298,9 +298,11 @@ def _import_xprv(hsm: Hsm, label: str, text: str, exportable: bool) -> KeyInfo:
 
 def cmd_key_list(args: argparse.Namespace, app: App) -> Result:
     keys = app.hsm().list_keys()
-    lines = [f"{k.id}  {k.key_type.value:9}  {k.provider:9}  {k.label}" for k in keys] or [
-        "(no keys)"
-    ]
+    lines = [
+        f"{k.id}  {k.key_type.value:9}  {k.provider:9}  {k.label}"
+        + ("" if k.available else f"  (unavailable: {k.provider} is not open here)")
+        for k in keys
+    ] or ["(no keys)"]
     return Result({"keys": [k.to_dict() for k in keys]}, lines)
 
 

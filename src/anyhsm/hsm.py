@@ -865,7 +865,28 @@ class Hsm:
                     sb.wipe()
             self._remember(provider, info)
             d["_key"] = info.id
+            twins = self.same_key_as(info)
+            if twins:
+                # The same secret under two labels: not refused (a deliberate second
+                # label is legitimate), but said, and recorded in the audit entry.
+                d["same_key_as"] = ",".join(t.id for t in twins)[:300]
+                log.warning(
+                    "anyhsm: the key imported as %r is already in the store as %s",
+                    label,
+                    ", ".join(repr(t.label) for t in twins),
+                )
             return info
+
+    def same_key_as(self, info: KeyInfo) -> list[KeyInfo]:
+        """Other keys with the same public key (and, for HD keys, chain code): the same
+        seed or secret imported again under another label."""
+        return [
+            k
+            for k in self.list_keys()
+            if k.id != info.id
+            and k.public_key == info.public_key
+            and k.chain_code == info.chain_code
+        ]
 
     def export_key(self, key: KeyRef) -> SecretBytes:
         """Private material of an exportable key, where provider and config allow it."""

@@ -385,3 +385,16 @@ def test_key_list_names_the_master_fingerprint(run: Run, tmp_path: Path) -> None
     code, xpub, _ = run("xpub", "w", "m/84'/1'/0'", "--json")
     assert keys["w"]["master_fingerprint"] == json.loads(xpub)["master_fingerprint"]
     assert keys["single"]["master_fingerprint"] is None
+
+
+def test_importing_a_seed_already_present_warns(run: Run, tmp_path: Path) -> None:
+    """Issue 10 item 10: the wallet's mnemonic imported again under another label is
+    accepted but said (JSON warnings, text line) and recorded in the audit entry."""
+    words = tmp_path / "mnemonic.txt"  # written by the fixture's import of "w"
+    code, out, err = run("key", "import", "--label", "w2", "--mnemonic-file", str(words), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["warnings"] == ["the same key is already in the store as w"]
+    code, out, _ = run("key", "import", "--label", "w3", "--mnemonic-file", str(words))
+    line = next(x for x in out.splitlines() if x.startswith("warning: the same key"))
+    assert code == 0 and sorted(line.rsplit(" as ", 1)[1].split(", ")) == ["w", "w2"]

@@ -234,7 +234,14 @@ def cmd_key_import(args: argparse.Namespace, app: App) -> Result:
             info = hsm.import_key(
                 args.label, sb, KeyType.parse(args.type), exportable=args.exportable
             )
-    return Result(info.to_dict(), key_text(info))
+    twins = hsm.same_key_as(info)
+    data = info.to_dict()
+    lines = key_text(info)
+    if twins:
+        labels = ", ".join(t.label for t in twins)
+        data["warnings"] = [f"the same key is already in the store as {labels}"]
+        lines.append(f"warning: the same key is already in the store as {labels}")
+    return Result(data, lines)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ value objects, never string flags passed around loosely.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 KeyRef = str
@@ -241,7 +242,7 @@ class Health:
     reason: str = ""
     security_level: SecurityLevel | None = None
     elapsed_ms: float = 0.0
-    details: dict[str, str] = field(default_factory=dict)
+    details: Mapping[str, object] = field(default_factory=dict)  # numbers as numbers
 
     def to_dict(self) -> dict[str, object]:
         return {

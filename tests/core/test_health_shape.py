@@ -192,3 +192,13 @@ def test_a_check_that_fails_after_the_open_keeps_the_shape_and_the_chain(
     rows = out["providers"]
     assert isinstance(rows, list) and rows[0]["name"] == "software"
     assert rows[0]["status"] == "ok"  # it opened: the chain as walked, not a guess
+
+
+def test_health_details_give_numbers_as_numbers(
+    deployment: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10 item 9: counts are JSON numbers, not strings ("records": 1, not "1")."""
+    assert main(["--config", str(deployment), "health", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    details = next(p for p in out["providers"] if p["name"] == "software")["details"]
+    assert type(details["records"]) is int and type(details["generation"]) is int

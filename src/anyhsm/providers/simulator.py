@@ -181,7 +181,7 @@ class SimulatorProvider:
             "",
             self.security_level(),
             (time.perf_counter() - t0) * 1000,
-            {"keys": str(len(self._keys)), "ops": str(self._ops)},
+            {"keys": len(self._keys), "ops": self._ops},
         )
 
     _CAPABILITIES = local_signing.local_capabilities(persistent=False)

@@ -68,7 +68,7 @@ def unlock_path_health(
     level: SecurityLevel,
     base: Health,
     started: float,
-    details: dict[str, str],
+    details: dict[str, object],
     problem: str,
 ) -> Health:
     """Health of a keystore reached through a sealed master key (TPM, token): the
@@ -147,12 +147,12 @@ class SoftwareProvider:
             "unlocked_by": ks.unlocked_by,
             "kdf": ks.kdf.name,
             "mlock": mlock_status(),
-            "records": str(len(ks.records())),
+            "records": len(ks.records()),
         }
         if ks.unacknowledged:
             # Written but never listed: an interrupted create, or a replayed manifest.
             details["unacknowledged_records"] = ",".join(sorted(ks.unacknowledged))
-        details["generation"] = str(ks.generation)
+        details["generation"] = ks.generation
         weak = ks.kdf.weaknesses()
         if weak:
             details["kdf_upgrade"] = "recommended: " + "; ".join(weak)

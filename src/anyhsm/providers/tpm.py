@@ -114,7 +114,7 @@ class TpmProvider(SoftwareProvider):
         problem = self._counter_health(details, problem)
         return unlock_path_health(self.name, self.security_level(), base, t0, details, problem)
 
-    def _counter_health(self, details: dict[str, str], problem: str) -> str:
+    def _counter_health(self, details: dict[str, object], problem: str) -> str:
         """Report the generation counter the keystore names (its value read live) and
         return the first problem: a counter that is gone or not ours is one."""
         named = self.keystore.generation_anchor_ref()

@@ -475,9 +475,9 @@ class Connection:
         self._facts = facts
         return facts
 
-    def details(self) -> dict[str, str]:
-        """Public facts for health reports (no secrets)."""
-        out: dict[str, str] = {"module": str(self.settings.module)}
+    def details(self) -> dict[str, object]:
+        """Public facts for health reports (no secrets; counts as numbers)."""
+        out: dict[str, object] = {"module": str(self.settings.module)}
         module = self._module
         if module is not None:
             lib = module.lib
@@ -510,16 +510,16 @@ class Connection:
         if pool is not None:
             st = pool.stats()
             out.update(
-                pool_size=str(st.size),
-                pool_open=str(st.open),
-                pool_idle=str(st.idle),
-                pool_in_use=str(st.in_use),
-                pool_waits=str(st.waits),
+                pool_size=st.size,
+                pool_open=st.open,
+                pool_idle=st.idle,
+                pool_in_use=st.in_use,
+                pool_waits=st.waits,
             )
         else:
-            out["pool_size"] = str(self.settings.pool_size)
-            out["pool_open"] = "0"
-        out["reconnects"] = str(self._reconnects)
+            out["pool_size"] = self.settings.pool_size
+            out["pool_open"] = 0
+        out["reconnects"] = self._reconnects
         login = self._login
         if login is not None and login.external:
             out["login"] = "already logged in by other code in this process"

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import coincurve
 import pytest
 from tests.conftest import PASSPHRASE
+from tests.support.cli import cli
 from tests.vectors import load_json
 
 from anyhsm.cli.main import main
@@ -21,18 +20,6 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("ANYHSM_")}
-    e.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "anyhsm.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=e,
-        timeout=60,
-    )
 
 
 def test_init_prints_config_path_last(tmp_path: Path) -> None:

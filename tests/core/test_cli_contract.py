@@ -12,25 +12,11 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 
 import pytest
+from tests.support.cli import cli
 
 from anyhsm.cli.main import COMMANDS, build_parser, main
 from anyhsm.config import config_search_path, find_config
 from anyhsm.errors import ConfigError
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("ANYHSM_")}
-    e.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "anyhsm.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=e,
-        cwd=cwd,
-        timeout=60,
-    )
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

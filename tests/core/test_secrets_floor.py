@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import PASSPHRASE
+from tests.support.cli import cli
 from tests.vectors import load_json
 
 from anyhsm import open_hsm
@@ -42,21 +43,6 @@ def secret_file(directory: Path, name: str, text: str, mode: int = 0o600) -> Pat
     path.write_text(text, encoding="utf-8")
     path.chmod(mode)
     return path
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("ANYHSM_")}
-    e.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "anyhsm.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=e,
-        input=stdin,
-        timeout=120,
-    )
 
 
 def audit_entries(log: Path) -> list[dict[str, object]]:

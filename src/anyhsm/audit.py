@@ -231,6 +231,9 @@ def _check_against_state(path: Path, state: AuditState, ring: AuditKeyRing) -> _
     recorded place) and every entry after it chains from it."""
     try:
         with open(path, "rb") as f:
+            # Shared flock: appenders hold it exclusively while they write, so a line
+            # another process is writing is never read half-written (and taken for a tear).
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
             size = os.fstat(f.fileno()).st_size
             if state.seq == 0:
                 start, prev, expected = 0, state.genesis, 1
@@ -742,7 +745,9 @@ def verify_log(path: Path, ring: AuditKeyRing, state: AuditState) -> VerifyResul
     (1-based). Every line must be canonical and MAC-ed over its exact bytes, in sequence
     from the chain's genesis, and the recorded entry must be there with its MAC."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no half-written line of another writer
+            data = f.read()
     except FileNotFoundError:
         if state.seq == 0:
             return VerifyResult(True, 0, None, "", 0, state.chain)

@@ -1302,10 +1302,16 @@ class Keystore:
             return None
 
     def write_side_file(self, name: str, data: bytes) -> None:
-        atomic_write(self._side_path(name), data)
+        """Under the write lock: writers clean up temp files left by crashes, and must not
+        take this write's temp file (not yet renamed) for one."""
+        path = self._side_path(name)
+        with file_lock(self.path / LOCK_FILE):
+            atomic_write(path, data)
 
     def remove_side_file(self, name: str) -> bool:
-        return remove_durably(self._side_path(name))
+        path = self._side_path(name)
+        with file_lock(self.path / LOCK_FILE):
+            return remove_durably(path)
 
     def side_file_path(self, name: str) -> Path:
         return self._side_path(name)

@@ -13,7 +13,6 @@ from tests.bitcoin.test_signer import (
     Spend,
     Wallet,
     _tap_tree_psbt,
-    add_wallet,
     build_psbt,
     software_hsm,
 )
@@ -39,11 +38,6 @@ def hsm(tmp_path: Path) -> Iterator[Hsm]:
     h = software_hsm(tmp_path / "dep", allowed_sighash_types=(0, 1, 0x83))
     yield h
     h.close()
-
-
-@pytest.fixture
-def wallet(hsm: Hsm) -> Wallet:
-    return add_wallet(hsm, "w", bytes(range(32)))
 
 
 def _keys(w: Wallet, n: int, rng: random.Random) -> list[tuple[bytes, object]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,18 +28,6 @@ from anyhsm.bitcoin.taproot import TapLeaf, depth_first_merkle_root, merkle_root
 from anyhsm.bitcoin.tx import TxOut
 from anyhsm.hsm import Hsm
 from anyhsm.types import Network
-
-
-@pytest.fixture
-def hsm(tmp_path: Path) -> Iterator[Hsm]:
-    h = software_hsm(tmp_path / "dep")
-    yield h
-    h.close()
-
-
-@pytest.fixture
-def wallet(hsm: Hsm) -> Wallet:
-    return add_wallet(hsm, "w", bytes(range(32)))
 
 
 def _refusal(err: SigningPolicyError) -> list[tuple[str, str]]:

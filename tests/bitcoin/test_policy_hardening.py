@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,18 +44,6 @@ from anyhsm.providers.software import SoftwareProvider
 from anyhsm.types import Network
 
 H = HARDENED
-
-
-@pytest.fixture
-def hsm(tmp_path: Path) -> Iterator[Hsm]:
-    h = software_hsm(tmp_path / "dep")
-    yield h
-    h.close()
-
-
-@pytest.fixture
-def wallet(hsm: Hsm) -> Wallet:
-    return add_wallet(hsm, "w", bytes(range(32)))
 
 
 def _rules(err: SigningPolicyError) -> list[tuple[str, str]]:

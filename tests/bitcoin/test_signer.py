@@ -215,13 +215,6 @@ def build_psbt(
 
 
 @pytest.fixture
-def hsm(tmp_path: Path) -> Iterator[Hsm]:
-    h = software_hsm(tmp_path / "dep")
-    yield h
-    h.close()
-
-
-@pytest.fixture
 def det_hsm(tmp_path: Path) -> Iterator[Hsm]:
     """Deterministic BIP340 nonces (zero aux randomness)."""
     h = software_hsm(tmp_path / "det", deterministic_schnorr=True)

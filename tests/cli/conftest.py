@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,12 @@ def tpm(
     t = start_swtpm(tmp_path_factory.mktemp(f"swtpm-{_module_tag(request)}"))
     yield t
     t.stop()
+
+
+def use_tpm_chain(deployment: Path, tpm: object) -> list[str]:
+    """Point a test deployment's chain at ``["tpm", "software"]`` on ``tpm`` (a running
+    swtpm); returns the CLI's ``--config`` arguments."""
+    tcti = tpm.tcti  # type: ignore[attr-defined]
+    text = deployment.read_text().replace('chain = ["software"]', 'chain = ["tpm", "software"]')
+    deployment.write_text(text + f'\n[providers.tpm]\ntcti = "{tcti}"\n')
+    return ["--config", str(deployment)]

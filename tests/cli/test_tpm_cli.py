@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.cli.conftest import use_tpm_chain
 from tests.conftest import PASSPHRASE
 
 from anyhsm.cli.main import main
@@ -25,10 +26,7 @@ def test_enroll_then_no_passphrase(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    tcti = tpm.tcti  # type: ignore[attr-defined]
-    text = deployment.read_text().replace('chain = ["software"]', 'chain = ["tpm", "software"]')
-    deployment.write_text(text + f'\n[providers.tpm]\ntcti = "{tcti}"\n')
-    c = ["--config", str(deployment)]
+    c = use_tpm_chain(deployment, tpm)
 
     # before enrolment the chain falls back to the passphrase path
     code, out = run(capsys, *c, "health", "--json")

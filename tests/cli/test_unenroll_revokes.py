@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tests.cli.conftest import use_tpm_chain
 from tests.conftest import PASSPHRASE
 
 from anyhsm.cli.main import main
@@ -76,10 +77,7 @@ def test_saved_sealed_blob_opens_nothing_after_tpm_unenroll(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    tcti = tpm.tcti  # type: ignore[attr-defined]
-    text = deployment.read_text().replace('chain = ["software"]', 'chain = ["tpm", "software"]')
-    deployment.write_text(text + f'\n[providers.tpm]\ntcti = "{tcti}"\n')
-    c = ["--config", str(deployment)]
+    c = use_tpm_chain(deployment, tpm)
     ks = deployment.parent / "keystore"
     assert run(capsys, *c, "tpm", "enroll", "--json")[0] == 0
     assert run(capsys, *c, "key", "create", "--label", "k", "--json")[0] == 0
@@ -106,10 +104,7 @@ def test_rotation_reseals_the_tpm_blob_and_revokes_the_old_one(
 ) -> None:
     """A rotation while enrolled keeps the TPM path working (the blob is made again for
     the new master key, checked before the switch) and revokes the old blob."""
-    tcti = tpm.tcti  # type: ignore[attr-defined]
-    text = deployment.read_text().replace('chain = ["software"]', 'chain = ["tpm", "software"]')
-    deployment.write_text(text + f'\n[providers.tpm]\ntcti = "{tcti}"\n')
-    c = ["--config", str(deployment)]
+    c = use_tpm_chain(deployment, tpm)
     ks = deployment.parent / "keystore"
     assert run(capsys, *c, "tpm", "enroll", "--json")[0] == 0
     assert run(capsys, *c, "key", "create", "--label", "k", "--json")[0] == 0

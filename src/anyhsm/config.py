@@ -279,7 +279,7 @@ class Config:
     def check(self) -> list[Problem]:
         """Every problem, structural and environment-specific (production rules), and
         whether the keystore's KDF fits in the time its provider has to open."""
-        return structural_problems(self.raw) + semantic_problems(self) + kdf_time_problems(self)
+        return structural_problems(self.raw) + semantic_problems(self)
 
     def open_timeout_ms(self, provider: str) -> float:
         """The bound on ``provider``'s open (its own timeout_ms, else the fallback's)."""
@@ -576,20 +576,24 @@ def _policy_problems(cfg: Config, prod: bool) -> list[Problem]:
 
 
 def semantic_problems(cfg: Config) -> list[Problem]:
-    """Rules that depend on the environment and network, and on files on disk."""
+    """Rules that depend on the environment and network, and on files on disk: the
+    deployment-wide ones here, then each provider's own checks (next to its settings
+    parser, named by its registry spec) for every provider the config involves."""
+    out = _deployment_problems(cfg)
+    tables = list(cfg.providers)
+    for spec in registry.SPECS:
+        if registry.involved(spec, cfg.fallback.chain, tables):
+            check = spec.load_config_checks()
+            out += check(cfg) if check is not None else []
+    return out
+
+
+def _deployment_problems(cfg: Config) -> list[Problem]:
+    """The floor, the audit log, the policy, the network: rules of no one provider."""
     out: list[Problem] = []
     prod = cfg.environment is Environment.PRODUCTION
     default = default_min_level(cfg.environment, cfg.network)
     chain = cfg.fallback.chain
-    if "simulator" in chain and (prod or cfg.network is Network.MAINNET):
-        out.append(
-            Problem(
-                "fallback.chain",
-                repr(list(chain)),
-                f"the simulator is refused in {cfg.environment.value} on {cfg.network.value}",
-                "remove 'simulator' from the chain",
-            )
-        )
     if cfg.min_security_level is not None and cfg.min_security_level < default:
         consented = cfg.fallback.allow_below_minimum
         out.append(
@@ -639,9 +643,7 @@ def semantic_problems(cfg: Config) -> list[Problem]:
                 "warning",
             )
         )
-    from anyhsm.factory import PROVIDER_LEVELS
-
-    levels = [PROVIDER_LEVELS.get(p, SecurityLevel.SIMULATOR) for p in chain]
+    levels = [registry.level(p) for p in chain]
     if levels and max(levels) < cfg.effective_min_level and not cfg.fallback.allow_below_minimum:
         out.append(
             Problem(
@@ -654,7 +656,6 @@ def semantic_problems(cfg: Config) -> list[Problem]:
                 "fallback.allow_below_minimum = true",
             )
         )
-    sw = cfg.provider_settings("software")
     uses_keystore = registry.opens_keystore(chain) or "software" in cfg.providers
     if not uses_keystore and cfg.environment is not Environment.DEVELOPMENT:
         out.append(
@@ -663,112 +664,6 @@ def semantic_problems(cfg: Config) -> list[Problem]:
                 "<unset>",
                 "no keystore: the audit key would be kept in a plain file beside the log",
                 "add [providers.software] path = \"keystore\" (created by 'anyhsm init')",
-            )
-        )
-    if uses_keystore:
-        kdf = sw.get("kdf")
-        if prod and isinstance(kdf, dict):
-            from anyhsm.keystore.kdf import KdfParams
-
-            try:
-                weak = KdfParams.from_settings(kdf).weaknesses()
-            except ConfigError as e:
-                weak = [e.message]
-            for w in weak:
-                out.append(
-                    Problem(
-                        "providers.software.kdf",
-                        repr(kdf),
-                        w,
-                        "raise the KDF cost (defaults are production grade)",
-                    )
-                )
-        ks_path = cfg.resolve(str(sw.get("path", "keystore")))
-        if ks_path.exists():
-            exposed = [ks_path] if readable_by_others(ks_path) else []
-            for sub in sorted(ks_path.rglob("*")):
-                if sub.is_file() and readable_by_others(sub):
-                    exposed.append(sub)
-            for p in exposed[:10]:
-                out.append(
-                    Problem(
-                        "providers.software.path",
-                        str(p),
-                        "keystore file or directory is accessible to group/others",
-                        f"chmod go-rwx {p}",
-                    )
-                )
-        elif prod or cfg.environment is Environment.STAGING:
-            out.append(
-                Problem(
-                    "providers.software.path",
-                    str(ks_path),
-                    "the keystore does not exist",
-                    "create it with 'anyhsm init'",
-                )
-            )
-    for name, key in (("software", "passphrase_file"), ("pkcs11", "pin_file")):
-        f = cfg.provider_settings(name).get(key)
-        if isinstance(f, str):
-            fp = cfg.resolve(f)
-            if not fp.exists():
-                out.append(
-                    Problem(
-                        f"providers.{name}.{key}",
-                        str(fp),
-                        "file does not exist",
-                        "create it (mode 0600) or fix the path",
-                    )
-                )
-            elif readable_by_others(fp):
-                # The same rule as at run time (anyhsm.fsutil.check_secret_mode).
-                out.append(
-                    Problem(
-                        f"providers.{name}.{key}",
-                        str(fp),
-                        "secret file is accessible to group/others",
-                        f"chmod 600 {fp}",
-                        "error" if cfg.environment is not Environment.DEVELOPMENT else "warning",
-                    )
-                )
-    if "pkcs11" in chain:
-        p11 = cfg.provider_settings("pkcs11")
-        module = p11.get("module")
-        if not isinstance(module, str):
-            out.append(
-                Problem(
-                    "providers.pkcs11.module",
-                    "<unset>",
-                    "pkcs11 is in the chain but no module is configured",
-                    "set the path of the vendor's PKCS#11 library",
-                )
-            )
-        elif not Path(module).exists():
-            out.append(
-                Problem(
-                    "providers.pkcs11.module",
-                    module,
-                    "module file does not exist on this machine",
-                    "install the vendor library or fix the path",
-                    "warning",
-                )
-            )
-        if "token_label" not in p11 and "token_serial" not in p11:
-            out.append(
-                Problem(
-                    "providers.pkcs11.token_label",
-                    "<unset>",
-                    "no token selected",
-                    "set token_label or token_serial",
-                )
-            )
-    if "tpm" in chain and "tcti" not in cfg.provider_settings("tpm"):
-        out.append(
-            Problem(
-                "providers.tpm.tcti",
-                "<unset>",
-                "tpm is in the chain but no TCTI is configured",
-                'set tcti = "device:/dev/tpmrm0" or a swtpm TCTI',
             )
         )
     if cfg.network is Network.MAINNET and cfg.environment is not Environment.PRODUCTION:
@@ -781,89 +676,39 @@ def semantic_problems(cfg: Config) -> list[Problem]:
                 "warning",
             )
         )
-    out += _token_wrap_problems(cfg)
     return out
 
 
-def _token_wrap_problems(cfg: Config) -> list[Problem]:
-    """The token wrap as it behaves (docs/pkcs11/README.md, "Wrap mode"): once
-    ``[providers.pkcs11] wrap_key_label`` is set and ``anyhsm pkcs11 wrap-enroll`` made the
-    blob, the keystore opens through the token whether the chain lists ``pkcs11`` or
-    ``pkcs11-wrapped``; before that, only with the passphrase."""
-    chain = cfg.fallback.chain
-    p11 = cfg.provider_settings("pkcs11")
-    wrap = "wrap_key_label" in p11
-    out: list[Problem] = []
-    if "pkcs11-wrapped" in chain and not wrap:
-        out.append(
-            Problem(
-                "providers.pkcs11.wrap_key_label",
-                "<unset>",
-                "pkcs11-wrapped is in the chain but no wrap key is named; it can never open",
-                "set wrap_key_label = \"anyhsm-wrap\", then run 'anyhsm pkcs11 wrap-enroll'",
-            )
-        )
-    uses_token = registry.uses_token(chain)
-    if not uses_token or cfg.environment is Environment.DEVELOPMENT:
-        return out
-    from anyhsm.errors import HsmError
-    from anyhsm.keystore import Keystore
-
-    path = cfg.resolve(str(cfg.provider_settings("software").get("path", "keystore")))
-    try:
-        wrapped = Keystore.load(path).read_side_file("pkcs11-wrapped.json") is not None
-    except HsmError:
-        return out  # no keystore: reported above
-    if wrap and not wrapped:
-        out.append(
-            Problem(
-                "providers.pkcs11.wrap_key_label",
-                str(p11["wrap_key_label"]),
-                "the keystore is not wrapped by the token yet: it opens only with the passphrase",
-                "run 'anyhsm pkcs11 wrap-enroll' (needs the passphrase once)",
-                "warning",
-            )
-        )
-    elif not wrap and "tcti" not in cfg.provider_settings("tpm") and "pkcs11" in chain:
-        out.append(
-            Problem(
-                "providers.pkcs11.wrap_key_label",
-                "<unset>",
-                "the keystore (audit key, key directory) opens only with the passphrase, "
-                "so every open needs it beside the token PIN",
-                'to open it through the token: set wrap_key_label = "anyhsm-wrap" and run '
-                "'anyhsm pkcs11 wrap-enroll'; or keep the passphrase in passphrase_file",
-                "warning",
-            )
-        )
-    return out
-
-
-def kdf_time_problems(cfg: Config) -> list[Problem]:
-    """The passphrase path opens the keystore through its KDF within the provider's
-    timeout: a KDF raised past it (``keystore passwd``) makes every open time out. Measured
-    here (a scaled-down run, extrapolated) against the KDF the keystore really uses."""
-    if "software" not in cfg.fallback.chain:
+def secret_file_problems(cfg: Config, provider: str, key: str) -> list[Problem]:
+    """A secret file named by ``[providers.<provider>] <key>``: it must exist and be
+    closed to group and others (the rule applied at run time by
+    :func:`anyhsm.fsutil.check_secret_mode`)."""
+    f = cfg.provider_settings(provider).get(key)
+    if not isinstance(f, str):
         return []
-    from anyhsm.errors import HsmError
-    from anyhsm.keystore import Keystore
-    from anyhsm.keystore.kdf import open_time_problem
+    fp = cfg.resolve(f)
+    if not fp.exists():
+        return [
+            Problem(
+                f"providers.{provider}.{key}",
+                str(fp),
+                "file does not exist",
+                "create it (mode 0600) or fix the path",
+            )
+        ]
+    if readable_by_others(fp):
+        return [
+            Problem(
+                f"providers.{provider}.{key}",
+                str(fp),
+                "secret file is accessible to group/others",
+                f"chmod 600 {fp}",
+                "error" if cfg.environment is not Environment.DEVELOPMENT else "warning",
+            )
+        ]
+    return []
 
-    path = cfg.resolve(str(cfg.provider_settings("software").get("path", "keystore")))
-    try:
-        params = Keystore.load(path).kdf
-    except HsmError:
-        return []  # no keystore (yet), or unreadable: reported by the other checks
-    timeout = cfg.open_timeout_ms("software")
-    why = open_time_problem(params, timeout)
-    if why is None:
-        return []
-    return [
-        Problem(
-            "providers.software.timeout_ms",
-            f"{timeout:.0f}",
-            why,
-            "raise providers.software.timeout_ms (or fallback.timeout_ms) above the KDF time, "
-            "or lower the KDF cost with 'anyhsm keystore passwd'",
-        )
-    ]
+
+def keystore_path(cfg: Config) -> Path:
+    """Where the keystore of this deployment is (``[providers.software] path``)."""
+    return cfg.resolve(str(cfg.provider_settings("software").get("path", "keystore")))

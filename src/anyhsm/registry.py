@@ -4,15 +4,24 @@ level, extra to install, settings and role in the deployment are written down.
 The factory's level and extras tables, config's provider names and settings keys, the
 order the keystore is opened in, and the CLI's decisions (is this chain unattended?
 does it use a token?) all derive from these specs, so a new provider is one entry here.
-Nothing is imported until a chain names the provider.
+Nothing is imported until a chain names the provider: the provider class and its
+config checks are "module:attribute" strings, imported only when they are needed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import importlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from anyhsm.types import SecurityLevel
+
+if TYPE_CHECKING:
+    from anyhsm.config import Config, Problem
+
+ConfigCheck = Callable[["Config"], "list[Problem]"]
+"""A provider's config checks: every problem its settings have under this config."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,19 @@ class ProviderSpec:
     opens_keystore: bool = False  # it is a way of opening the software keystore
     unattended: bool = False  # it opens the keystore with no passphrase (sealed master key)
     uses_token: bool = False  # it needs the [providers.pkcs11] token (and its PIN)
+    # "module:function" (a ConfigCheck) beside its settings parser, run by
+    # 'config check' when the config involves the provider (see involved)
+    config_checks: str | None = None
+    # its table configures the keystore, which every keystore-opening provider opens:
+    # it is involved whenever one of them is in the chain
+    keystore_settings: bool = False
+
+    def load_config_checks(self) -> ConfigCheck | None:
+        """The check function, imported now (its module imports no backend library)."""
+        if self.config_checks is None:
+            return None
+        module, _, attr = self.config_checks.partition(":")
+        return cast(ConfigCheck, getattr(importlib.import_module(module), attr))
 
 
 _TIMEOUT: Mapping[str, tuple[type, ...]] = {"timeout_ms": (int,)}
@@ -38,6 +60,7 @@ SPECS: tuple[ProviderSpec, ...] = (
         SecurityLevel.HSM,
         extra="pkcs11",
         uses_token=True,
+        config_checks="anyhsm.providers.pkcs11.settings:config_problems",
         settings={
             "module": (str,),
             "token_label": (str,),
@@ -56,6 +79,7 @@ SPECS: tuple[ProviderSpec, ...] = (
         extra="tpm",
         opens_keystore=True,
         unattended=True,
+        config_checks="anyhsm.tpm.settings:config_problems",
         settings={
             "tcti": (str,),
             "pcrs": (list,),
@@ -72,6 +96,7 @@ SPECS: tuple[ProviderSpec, ...] = (
         opens_keystore=True,
         unattended=True,
         uses_token=True,
+        config_checks="anyhsm.providers.pkcs11.settings:wrapped_config_problems",
         settings=_TIMEOUT,
     ),
     ProviderSpec(
@@ -79,12 +104,15 @@ SPECS: tuple[ProviderSpec, ...] = (
         "anyhsm.providers.software:SoftwareProvider",
         SecurityLevel.SOFTWARE,
         opens_keystore=True,
+        keystore_settings=True,
+        config_checks="anyhsm.providers.software_settings:config_problems",
         settings={"path": (str,), "passphrase_file": (str,), "kdf": (dict,), **_TIMEOUT},
     ),
     ProviderSpec(
         "simulator",
         "anyhsm.providers.simulator:SimulatorProvider",
         SecurityLevel.SIMULATOR,
+        config_checks="anyhsm.providers.simulator_settings:config_problems",
         settings={
             "latency_ms": (int, float),
             "failure_rate": (int, float),
@@ -106,6 +134,22 @@ KEYSTORE_OPEN_ORDER: tuple[str, ...] = ("tpm", "pkcs11-wrapped", "software")
 """How the keystore anchoring a deployment is opened: sealed master keys (TPM, token
 wrap) before the passphrase."""
 assert set(KEYSTORE_OPEN_ORDER) == {s.name for s in SPECS if s.opens_keystore}
+
+
+def involved(s: ProviderSpec, chain: Iterable[str], tables: Iterable[str]) -> bool:
+    """Whether a config with this chain and these ``[providers.*]`` tables uses ``s``:
+    it is in the chain or has a table, or it holds the settings of a keystore that a
+    provider in the chain opens."""
+    names = set(chain)
+    return (
+        s.name in names or s.name in set(tables) or (s.keystore_settings and opens_keystore(names))
+    )
+
+
+def level(name: str) -> SecurityLevel:
+    """The security level of provider ``name`` (an unknown one counts as the simulator's)."""
+    s = BY_NAME.get(name)
+    return SecurityLevel.SIMULATOR if s is None else s.level
 
 
 def spec(name: str) -> ProviderSpec | None:

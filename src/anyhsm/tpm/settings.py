@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from anyhsm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from anyhsm.config import Config, Problem
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 PCR_COUNT = 24  # PC Client TPMs have PCRs 0..23
@@ -192,3 +196,20 @@ class TpmSettings:
             "use_rng": self.use_rng,
             "timeout_s": self.timeout_s,
         }
+
+
+def config_problems(cfg: Config) -> list[Problem]:
+    """The config check named by the tpm registry spec: a chain with ``tpm`` needs to
+    say where the TPM is."""
+    from anyhsm.config import Problem
+
+    if "tpm" in cfg.fallback.chain and "tcti" not in cfg.provider_settings("tpm"):
+        return [
+            Problem(
+                "providers.tpm.tcti",
+                "<unset>",
+                "tpm is in the chain but no TCTI is configured",
+                'set tcti = "device:/dev/tpmrm0" or a swtpm TCTI',
+            )
+        ]
+    return []

@@ -13,12 +13,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from anyhsm import registry
+from anyhsm.config import Config, Problem, keystore_path, secret_file_problems
 from anyhsm.errors import ConfigError
 from anyhsm.fsutil import read_secret_file
-from anyhsm.provider import ProviderContext
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment
+
+if TYPE_CHECKING:
+    from anyhsm.provider import ProviderContext
 
 PIN_ENV = "ANYHSM_PKCS11_PIN"
 DEFAULT_POOL_SIZE = 4
@@ -137,3 +142,102 @@ def load_pin(settings: Pkcs11Settings, environment: Environment) -> SecretBytes:
         )
     buf = bytearray(value.encode("utf-8"))
     return SecretBytes.take(buf)
+
+
+# --- config checks (named by the pkcs11 and pkcs11-wrapped registry specs) --------------
+
+
+def config_problems(cfg: Config) -> list[Problem]:
+    """``[providers.pkcs11]`` under this config: the PIN file, the module and the token
+    when ``pkcs11`` is in the chain, and whether the keystore opens through the token."""
+    out = secret_file_problems(cfg, "pkcs11", "pin_file")
+    p11 = cfg.provider_settings("pkcs11")
+    if "pkcs11" in cfg.fallback.chain:
+        module = p11.get("module")
+        if not isinstance(module, str):
+            out.append(
+                Problem(
+                    "providers.pkcs11.module",
+                    "<unset>",
+                    "pkcs11 is in the chain but no module is configured",
+                    "set the path of the vendor's PKCS#11 library",
+                )
+            )
+        elif not Path(module).exists():
+            out.append(
+                Problem(
+                    "providers.pkcs11.module",
+                    module,
+                    "module file does not exist on this machine",
+                    "install the vendor library or fix the path",
+                    "warning",
+                )
+            )
+        if "token_label" not in p11 and "token_serial" not in p11:
+            out.append(
+                Problem(
+                    "providers.pkcs11.token_label",
+                    "<unset>",
+                    "no token selected",
+                    "set token_label or token_serial",
+                )
+            )
+    return out + _token_wrap_problems(cfg)
+
+
+def wrapped_config_problems(cfg: Config) -> list[Problem]:
+    """``pkcs11-wrapped`` in the chain needs a wrap key to open anything."""
+    if "pkcs11-wrapped" in cfg.fallback.chain and "wrap_key_label" not in (
+        cfg.provider_settings("pkcs11")
+    ):
+        return [
+            Problem(
+                "providers.pkcs11.wrap_key_label",
+                "<unset>",
+                "pkcs11-wrapped is in the chain but no wrap key is named; it can never open",
+                "set wrap_key_label = \"anyhsm-wrap\", then run 'anyhsm pkcs11 wrap-enroll'",
+            )
+        ]
+    return []
+
+
+def _token_wrap_problems(cfg: Config) -> list[Problem]:
+    """The token wrap as it behaves (docs/pkcs11/README.md, "Wrap mode"): once
+    ``[providers.pkcs11] wrap_key_label`` is set and ``anyhsm pkcs11 wrap-enroll`` made the
+    blob, the keystore opens through the token whether the chain lists ``pkcs11`` or
+    ``pkcs11-wrapped``; before that, only with the passphrase."""
+    chain = cfg.fallback.chain
+    if not registry.uses_token(chain) or cfg.environment is Environment.DEVELOPMENT:
+        return []
+    from anyhsm.errors import HsmError
+    from anyhsm.keystore import Keystore
+
+    p11 = cfg.provider_settings("pkcs11")
+    wrap = "wrap_key_label" in p11
+    try:
+        wrapped = Keystore.load(keystore_path(cfg)).read_side_file("pkcs11-wrapped.json")
+    except HsmError:
+        return []  # no keystore: reported by the keystore's checks
+    if wrap and wrapped is None:
+        return [
+            Problem(
+                "providers.pkcs11.wrap_key_label",
+                str(p11["wrap_key_label"]),
+                "the keystore is not wrapped by the token yet: it opens only with the passphrase",
+                "run 'anyhsm pkcs11 wrap-enroll' (needs the passphrase once)",
+                "warning",
+            )
+        ]
+    if not wrap and "tcti" not in cfg.provider_settings("tpm") and "pkcs11" in chain:
+        return [
+            Problem(
+                "providers.pkcs11.wrap_key_label",
+                "<unset>",
+                "the keystore (audit key, key directory) opens only with the passphrase, "
+                "so every open needs it beside the token PIN",
+                'to open it through the token: set wrap_key_label = "anyhsm-wrap" and run '
+                "'anyhsm pkcs11 wrap-enroll'; or keep the passphrase in passphrase_file",
+                "warning",
+            )
+        ]
+    return []

@@ -269,6 +269,7 @@ def _check_against_state(path: Path, state: AuditState, ring: AuditKeyRing) -> _
         if seq != expected or not hmac.compare_digest(
             line_mac(ring.key_for(seq)[1], prev, body), mac
         ):
+            _refuse_newer_key(path, body, seq, ring)
             raise AuditStateMismatch(
                 f"the audit log {path} does not continue the recorded chain after entry "
                 f"{expected - 1} (entry {seq!r} at byte {offset} does not chain): edited, "
@@ -278,6 +279,24 @@ def _check_against_state(path: Path, state: AuditState, ring: AuditKeyRing) -> _
         prev, expected = mac, expected + 1
         offset += len(raw) + 1
     return tail
+
+
+def _refuse_newer_key(path: Path, body: bytes, seq: int, ring: AuditKeyRing) -> None:
+    """An entry that names a newer audit key than ours: a master-key rotation committed
+    in another process between our reading the keystore and the log. That is the typed,
+    retryable AuditKeyRotated (reopen), not a broken chain. Under the write lock no
+    rotation can commit, so :func:`diagnose` treats it as the mismatch it then is."""
+    try:
+        kid = json.loads(body).get("kid", 1)
+    except (ValueError, AttributeError):
+        return
+    if type(kid) is int and kid > ring.current_kid:
+        raise AuditKeyRotated(
+            f"entry {seq} of the audit log {path} names audit key {kid}, newer than this "
+            f"keystore's key {ring.current_kid}: a master-key rotation committed while "
+            "this handle opened",
+            hint="reopen the handle (open_hsm); if it repeats, run 'anyhsm audit verify'",
+        )
 
 
 def _locate(f: BinaryIO, path: Path, state: AuditState, size: int) -> int:
@@ -818,7 +837,7 @@ def diagnose(path: Path, store: AuditStateStore) -> str | None:
     with store.audit_keys() as ring:
         try:
             _check_against_state(path, store.load_audit_state(), ring)
-        except (AuditStateMismatch, AuditTampered) as e:
+        except (AuditStateMismatch, AuditTampered, AuditKeyRotated) as e:
             return e.message
     return None
 

@@ -266,3 +266,64 @@ def test_forwarding_required_fails_closed_without_a_collector(
     monkeypatch.setenv("ANYHSM_AUDIT__FORWARD_REQUIRED", "true")
     with pytest.raises(AuditWriteFailed, match="forward"):
         open_hsm(deployment)
+
+
+def _stale_view(deployment: Path) -> tuple[object, object]:
+    """The audit state and keys a handle read from the keystore before a rotation."""
+    from tests.conftest import PASSPHRASE
+
+    from anyhsm.keystore.store import Keystore
+    from anyhsm.secret import SecretBytes
+
+    ks = Keystore.load(deployment.parent / "keystore")
+    ks.unlock_with_passphrase(SecretBytes(PASSPHRASE.encode()))
+    try:
+        return ks.load_audit_state(), ks.audit_keys()
+    finally:
+        ks.close()
+
+
+def test_open_racing_a_rotation_is_the_retryable_rotation_error(
+    used: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A handle that read the keystore just before another process committed a rotation
+    sees the new key's entries in the log: that is AuditKeyRotated (reopen), not a
+    broken chain that an operator would have to recover from (seen under load as an
+    'audit_state_mismatch' in the rotation-while-signing reliability test)."""
+    from anyhsm.audit import AuditKeyRing, AuditState, _check_against_state, diagnose
+    from anyhsm.errors import AuditKeyRotated
+
+    state, ring = _stale_view(used)
+    assert isinstance(state, AuditState) and isinstance(ring, AuditKeyRing)
+    assert run(capsys, used, "keystore", "rotate")[0] == 0
+    assert run(capsys, used, "sign", "--key", "hot", "--digest", DIGEST)[0] == 0
+    with open_hsm(used) as hsm:
+        path = hsm.audit_path
+    assert any(e.get("kid") == 2 for e in entries(path))  # entries under the new key
+    with pytest.raises(AuditKeyRotated, match="newer than this keystore's key"):
+        _check_against_state(path, state, ring)
+    # The current keystore reads the same log as one unbroken chain.
+    with open_hsm(used) as hsm:
+        assert hsm.verify_audit().ok
+        assert diagnose(path, hsm.keystore) is None
+
+
+def test_forged_entry_naming_a_newer_key_stays_recoverable(
+    used: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line appended by hand that claims a future audit key cannot be chained: opening
+    fails closed, and 'audit recover' (which holds no race) still treats it as the loss
+    it is, instead of telling the operator to reopen for ever."""
+    with open_hsm(used) as hsm:
+        path = hsm.audit_path
+    last = entries(path)[-1]
+    forged = {k: v for k, v in last.items() if k != "mac"}
+    forged.update(seq=int(str(last["seq"])) + 1, kid=7)
+    body = json.dumps(forged, sort_keys=True, separators=(",", ":"))
+    with path.open("ab") as f:
+        f.write(body[:-1].encode() + b',"mac":"' + b"00" * 32 + b'"}\n')
+    code, err = run(capsys, used, "sign", "--key", "hot", "--digest", DIGEST)
+    assert code != 0 and err["code"] in {"audit_key_rotated", "audit_state_mismatch"}
+    code, out = run(capsys, used, "audit", "recover", "--reason", "forged line found")
+    assert code == 0, out
+    assert run(capsys, used, "sign", "--key", "hot", "--digest", DIGEST)[0] == 0

@@ -9,13 +9,13 @@ them all, so nothing is skipped there).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from tests.conftest import PASSPHRASE
+from tests.support.softhsm import SoftHsmToken
 
 from anyhsm import Hsm, open_hsm
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
@@ -43,31 +43,9 @@ path = "audit.log"
 
 
 @pytest.fixture(scope="session")
-def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> object:
-    try:
-        from tests.support.softhsm import find_softhsm_module, init_softhsm
-    except ImportError:
-        pytest.skip("tests/support/softhsm.py is not available")
-    if find_softhsm_module() is None:
-        pytest.skip("SoftHSM2 is not installed (scripts/install-softhsm.sh installs it)")
-    if importlib.util.find_spec("pkcs11") is None:
-        pytest.skip("python-pkcs11 is not installed (pip install 'anyhsm[pkcs11]')")
-    return init_softhsm(tmp_path_factory.mktemp("softhsm-conformance"), label="conformance")
-
-
-@pytest.fixture(scope="session")
-def swtpm_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    try:
-        from tests.support.swtpm import start_swtpm, swtpm_available
-    except ImportError:
-        pytest.skip("tests/support/swtpm.py is not available")
-    if not swtpm_available():
-        pytest.skip("swtpm is not installed (scripts/install-tpm.sh installs it)")
-    if importlib.util.find_spec("tpm2_pytss") is None:
-        pytest.skip("tpm2-pytss is not installed (pip install 'anyhsm[tpm]')")
-    tpm = start_swtpm(tmp_path_factory.mktemp("swtpm-conformance"))
-    yield tpm
-    tpm.stop()
+def softhsm_token(new_token: Callable[[str], SoftHsmToken]) -> SoftHsmToken:
+    """The token of the contract suites (in the session's SoftHSM2)."""
+    return new_token("conformance")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -92,7 +70,7 @@ token_label = "{token.label}"
 """,  # type: ignore[attr-defined]
         )
     elif name == "tpm":
-        tpm = request.getfixturevalue("swtpm_instance")
+        tpm = request.getfixturevalue("swtpm")
         tcti = tpm.tcti  # type: ignore[attr-defined]
         cfg = _config(directory, "tpm", f'[providers.tpm]\ntcti = "{tcti}"\n')
         from anyhsm.keystore import Keystore

@@ -62,7 +62,7 @@ def provider(
             "wrap_key_label": "raw-contract-wrap",
         }
     if name == "tpm":
-        tpm = request.getfixturevalue("swtpm_instance")
+        tpm = request.getfixturevalue("swtpm")
         extra["tpm"] = {"tcti": tpm.tcti}  # type: ignore[attr-defined]
     cfg = _mapping(tmp_path, name, extra)
     if name == "tpm":

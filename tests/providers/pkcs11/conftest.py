@@ -1,34 +1,23 @@
 """Fixtures for the PKCS#11 provider tests: real SoftHSM2 tokens, opened providers.
 
-Everything runs against SoftHSM2 through its real module; tests are skipped (with
-the reason) only when SoftHSM2 or python-pkcs11 is not installed. CI installs both
-(scripts/install-softhsm.sh), so nothing is skipped there.
+Everything runs against SoftHSM2 through its real module: the session's ``softhsm``
+token (tests/conftest.py); tests are skipped (with the reason) only when SoftHSM2 or
+python-pkcs11 is not installed. CI installs both (scripts/install-softhsm.sh), so
+nothing is skipped there.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.support.softhsm import SoftHsmToken
 
-_ROOT = Path(__file__).resolve().parents[3]
-if str(_ROOT) not in sys.path:  # `pytest` without `python -m` does not add the repo root
-    sys.path.insert(0, str(_ROOT))
-
-from tests.support.softhsm import (  # noqa: E402
-    SoftHsmToken,
-    add_token,
-    init_softhsm,
-    softhsm_available,
-)
-
-from anyhsm.provider import ProviderContext  # noqa: E402
-from anyhsm.providers.pkcs11.provider import Pkcs11Provider  # noqa: E402  (imports no pkcs11)
-from anyhsm.types import Environment, Network  # noqa: E402
+from anyhsm.provider import ProviderContext
+from anyhsm.providers.pkcs11.provider import Pkcs11Provider  # (imports no pkcs11)
+from anyhsm.types import Environment, Network
 
 PIN_ENV = "ANYHSM_PKCS11_PIN"
 ProviderMaker = Callable[..., Pkcs11Provider]
@@ -44,24 +33,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.pkcs11)
 
 
-def _require_softhsm() -> None:
-    if not softhsm_available():
-        pytest.skip("SoftHSM2 is not installed (scripts/install-softhsm.sh installs it)")
-    if importlib.util.find_spec("pkcs11") is None:
-        pytest.skip("python-pkcs11 is not installed (pip install 'anyhsm[pkcs11]')")
-
-
 @pytest.fixture(scope="session")
-def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsmToken:
-    """The main token of this test session (keys made by tests stay on it)."""
-    _require_softhsm()
-    return init_softhsm(tmp_path_factory.mktemp("softhsm-pkcs11"), label="anyhsm-pkcs11")
-
-
-@pytest.fixture(scope="session")
-def second_token(softhsm: SoftHsmToken) -> SoftHsmToken:
-    """Another token in the same SoftHSM2 configuration (token selection tests)."""
-    return add_token(softhsm, "anyhsm-pkcs11-second")
+def second_token(new_token: Callable[[str], SoftHsmToken]) -> SoftHsmToken:
+    """Another token in the session's SoftHSM2 configuration (token selection tests)."""
+    return new_token("anyhsm-pkcs11-second")
 
 
 def unique_label(prefix: str = "key") -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from anyhsm.audit import VerifyResult
@@ -118,48 +116,34 @@ def cmd_init(args: argparse.Namespace, app: App) -> Result:
 
 
 def cmd_key_create(args: argparse.Namespace, app: App) -> Result:
+    from anyhsm.ops.keys import create_key
+
     key_type = KeyType.parse(args.type)
     if args.show_mnemonic_once and not (key_type is KeyType.BIP32 and args.mnemonic_words):
+        # Refused before the handle is opened (the passphrase is not asked for).
         raise HsmError(
             "--show-mnemonic-once needs --type bip32 --mnemonic-words N",
             hint="it shows the words of a new mnemonic, once",
         )
-    hsm = app.hsm()
-    if key_type is KeyType.BIP32 and args.mnemonic_words:
-        from anyhsm.backup import create_mnemonic_key
-
-        made = create_mnemonic_key(
-            hsm,
-            args.label,
-            args.mnemonic_words,
-            exportable=args.exportable,
-            show_once=args.show_mnemonic_once,
-        )
-        data = made.info.to_dict()
-        data["mnemonic_shown"] = made.mnemonic is not None
-        if made.mnemonic is None:
-            return Result(
-                data,
-                [
-                    *key_text(made.info),
-                    "",
-                    "the mnemonic was not shown: the seed exists only in the keystore "
-                    "(a backup display needs --exportable, [policy] allow_export = true "
-                    "and --show-mnemonic-once)",
-                ],
-            )
-        data["mnemonic"] = made.mnemonic
-        return Result(
-            data,
-            [
-                *key_text(made.info),
-                "",
-                "mnemonic (write it down now; it is shown only once):",
-                made.mnemonic,
-            ],
-        )
-    info = hsm.generate_key(args.label, key_type, exportable=args.exportable)
-    return Result(info.to_dict(), key_text(info))
+    made = create_key(
+        app.hsm(),
+        args.label,
+        key_type,
+        exportable=args.exportable,
+        mnemonic_words=args.mnemonic_words if key_type is KeyType.BIP32 else None,
+        show_mnemonic_once=args.show_mnemonic_once,
+    )
+    lines = key_text(made.info)
+    if made.from_mnemonic and made.mnemonic is None:
+        lines += [
+            "",
+            "the mnemonic was not shown: the seed exists only in the keystore "
+            "(a backup display needs --exportable, [policy] allow_export = true "
+            "and --show-mnemonic-once)",
+        ]
+    elif made.mnemonic is not None:
+        lines += ["", "mnemonic (write it down now; it is shown only once):", made.mnemonic]
+    return Result(made.to_dict(), lines)
 
 
 _ARGUMENT_FORMS = (("mnemonic", "--mnemonic-file"), ("xprv", "--xprv-file"), ("wif", "--wif-file"))
@@ -179,6 +163,8 @@ def _refuse_secret_arguments(args: argparse.Namespace) -> None:
 
 
 def cmd_key_import(args: argparse.Namespace, app: App) -> Result:
+    from anyhsm.ops import keys
+
     _refuse_secret_arguments(args)
     sources = [
         s for s in (args.mnemonic_file, args.xprv_file, args.wif_file, args.secret_file) if s
@@ -193,72 +179,27 @@ def cmd_key_import(args: argparse.Namespace, app: App) -> Result:
     hsm = app.hsm()
     environment = hsm.config.environment
     if args.mnemonic_file:
-        from anyhsm.bitcoin.bip39 import mnemonic_to_seed, validate_mnemonic
-
         words = _secret_text(args.mnemonic_file, "mnemonic", environment)
-        validate_mnemonic(words)
         bip39_pw = os.environ.get("ANYHSM_BIP39_PASSPHRASE", "")
         if args.bip39_passphrase_file:
             bip39_pw = _secret_text(
                 args.bip39_passphrase_file, "BIP39 passphrase", environment, strip=False
             )
-        with mnemonic_to_seed(words, bip39_pw) as seed:
-            info = hsm.import_key(args.label, seed, KeyType.BIP32, exportable=args.exportable)
+        res = keys.import_mnemonic(hsm, args.label, words, bip39_pw, exportable=args.exportable)
     elif args.xprv_file:
         text = _secret_text(args.xprv_file, "xprv", environment)
-        with _no_echo("xprv"):
-            info = _import_xprv(hsm, args.label, text, args.exportable)
+        res = keys.import_xprv(hsm, args.label, text, exportable=args.exportable)
     elif args.wif_file:
-        from anyhsm.bitcoin.address import wif_decode
-
-        with _no_echo("WIF key"):
-            secret, networks, _compressed = wif_decode(
-                _secret_text(args.wif_file, "WIF", environment)
-            )
-        with secret:
-            if hsm.network not in networks:
-                from anyhsm.errors import NetworkMismatch
-
-                raise NetworkMismatch(
-                    f"the WIF key is for {sorted(n.value for n in networks)}, "
-                    f"not the configured {hsm.network.value}"
-                )
-            info = hsm.import_key(args.label, secret, KeyType.SECP256K1, exportable=args.exportable)
+        text = _secret_text(args.wif_file, "WIF", environment)
+        res = keys.import_wif(hsm, args.label, text, exportable=args.exportable)
     else:
         from anyhsm.fsutil import read_secret_source
 
         with read_secret_source(args.secret_file, "secret", environment) as raw:
-            # Not text, or not hex: the same one-line error, quoting nothing of the file.
-            text = raw.buffer.decode("ascii", "replace")
-        with SecretBytes(_hex(text, "secret file")) as sb:
-            info = hsm.import_key(
-                args.label, sb, KeyType.parse(args.type), exportable=args.exportable
+            res = keys.import_secret(
+                hsm, args.label, raw, KeyType.parse(args.type), exportable=args.exportable
             )
-    twins = hsm.same_key_as(info)
-    data = info.to_dict()
-    lines = key_text(info)
-    if twins:
-        labels = ", ".join(t.label for t in twins)
-        data["warnings"] = [f"the same key is already in the store as {labels}"]
-        lines.append(f"warning: the same key is already in the store as {labels}")
-    return Result(data, lines)
-
-
-@contextmanager
-def _no_echo(what: str) -> Iterator[None]:
-    """Decoding errors that would quote a character of the secret (``invalid Base58
-    character 'x'``) are replaced by one that does not."""
-    from anyhsm.errors import Bip32Error, EncodingError
-
-    try:
-        yield
-    except (EncodingError, Bip32Error) as e:
-        if "'" in e.message or '"' in e.message:
-            raise type(e)(
-                f"the {what} is not valid: it holds a character that is not allowed",
-                hint="check it for a typing error",
-            ) from None
-        raise
+    return Result(res.to_dict(), key_text(res.info) + [f"warning: {w}" for w in res.warnings])
 
 
 def _secret_text(source: str, what: str, environment: Environment, *, strip: bool = True) -> str:
@@ -278,89 +219,66 @@ def _secret_text(source: str, what: str, environment: Environment, *, strip: boo
     return text.strip() if strip else text
 
 
-def _import_xprv(hsm: Hsm, label: str, text: str, exportable: bool) -> KeyInfo:
-    """Import a master xprv as an HD node (chain code || key)."""
-    from anyhsm.bitcoin.bip32 import ExtendedKey
-    from anyhsm.errors import Bip32Error, NetworkMismatch
-
-    with ExtendedKey.parse(text) as xkey:
-        if not xkey.is_private:
-            raise Bip32Error("an xpub holds no private key", hint="import the xprv")
-        if xkey.depth != 0:
-            raise Bip32Error(
-                f"this xprv is at depth {xkey.depth}; PSBT signing matches keys by their master "
-                "fingerprint, which a non-master xprv cannot give",
-                hint="import the master xprv or the mnemonic",
-            )
-        if hsm.network not in xkey.networks:
-            raise NetworkMismatch(
-                f"the xprv is for {sorted(n.value for n in xkey.networks)}, "
-                f"not the configured {hsm.network.value}"
-            )
-        with xkey.secret() as secret, SecretBytes(64) as node:
-            node.buffer[:32] = xkey.chain_code
-            node.buffer[32:] = secret.buffer
-            return hsm.import_key(label, node, KeyType.BIP32_NODE, exportable=exportable)
-
-
 def cmd_key_list(args: argparse.Namespace, app: App) -> Result:
-    keys = app.hsm().list_keys()
+    from anyhsm.ops.keys import list_keys
+
+    res = list_keys(app.hsm())
     lines = [
         f"{k.id}  {k.key_type.value:9}  {k.provider:9}  {k.label}"
         + ("" if k.available else f"  (unavailable: {k.provider} is not open here)")
-        for k in keys
+        for k in res.keys
     ] or ["(no keys)"]
-    return Result({"keys": [k.to_dict() for k in keys]}, lines)
+    return Result(res.to_dict(), lines)
 
 
 def cmd_key_show(args: argparse.Namespace, app: App) -> Result:
-    info = app.hsm().get_key(args.key)
+    from anyhsm.ops.keys import show_key
+
+    info = show_key(app.hsm(), args.key)
     return Result(info.to_dict(), key_text(info))
 
 
 def cmd_key_delete(args: argparse.Namespace, app: App) -> Result:
+    from anyhsm.ops.keys import delete_key
+
     if not args.yes:
         raise HsmError("deleting a key is irreversible", hint="add --yes to confirm")
-    hsm = app.hsm()
-    info = hsm.get_key(args.key)
-    hsm.delete_key(info.id)
-    return Result({"deleted": info.id, "label": info.label}, [f"deleted {info.label} ({info.id})"])
+    res = delete_key(app.hsm(), args.key)
+    return Result(res.to_dict(), [f"deleted {res.label} ({res.deleted})"])
 
 
 def cmd_key_export(args: argparse.Namespace, app: App) -> Result:
+    from anyhsm.ops.keys import export_key
+
     if not args.out:
         raise HsmError(
             "export writes the secret to a file only",
             hint="pass --out FILE (created 0600); secrets are never printed",
         )
-    from anyhsm.fsutil import atomic_write
-
-    hsm = app.hsm()
-    info = hsm.get_key(args.key)
-    with hsm.export_key(info.id) as secret:
-        atomic_write(Path(args.out), secret.buffer.hex().encode() + b"\n")
-    return Result(
-        {"exported": info.id, "out": args.out},
-        [f"wrote the secret of {info.label} to {args.out} (0600)"],
-    )
+    res = export_key(app.hsm(), args.key, Path(args.out))
+    return Result(res.to_dict(), [f"wrote the secret of {res.label} to {res.out} (0600)"])
 
 
 # --- sign / verify -----------------------------------------------------------------------
 
 
 def cmd_sign(args: argparse.Namespace, app: App) -> Result:
-    digest = _hex(args.digest, "digest")
-    scheme = SigScheme.parse(args.scheme)
-    sig = app.hsm().sign(args.key, digest, scheme)
-    return Result({"signature": sig.hex(), "scheme": scheme.value, "key": args.key}, [sig.hex()])
+    from anyhsm.ops.data import hex_bytes
+    from anyhsm.ops.signing import sign_digest
+
+    digest = hex_bytes(args.digest, "digest")
+    res = sign_digest(app.hsm(), args.key, digest, SigScheme.parse(args.scheme))
+    return Result(res.to_dict(), [res.signature.hex()])
 
 
 def cmd_verify(args: argparse.Namespace, app: App) -> Result:
-    digest = _hex(args.digest, "digest")
-    sig = _hex(args.signature, "signature")
-    scheme = SigScheme.parse(args.scheme)
-    ok = app.hsm().verify(args.key, digest, sig, scheme)
-    return Result({"valid": ok}, ["valid" if ok else "INVALID"], 0 if ok else 1)
+    from anyhsm.ops.data import hex_bytes
+    from anyhsm.ops.signing import verify_digest
+
+    digest = hex_bytes(args.digest, "digest")
+    sig = hex_bytes(args.signature, "signature")
+    res = verify_digest(app.hsm(), args.key, digest, sig, SigScheme.parse(args.scheme))
+    return Result(res.to_dict(), ["valid" if res.valid else "INVALID"], 0 if res.valid else 1)
 
 
 # --- health / audit / config -----------------------------------------------------------------

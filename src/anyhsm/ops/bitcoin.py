@@ -1,0 +1,400 @@
+"""Bitcoin key operations: extended public keys, addresses, descriptors, messages.
+
+Every address and descriptor handed out is one the key can spend: a taproot output for a
+key whose provider cannot make a tweaked BIP340 signature is refused
+(:func:`anyhsm.bitcoin.capability.require_spendable`), since coins sent there would be
+stuck. The network is the handle's.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from anyhsm.bitcoin.address import AddressKind, address_for_pubkey, script_for_pubkey
+from anyhsm.bitcoin.bip32 import ExtendedKey, KeyOrigin, format_path, parse_path
+from anyhsm.bitcoin.capability import require_spendable, signing_refusal
+from anyhsm.bitcoin.presets import OutputType, Purpose, account_path, address_path, purpose_for
+from anyhsm.errors import HsmError, MessageError, UnsupportedOperation
+from anyhsm.ops.data import Data
+from anyhsm.types import KeyInfo, KeyRef, Network, SignParams, SigScheme
+
+if TYPE_CHECKING:
+    from anyhsm.hsm import Hsm
+
+SLIP132_FORMS = ("ypub", "zpub", "Ypub", "Zpub", "upub", "vpub", "Upub", "Vpub")
+
+PathArg = Sequence[int] | str | None
+"""A derivation path: child indexes, text (``m/84'/0'/0'``, ``84h/0h``), or None (none given;
+``-`` in text means none too)."""
+
+
+class DescriptorType(enum.StrEnum):
+    """The single-key descriptor types anyhsm hands out (``descriptor --type``)."""
+
+    PKH = "pkh"
+    SH_WPKH = "sh-wpkh"
+    WPKH = "wpkh"
+    TR = "tr"
+
+    @property
+    def output_type(self) -> OutputType:
+        return _DESCRIPTOR_OUTPUTS[self]
+
+    @classmethod
+    def parse(cls, text: str | DescriptorType) -> DescriptorType:
+        if isinstance(text, DescriptorType):
+            return text
+        norm = text.strip().lower().replace("_", "-").replace("(", "-").rstrip(")")
+        for t in cls:
+            if t.value == norm:
+                return t
+        raise HsmError(f"unknown descriptor type {text!r}", hint="use pkh, sh-wpkh, wpkh or tr")
+
+
+_DESCRIPTOR_OUTPUTS = {
+    DescriptorType.PKH: OutputType.P2PKH,
+    DescriptorType.SH_WPKH: OutputType.P2SH_P2WPKH,
+    DescriptorType.WPKH: OutputType.P2WPKH,
+    DescriptorType.TR: OutputType.P2TR,
+}
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class XpubResult(Data):
+    xpub: str  # in the SLIP-132 form when one was asked for
+    key: str  # the key's label
+    path: str
+    master_fingerprint: str
+    origin: str  # [fingerprint/path]
+    network: Network
+
+
+@dataclass(frozen=True)
+class AddressResult(Data):
+    address: str
+    type: AddressKind
+    key: str
+    path: str | None  # None for a single key
+    public_key: bytes
+    script_pubkey: bytes
+    network: Network
+
+
+@dataclass(frozen=True)
+class DescriptorResult(Data):
+    """An output descriptor (with checksum). For an HD key: the account's multipath
+    descriptor and its receive and change branches; for a single key, the key as is
+    (``receive``, ``change``, ``account``, ``origin`` null)."""
+
+    descriptor: str
+    type: DescriptorType
+    key: str
+    account: int | None
+    receive: str | None = None
+    change: str | None = None
+    origin: str | None = None
+    master_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class RefusedType(Data):
+    type: DescriptorType
+    reason: str
+
+
+@dataclass(frozen=True)
+class WalletDescriptors(Data):
+    """Every descriptor type the key can spend, for one account (a watch-only wallet's
+    import, Bitcoin Core's ``getdescriptors``); the types it cannot spend, with why."""
+
+    key: str
+    account: int
+    master_fingerprint: str | None
+    descriptors: tuple[DescriptorResult, ...]
+    refused: tuple[RefusedType, ...] = ()
+
+
+@dataclass(frozen=True)
+class MessageSignature(Data):
+    signature: str  # base64
+    address: str
+    type: AddressKind
+    format: str  # "bip137" | "bip322"
+    key: str
+    path: str | None
+
+
+@dataclass(frozen=True)
+class MessageVerification(Data):
+    valid: bool
+    address: str
+    network: Network
+
+
+# --- keys and paths --------------------------------------------------------------------------
+
+
+def signing_key(hsm: Hsm, key: KeyRef) -> tuple[KeyInfo, bool]:
+    """(key, is HD) for a key that can sign Bitcoin transactions; UnsupportedOperation
+    for another type."""
+    from anyhsm.bitcoin.signer import HD_KEY_TYPES, SIGNING_KEY_TYPES
+
+    info = hsm.get_key(key)
+    if info.key_type not in SIGNING_KEY_TYPES:
+        raise UnsupportedOperation(
+            info.provider,
+            f"Bitcoin keys of type {info.key_type.value}",
+            hint="use a secp256k1 or bip32 key",
+        )
+    hd = info.key_type in HD_KEY_TYPES and hsm.capabilities(info.id).can_derive
+    return info, hd
+
+
+def path_of(path: PathArg) -> tuple[int, ...] | None:
+    """Child indexes, or None when no path was given (None, or ``-`` in text)."""
+    if path is None:
+        return None
+    if isinstance(path, str):
+        return None if path.strip() == "-" else parse_path(path)
+    return tuple(path)
+
+
+def _refuse_path_for_single(hsm: Hsm, info: KeyInfo, path: tuple[int, ...] | None) -> None:
+    if path:
+        caps = hsm.capabilities(info.id)
+        what = (
+            "BIP32 derivation"
+            if not caps.can_derive
+            else f"BIP32 derivation from the single (non-HD) key {info.label!r}"
+        )
+        raise UnsupportedOperation(
+            info.provider, what, hint="omit PATH (or give m): a single key is used as is"
+        )
+
+
+def _pubkey(hsm: Hsm, info: KeyInfo, hd: bool, path: tuple[int, ...] | None) -> bytes:
+    if not hd:
+        _refuse_path_for_single(hsm, info, path)
+        return info.public_key
+    return hsm.derive_public(info.id, path or ()).public_key
+
+
+def _extended(hsm: Hsm, info: KeyInfo, path: tuple[int, ...]) -> tuple[ExtendedKey, bytes]:
+    """The xpub of an HD key at ``path`` on the handle's network, and the master
+    fingerprint."""
+    d = hsm.derive_public(info.id, path)
+    xpub = ExtendedKey(
+        network=hsm.network,
+        depth=d.depth,
+        parent_fingerprint=d.parent_fingerprint,
+        child_number=d.child_number,
+        chain_code=d.chain_code,
+        public_key=d.public_key,
+    )
+    return xpub, d.master_fingerprint
+
+
+# --- xpub / address / descriptor -------------------------------------------------------------
+
+
+def xpub(hsm: Hsm, key: KeyRef, path: PathArg = None, *, slip132: str | None = None) -> XpubResult:
+    """The extended public key of an HD key at ``path`` (default m)."""
+    info, hd = signing_key(hsm, key)
+    at = path_of(path) or ()
+    if not hd:
+        raise UnsupportedOperation(
+            info.provider,
+            f"extended public keys of the single key {info.label!r} (it has no chain code)",
+            hint="use 'anyhsm address' or 'anyhsm key show' for its public key",
+        )
+    if slip132 is not None and slip132 not in SLIP132_FORMS:
+        raise HsmError(
+            f"unknown SLIP-132 form {slip132!r}", hint="use one of: " + ", ".join(SLIP132_FORMS)
+        )
+    ext, mfp = _extended(hsm, info, at)
+    return XpubResult(
+        xpub=ext.to_string(slip132) if slip132 else str(ext),
+        key=info.label,
+        path=format_path(at),
+        master_fingerprint=mfp.hex(),
+        origin=KeyOrigin(mfp, at).to_string(),
+        network=hsm.network,
+    )
+
+
+def address(
+    hsm: Hsm, key: KeyRef, path: PathArg = None, *, kind: AddressKind | str = AddressKind.P2WPKH
+) -> AddressResult:
+    """The address of a key: an HD key at ``path`` (default: the BIP44/49/84/86 path of
+    the kind, account 0, index 0), a single key as is."""
+    kind = AddressKind.parse(kind)
+    info, hd = signing_key(hsm, key)
+    require_spendable(
+        hsm.capabilities(info.id), info.provider, info.label, kind is AddressKind.P2TR
+    )
+    at = path_of(path)
+    if hd and at is None:
+        at = address_path(purpose_for(OutputType(kind.value)), hsm.network)
+    pub = _pubkey(hsm, info, hd, at)
+    return AddressResult(
+        address=address_for_pubkey(pub, kind, hsm.network),
+        type=kind,
+        key=info.label,
+        path=format_path(at) if hd and at is not None else None,
+        public_key=pub,
+        script_pubkey=script_for_pubkey(pub, kind),
+        network=hsm.network,
+    )
+
+
+def descriptor(
+    hsm: Hsm,
+    key: KeyRef,
+    descriptor_type: DescriptorType | str = DescriptorType.WPKH,
+    *,
+    account: int = 0,
+) -> DescriptorResult:
+    """The output descriptor of a key for a watch-only wallet: an HD key's account
+    (BIP44/49/84/86 layout, ``<0;1>/*``), a single key as is (no account)."""
+    dtype = DescriptorType.parse(descriptor_type)
+    info, hd = signing_key(hsm, key)
+    return _descriptor(hsm, info, hd, dtype, account)
+
+
+def _descriptor(
+    hsm: Hsm, info: KeyInfo, hd: bool, dtype: DescriptorType, account: int
+) -> DescriptorResult:
+    from anyhsm.bitcoin.descriptor import Descriptor, DescriptorKey
+
+    otype = dtype.output_type
+    require_spendable(
+        hsm.capabilities(info.id), info.provider, info.label, otype is OutputType.P2TR
+    )
+    if hd:
+        apath = account_path(Purpose(purpose_for(otype)), hsm.network, account)
+        ext, mfp = _extended(hsm, info, apath)
+        origin = KeyOrigin(mfp, apath)
+        desc = Descriptor.from_account_key(otype, ext, origin)
+        receive, change = desc.branches()
+        return DescriptorResult(
+            descriptor=str(desc),
+            type=dtype,
+            key=info.label,
+            account=account,
+            receive=str(receive),
+            change=str(change),
+            origin=origin.to_string(),
+            master_fingerprint=mfp.hex(),
+        )
+    if account:
+        _refuse_path_for_single(hsm, info, (0,))
+    single = Descriptor(otype, DescriptorKey.single(info.public_key))
+    return DescriptorResult(descriptor=str(single), type=dtype, key=info.label, account=None)
+
+
+def wallet_descriptors(hsm: Hsm, key: KeyRef, *, account: int = 0) -> WalletDescriptors:
+    """The descriptors of every type (pkh, sh-wpkh, wpkh, tr) the key can spend, for one
+    account; a type its provider cannot sign for is listed in ``refused``, not handed out."""
+    info, hd = signing_key(hsm, key)
+    caps = hsm.capabilities(info.id)
+    made: list[DescriptorResult] = []
+    refused: list[RefusedType] = []
+    for dtype in DescriptorType:
+        taproot = dtype is DescriptorType.TR
+        scheme = SigScheme.SCHNORR if taproot else SigScheme.ECDSA
+        why = signing_refusal(caps, info.provider, scheme, tweak=taproot)
+        if why is not None:
+            refused.append(RefusedType(dtype, why))
+            continue
+        made.append(_descriptor(hsm, info, hd, dtype, account))
+    fp = info.master_fingerprint
+    return WalletDescriptors(
+        key=info.label,
+        account=account,
+        master_fingerprint=None if fp is None else fp.hex(),
+        descriptors=tuple(made),
+        refused=tuple(refused),
+    )
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+def _schnorr_aux(hsm: Hsm) -> bytes | None:
+    """BIP340 aux randomness: fresh, or 32 zero bytes under ``policy.deterministic_schnorr``
+    (the rule the PSBT signer applies)."""
+    return bytes(32) if hsm.config.policy.deterministic_schnorr else None
+
+
+def sign_message(
+    hsm: Hsm,
+    key: KeyRef,
+    message: str | bytes,
+    path: PathArg = None,
+    *,
+    kind: AddressKind | str | None = None,
+    bip322: bool = False,
+) -> MessageSignature:
+    """Sign a message for the key's address of ``kind`` (default p2pkh for BIP137, p2wpkh
+    for BIP322): a BIP137 compact signature, or a BIP322 simple one (needed for taproot).
+    ECDSA nonces are ground to low R, as the PSBT signer does."""
+    from anyhsm.bitcoin.message import sign_message_bip137, sign_message_bip322
+
+    akind = AddressKind.parse(kind or ("p2wpkh" if bip322 else "p2pkh"))
+    if akind is AddressKind.P2TR and not bip322:
+        raise MessageError(
+            "BIP137 cannot sign for taproot addresses", hint="add --bip322 for a BIP322 signature"
+        )
+    info, hd = signing_key(hsm, key)
+    at = path_of(path)
+    pub = _pubkey(hsm, info, hd, at)
+    sign_path = (at or ()) if hd else ()
+    otype = OutputType(akind.value)
+
+    def ecdsa(digest: bytes) -> bytes:
+        params = SignParams(path=sign_path, grind_low_r=True)
+        return hsm.sign(info.id, digest, SigScheme.ECDSA, params=params)
+
+    if bip322 and akind is AddressKind.P2TR:
+        from anyhsm.bitcoin.taproot import taproot_tweak
+        from anyhsm.crypto.secp256k1 import xonly
+
+        tweak = taproot_tweak(xonly(pub), None)
+        aux = _schnorr_aux(hsm)
+
+        def schnorr(digest: bytes) -> bytes:
+            params = SignParams(path=sign_path, tweak=tweak, aux_rand=aux)
+            return hsm.sign(info.id, digest, SigScheme.SCHNORR, params=params)
+
+        sig = sign_message_bip322(schnorr, pub, message, otype)
+    elif bip322:
+        sig = sign_message_bip322(ecdsa, pub, message, otype)
+    else:
+        sig = sign_message_bip137(ecdsa, pub, message, otype)
+    return MessageSignature(
+        signature=sig,
+        address=address_for_pubkey(pub, akind, hsm.network),
+        type=akind,
+        format="bip322" if bip322 else "bip137",
+        key=info.label,
+        path=format_path(at) if hd and at is not None else None,
+    )
+
+
+def verify_message(
+    address: str, message: str | bytes, signature: str, network: Network | None = None
+) -> MessageVerification:
+    """Check a BIP137 or BIP322 signature for ``address``; without a network, the
+    address's own (the first of its family) decides. Needs no keys and no handle."""
+    from anyhsm.bitcoin.address import parse_address
+    from anyhsm.bitcoin.message import verify_message as verify
+
+    if network is None:
+        network = sorted(parse_address(address).networks, key=lambda n: n.value)[0]
+    return MessageVerification(verify(address, message, signature, network), address, network)

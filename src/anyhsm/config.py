@@ -40,7 +40,9 @@ _TOP_KEYS = {
     "providers": (dict,),
     "audit": (dict,),
     "policy": (dict,),
+    "signer": (dict,),
 }
+_SIGNER_KEYS = {"key": (str,), "public_file": (str,)}
 _FALLBACK_KEYS = {"chain": (list,), "allow_below_minimum": (bool,), "timeout_ms": (int,)}
 _AUDIT_KEYS = {
     "path": (str,),
@@ -211,6 +213,18 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class SignerConfig:
+    """``[signer]``: what ``anyhsm-signer`` (the Bitcoin Core external signer) exposes.
+
+    ``key``: the label (or id) of the HD key it offers (``ANYHSM_SIGNER_KEY``, read by
+    the signer itself, takes precedence). ``public_file``: where it keeps its public key
+    index (fingerprints and labels, nothing secret); None: the signer's default."""
+
+    key: str | None = None
+    public_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """Typed configuration. Build with :meth:`load` or :meth:`from_mapping`."""
 
@@ -221,6 +235,7 @@ class Config:
     providers: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     audit: AuditConfig = field(default_factory=AuditConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    signer: SignerConfig = field(default_factory=SignerConfig)
     config_dir: Path = field(default_factory=Path.cwd)
     source: Path | None = None
     raw: Mapping[str, object] = field(default_factory=dict, repr=False)
@@ -393,7 +408,11 @@ def structural_problems(raw: Mapping[str, object]) -> list[Problem]:
                     "use simulator, software, tpm, hsm-wrapped or hsm",
                 )
             )
-    for name, known in (("fallback", _FALLBACK_KEYS), ("audit", _AUDIT_KEYS)):
+    for name, known in (
+        ("fallback", _FALLBACK_KEYS),
+        ("audit", _AUDIT_KEYS),
+        ("signer", _SIGNER_KEYS),
+    ):
         table = raw.get(name, {})
         if isinstance(table, dict):
             _check_table(table, known, f"{name}.", problems)
@@ -478,8 +497,9 @@ def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> 
     au = raw.get("audit", {})
     po = raw.get("policy", {})
     pr = raw.get("providers", {})
+    si = raw.get("signer", {})
     assert isinstance(fb, dict) and isinstance(au, dict)
-    assert isinstance(po, dict) and isinstance(pr, dict)
+    assert isinstance(po, dict) and isinstance(pr, dict) and isinstance(si, dict)
     level = raw.get("min_security_level")
     audit_path = au.get("path")
     cfg = Config(
@@ -523,10 +543,14 @@ def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> 
             max_key_derivations=_limit(po, "max_key_derivations"),
             max_legacy_sighash_bytes=_limit(po, "max_legacy_sighash_bytes"),
         ),
+        signer=SignerConfig(key=si["key"] if isinstance(si.get("key"), str) else None),
         config_dir=config_dir,
         source=source,
         raw=dict(raw),
     )
+    public_file = si.get("public_file")
+    if isinstance(public_file, str) and public_file:
+        cfg = replace(cfg, signer=replace(cfg.signer, public_file=cfg.resolve(public_file)))
     if isinstance(audit_path, str) and audit_path:
         cfg = _replace_audit_path(cfg, cfg.resolve(audit_path))
     return cfg

@@ -14,6 +14,7 @@ import pytest
 
 from anyhsm import registry
 from anyhsm.config import Config, Problem, semantic_problems
+from anyhsm.errors import ConfigError
 from anyhsm.registry import ProviderSpec
 from anyhsm.types import SecurityLevel
 
@@ -155,3 +156,17 @@ def test_simulator_refused_where_it_may_not_run(tmp_path: Path) -> None:
     )
     refused = _find(problems, "fallback.chain", "the simulator is refused in staging on mainnet")
     assert refused.fix == "remove 'simulator' from the chain" and refused.severity == "error"
+
+
+def test_signer_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[signer]\nkey = "core"\npublic_file = "pub/signer.json"\n')
+    cfg = Config.load(path, env={})
+    assert cfg.signer.key == "core"
+    assert cfg.signer.public_file == tmp_path / "pub" / "signer.json"
+    assert Config.load(path, env={"ANYHSM_SIGNER__KEY": "other"}).signer.key == "other"
+    assert Config.from_mapping({}, env={}).signer.public_file is None
+    path.write_text('[signer]\nkey = 1\nkeys = "x"\n')
+    with pytest.raises(ConfigError) as e:
+        Config.load(path, env={})
+    assert "signer.key" in str(e.value) and "signer.keys" in str(e.value)

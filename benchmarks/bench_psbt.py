@@ -43,7 +43,7 @@ from pathlib import Path
 from embit.bip32 import HDKey
 from embit.psbt import PSBT as EmbitPsbt
 
-from anyhsm.bitcoin import NothingSigned, Psbt, sign_psbt
+from anyhsm.bitcoin import NothingSigned, Psbt
 from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, parse_path
 from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.psbt import TapKeyOrigin
@@ -55,6 +55,7 @@ from anyhsm.crypto import secp256k1 as ec
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
 from anyhsm.errors import PsbtLimitExceeded
 from anyhsm.hsm import Hsm, open_hsm
+from anyhsm.ops.psbt import sign_psbt
 from anyhsm.secret import SecretBytes
 from anyhsm.types import KeyType, SignParams, SigScheme
 

@@ -25,10 +25,11 @@ from embit.finalizer import finalize_psbt as embit_finalize
 from embit.psbt import PSBT as EmbitPsbt
 from tests.bitcoin.test_signer import Spend, Wallet, add_wallet, build_psbt, software_hsm
 
-from anyhsm.bitcoin import Psbt, finalize_psbt, sign_psbt
+from anyhsm.bitcoin import Psbt, finalize_psbt
 from anyhsm.bitcoin.tx import TxOut
 from anyhsm.crypto import secp256k1 as ec
 from anyhsm.hsm import Hsm
+from anyhsm.ops.psbt import sign_psbt
 
 KINDS = ["p2pkh", "p2sh-p2wpkh", "p2wpkh", "p2tr", "p2wsh", "mixed"]
 PURPOSE = {"p2pkh": 44, "p2sh-p2wpkh": 49, "p2wpkh": 84, "p2tr": 86}

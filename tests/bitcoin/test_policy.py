@@ -16,7 +16,7 @@ from tests.bitcoin.test_signer import (
     software_hsm,
 )
 
-from anyhsm.bitcoin import NothingSigned, Psbt, SigningPolicyError, finalize_psbt, sign_psbt
+from anyhsm.bitcoin import NothingSigned, Psbt, SigningPolicyError, finalize_psbt
 from anyhsm.bitcoin.bip32 import ExtendedKey
 from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.policy import estimate_vsize
@@ -27,6 +27,7 @@ from anyhsm.bitcoin.spend import SpendKind, describe_input
 from anyhsm.bitcoin.taproot import TapLeaf, depth_first_merkle_root, merkle_root, taproot_output_key
 from anyhsm.bitcoin.tx import TxOut
 from anyhsm.hsm import Hsm
+from anyhsm.ops.psbt import sign_psbt
 from anyhsm.types import Network
 
 

@@ -26,7 +26,7 @@ from tests.bitcoin.test_signer import (
     software_hsm,
 )
 
-from anyhsm.bitcoin import NothingSigned, Psbt, SigningPolicyError, finalize_psbt, sign_psbt
+from anyhsm.bitcoin import NothingSigned, Psbt, SigningPolicyError, finalize_psbt
 from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin
 from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.policy import estimate_vsize
@@ -40,6 +40,7 @@ from anyhsm.config import Config
 from anyhsm.crypto import secp256k1 as ec
 from anyhsm.errors import PsbtLimitExceeded
 from anyhsm.hsm import Hsm
+from anyhsm.ops.psbt import sign_psbt
 from anyhsm.providers.software import SoftwareProvider
 from anyhsm.types import Network
 

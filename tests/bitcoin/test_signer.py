@@ -27,7 +27,6 @@ from anyhsm.bitcoin import (
     Psbt,
     SigningPolicyError,
     finalize_psbt,
-    sign_psbt,
 )
 from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, parse_path
 from anyhsm.bitcoin.encoding import hash160, sha256
@@ -55,6 +54,7 @@ from anyhsm.crypto import secp256k1 as ec
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
 from anyhsm.errors import KeyNotFound, SigningFailed
 from anyhsm.hsm import Hsm, open_hsm
+from anyhsm.ops.psbt import sign_psbt
 from anyhsm.providers.simulator import SimulatorProvider
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Capabilities, KeyType, Network, SigScheme

@@ -14,8 +14,9 @@ from embit.transaction import Transaction as EmbitTx
 from tests.bitcoin.test_signer import Spend, build_psbt
 
 from anyhsm import open_hsm
-from anyhsm.bitcoin import Psbt, finalize_psbt, sign_psbt
+from anyhsm.bitcoin import Psbt, finalize_psbt
 from anyhsm.cli.main import main
+from anyhsm.ops.psbt import sign_psbt
 
 
 @pytest.fixture

@@ -5,17 +5,23 @@ Public API (kept stable)::
     from anyhsm.bitcoin import Psbt, PsbtError, ExtendedKey, sign_psbt, finalize_psbt
 
     psbt = Psbt.parse(data)                 # raw bytes, base64 or hex
-    result = sign_psbt(hsm, psbt, "wallet")  # result.psbt, result.inputs (per-input report)
+    result = sign_psbt(hsm, psbt, "wallet", policy=hsm.config.policy, network=hsm.network,
+                       environment=hsm.config.environment)   # result.psbt, result.inputs
     final = finalize_psbt(result.psbt)       # final.psbt, final.complete, final.tx
 
-Everything below the HSM handle is reached through :class:`anyhsm.hsm.Hsm`; this package
-never holds a private key. The submodules (``bip32``, ``address``, ``script``,
-``sighash``, ``psbt``, ``descriptor``, ``message``...) hold the rest of the API.
+With the handle, ``anyhsm.ops.psbt.sign_psbt(hsm, psbt, "wallet")`` passes those three
+for you. The signer's first argument is any :class:`SigningBackend` (keys by reference,
+their public data, batches of digest signatures, an event log), as Bitcoin Core's
+``SigningProvider``: :class:`anyhsm.hsm.Hsm` is one, and this package never holds a
+private key. The policy and the network are the caller's arguments, never read from the
+backend. The submodules (``bip32``, ``address``, ``script``, ``sighash``, ``psbt``,
+``descriptor``, ``message``...) hold the rest of the API.
 """
 
 from __future__ import annotations
 
 from anyhsm.bitcoin.address import AddressKind, address_for_pubkey, script_from_address
+from anyhsm.bitcoin.backend import SigningBackend
 from anyhsm.bitcoin.bip32 import ExtendedKey, KeyOrigin, format_path, parse_path
 from anyhsm.bitcoin.finalizer import FinalizeInputReport, FinalizeResult, finalize_psbt
 from anyhsm.bitcoin.policy import OutputReport, PolicyReport
@@ -48,6 +54,7 @@ __all__ = [
     "SignResult",
     "SignatureKind",
     "SignatureReport",
+    "SigningBackend",
     "SigningPolicyError",
     "Transaction",
     "TxIn",

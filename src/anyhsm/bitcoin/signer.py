@@ -97,12 +97,14 @@ from anyhsm.types import (
     KeyInfo,
     KeyRef,
     KeyType,
+    Network,
     SignParams,
     SigScheme,
 )
 
 if TYPE_CHECKING:
-    from anyhsm.hsm import Hsm
+    from anyhsm.bitcoin.backend import SigningBackend
+    from anyhsm.config import PolicyConfig
 
 SIGNING_KEY_TYPES = frozenset({KeyType.SECP256K1, KeyType.BIP32, KeyType.BIP32_NODE})
 HD_KEY_TYPES = frozenset({KeyType.BIP32, KeyType.BIP32_NODE})
@@ -239,10 +241,12 @@ class _Key:
         return signing_refusal(self.caps, self.info.provider, scheme, tweak)
 
 
-def _signing_keys(hsm: Hsm, key: KeyRef | None) -> list[_Key]:
-    infos = [hsm.get_key(key)] if key is not None else hsm.list_keys()
+def _signing_keys(backend: SigningBackend, key: KeyRef | None) -> list[_Key]:
+    infos = [backend.get_key(key)] if key is not None else backend.list_keys()
     out: list[_Key] = []
     for info in infos:
+        if not info.available and key is None:
+            continue  # known to the key directory, but its store is not open here
         if info.key_type not in SIGNING_KEY_TYPES:
             if key is not None:
                 raise UnsupportedOperation(
@@ -251,7 +255,7 @@ def _signing_keys(hsm: Hsm, key: KeyRef | None) -> list[_Key]:
                     hint="use a secp256k1 or bip32 key",
                 )
             continue
-        out.append(_Key(info, hsm.capabilities(info.id)))
+        out.append(_Key(info, backend.capabilities(info.id)))
     return out
 
 
@@ -260,8 +264,8 @@ class _Derivations:
     by the HSM and its children computed here (public derivation), so a PSBT with many
     inputs under one account costs one HSM call, not one per input."""
 
-    def __init__(self, hsm: Hsm) -> None:
-        self._hsm = hsm
+    def __init__(self, backend: SigningBackend) -> None:
+        self._backend = backend
         self._nodes: dict[tuple[str, tuple[int, ...]], tuple[bytes, bytes]] = {}
         self._pubs: dict[tuple[str, tuple[int, ...]], bytes | None] = {}
 
@@ -269,7 +273,7 @@ class _Derivations:
         ident = (key.info.id, path)
         node = self._nodes.get(ident)
         if node is None:
-            d = self._hsm.derive_public(key.info.id, path)
+            d = self._backend.derive_public(key.info.id, path)
             node = self._nodes[ident] = (d.public_key, d.chain_code)
         return node
 
@@ -574,9 +578,23 @@ def _digest(cache: SighashCache, index: int, info: SpendInfo, job: _Job, hash_ty
 
 
 def sign_psbt(
-    hsm: Hsm, psbt: Psbt, key: KeyRef | None = None, *, grind_low_r: bool = True
+    backend: SigningBackend,
+    psbt: Psbt,
+    key: KeyRef | None = None,
+    *,
+    policy: PolicyConfig,
+    network: Network,
+    environment: Environment = Environment.PRODUCTION,
+    grind_low_r: bool = True,
 ) -> SignResult:
-    """Sign every input of ``psbt`` that ``key`` (or any key in the HSM, when None) can sign.
+    """Sign every input of ``psbt`` that ``key`` (or any key of ``backend``, when None)
+    can sign, under the signing ``policy`` for ``network``.
+
+    ``backend`` is anything with the :class:`~anyhsm.bitcoin.backend.SigningBackend`
+    methods, such as :class:`anyhsm.hsm.Hsm` (whose caller passes ``hsm.config.policy``,
+    ``hsm.network`` and ``hsm.config.environment``; ``anyhsm.ops`` does). ``environment``
+    only decides whether ``require_previous_tx_segwit_v0 = false``, a relaxation for
+    test set-ups, is honoured: never in production, which is the default.
 
     Raises :class:`PsbtLimitExceeded` when the PSBT is beyond the resource limits and
     :class:`SigningPolicyError` when the policy refuses (nothing is signed then either),
@@ -584,31 +602,35 @@ def sign_psbt(
     per-input reasons). ``grind_low_r=False`` asks for plain RFC 6979 ECDSA nonces, only
     to reproduce signatures of signers that do not grind (such as the BIP174 vectors).
 
-    Every outcome is an audit entry ``psbt_sign``: "ok" with the unsigned txid, the
-    inputs signed and the fee; "refused" with the rules that refused; "error" when
-    nothing was signed or signing failed.
+    Every outcome is an event ``psbt_sign`` of the backend (the handle's audit log):
+    "ok" with the unsigned txid, the inputs signed and the fee; "refused" with the rules
+    that refused; "error" when nothing was signed or signing failed.
     """
+    if environment is Environment.PRODUCTION and not policy.require_previous_tx_segwit_v0:
+        # the relaxation is for test set-ups only: 'config check' reports it as an error,
+        # and production signs as if it were not there
+        policy = dataclasses.replace(policy, require_previous_tx_segwit_v0=True)
     try:
         txid = psbt.unsigned_tx().txid_hex()
     except HsmError:  # no v0 transaction can be made (a v2 PSBT without a lock time)
         txid = "unknown"
     key_id: str | None = None
     try:
-        keys = _signing_keys(hsm, key)
+        keys = _signing_keys(backend, key)
         if key is not None and keys:
             key_id = keys[0].info.id
-        result = _sign(hsm, psbt, keys, key, grind_low_r, txid)
+        result = _sign(backend, psbt, keys, key, policy, network, grind_low_r, txid)
     except (SigningPolicyError, PsbtLimitExceeded) as e:
         detail = {"txid": txid, "rules": _rules(e), "message": _bounded(e.message, 300)}
         if isinstance(e, PsbtLimitExceeded) and e.field:
             detail["setting"] = e.field
-        hsm.record_event("psbt_sign", "refused", detail, key_id=key_id, error=e.code)
+        backend.record_event("psbt_sign", "refused", detail, key_id=key_id, error=e.code)
         raise
     except HsmError as e:
         detail = {"txid": txid, "message": _bounded(e.message, 300)}
         if isinstance(e, NothingSigned):
             detail["rules"] = "nothing-signed"
-        hsm.record_event("psbt_sign", "error", detail, key_id=key_id, error=e.code)
+        backend.record_event("psbt_sign", "error", detail, key_id=key_id, error=e.code)
         raise
     signed = [r.index for r in result.inputs if r.signed]
     detail = {
@@ -617,7 +639,7 @@ def sign_psbt(
         "signatures": str(result.signatures),
         "fee": str(result.fee),
     }
-    hsm.record_event("psbt_sign", "ok", detail, key_id=key_id)
+    backend.record_event("psbt_sign", "ok", detail, key_id=key_id)
     return result
 
 
@@ -641,23 +663,20 @@ def _rules(e: HsmError) -> str:
 
 
 def _sign(
-    hsm: Hsm,
+    backend: SigningBackend,
     psbt: Psbt,
     keys: list[_Key],
     key: KeyRef | None,
+    rules: PolicyConfig,
+    network: Network,
     grind_low_r: bool,
     txid: str,
 ) -> SignResult:
-    rules = hsm.config.policy
-    if hsm.config.environment is Environment.PRODUCTION and not rules.require_previous_tx_segwit_v0:
-        # the relaxation is for test set-ups only: 'config check' reports it as an error,
-        # and production signs as if it were not there
-        rules = dataclasses.replace(rules, require_previous_tx_segwit_v0=True)
     limits.check_structure(psbt, rules)  # before any copy, derivation or signature
     limits.check_derivation_work(psbt, {k.fingerprint for k in keys if k.hd}, rules)
     keyset = _KeySet.of(keys)
     work = psbt.copy()
-    deriv = _Derivations(hsm)
+    deriv = _Derivations(backend)
     infos = [describe_input(inp) for inp in work.inputs]
     plans = [
         _plan_input(inp, info, keyset, deriv) for inp, info in zip(work.inputs, infos, strict=True)
@@ -718,7 +737,7 @@ def _sign(
             work,
             infos,
             to_sign,
-            hsm.network,
+            network,
             rules,
             owner,
             _single_scripts(keys),
@@ -745,7 +764,7 @@ def _sign(
         raise _nothing_signed(key, keys, work, infos, plans)
     aux = _ZERO_AUX if rules.deterministic_schnorr else None
     cache = SighashCache(work.unsigned_tx(), [i.spent for i in infos])
-    placed = _sign_all(hsm, cache, work, infos, plans, to_sign, aux, grind_low_r, deriv, txid)
+    placed = _sign_all(backend, cache, work, infos, plans, to_sign, aux, grind_low_r, deriv, txid)
     if not any(placed):
         raise _nothing_signed(key, keys, work, infos, plans)
     reports: list[InputReport] = []
@@ -779,7 +798,7 @@ def _sign(
 
 
 def _sign_all(
-    hsm: Hsm,
+    backend: SigningBackend,
     cache: SighashCache,
     work: Psbt,
     infos: list[SpendInfo],
@@ -790,7 +809,7 @@ def _sign_all(
     deriv: _Derivations,
     txid: str,
 ) -> list[list[_Job]]:
-    """Compute every digest, sign them grouped per key through ``hsm.sign_many`` (so a
+    """Compute every digest, sign them grouped per key through ``backend.sign_many`` (so a
     provider derives shared BIP32 parents once), verify each signature against the key
     the PSBT names, then place it. Returns the jobs placed, per input, in plan order.
 
@@ -817,7 +836,7 @@ def _sign_all(
                 params = SignParams(path=path, tweak=job.tweak, aux_rand=aux)
                 requests.append((digest, SigScheme.SCHNORR, params))
         context = {"txid": txid, "inputs": _index_list(sorted({it[0] for it in items}))}
-        sigs = hsm.sign_many(key_id, requests, context=context)
+        sigs = backend.sign_many(key_id, requests, context=context)
         made += len(sigs)
         provider = items[0][1].key.info.provider
         wrong_key = same_key = 0
@@ -827,7 +846,7 @@ def _sign_all(
                     plans[index].notes.append(_explain(job, index, deriv))
                 except SigningFailed as e:
                     detail = {"signatures": str(made), "invalid": "1"}
-                    hsm.record_event(
+                    backend.record_event(
                         "sign_discarded",
                         "error",
                         detail,
@@ -848,7 +867,7 @@ def _sign_all(
                 "wrong_key": str(wrong_key),
                 "same_key": str(same_key),
             }
-            hsm.record_event("sign_discarded", "ok", detail, key_id=key_id, provider=provider)
+            backend.record_event("sign_discarded", "ok", detail, key_id=key_id, provider=provider)
     return [
         [j for j in plan.jobs if any(j is d for d in done)]
         for plan, done in zip(plans, placed, strict=True)

@@ -1,10 +1,15 @@
 """PSBT finalizer and transaction extractor (BIP174 roles) for standard scripts.
 
 Builds PSBT_IN_FINAL_SCRIPTSIG / PSBT_IN_FINAL_SCRIPTWITNESS for P2PKH, P2PK,
-P2WPKH, P2SH-P2WPKH, taproot key path (and script path for single-key
-``<x> OP_CHECKSIG`` leaves), and multisig (also sorted multisig) in P2WSH,
-P2SH-P2WSH, legacy P2SH and bare outputs; single-key P2PK/P2PKH witness scripts
-too. Every signature is verified against its sighash before it is used: an
+P2WPKH, P2SH-P2WPKH, multisig (also sorted multisig) in P2WSH, P2SH-P2WSH, legacy
+P2SH and bare outputs, single-key P2PK/P2PKH witness scripts, and taproot: the key
+path, or a script path through a leaf of a shape it knows
+(:class:`~anyhsm.bitcoin.script.TapscriptTemplate`: ``pk``, ``multi_a`` k-of-n with
+OP_CHECKSIGADD, and either with an ``older(n)`` or ``after(n)`` timelock, which the
+transaction's nSequence / nLockTime must meet as Bitcoin Core's interpreter checks
+them). Of several satisfiable leaves the smallest witness wins. For any other leaf
+script the input stays incomplete and the reason says the finalizer does not know
+that script. Every signature is verified against its sighash before it is used: an
 invalid signature is left out (and reported), never put into a transaction.
 A finalized input keeps only its UTXO fields, the final scripts, the transaction
 fields (v2), proprietary and unknown pairs, as BIP174 requires. When every input
@@ -20,7 +25,18 @@ from dataclasses import dataclass
 
 from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput
-from anyhsm.bitcoin.script import OP_CHECKSIG, ScriptType, classify, push_data
+from anyhsm.bitcoin.script import (
+    LOCKTIME_THRESHOLD,
+    SEQUENCE_FINAL,
+    SEQUENCE_LOCKTIME_DISABLE_FLAG,
+    SEQUENCE_LOCKTIME_MASK,
+    SEQUENCE_LOCKTIME_TYPE_FLAG,
+    ScriptType,
+    TapscriptTemplate,
+    classify,
+    parse_tapscript,
+    push_data,
+)
 from anyhsm.bitcoin.sighash import SIGHASH_DEFAULT, STANDARD_SIGHASH_TYPES, SighashCache
 from anyhsm.bitcoin.spend import SpendInfo, SpendKind, describe_input
 from anyhsm.bitcoin.taproot import TAPROOT_LEAF_TAPSCRIPT, leaf_hash, verify_control_block
@@ -225,37 +241,110 @@ def _taproot(cache: SighashCache, index: int, inp: PsbtInput, info: SpendInfo) -
         notes.append("the key-path signature does not verify")
     best: list[bytes] | None = None
     for cb, ls in inp.tap_leaf_scripts.items():
-        script = ls.script
-        if (
-            ls.leaf_version != TAPROOT_LEAF_TAPSCRIPT
-            or len(script) != 34
-            or script[0] != 32
-            or script[33] != OP_CHECKSIG
-        ):
-            continue
-        xonly = script[1:33]
-        lh = leaf_hash(script, ls.leaf_version)
-        sig = inp.tap_script_sigs.get((xonly, lh))
-        if sig is None:
-            continue
+        lh = leaf_hash(ls.script, ls.leaf_version)
+        if not any(h == lh for _, h in inp.tap_script_sigs):
+            continue  # nothing signed for this leaf
+        tag = f"leaf {lh.hex()[:16]}..."
         try:
-            committed = verify_control_block(q, script, cb)
+            committed = verify_control_block(q, ls.script, cb)
         except HsmError:
             committed = False
         if not committed:
-            notes.append(f"leaf {lh.hex()[:16]}...: the control block does not match the output")
+            notes.append(f"{tag}: the control block does not match the output")
             continue
-        if not _schnorr_valid(cache, index, xonly, sig, lh):
-            notes.append(f"leaf {lh.hex()[:16]}...: the script-path signature does not verify")
+        template = parse_tapscript(ls.script) if ls.leaf_version == TAPROOT_LEAF_TAPSCRIPT else None
+        if template is None:
+            notes.append(
+                f"{tag}: its script is not one the finalizer knows (it knows pk, multi_a, and "
+                "either with an older() or after() timelock); finalize this input with the "
+                "software that built it"
+            )
             continue
-        witness = [sig, script, cb]
+        try:
+            items = _satisfy_leaf(cache, index, inp, template, lh)
+        except _Incomplete as e:
+            notes.append(f"{tag}: {e}")
+            continue
+        witness = [*items, ls.script, cb]
         if best is None or _size(witness) < _size(best):
             best = witness
     if best is not None:
         return best
     raise _Incomplete(
-        "; ".join(notes) if notes else "no taproot signature (key path or single-key leaf)"
+        "; ".join(notes)
+        if notes
+        else "no taproot signature: none for the key path and none for any leaf script"
     )
+
+
+def _satisfy_leaf(
+    cache: SighashCache, index: int, inp: PsbtInput, leaf: TapscriptTemplate, lh: bytes
+) -> list[bytes]:
+    """The witness items (before the script and control block) that satisfy a known
+    leaf: ``threshold`` signatures that verify, empty elements for the other keys of a
+    multi_a (a signature that does not verify fails the whole script, BIP342), in
+    reverse key order (the first key's signature is checked first: it is on top)."""
+    valid: dict[int, bytes] = {}
+    bad = 0
+    for pos, x in enumerate(leaf.keys):
+        sig = inp.tap_script_sigs.get((x, lh))
+        if sig is None:
+            continue
+        if _schnorr_valid(cache, index, x, sig, lh):
+            valid[pos] = sig
+        else:
+            bad += 1
+    left_out = f"; {bad} signature(s) that do not verify were left out" if bad else ""
+    k, n = leaf.threshold, len(leaf.keys)
+    if len(valid) < k:
+        if leaf.multi:
+            raise _Incomplete(f"{k}-of-{n} multi_a has {len(valid)} valid signature(s){left_out}")
+        if bad:
+            raise _Incomplete("the script-path signature does not verify")
+        raise _Incomplete("no signature by the leaf's key")
+    lock = _timelock_problem(cache.tx, index, leaf)
+    if lock is not None:
+        raise _Incomplete(lock)
+    chosen = sorted(valid)[:k]  # exactly k: OP_NUMEQUAL wants k, not more
+    return [valid[pos] if pos in chosen else b"" for pos in reversed(range(n))]
+
+
+def _timelock_problem(tx: Transaction, index: int, leaf: TapscriptTemplate) -> str | None:
+    """Why the transaction does not meet the leaf's timelock, as Bitcoin Core's
+    ``CheckSequence`` / ``CheckLockTime`` judge it (None when it does). The finalizer
+    checks the script, not the chain: whether the height or time has come is the
+    network's question when the transaction is broadcast."""
+    sequence = tx.inputs[index].sequence
+    if leaf.older is not None:
+        n = leaf.older
+        mask = SEQUENCE_LOCKTIME_TYPE_FLAG | SEQUENCE_LOCKTIME_MASK
+        want, have = n & mask, sequence & mask
+        units = "512-second units" if n & SEQUENCE_LOCKTIME_TYPE_FLAG else "blocks"
+        need = (
+            f"its relative timelock older({n}) ({n & SEQUENCE_LOCKTIME_MASK} {units}) needs "
+            f"a version 2 transaction and an nSequence of input {index} that is a relative "
+            f"lock time in {units} of at least that"
+        )
+        if tx.version < 2:
+            return f"{need}; the transaction is version {tx.version}"
+        if sequence & SEQUENCE_LOCKTIME_DISABLE_FLAG or (want < SEQUENCE_LOCKTIME_TYPE_FLAG) != (
+            have < SEQUENCE_LOCKTIME_TYPE_FLAG
+        ):
+            return f"{need}; its nSequence is {sequence:#010x}"
+        if want > have:
+            return f"{need}; its nSequence is {sequence:#010x}"
+    if leaf.after is not None:
+        n, locktime = leaf.after, tx.locktime
+        kind = "block height" if n < LOCKTIME_THRESHOLD else "time"
+        need = (
+            f"its absolute timelock after({n}) needs an nLockTime that is a {kind} of at "
+            f"least {n} and a non-final nSequence of input {index}"
+        )
+        if (n < LOCKTIME_THRESHOLD) != (locktime < LOCKTIME_THRESHOLD) or n > locktime:
+            return f"{need}; the nLockTime is {locktime}"
+        if sequence == SEQUENCE_FINAL:
+            return f"{need}; its nSequence is final ({sequence:#010x})"
+    return None
 
 
 def _size(items: Sequence[bytes]) -> int:

@@ -608,3 +608,168 @@ def classify(script_pubkey: bytes) -> ScriptInfo:
 def script_type(script_pubkey: bytes) -> ScriptType:
     """Just the :class:`ScriptType` of :func:`classify`."""
     return classify(script_pubkey).type
+
+
+# --- tapscript leaves (BIP342) that a finalizer can satisfy ----------------------------------
+
+MAX_MULTI_A_KEYS = 999  # miniscript's MAX_PUBKEYS_PER_MULTI_A
+MAX_TIMELOCK = 0x7FFFFFFF  # miniscript's older(n) / after(n): 1 <= n < 2^31
+LOCKTIME_THRESHOLD = 500_000_000  # nLockTime below: a block height; at or above: a time
+SEQUENCE_FINAL = 0xFFFFFFFF
+SEQUENCE_LOCKTIME_DISABLE_FLAG = 1 << 31  # BIP68: the sequence is not a relative lock time
+SEQUENCE_LOCKTIME_TYPE_FLAG = 1 << 22  # BIP68: units of 512 seconds rather than blocks
+SEQUENCE_LOCKTIME_MASK = 0x0000FFFF
+
+
+@dataclass(frozen=True)
+class TapscriptTemplate:
+    """A tapscript leaf of a shape the finalizer knows: ``threshold`` signatures by
+    ``keys`` (x-only, in script order), and at most one timelock.
+
+    - ``pk(X)``: ``<X> OP_CHECKSIG`` (one key, threshold 1);
+    - ``multi_a(k,X1,...,Xn)``: ``<X1> OP_CHECKSIG <X2> OP_CHECKSIGADD ... <Xn>
+      OP_CHECKSIGADD <k> OP_NUMEQUAL``;
+    - either with a timelock, as miniscript's ``and_v(v:pk(X),older(n))`` writes it
+      (``<X> OP_CHECKSIGVERIFY <n> OP_CHECKSEQUENCEVERIFY``, or ``OP_NUMEQUALVERIFY``
+      for multi_a), or in front (``<n> OP_CHECKSEQUENCEVERIFY OP_VERIFY|OP_DROP``, then
+      the key part: ``and_v(v:older(n),pk(X))`` and the hand-written form);
+      ``OP_CHECKLOCKTIMEVERIFY`` for ``after(n)``.
+
+    ``older`` is the relative timelock (the OP_CHECKSEQUENCEVERIFY argument, BIP68
+    encoded), ``after`` the absolute one (the OP_CHECKLOCKTIMEVERIFY argument).
+    """
+
+    keys: tuple[bytes, ...]
+    threshold: int
+    multi: bool = False  # multi_a (even with one key), rather than pk
+    older: int | None = None
+    after: int | None = None
+
+
+def multi_a(k: int, keys: Sequence[bytes], *, verify: bool = False) -> bytes:
+    """miniscript's ``multi_a(k, keys...)`` (``v:multi_a`` with ``verify``): x-only keys
+    in the order given (``sortedmulti_a`` is ``sorted(keys)``)."""
+    n = len(keys)
+    if not 1 <= n <= MAX_MULTI_A_KEYS:
+        raise ScriptError(f"multi_a needs 1..{MAX_MULTI_A_KEYS} keys, got {n}")
+    if not 1 <= k <= n:
+        raise ScriptError(f"multi_a threshold {k} must be between 1 and {n}")
+    parts = []
+    for i, x in enumerate(keys):
+        parts.append(push_bytes(_need(x, 32, "a multi_a key")))
+        parts.append(bytes([OP_CHECKSIG if i == 0 else OP_CHECKSIGADD]))
+    parts.append(push_int(k) + bytes([OP_NUMEQUALVERIFY if verify else OP_NUMEQUAL]))
+    return b"".join(parts)
+
+
+def tapscript_leaf(
+    keys: Sequence[bytes],
+    threshold: int = 1,
+    *,
+    older: int | None = None,
+    after: int | None = None,
+    multi: bool | None = None,
+) -> bytes:
+    """The miniscript form of a :class:`TapscriptTemplate`: ``pk`` for one key (unless
+    ``multi``), else ``multi_a``; with a timelock, ``and_v(v:<keys>,older(n))`` or
+    ``and_v(v:<keys>,after(n))``."""
+    if older is not None and after is not None:
+        raise ScriptError("a leaf takes one timelock, older or after, not both")
+    lock = older if older is not None else after
+    if lock is not None and not 1 <= lock <= MAX_TIMELOCK:
+        raise ScriptError(f"a timelock must be between 1 and {MAX_TIMELOCK}, got {lock}")
+    as_multi = len(keys) != 1 if multi is None else multi
+    verify = lock is not None
+    if as_multi:
+        body = multi_a(threshold, keys, verify=verify)
+    else:
+        if len(keys) != 1 or threshold != 1:
+            raise ScriptError("pk() takes exactly one key and a threshold of 1")
+        body = push_bytes(_need(keys[0], 32, "a tapscript key"))
+        body += bytes([OP_CHECKSIGVERIFY if verify else OP_CHECKSIG])
+    if lock is None:
+        return body
+    op = OP_CHECKSEQUENCEVERIFY if older is not None else OP_CHECKLOCKTIMEVERIFY
+    return body + push_int(lock) + bytes([op])
+
+
+def _xonly_push(op: ScriptOp) -> bytes | None:
+    return op.data if op.opcode == 32 and op.data is not None else None
+
+
+def _small_number(op: ScriptOp, max_size: int) -> int | None:
+    """A positive number as miniscript pushes it (OP_1..OP_16 or a minimal push), else None."""
+    if OP_1 <= op.opcode <= OP_16:
+        return op.opcode - OP_1 + 1
+    if op.data is None or not op.data or op.opcode > OP_PUSHDATA4 or not is_minimal_push(op):
+        return None
+    try:
+        n = decode_script_num(op.data, max_size=max_size)
+    except ScriptError:
+        return None
+    return n if n > 0 else None
+
+
+def _key_part(ops: Sequence[ScriptOp]) -> tuple[tuple[bytes, ...], int, bool, bool] | None:
+    """(keys, threshold, multi, verify) of exactly ``pk``/``v:pk``/``multi_a``/``v:multi_a``."""
+    if len(ops) < 2:
+        return None
+    first = _xonly_push(ops[0])
+    if first is None:
+        return None
+    if len(ops) == 2 and ops[1].opcode in (OP_CHECKSIG, OP_CHECKSIGVERIFY):
+        return (first,), 1, False, ops[1].opcode == OP_CHECKSIGVERIFY
+    if ops[1].opcode != OP_CHECKSIG or len(ops) % 2:
+        return None
+    keys = [first]
+    for i in range(2, len(ops) - 2, 2):
+        x = _xonly_push(ops[i])
+        if x is None or ops[i + 1].opcode != OP_CHECKSIGADD:
+            return None
+        keys.append(x)
+    k = _small_number(ops[-2], 4)
+    if k is None or k > len(keys) or len(keys) > MAX_MULTI_A_KEYS:
+        return None
+    if ops[-1].opcode not in (OP_NUMEQUAL, OP_NUMEQUALVERIFY):
+        return None
+    return tuple(keys), k, True, ops[-1].opcode == OP_NUMEQUALVERIFY
+
+
+def _timelock(num: ScriptOp, op: ScriptOp) -> tuple[int | None, int | None] | None:
+    """(older, after) of ``<n> OP_CHECKSEQUENCEVERIFY|OP_CHECKLOCKTIMEVERIFY``."""
+    n = _small_number(num, 5)
+    if n is None or n > MAX_TIMELOCK:
+        return None
+    if op.opcode == OP_CHECKSEQUENCEVERIFY:
+        return n, None
+    if op.opcode == OP_CHECKLOCKTIMEVERIFY:
+        return None, n
+    return None
+
+
+def parse_tapscript(script: bytes) -> TapscriptTemplate | None:
+    """The :class:`TapscriptTemplate` of a tapscript leaf, or None for any other script."""
+    try:
+        ops = parse_ops(script)
+    except ScriptError:
+        return None
+    whole = _key_part(ops)
+    if whole is not None:
+        keys, k, multi, verify = whole
+        return None if verify else TapscriptTemplate(keys, k, multi)
+    lock: tuple[int | None, int | None] | None = None
+    part = None
+    if len(ops) >= 4:  # <keys (verify form)> <n> CSV|CLTV
+        lock = _timelock(ops[-2], ops[-1])
+        part = _key_part(ops[:-2]) if lock is not None else None
+        if part is not None and not part[3]:
+            part = None
+    if part is None and len(ops) >= 5 and ops[2].opcode in (OP_VERIFY, OP_DROP):
+        lock = _timelock(ops[0], ops[1])  # <n> CSV|CLTV VERIFY|DROP <keys>
+        part = _key_part(ops[3:]) if lock is not None else None
+        if part is not None and part[3]:
+            part = None
+    if part is None or lock is None:
+        return None
+    keys, k, multi, _ = part
+    return TapscriptTemplate(keys, k, multi, older=lock[0], after=lock[1])

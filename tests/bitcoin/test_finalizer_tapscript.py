@@ -34,6 +34,7 @@ from anyhsm.bitcoin.script import (
     push_int,
     tapscript_leaf,
 )
+from anyhsm.bitcoin.size import estimate_vsize
 from anyhsm.bitcoin.taproot import TapLeaf, TapTree, control_block, merkle_root, taproot_output_key
 from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn, TxOut
 from anyhsm.errors import ScriptError
@@ -191,6 +192,19 @@ def test_2_of_3_multi_a_with_three_keys_of_one_hd_key(hsm: Hsm, wallet: Wallet) 
     assert witness[-2] == script and len(witness) == 3 + 2
     # exactly two signatures (OP_NUMEQUAL wants k, not more), the first keys', top first
     assert [len(w) for w in witness[:3]] == [0, 64, 64]
+
+
+def test_vsize_estimate_of_a_multi_a_spend_counts_k_signatures(hsm: Hsm, wallet: Wallet) -> None:
+    """Three signatures present, two used: the estimate is the finalized size, not more
+    (an estimate above it would understate the fee rate the policy limits)."""
+    keys = _keys(wallet, 3)
+    script = multi_a(2, _xonly(keys))
+    signed = sign_psbt(hsm, leaf_psbt([script], keys), "w").psbt
+    assert len(signed.inputs[0].tap_script_sigs) == 3
+    tx = assert_final_spends(finalize_psbt(signed))
+    spent = [i.witness_utxo.script_pubkey for i in signed.inputs if i.witness_utxo]
+    vsize, notes = estimate_vsize(signed, spent, {0: {TapLeaf(script).hash}})
+    assert (vsize, notes) == (tx.vsize(), [])
 
 
 def test_2_of_3_multi_a_with_keys_of_several_anyhsm_keys(tmp_path: Path, hsm: Hsm) -> None:

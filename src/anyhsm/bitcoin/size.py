@@ -16,8 +16,9 @@ signature as 64, or 65 with a sighash byte):
   itself is then committed to, whatever else the final field holds);
 - P2TR: a key-path signature; for an input we sign by script path, or a finalized
   one whose leaf script and control block verify against the output key, the leaf
-  script, its control block and a signature per signature check (one if none is
-  present yet, empty elements for the others).
+  script, its control block and a signature per signature check present (at least
+  one; at most k for a multi_a leaf, which is finalized with exactly k), empty
+  elements for the others.
 
 An input whose size cannot be bounded from its script (no previous output, a P2SH or
 P2WSH script not given, a future witness version) is counted at the smallest size it
@@ -39,6 +40,7 @@ from anyhsm.bitcoin.script import (
     ScriptType,
     classify,
     iter_ops,
+    parse_tapscript,
     push_data,
 )
 from anyhsm.bitcoin.sighash import SIGHASH_DEFAULT
@@ -155,7 +157,10 @@ def _sig_checks(script: bytes) -> int:
 def _leaf_size(inp: PsbtInput, script: bytes, cb: bytes, lh: bytes, sig: int) -> int:
     checks = _sig_checks(script)
     present = sum(1 for (_, h) in inp.tap_script_sigs if h == lh)
-    sigs = min(checks, max(1, present))
+    known = parse_tapscript(script)
+    # a multi_a leaf is finalized with exactly k signatures, however many are present
+    needed = checks if known is None else known.threshold
+    sigs = min(needed, max(1, present))
     return witness_len([*([sig] * sigs), *([0] * (checks - sigs)), len(script), len(cb)])
 
 

@@ -20,6 +20,7 @@ from anyhsm.bitcoin.psbt import (
     Psbt,
     PsbtInput,
     PsbtOutput,
+    TapKeyOrigin,
     TapTreeLeaf,
     UnknownField,
 )
@@ -332,6 +333,77 @@ def test_extractor_refuses_unfinalized_input() -> None:
         psbt.extract_transaction()
 
 
+def test_combine_is_order_independent_in_core_order() -> None:
+    """Bitcoin Core writes the partial signatures of a map by the HASH160 of their keys
+    (std::map<CKeyID, SigPair>), so combining in either order gives its bytes."""
+    a, b = (Psbt.parse(_step(ref)["base64"]) for ref in WORKFLOW["combiner"]["inputs"])
+    expected = WORKFLOW["combiner"]["result"]["hex"]
+    assert a.combine(b).serialize().hex() == expected
+    assert b.combine(a).serialize().hex() == expected
+    for inp in Psbt.parse(expected).inputs:
+        keys = list(inp.partial_sigs)
+        assert keys == sorted(keys, key=hash160)
+
+
+def test_keyed_fields_are_written_in_core_map_order() -> None:
+    psbt = Psbt.parse(WORKFLOW["combiner"]["result"]["hex"])
+    inp = psbt.inputs[1]
+    # reversed insertion order of every keyed field: the bytes must not change
+    inp.partial_sigs = dict(reversed(list(inp.partial_sigs.items())))
+    inp.bip32_derivations = dict(reversed(list(inp.bip32_derivations.items())))
+    assert psbt.serialize().hex() == WORKFLOW["combiner"]["result"]["hex"]
+    # input 1's two signing keys: 03089d... comes first because its HASH160 is smaller
+    first, second = list(Psbt.parse(psbt.serialize()).inputs[1].partial_sigs)
+    assert first[:2] == b"\x03\x08" and second[:2] == b"\x02\x3a"
+    assert hash160(first) < hash160(second) and first > second
+
+
+def test_taproot_keyed_fields_in_core_order() -> None:
+    x1, x2 = sorted((b"\x11" * 32, PUB[1:]))
+    leaf_a, leaf_b = b"\x0a" * 32, b"\x0b" * 32
+    inp = PsbtInput(b"\x11" * 32, 0)
+    inp.tap_script_sigs = {(x2, leaf_a): b"\x01" * 64, (x1, leaf_b): b"\x02" * 64}
+    cb_long, cb_short = b"\xc0" + b"\x01" * 64, b"\xc1" + b"\x02" * 32
+    inp.tap_leaf_scripts = {
+        b"\xc0" + b"\x03" * 32: LeafScript(b"\x52", 0xC0),  # larger script: last
+        cb_long: LeafScript(b"\x51", 0xC0),
+        cb_short: LeafScript(b"\x51", 0xC0),  # same script: shorter control block first
+    }
+    inp.tap_bip32_derivations = {
+        x2: TapKeyOrigin((leaf_b, leaf_a, leaf_b), KeyOrigin(b"\x00" * 4, ())),
+        x1: TapKeyOrigin((), KeyOrigin(b"\x01" * 4, ())),
+    }
+    records = [k for k, _ in inp.records(0)]
+    assert records == [
+        b"\x14" + x1 + leaf_b,
+        b"\x14" + x2 + leaf_a,
+        b"\x15" + cb_short,
+        b"\x15" + cb_long,
+        b"\x15" + b"\xc0" + b"\x03" * 32,
+        b"\x16" + x1,
+        b"\x16" + x2,
+    ]
+    value = dict(inp.records(0))[b"\x16" + x2]
+    assert value[:1] == b"\x02" and value[1:65] == leaf_a + leaf_b  # sorted, unique
+
+
+def test_xpubs_in_core_order() -> None:
+    from anyhsm.bitcoin.psbt_fields import decode_origin
+
+    psbt = Psbt.parse(WORKFLOW["creator"]["result"]["hex"])
+    xpub = ExtendedKey.parse(WORKFLOW["master_tprv"]).neuter()
+    keys = [xpub.derive(f"m/{i}").serialize() for i in range(3)]
+    fp = b"\x01\x02\x03\x04"
+    # Core's map<KeyOriginInfo, set<CExtPubKey>>: fingerprint, path length, path, key
+    psbt.global_map.xpubs = {
+        keys[0]: KeyOrigin(fp, (5, 1)),
+        keys[1]: KeyOrigin(fp, (7,)),
+        keys[2]: KeyOrigin(b"\x00\x00\x00\x09", (1, 2, 3)),
+    }
+    written = [(k[1:], decode_origin(v)) for k, v in _records(psbt.serialize())[0] if k[0] == 1]
+    assert [k for k, _ in written] == [keys[2], keys[1], keys[0]]
+
+
 def test_combine_refuses_other_transaction_and_other_version() -> None:
     a = Psbt.parse(WORKFLOW["creator"]["result"]["hex"])
     other = Psbt.parse(BIP174["valid"][0]["hex"])
@@ -547,7 +619,7 @@ def test_parse_rejects_wrong_types_with_psbt_error() -> None:
 # --- ordering and preservation of unknown and proprietary fields ---------------------------------
 
 
-def test_unknown_and_proprietary_fields_survive_in_order() -> None:
+def test_unknown_and_proprietary_fields_survive_in_core_order() -> None:
     prop = ProprietaryField(b"anyhsm", 3, b"\x01\x02", b"value")
     inp = [
         (b"\xf1\x01", b"second type first"),
@@ -560,26 +632,37 @@ def test_unknown_and_proprietary_fields_survive_in_order() -> None:
     psbt = Psbt.parse(raw)
     i = psbt.inputs[0]
     assert i.proprietary == [prop]
-    assert [u.key for u in i.unknown] == [b"\xf1\x01", b"\x19\xaa", b"\xf0\x01"]
+    # held, like Bitcoin Core's std::map, in key order
+    assert [u.key for u in i.unknown] == [b"\x19\xaa", b"\xf0\x01", b"\xf1\x01"]
     out = psbt.serialize()
     again = Psbt.parse(out)
     assert again.serialize() == out  # a fixed point
     assert again.inputs[0].unknown == i.unknown and again.inputs[0].proprietary == [prop]
-    # Known fields come out in ascending key type; unknown pairs keep their relative order and
-    # are merged in front of the first known field with a higher key type than their own.
+    # Known fields first, then proprietary pairs, then unknown pairs, each sorted by key:
+    # PSBTInput::Serialize in Bitcoin Core's psbt.h.
     keys = [k for k, _ in _records(out)[1]]
-    assert keys == [b"\x03", b"\xf1\x01", b"\x19\xaa", b"\xf0\x01", prop.key]
+    assert keys == [b"\x03", prop.key, b"\x19\xaa", b"\xf0\x01", b"\xf1\x01"]
 
 
-def test_canonical_order_input_round_trips_exactly() -> None:
+def test_core_order_input_round_trips_exactly() -> None:
     inp = [
         (b"\x03", b"\x01\x00\x00\x00"),
+        (b"\xfc\x00\x01", b"p"),
         (b"\x19\xaa", b"x"),
         (b"\xf0", b""),
-        (b"\xfc\x00\x01", b"p"),
     ]
-    raw = _one_in_one_out(inp, [(b"\x00", b"\x51"), (b"\xf5\x00", b"o")])
+    # an output's proprietary pairs come before its taproot fields, its unknown ones last
+    out = [
+        (b"\x00", b"\x51"),
+        (b"\xfc\x00\x01", b"q"),
+        (b"\x05", bytes.fromhex(_XONLY)),
+        (b"\xf5\x00", b"o"),
+    ]
+    raw = _one_in_one_out(inp, out)
     assert Psbt.parse(raw).serialize() == raw
+
+
+_XONLY = "79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
 
 
 def test_out_of_order_known_fields_are_canonicalised() -> None:

@@ -1,7 +1,8 @@
 """Fuzzing Psbt.parse: it either returns a PSBT whose serialisation is a fixed point of
 parse -> serialize, or raises PsbtError. No other exception may escape.
 
-Inputs: random bytes and text, and mutations of every valid vector (BIP174, BIP370, BIP371):
+Inputs: random bytes and text, and mutations of every valid vector (BIP174, BIP370, BIP371,
+BIP373):
 bit flips, truncations, insertions, deletions, key-value pairs of every field type spliced
 in at map boundaries, and values of existing pairs replaced.
 """
@@ -36,6 +37,8 @@ def _vectors() -> list[bytes]:
         with (data_dir() / name).open(encoding="utf-8") as fh:
             d = json.load(fh)
         out += [v["hex"] for v in d["valid"] + d.get("locktime", [])]
+    with (data_dir() / "bip373" / "bip373_vectors.json").open(encoding="utf-8") as fh:
+        out += [v["hex"] for v in json.load(fh)["valid"]]
     return [bytes.fromhex(h) for h in out]
 
 
@@ -126,7 +129,7 @@ def test_byte_mutations(raw: bytes, data: st.DataObject) -> None:
 # Key types worth aiming at: every defined global/input/output type, the MuSig2 range, and
 # some unknown ones, with key data and value sizes that the field rules care about.
 KEY_TYPES = st.sampled_from([*range(0x00, 0x1D), 0xF0, 0xFB, 0xFC, 0xFD])
-SIZES = st.sampled_from([0, 1, 4, 8, 20, 31, 32, 33, 64, 65, 66, 78])
+SIZES = st.sampled_from([0, 1, 4, 8, 20, 31, 32, 33, 64, 65, 66, 78, 98])
 
 
 @st.composite

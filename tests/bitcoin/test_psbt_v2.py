@@ -158,6 +158,27 @@ def test_unique_id_ignores_sequence_and_combine_merges() -> None:
     assert merged.serialize().hex() == V2["valid"][2]["hex"]
 
 
+@pytest.mark.parametrize(
+    ("mine", "theirs", "merged"),
+    [
+        (0b011, 0b011, 0b011),
+        (0b011, 0b001, 0b001),  # one side no longer allows outputs to be added
+        (0b111, 0b011, 0b111),  # "has SIGHASH_SINGLE" of either side is kept
+        (0b010, None, 0b000),  # absent on one side: nothing stays modifiable (as Core)
+        (None, 0b100, 0b100),
+        (None, None, None),
+    ],
+)
+def test_combine_merges_tx_modifiable_as_core(
+    mine: int | None, theirs: int | None, merged: int | None
+) -> None:
+    a = Psbt.parse(V2["valid"][0]["hex"])
+    b = a.copy()
+    a.global_map.tx_modifiable, b.global_map.tx_modifiable = mine, theirs
+    assert a.combine(b).global_map.tx_modifiable == merged
+    assert b.combine(a).global_map.tx_modifiable == merged
+
+
 def test_v0_cannot_hold_v2_only_fields() -> None:
     psbt = Psbt.parse(V2["valid"][3]["hex"])  # with both required lock time fields
     broken = psbt.copy()

@@ -1,10 +1,12 @@
-"""Partially Signed Bitcoin Transactions: BIP174 (v0), BIP370 (v2), BIP371 (taproot fields).
+"""Partially Signed Bitcoin Transactions: BIP174 (v0), BIP370 (v2), BIP371 (taproot fields),
+BIP373 (MuSig2 fields).
 
 ``Psbt.parse`` takes raw bytes, base64 or hex and either returns a fully validated,
 typed PSBT or raises :class:`PsbtError` naming the field that is wrong; no other
-exception escapes it. ``serialize`` writes known fields in ascending key-type order and
-keeps unknown and proprietary pairs byte for byte, so a canonical PSBT round-trips
-exactly.
+exception escapes it. ``serialize`` writes every map in Bitcoin Core's order (see
+:mod:`anyhsm.bitcoin.psbt_maps`) and keeps unknown and proprietary pairs byte for byte,
+so a PSBT Bitcoin Core wrote round-trips exactly, and signing, combining or rebuilding a
+PSBT gives the bytes Core would write, whatever order the fields were added in.
 
 Both versions share one model: the transaction is held in the per-input and per-output
 maps (previous txid, index, sequence; amount, script) plus the global transaction
@@ -30,6 +32,7 @@ from anyhsm.bitcoin.psbt_fields import (
     GlobalType,
     InputType,
     LeafScript,
+    MuSig2Key,
     OutputType,
     ProprietaryField,
     TapKeyOrigin,
@@ -51,7 +54,7 @@ from anyhsm.bitcoin.psbt_maps import (
     field_context,
     iter_fields,
     no_key_data,
-    ordered_records,
+    tail_records,
 )
 from anyhsm.bitcoin.tx import Transaction, TxIn, TxOut
 from anyhsm.errors import (
@@ -66,6 +69,7 @@ __all__ = [
     "GlobalType",
     "InputType",
     "LeafScript",
+    "MuSig2Key",
     "OutputType",
     "ProprietaryField",
     "Psbt",
@@ -80,6 +84,7 @@ __all__ = [
 _MAX_VALUE = 4_000_000 * 4  # larger than any transaction a PSBT can carry
 _TX_MODIFIABLE_INPUTS = 0x01
 _TX_MODIFIABLE_OUTPUTS = 0x02
+_TX_HAS_SIGHASH_SINGLE = 0x04
 
 
 _M = TypeVar("_M", "PsbtGlobals", PsbtInput, PsbtOutput)
@@ -308,7 +313,10 @@ class Psbt:
         return new
 
     def combine(self, other: Psbt) -> Psbt:
-        """BIP174 Combiner: a new PSBT with every key-value pair of both (ours on a clash)."""
+        """BIP174 Combiner: a new PSBT with every key-value pair of both (ours on a clash),
+        merged as Bitcoin Core's ``PartiallySignedTransaction::Merge`` does (for v2, the
+        modifiable flags are ANDed and "has SIGHASH_SINGLE" ORed). Serialised, the result
+        is in Core's order whichever PSBT comes first."""
         if self.version != other.version:
             raise PsbtError(
                 f"cannot combine a version {self.version} PSBT with a version {other.version} one",
@@ -326,14 +334,21 @@ class Psbt:
         g, h = new.global_map, theirs.global_map
         if g.fallback_locktime is None:
             g.fallback_locktime = h.fallback_locktime
-        if g.tx_modifiable is None:
-            g.tx_modifiable = h.tx_modifiable
+        if g.tx_modifiable is not None or h.tx_modifiable is not None:
+            # as Bitcoin Core: a modification both allow stays allowed (AND), and the
+            # "has SIGHASH_SINGLE" flag of either is kept (OR)
+            ours, theirs_flags = g.tx_modifiable or 0, h.tx_modifiable or 0
+            g.tx_modifiable = (ours & theirs_flags & ~_TX_HAS_SIGHASH_SINGLE) | (
+                (ours | theirs_flags) & _TX_HAS_SIGHASH_SINGLE
+            )
         for k, v in h.xpubs.items():
             g.xpubs.setdefault(k, v)
         keys = {p.key for p in g.proprietary}
         g.proprietary += [p for p in h.proprietary if p.key not in keys]
+        g.proprietary.sort(key=lambda p: p.key)
         keys = {u.key for u in g.unknown}
         g.unknown += [u for u in h.unknown if u.key not in keys]
+        g.unknown.sort(key=lambda u: u.key)
         for a, b in zip(new.inputs, theirs.inputs, strict=True):
             a.merge(b)
         for c, d in zip(new.outputs, theirs.outputs, strict=True):
@@ -361,9 +376,12 @@ class Psbt:
     # --- serialisation --------------------------------------------------------------------
 
     def _global_records(self) -> list[Record]:
+        """The global map in Bitcoin Core's order: the unsigned transaction (v0), the xpubs
+        (by origin, then key and chain code, as Core's map of sets), the v2 fields, the
+        version, then proprietary and unknown pairs sorted by key."""
         g = self.global_map
         T = GlobalType
-        known: list[tuple[int, bytes, bytes]] = []
+        out: list[Record] = []
         if self.version == 0:
             if g.tx_modifiable is not None or any(
                 i.required_time_locktime is not None or i.required_height_locktime is not None
@@ -374,21 +392,21 @@ class Psbt:
                     "times; convert with to_v0() first",
                     field="PSBT_GLOBAL_VERSION",
                 )
-            known.append((T.UNSIGNED_TX, b"\x00", self.unsigned_tx().serialize(False)))
-        known += [(T.XPUB, b"\x01" + k, encode_origin(v)) for k, v in g.xpubs.items()]
+            out.append((b"\x00", self.unsigned_tx().serialize(False)))
+        xpubs = sorted(g.xpubs.items(), key=lambda kv: _xpub_order(kv[0], kv[1]))
+        out += [(b"\x01" + k, encode_origin(v)) for k, v in xpubs]
         if self.version == 2:
-            known.append((T.TX_VERSION, b"\x02", g.tx_version.to_bytes(4, "little", signed=True)))
+            out.append((b"\x02", g.tx_version.to_bytes(4, "little", signed=True)))
             if g.fallback_locktime is not None:
-                known.append(
-                    (T.FALLBACK_LOCKTIME, b"\x03", g.fallback_locktime.to_bytes(4, "little"))
-                )
-            known.append((T.INPUT_COUNT, b"\x04", compact_size(len(self.inputs))))
-            known.append((T.OUTPUT_COUNT, b"\x05", compact_size(len(self.outputs))))
+                out.append((b"\x03", g.fallback_locktime.to_bytes(4, "little")))
+            out.append((b"\x04", compact_size(len(self.inputs))))
+            out.append((b"\x05", compact_size(len(self.outputs))))
             if g.tx_modifiable is not None:
-                known.append((T.TX_MODIFIABLE, b"\x06", bytes([g.tx_modifiable])))
+                out.append((b"\x06", bytes([g.tx_modifiable])))
         if g.version_field is not None:
-            known.append((T.VERSION, b"\xfb", g.version_field.to_bytes(4, "little")))
-        return ordered_records(known, g.proprietary, g.unknown)
+            out.append((bytes([T.VERSION]), g.version_field.to_bytes(4, "little")))
+        proprietary, unknown = tail_records(g.proprietary, g.unknown)
+        return out + proprietary + unknown
 
     def serialize(self) -> bytes:
         """The binary PSBT. Raises PsbtError if a field was set to a value it cannot hold."""
@@ -495,6 +513,13 @@ class Psbt:
 
 
 # --- parsing helpers --------------------------------------------------------------------------
+
+
+def _xpub_order(xpub: bytes, origin: KeyOrigin) -> tuple[bytes, int, tuple[int, ...], bytes, bytes]:
+    """Bitcoin Core's order of PSBT_GLOBAL_XPUB: its ``std::map<KeyOriginInfo,
+    std::set<CExtPubKey>>`` sorts by fingerprint, path length, path, then by the extended
+    key's public key and chain code."""
+    return (origin.fingerprint, len(origin.path), origin.path, xpub[45:], xpub[13:45])
 
 
 def _too_large(size: int, limit: int) -> PsbtLimitExceeded:
@@ -614,6 +639,8 @@ def _parse_globals(
             else:
                 g.unknown.append(UnknownField(key, value))
         seen.add(key_type)
+    g.proprietary.sort(key=lambda p: p.key)  # held in the order they are written
+    g.unknown.sort(key=lambda u: u.key)
     version = g.version_field or 0
     if version == 0:
         if T.UNSIGNED_TX not in seen:

@@ -1,6 +1,7 @@
 """PSBT field types, their names, and the small typed values PSBT fields carry.
 
-Covers BIP174 (v0), BIP370 (v2) and BIP371 (taproot). The value decoders here
+Covers BIP174 (v0), BIP370 (v2), BIP371 (taproot) and BIP373 (MuSig2 participant keys,
+public nonces and partial signatures). The value decoders here
 raise :class:`PsbtError` without a field name; the map parser adds the field
 name and the map's position, so every message says which field is wrong.
 """
@@ -14,7 +15,7 @@ from io import BytesIO
 
 from anyhsm.bitcoin.bip32 import KeyOrigin
 from anyhsm.bitcoin.encoding import compact_size, read_compact_size, read_exact, var_bytes
-from anyhsm.crypto.secp256k1 import valid_public_key
+from anyhsm.crypto.secp256k1 import CURVE_ORDER, valid_public_key
 from anyhsm.errors import Bip32Error, EncodingError, PsbtError
 
 MAGIC = b"psbt\xff"
@@ -24,6 +25,11 @@ CONTROL_BLOCK_BASE = 33
 CONTROL_BLOCK_NODE = 32
 TAPROOT_MAX_DEPTH = 128
 LOCKTIME_THRESHOLD = 500_000_000
+# BIP373 / BIP327: compressed keys, a public nonce of two compressed points, a 32-byte
+# partial signature; the nonce and signature keys end with a tapleaf hash or nothing.
+COMPRESSED_KEY = 33
+MUSIG2_PUBNONCE = 2 * COMPRESSED_KEY
+MUSIG2_PARTIAL_SIG = 32
 
 
 class GlobalType(IntEnum):
@@ -64,6 +70,9 @@ class InputType(IntEnum):
     TAP_BIP32_DERIVATION = 0x16
     TAP_INTERNAL_KEY = 0x17
     TAP_MERKLE_ROOT = 0x18
+    MUSIG2_PARTICIPANT_PUBKEYS = 0x1A
+    MUSIG2_PUB_NONCE = 0x1B
+    MUSIG2_PARTIAL_SIG = 0x1C
     PROPRIETARY = 0xFC
 
 
@@ -76,6 +85,7 @@ class OutputType(IntEnum):
     TAP_INTERNAL_KEY = 0x05
     TAP_TREE = 0x06
     TAP_BIP32_DERIVATION = 0x07
+    MUSIG2_PARTICIPANT_PUBKEYS = 0x08
     PROPRIETARY = 0xFC
 
 
@@ -152,6 +162,25 @@ class TapTreeLeaf:
 
 
 @dataclass(frozen=True)
+class MuSig2Key:
+    """Key data of PSBT_IN_MUSIG2_PUB_NONCE and PSBT_IN_MUSIG2_PARTIAL_SIG (BIP373): the
+    participant's and the aggregate's compressed public keys, and the tapleaf hash of the
+    leaf being signed (None when the aggregate key is the internal or the output key)."""
+
+    participant: bytes
+    aggregate: bytes
+    leaf_hash: bytes | None = None
+
+    @property
+    def key_data(self) -> bytes:
+        return self.participant + self.aggregate + (self.leaf_hash or b"")
+
+    def core_order(self) -> tuple[bytes, bytes, bytes]:
+        """Bitcoin Core's map order: aggregate key, leaf hash (absent = zeros), participant."""
+        return (self.aggregate, self.leaf_hash or bytes(32), self.participant)
+
+
+@dataclass(frozen=True)
 class ProprietaryField:
     """A PSBT_*_PROPRIETARY pair: ``0xfc <identifier> <subtype> <key data>`` -> value."""
 
@@ -205,6 +234,15 @@ def check_pubkey(pub: bytes, what: str = "key") -> bytes:
     """A 33- or 65-byte SEC1 public key that lies on the curve."""
     if len(pub) not in (33, 65) or not valid_public_key(pub):
         raise PsbtError(f"{what} is not a valid public key")
+    return pub
+
+
+def check_compressed_pubkey(pub: bytes, what: str = "key") -> bytes:
+    """A 33-byte compressed SEC1 public key that lies on the curve (BIP373's keys)."""
+    if len(pub) != COMPRESSED_KEY:
+        raise PsbtError(f"{what} is {len(pub)} bytes, a compressed public key is 33 bytes")
+    if pub[0] not in (2, 3) or not valid_public_key(pub):
+        raise PsbtError(f"{what} is not a valid compressed public key")
     return pub
 
 
@@ -268,10 +306,11 @@ def decode_tap_origin(data: bytes) -> TapKeyOrigin:
         n = read_compact_size(stream, "leaf hash count")
         if n * 32 > len(data):
             raise PsbtError(f"declares {n} leaf hashes but the value is only {len(data)} bytes")
-        hashes = tuple(read_exact(stream, 32, "leaf hash") for _ in range(n))
+        hashes = {read_exact(stream, 32, "leaf hash") for _ in range(n)}
     except EncodingError as e:
         raise PsbtError(f"value is malformed: {e.message}") from None
-    return TapKeyOrigin(hashes, decode_origin(stream.read()))
+    # sorted and unique, as Bitcoin Core's std::set<uint256> holds (and writes) them
+    return TapKeyOrigin(tuple(sorted(hashes)), decode_origin(stream.read()))
 
 
 def encode_witness(items: Sequence[bytes]) -> bytes:
@@ -341,6 +380,56 @@ def check_tap_tree(leaves: Sequence[TapTreeLeaf]) -> None:
         branch[depth] = True
     if branch != [True]:
         raise PsbtError("taproot tree is incomplete (some branch has no sibling)")
+
+
+# --- BIP373 (MuSig2) ------------------------------------------------------------------------
+
+
+def decode_musig2_participants(value: bytes) -> tuple[bytes, ...]:
+    """PSBT_{IN,OUT}_MUSIG2_PARTICIPANT_PUBKEYS value: compressed keys, 33 bytes each, in
+    the order KeyAgg takes them. An empty list is accepted, as Bitcoin Core does."""
+    if len(value) % COMPRESSED_KEY:
+        raise PsbtError(
+            f"value is {len(value)} bytes, not a list of 33-byte compressed participant keys"
+        )
+    return tuple(
+        check_compressed_pubkey(value[i : i + COMPRESSED_KEY], f"participant key {i // 33}")
+        for i in range(0, len(value), COMPRESSED_KEY)
+    )
+
+
+def decode_musig2_key(key_data: bytes) -> MuSig2Key:
+    """Key data of a public nonce or partial signature: participant key, aggregate key,
+    then a 32-byte tapleaf hash or nothing (66 or 98 bytes)."""
+    n = len(key_data)
+    if n not in (2 * COMPRESSED_KEY, 2 * COMPRESSED_KEY + 32):
+        raise PsbtError(
+            f"key data is {n} bytes, expected a 33-byte participant key, a 33-byte aggregate "
+            "key and an optional 32-byte leaf hash (66 or 98 bytes)"
+        )
+    participant = check_compressed_pubkey(key_data[:COMPRESSED_KEY], "participant key")
+    aggregate = check_compressed_pubkey(key_data[COMPRESSED_KEY:66], "aggregate key")
+    return MuSig2Key(participant, aggregate, key_data[66:] or None)
+
+
+def check_musig2_pubnonce(value: bytes) -> bytes:
+    """A BIP327 public nonce: two compressed points (R1, R2), each on the curve."""
+    if len(value) != MUSIG2_PUBNONCE:
+        raise PsbtError(f"public nonce is {len(value)} bytes, a MuSig2 public nonce is 66 bytes")
+    check_compressed_pubkey(value[:COMPRESSED_KEY], "public nonce R1")
+    check_compressed_pubkey(value[COMPRESSED_KEY:], "public nonce R2")
+    return value
+
+
+def check_musig2_partial_sig(value: bytes) -> bytes:
+    """A BIP327 partial signature: a 32-byte big-endian scalar below the curve order."""
+    if len(value) != MUSIG2_PARTIAL_SIG:
+        raise PsbtError(
+            f"partial signature is {len(value)} bytes, a MuSig2 partial signature is 32 bytes"
+        )
+    if int.from_bytes(value, "big") >= CURVE_ORDER:
+        raise PsbtError("partial signature is not below the curve order")
+    return value
 
 
 def u32(value: bytes) -> int:

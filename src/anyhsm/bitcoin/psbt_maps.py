@@ -1,15 +1,26 @@
 """The typed per-input and per-output maps of a PSBT, and how each reads and writes its fields.
 
 A map is read from its raw key-value records (``from_records``) and written back as
-records (``records``). Known fields are written in ascending key-type order, which is
-what Bitcoin Core and the BIP vectors use; unknown and proprietary pairs are kept byte
-for byte in their original order, merged into that sequence by key type.
+records (``records``) in Bitcoin Core's order (``PSBTInput``/``PSBTOutput::Serialize`` in
+Core's ``psbt.h``), so a PSBT Core wrote comes back byte for byte and any other comes out
+as Core would write it:
+
+- fields in the sequence Core's serialiser writes them (mostly ascending key type; the
+  final scriptSig/witness and the v2 transaction fields of an input come after its
+  taproot and MuSig2 fields; an output's proprietary pairs come before its taproot fields);
+- within one key type, the entries in the order of Core's ``std::map`` key: partial
+  signatures by the HASH160 of their key, derivations by key, preimages by hash, taproot
+  script signatures by (x-only key, leaf hash), leaf scripts by (script, leaf version,
+  then the shorter control block first), MuSig2 nonces and partial signatures by
+  (aggregate key, leaf hash, participant key); a taproot derivation's leaf hashes sorted;
+- proprietary pairs, then unknown pairs, each sorted by key and kept byte for byte
+  (PSBT_IN_POR_COMMITMENT, which Core does not know, sorted among the unknown pairs).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
@@ -21,15 +32,21 @@ from anyhsm.bitcoin.psbt_fields import (
     V2_ONLY_OUTPUT,
     InputType,
     LeafScript,
+    MuSig2Key,
     OutputType,
     ProprietaryField,
     TapKeyOrigin,
     TapTreeLeaf,
     UnknownField,
+    check_compressed_pubkey,
     check_control_block,
+    check_musig2_partial_sig,
+    check_musig2_pubnonce,
     check_pubkey,
     check_schnorr_sig,
     check_xonly,
+    decode_musig2_key,
+    decode_musig2_participants,
     decode_origin,
     decode_tap_origin,
     decode_tap_tree,
@@ -49,7 +66,6 @@ from anyhsm.crypto.secp256k1 import CurveError, der_decode
 from anyhsm.errors import BitcoinError, PsbtError
 
 Record = tuple[bytes, bytes]
-_TypedRecord = tuple[int, bytes, bytes]
 SEQUENCE_FINAL = 0xFFFFFFFF
 
 
@@ -99,25 +115,38 @@ def no_key_data(key_data: bytes) -> None:
         raise PsbtError(f"key has {len(key_data)} extra bytes; this field takes no key data")
 
 
-def ordered_records(
-    known: list[_TypedRecord],
-    proprietary: Sequence[ProprietaryField],
-    unknown: Sequence[UnknownField],
-) -> list[Record]:
-    """Known and proprietary fields in ascending key type; unknown pairs merged in by key type
-    without changing their order relative to each other."""
-    fixed = sorted(known + [(0xFC, p.key, p.value) for p in proprietary], key=lambda r: r[0])
-    extra = [(u.key_type, u.key, u.value) for u in unknown]
-    out: list[Record] = []
-    i = j = 0
-    while i < len(fixed) or j < len(extra):
-        if j == len(extra) or (i < len(fixed) and fixed[i][0] <= extra[j][0]):
-            out.append((fixed[i][1], fixed[i][2]))
-            i += 1
-        else:
-            out.append((extra[j][1], extra[j][2]))
-            j += 1
-    return out
+def tail_records(
+    proprietary: Sequence[ProprietaryField], unknown: Sequence[UnknownField]
+) -> tuple[list[Record], list[Record]]:
+    """(proprietary, unknown) pairs of a map, each sorted by key as Bitcoin Core writes them
+    (its ``std::set<PSBTProprietary>`` and ``std::map`` of unknown keys)."""
+    return (
+        sorted((p.key, p.value) for p in proprietary),
+        sorted((u.key, u.value) for u in unknown),
+    )
+
+
+def keyed(key_type: int, entries: Iterable[tuple[bytes, bytes]]) -> list[Record]:
+    """Records of one keyed field type, in the order of their key data."""
+    prefix = bytes([key_type])
+    return [(prefix + k, v) for k, v in sorted(entries)]
+
+
+def encode_musig2_participants(participants: Sequence[bytes]) -> bytes:
+    return b"".join(participants)
+
+
+def _musig2_records(key_type: int, entries: dict[MuSig2Key, bytes]) -> list[Record]:
+    prefix = bytes([key_type])
+    return [
+        (prefix + k.key_data, v)
+        for k, v in sorted(entries.items(), key=lambda kv: kv[0].core_order())
+    ]
+
+
+def _tap_origin_sorted(value: TapKeyOrigin) -> bytes:
+    """A taproot derivation with its leaf hashes sorted and unique, as Core's std::set."""
+    return encode_tap_origin(TapKeyOrigin(tuple(sorted(set(value.leaf_hashes))), value.origin))
 
 
 _IDENTITY_FIELDS = frozenset({"previous_txid", "output_index", "amount", "script"})
@@ -138,6 +167,7 @@ def merge_maps(mine: PsbtInput | PsbtOutput, theirs: PsbtInput | PsbtOutput) -> 
         elif isinstance(ours, list) and f.name in ("proprietary", "unknown"):
             keys = {item.key for item in ours}
             ours.extend(item for item in other if item.key not in keys)
+            ours.sort(key=lambda item: item.key)
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -172,6 +202,11 @@ class PsbtInput:
     tap_bip32_derivations: dict[bytes, TapKeyOrigin] = field(default_factory=dict)
     tap_internal_key: bytes | None = None
     tap_merkle_root: bytes | None = None
+    # BIP373: aggregate key -> participant keys (KeyAgg order); public nonces and partial
+    # signatures by (participant, aggregate, leaf hash)
+    musig2_participants: dict[bytes, tuple[bytes, ...]] = field(default_factory=dict)
+    musig2_pub_nonces: dict[MuSig2Key, bytes] = field(default_factory=dict)
+    musig2_partial_sigs: dict[MuSig2Key, bytes] = field(default_factory=dict)
     proprietary: list[ProprietaryField] = field(default_factory=list)
     unknown: list[UnknownField] = field(default_factory=list)
 
@@ -254,6 +289,9 @@ class PsbtInput:
         self.tap_bip32_derivations.clear()
         self.tap_internal_key = None
         self.tap_merkle_root = None
+        self.musig2_participants.clear()
+        self.musig2_pub_nonces.clear()
+        self.musig2_partial_sigs.clear()
 
     def finalize(
         self, script_sig: bytes | None = None, witness: Sequence[bytes] | None = None
@@ -296,6 +334,8 @@ class PsbtInput:
                         f"{name}: missing (required in PSBT version 2) ({where})", field=name
                     )
         inp._check_utxos(where)
+        inp.proprietary.sort(key=lambda p: p.key)  # held in the order they are written
+        inp.unknown.sort(key=lambda u: u.key)
         return inp
 
     def _check_utxos(self, where: str) -> None:
@@ -355,6 +395,14 @@ class PsbtInput:
         elif key_type == T.TAP_BIP32_DERIVATION:
             check_xonly(key_data)
             self.tap_bip32_derivations[key_data] = decode_tap_origin(value)
+        elif key_type == T.MUSIG2_PARTICIPANT_PUBKEYS:
+            check_compressed_pubkey(key_data, "aggregate key")
+            self.musig2_participants[key_data] = decode_musig2_participants(value)
+        elif key_type == T.MUSIG2_PUB_NONCE:
+            self.musig2_pub_nonces[decode_musig2_key(key_data)] = check_musig2_pubnonce(value)
+        elif key_type == T.MUSIG2_PARTIAL_SIG:
+            musig_key = decode_musig2_key(key_data)
+            self.musig2_partial_sigs[musig_key] = check_musig2_partial_sig(value)
         elif key_type == T.PROPRIETARY:
             self.proprietary.append(parse_proprietary(key_data, value))
         elif key_type in _INPUT_SCALARS:
@@ -372,12 +420,13 @@ class PsbtInput:
         }[InputType(key_type)]
 
     def records(self, version: int) -> list[Record]:
+        """This map's records in Bitcoin Core's order (see the module docstring)."""
         T = InputType
-        out: list[_TypedRecord] = []
+        out: list[Record] = []
 
         def one(key_type: int, value: bytes | None) -> None:
             if value is not None:
-                out.append((key_type, bytes([key_type]), value))
+                out.append((bytes([key_type]), value))
 
         def u32le(n: int | None) -> bytes | None:
             return None if n is None else n.to_bytes(4, "little")
@@ -386,43 +435,49 @@ class PsbtInput:
             one(T.NON_WITNESS_UTXO, self.non_witness_utxo.serialize())
         if self.witness_utxo is not None:
             one(T.WITNESS_UTXO, self.witness_utxo.serialize())
-        out += [(T.PARTIAL_SIG, b"\x02" + k, v) for k, v in self.partial_sigs.items()]
+        if self.partial_sigs:
+            sigs = sorted(self.partial_sigs.items(), key=lambda kv: hash160(kv[0]))
+            out += [(b"\x02" + k, v) for k, v in sigs]
         one(T.SIGHASH_TYPE, u32le(self.sighash_type))
         one(T.REDEEM_SCRIPT, self.redeem_script)
         one(T.WITNESS_SCRIPT, self.witness_script)
-        out += [
-            (T.BIP32_DERIVATION, b"\x06" + k, encode_origin(v))
-            for k, v in self.bip32_derivations.items()
-        ]
+        out += keyed(
+            T.BIP32_DERIVATION, ((k, encode_origin(v)) for k, v in self.bip32_derivations.items())
+        )
+        for key_type in _PREIMAGE_HASHES:
+            out += keyed(key_type, self._preimages(key_type).items())
+        one(T.TAP_KEY_SIG, self.tap_key_sig)
+        out += keyed(T.TAP_SCRIPT_SIG, ((x + h, s) for (x, h), s in self.tap_script_sigs.items()))
+        leaves = sorted(
+            self.tap_leaf_scripts.items(),
+            key=lambda kv: (kv[1].script, kv[1].leaf_version, len(kv[0]), kv[0]),
+        )
+        out += [(b"\x15" + cb, ls.script + bytes([ls.leaf_version])) for cb, ls in leaves]
+        out += keyed(
+            T.TAP_BIP32_DERIVATION,
+            ((k, _tap_origin_sorted(v)) for k, v in self.tap_bip32_derivations.items()),
+        )
+        one(T.TAP_INTERNAL_KEY, self.tap_internal_key)
+        one(T.TAP_MERKLE_ROOT, self.tap_merkle_root)
+        out += keyed(
+            T.MUSIG2_PARTICIPANT_PUBKEYS,
+            ((k, encode_musig2_participants(v)) for k, v in self.musig2_participants.items()),
+        )
+        out += _musig2_records(T.MUSIG2_PUB_NONCE, self.musig2_pub_nonces)
+        out += _musig2_records(T.MUSIG2_PARTIAL_SIG, self.musig2_partial_sigs)
         one(T.FINAL_SCRIPTSIG, self.final_scriptsig)
         if self.final_scriptwitness is not None:
             one(T.FINAL_SCRIPTWITNESS, encode_witness(self.final_scriptwitness))
-        one(T.POR_COMMITMENT, self.por_commitment)
-        for key_type in _PREIMAGE_HASHES:
-            out += [
-                (key_type, bytes([key_type]) + h, p) for h, p in self._preimages(key_type).items()
-            ]
         if version == 2:
             one(T.PREVIOUS_TXID, self.previous_txid)
             one(T.OUTPUT_INDEX, u32le(self.output_index))
             one(T.SEQUENCE, u32le(self.sequence_number))
             one(T.REQUIRED_TIME_LOCKTIME, u32le(self.required_time_locktime))
             one(T.REQUIRED_HEIGHT_LOCKTIME, u32le(self.required_height_locktime))
-        one(T.TAP_KEY_SIG, self.tap_key_sig)
-        out += [
-            (T.TAP_SCRIPT_SIG, b"\x14" + x + h, s) for (x, h), s in self.tap_script_sigs.items()
-        ]
-        out += [
-            (T.TAP_LEAF_SCRIPT, b"\x15" + cb, ls.script + bytes([ls.leaf_version]))
-            for cb, ls in self.tap_leaf_scripts.items()
-        ]
-        out += [
-            (T.TAP_BIP32_DERIVATION, b"\x16" + k, encode_tap_origin(v))
-            for k, v in self.tap_bip32_derivations.items()
-        ]
-        one(T.TAP_INTERNAL_KEY, self.tap_internal_key)
-        one(T.TAP_MERKLE_ROOT, self.tap_merkle_root)
-        return ordered_records(out, self.proprietary, self.unknown)
+        proprietary, unknown = tail_records(self.proprietary, self.unknown)
+        if self.por_commitment is not None:  # unknown to Bitcoin Core: sorted with those
+            unknown = sorted([*unknown, (bytes([T.POR_COMMITMENT]), self.por_commitment)])
+        return out + proprietary + unknown
 
     def merge(self, other: PsbtInput) -> None:
         """BIP174 combiner for one input: keep every field of either; ours wins on a clash."""
@@ -538,6 +593,7 @@ class PsbtOutput:
     tap_internal_key: bytes | None = None
     tap_tree: tuple[TapTreeLeaf, ...] | None = None
     tap_bip32_derivations: dict[bytes, TapKeyOrigin] = field(default_factory=dict)
+    musig2_participants: dict[bytes, tuple[bytes, ...]] = field(default_factory=dict)  # BIP373
     proprietary: list[ProprietaryField] = field(default_factory=list)
     unknown: list[UnknownField] = field(default_factory=list)
 
@@ -572,6 +628,8 @@ class PsbtOutput:
                     raise PsbtError(
                         f"{name}: missing (required in PSBT version 2) ({where})", field=name
                     )
+        out.proprietary.sort(key=lambda p: p.key)  # held in the order they are written
+        out.unknown.sort(key=lambda u: u.key)
         return out
 
     def _read_field(self, key_type: int, key_data: bytes, key: bytes, value: bytes) -> None:
@@ -582,6 +640,9 @@ class PsbtOutput:
         elif key_type == T.TAP_BIP32_DERIVATION:
             check_xonly(key_data)
             self.tap_bip32_derivations[key_data] = decode_tap_origin(value)
+        elif key_type == T.MUSIG2_PARTICIPANT_PUBKEYS:
+            check_compressed_pubkey(key_data, "aggregate key")
+            self.musig2_participants[key_data] = decode_musig2_participants(value)
         elif key_type == T.PROPRIETARY:
             self.proprietary.append(parse_proprietary(key_data, value))
         elif key_type in _OUTPUT_SCALARS:
@@ -591,30 +652,36 @@ class PsbtOutput:
             self.unknown.append(UnknownField(key, value))
 
     def records(self, version: int) -> list[Record]:
+        """This map's records in Bitcoin Core's order (see the module docstring)."""
         T = OutputType
-        out: list[_TypedRecord] = []
+        out: list[Record] = []
 
         def one(key_type: int, value: bytes | None) -> None:
             if value is not None:
-                out.append((key_type, bytes([key_type]), value))
+                out.append((bytes([key_type]), value))
 
         one(T.REDEEM_SCRIPT, self.redeem_script)
         one(T.WITNESS_SCRIPT, self.witness_script)
-        out += [
-            (T.BIP32_DERIVATION, b"\x02" + k, encode_origin(v))
-            for k, v in self.bip32_derivations.items()
-        ]
+        out += keyed(
+            T.BIP32_DERIVATION, ((k, encode_origin(v)) for k, v in self.bip32_derivations.items())
+        )
         if version == 2:
             one(T.AMOUNT, self.amount.to_bytes(8, "little", signed=True))
             one(T.SCRIPT, self.script)
+        proprietary, unknown = tail_records(self.proprietary, self.unknown)
+        out += proprietary  # Core writes an output's proprietary pairs before its taproot ones
         one(T.TAP_INTERNAL_KEY, self.tap_internal_key)
         if self.tap_tree is not None:
             one(T.TAP_TREE, encode_tap_tree(self.tap_tree))
-        out += [
-            (T.TAP_BIP32_DERIVATION, b"\x07" + k, encode_tap_origin(v))
-            for k, v in self.tap_bip32_derivations.items()
-        ]
-        return ordered_records(out, self.proprietary, self.unknown)
+        out += keyed(
+            T.TAP_BIP32_DERIVATION,
+            ((k, _tap_origin_sorted(v)) for k, v in self.tap_bip32_derivations.items()),
+        )
+        out += keyed(
+            T.MUSIG2_PARTICIPANT_PUBKEYS,
+            ((k, encode_musig2_participants(v)) for k, v in self.musig2_participants.items()),
+        )
+        return out + unknown
 
     def merge(self, other: PsbtOutput) -> None:
         """BIP174 combiner for one output: keep every field of either; ours wins on a clash."""

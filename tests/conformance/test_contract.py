@@ -1,4 +1,6 @@
-"""The provider contract, run against every backend through the HSM handle."""
+"""The provider contract, run against every backend through the HSM handle, and through
+each interface a program reaches the handle by (the library, the CLI; see interfaces.py).
+``hsm`` is that interface's :class:`~tests.conformance.interfaces.Handle`."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import uuid
 
 import coincurve
 import pytest
+from tests.conformance.interfaces import Handle, need
 
-from anyhsm import Hsm, KeyType, SignParams, SigScheme
+from anyhsm import KeyType, SignParams, SigScheme
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import (
     Bip32Error,
@@ -26,14 +29,14 @@ def label() -> str:
     return f"k-{uuid.uuid4().hex[:12]}"
 
 
-def test_identity(hsm: Hsm) -> None:
+def test_identity(hsm: Handle) -> None:
     assert hsm.active_provider in ("software", "simulator", "pkcs11", "tpm")
     assert hsm.security_level is not None
     caps = hsm.capabilities()
     assert SigScheme.ECDSA in caps.schemes
 
 
-def test_generate_list_show_delete(hsm: Hsm) -> None:
+def test_generate_list_show_delete(hsm: Handle) -> None:
     name = label()
     info = hsm.generate_key(name)
     assert info.label == name
@@ -51,26 +54,26 @@ def test_generate_list_show_delete(hsm: Hsm) -> None:
     assert info.id not in {k.id for k in hsm.list_keys()}
 
 
-def test_internal_probe_key_hidden(hsm: Hsm) -> None:
+def test_internal_probe_key_hidden(hsm: Handle) -> None:
     assert all(not k.label.startswith("anyhsm:") for k in hsm.list_keys())
 
 
-def test_duplicate_label_refused(hsm: Hsm) -> None:
+def test_duplicate_label_refused(hsm: Handle) -> None:
     name = label()
     hsm.generate_key(name)
     with pytest.raises(KeyExists):
         hsm.generate_key(name)
 
 
-def test_reserved_label_refused(hsm: Hsm) -> None:
+def test_reserved_label_refused(hsm: Handle) -> None:
     with pytest.raises(InvalidKeyMaterial):
         hsm.generate_key("anyhsm:mine")
 
 
-def test_ecdsa_signatures_verify_independently(hsm: Hsm) -> None:
+def test_ecdsa_signatures_verify_independently(hsm: Handle) -> None:
     info = hsm.generate_key(label())
     pub = coincurve.PublicKey(info.public_key)
-    for _ in range(20):
+    for _ in range(hsm.rounds(20)):
         digest = secrets.token_bytes(32)
         sig = hsm.sign(info.label, digest)
         _r, s = curve.der_decode(sig)  # strict DER
@@ -80,7 +83,7 @@ def test_ecdsa_signatures_verify_independently(hsm: Hsm) -> None:
         assert not hsm.verify(info.label, secrets.token_bytes(32), sig)
 
 
-def test_schnorr_or_unsupported(hsm: Hsm) -> None:
+def test_schnorr_or_unsupported(hsm: Handle) -> None:
     info = hsm.generate_key(label())
     digest = secrets.token_bytes(32)
     if SigScheme.SCHNORR in hsm.capabilities(info.id).schemes:
@@ -96,7 +99,8 @@ def test_schnorr_or_unsupported(hsm: Hsm) -> None:
         assert "schnorr" in str(e.value)
 
 
-def test_taproot_tweak_or_unsupported(hsm: Hsm) -> None:
+def test_taproot_tweak_or_unsupported(hsm: Handle) -> None:
+    need(hsm, "tweak")
     info = hsm.generate_key(label())
     digest = secrets.token_bytes(32)
     tweak = secrets.token_bytes(32)
@@ -109,7 +113,7 @@ def test_taproot_tweak_or_unsupported(hsm: Hsm) -> None:
             hsm.sign(info.id, digest, SigScheme.SCHNORR, params=SignParams(tweak=tweak))
 
 
-def test_bip32_or_unsupported(hsm: Hsm) -> None:
+def test_bip32_or_unsupported(hsm: Handle) -> None:
     caps = hsm.capabilities()
     if KeyType.BIP32 not in caps.key_types:
         with pytest.raises(UnsupportedOperation):
@@ -119,25 +123,26 @@ def test_bip32_or_unsupported(hsm: Hsm) -> None:
     path = (0x80000054, 0x80000000, 0x80000000, 0, 5)
     child = hsm.derive_public(info.id, path)
     assert child.depth == 5 and child.child_number == 5
+    need(hsm, "sign_path")
     digest = secrets.token_bytes(32)
     sig = hsm.sign(info.id, digest, params=SignParams(path=path))
     assert curve.ecdsa_verify(child.public_key, digest, sig)
     assert hsm.verify(info.id, digest, sig, path=path)
 
 
-def test_digest_must_be_32_bytes(hsm: Hsm) -> None:
+def test_digest_must_be_32_bytes(hsm: Handle) -> None:
     info = hsm.generate_key(label())
     for bad in (b"", b"x" * 31, b"x" * 33):
         with pytest.raises(InvalidDigest):
             hsm.sign(info.id, bad)
 
 
-def test_unknown_key(hsm: Hsm) -> None:
+def test_unknown_key(hsm: Handle) -> None:
     with pytest.raises(KeyNotFound):
         hsm.sign("no-such-key", os.urandom(32))
 
 
-def test_import_or_unsupported(hsm: Hsm) -> None:
+def test_import_or_unsupported(hsm: Handle) -> None:
     secret = coincurve.PrivateKey().secret
     if hsm.capabilities().can_import:
         info = hsm.import_key(label(), secret)
@@ -151,13 +156,13 @@ def test_import_or_unsupported(hsm: Hsm) -> None:
             hsm.import_key(label(), secret)
 
 
-def test_export_refused_by_default(hsm: Hsm) -> None:
+def test_export_refused_by_default(hsm: Handle) -> None:
     info = hsm.generate_key(label())
     with pytest.raises((ExportNotAllowed, UnsupportedOperation)):
         hsm.export_key(info.id)
 
 
-def test_health_signs_a_probe(hsm: Hsm) -> None:
+def test_health_signs_a_probe(hsm: Handle) -> None:
     report = hsm.health()
     assert report.ok
     assert report.active_provider == hsm.active_provider
@@ -165,7 +170,7 @@ def test_health_signs_a_probe(hsm: Hsm) -> None:
     assert active and active[0]["status"] == "ok"
 
 
-def test_every_operation_is_audited(hsm: Hsm) -> None:
+def test_every_operation_is_audited(hsm: Handle) -> None:
     info = hsm.generate_key(label())
     hsm.sign(info.id, os.urandom(32))
     with pytest.raises(InvalidDigest):
@@ -181,7 +186,8 @@ def test_every_operation_is_audited(hsm: Hsm) -> None:
     assert all("secret" not in line for line in lines)
 
 
-def test_sign_many_matches_single_signatures(hsm: Hsm) -> None:
+def test_sign_many_matches_single_signatures(hsm: Handle) -> None:
+    need(hsm, "sign_many")
     caps = hsm.capabilities()
     hd = KeyType.BIP32 in caps.key_types
     info = hsm.generate_key(label(), KeyType.BIP32 if hd else KeyType.SECP256K1)
@@ -200,7 +206,7 @@ def test_sign_many_matches_single_signatures(hsm: Hsm) -> None:
     assert len(batch) == 1 and '"scheme":"ecdsa"' in batch[0]  # one entry for the batch
 
 
-def test_bip32_paths_are_checked_before_any_work(hsm: Hsm) -> None:
+def test_bip32_paths_are_checked_before_any_work(hsm: Handle) -> None:
     """A path too deep for BIP32 or with an index out of range is a typed error (for a
     provider that cannot derive, any path is refused as unsupported); the deepest valid
     path is derived in a loop and signs."""
@@ -208,20 +214,31 @@ def test_bip32_paths_are_checked_before_any_work(hsm: Hsm) -> None:
     info = hsm.generate_key(label(), KeyType.BIP32 if hd else KeyType.SECP256K1)
     digest = secrets.token_bytes(32)
     expected: type[Exception] = Bip32Error if hd else UnsupportedOperation
+    if hsm.interface == "cli" and not hd:
+        # `anyhsm xpub KEY PATH` parses the path before it asks whether the key can derive
+        # at all, so a bad path on a single key says bip32_error (exit 2) where the
+        # library says unsupported_operation (exit 4). Asked of H1 in notes/handoff.md.
+        pytest.xfail("the CLI checks the path before the key's ability to derive")
     for path in [(1,) * 256, (2**32,), (-1,)]:
-        with pytest.raises(expected):
-            hsm.sign(info.id, digest, params=SignParams(path=path))
-        with pytest.raises(expected):
-            hsm.sign_many(info.id, [(digest, SigScheme.ECDSA, SignParams(path=path))])
+        if "sign_path" not in hsm.missing:
+            with pytest.raises(expected):
+                hsm.sign(info.id, digest, params=SignParams(path=path))
+        if "sign_many" not in hsm.missing:
+            with pytest.raises(expected):
+                hsm.sign_many(info.id, [(digest, SigScheme.ECDSA, SignParams(path=path))])
         with pytest.raises(expected):
             hsm.derive_public(info.id, path)
     if hd:
         deepest = (7,) * 255
+        child = hsm.derive_public(info.id, deepest)
+        assert child.depth == 255 and child.child_number == 7
+        need(hsm, "sign_many")
         (sig,) = hsm.sign_many(info.id, [(digest, SigScheme.ECDSA, SignParams(path=deepest))])
-        assert curve.ecdsa_verify(hsm.derive_public(info.id, deepest).public_key, digest, sig)
+        assert curve.ecdsa_verify(child.public_key, digest, sig)
 
 
-def test_sign_many_failure_is_audited_and_signs_nothing(hsm: Hsm) -> None:
+def test_sign_many_failure_is_audited_and_signs_nothing(hsm: Handle) -> None:
+    need(hsm, "sign_many")
     info = hsm.generate_key(label(), KeyType.SECP256K1)
     good = (secrets.token_bytes(32), SigScheme.ECDSA, None)
     with pytest.raises(InvalidDigest):

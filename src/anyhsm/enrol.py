@@ -20,14 +20,17 @@ TPM_BLOB = "tpm-sealed.json"
 WRAP_BLOB = "pkcs11-wrapped.json"
 
 
-def open_admin(config: Config, passphrase: SecretBytes | None) -> Hsm:
+def open_admin(
+    config: Config, passphrase: SecretBytes | None, pin: SecretBytes | None = None
+) -> Hsm:
     """The normal handle; when the chain cannot reach its floor or open at all (nothing
     enrolled yet), the enrolment-only handle, which needs the passphrase. Verdicts on
-    the store (rolled back, altered) are never caught: they end the open either way."""
+    the store (rolled back, altered) are never caught: they end the open either way.
+    ``pin``: the token PIN the caller gave (each handle copies it)."""
     try:
-        return open_hsm(config, passphrase=_copy(passphrase))
+        return open_hsm(config, passphrase=_copy(passphrase), pin=pin)
     except (SecurityLevelTooLow, AllProvidersFailed):
-        return open_for_enrolment(config, passphrase=_copy(passphrase))
+        return open_for_enrolment(config, passphrase=_copy(passphrase), pin=pin)
 
 
 def _copy(passphrase: SecretBytes | None) -> SecretBytes | None:
@@ -96,7 +99,6 @@ def enrol_token_wrap(hsm: Hsm) -> dict[str, object]:
     configured PKCS#11 token (created there when missing), audited as :func:`enrol_tpm`.
     Afterwards the keystore opens through the token whenever ``[providers.pkcs11]`` names
     the wrap key, whether the chain lists ``pkcs11`` or ``pkcs11-wrapped``."""
-    from anyhsm.factory import provider_context
     from anyhsm.providers.pkcs11.wrap import enroll
 
     cfg = hsm.config
@@ -108,7 +110,7 @@ def enrol_token_wrap(hsm: Hsm) -> dict[str, object]:
     detail = _handle_detail(hsm)
     hsm.record_event("pkcs11_wrap_enroll", "started", detail)
     try:
-        summary = enroll(hsm.keystore, provider_context(cfg, "pkcs11-wrapped", None))
+        summary = enroll(hsm.keystore, hsm.provider_context("pkcs11-wrapped"))
     except HsmError as e:
         hsm.record_event("pkcs11_wrap_enroll", "error", detail, error=e.code)
         raise

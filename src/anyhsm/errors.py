@@ -135,6 +135,15 @@ class PinLocked(AuthenticationFailed):
     code = "pin_locked"
 
 
+class PinMissing(AuthenticationFailed):
+    """No PKCS#11 PIN: none given by the caller, no ``pin_file``, no
+    ``ANYHSM_PKCS11_PIN``. An authentication failure like a wrong PIN (exit 5), not a
+    configuration error: the configuration may be right and the operator simply has not
+    given the PIN yet."""
+
+    code = "pin_missing"
+
+
 # --- keystore ----------------------------------------------------------------
 
 

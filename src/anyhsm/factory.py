@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import secrets
 import threading
 import time
@@ -171,27 +170,12 @@ class Attempt:
 def resolve_passphrase(
     config: Config, given: SecretBytes | str | bytes | None
 ) -> SecretBytes | None:
-    """Passphrase from the caller, ANYHSM_PASSPHRASE or the configured passphrase file.
+    """Passphrase from the caller, ANYHSM_PASSPHRASE or the configured passphrase file:
+    :func:`anyhsm.credentials.resolve_passphrase`, the one resolver (it hardens the
+    process first and reads files under the one secret-file rule)."""
+    from anyhsm.credentials import resolve_passphrase as resolve
 
-    The file is read under the one rule for secret files
-    (:func:`anyhsm.fsutil.read_secret_file`), the same as ``--passphrase-file`` and the
-    PIN file. The process is hardened first, so the passphrase never sits in a
-    dumpable process outside development.
-    """
-    harden_process(config.environment)
-    if isinstance(given, SecretBytes):
-        return given
-    if isinstance(given, str):
-        return SecretBytes(given.encode())
-    if isinstance(given, bytes):
-        return SecretBytes(given)
-    env = os.environ.get("ANYHSM_PASSPHRASE")
-    if env:
-        return SecretBytes(env.encode())
-    pf = config.provider_settings("software").get("passphrase_file")
-    if isinstance(pf, str):
-        return fsutil.read_secret_file(config.resolve(pf), "passphrase", config.environment)
-    return None
+    return resolve(config, given)
 
 
 def read_secret_file(
@@ -240,7 +224,11 @@ def floor_detail(config: Config) -> dict[str, str]:
     }
 
 
-def provider_context(config: Config, name: str, passphrase: SecretBytes | None) -> ProviderContext:
+def provider_context(
+    config: Config, name: str, passphrase: SecretBytes | None, pin: SecretBytes | None = None
+) -> ProviderContext:
+    """What provider ``name`` is told: its settings, the passphrase, and the token PIN the
+    caller gave (only to the providers that use the token)."""
     settings = config.provider_settings(name)
     if name == "pkcs11-wrapped":
         # The wrapped keystore reaches the token configured under [providers.pkcs11].
@@ -253,6 +241,7 @@ def provider_context(config: Config, name: str, passphrase: SecretBytes | None) 
         settings=settings,
         software_settings=config.provider_settings("software"),
         passphrase=passphrase,
+        pin=pin if registry.uses_token([name]) else None,
         allow_export=config.policy.allow_export,
         timeout_s=float(timeout_ms) / 1000 if isinstance(timeout_ms, int | float) else 2.0,
     )
@@ -289,11 +278,11 @@ def signing_probe(provider: Provider, public_key: bytes) -> None:
 
 
 def open_provider(
-    config: Config, name: str, passphrase: SecretBytes | None
+    config: Config, name: str, passphrase: SecretBytes | None, pin: SecretBytes | None = None
 ) -> tuple[Provider, bytes]:
     """Construct, open, health-check and probe one provider (unbounded)."""
     cls = load_provider_class(name)
-    provider = cls(provider_context(config, name, passphrase))
+    provider = cls(provider_context(config, name, passphrase, pin))
     try:
         provider.open()
         h = provider.health()
@@ -351,8 +340,11 @@ def enrolment_chain(config: Config, passphrase: SecretBytes | None) -> ChainResu
     return ChainResult(provider, pub, [attempt])
 
 
-def walk_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
-    """Open the first healthy provider of the chain that policy allows."""
+def walk_chain(
+    config: Config, passphrase: SecretBytes | None, pin: SecretBytes | None = None
+) -> ChainResult:
+    """Open the first healthy provider of the chain that policy allows (``pin``: the
+    token PIN the caller gave, for the providers that use the token)."""
     harden_process(config.environment)
     check_floor(config)
     minimum = config.effective_min_level
@@ -384,7 +376,7 @@ def walk_chain(config: Config, passphrase: SecretBytes | None) -> ChainResult:
         t0 = time.perf_counter()
         try:
             chosen = run_bounded(
-                lambda n=name: open_provider(config, n, passphrase),  # type: ignore[misc]
+                lambda n=name: open_provider(config, n, passphrase, pin),  # type: ignore[misc]
                 ctx_timeout,
                 f"provider {name!r}",
             )

@@ -234,6 +234,7 @@ class Hsm:
         audit_recovery: str | None = None,
         verify_only: bool = False,
         purpose: str = OPERATE,
+        pin: SecretBytes | None = None,
     ) -> None:
         if purpose not in (OPERATE, ENROLMENT):
             raise ConfigError(f"unknown handle purpose {purpose!r}")
@@ -241,6 +242,7 @@ class Hsm:
         self._enrolment_only = purpose == ENROLMENT
         self._verify_only = verify_only
         self._passphrase = passphrase
+        self._pin = pin  # the token PIN the caller gave (owned: wiped by close)
         self._audit_recovery = audit_recovery
         self.audit_recovery: dict[str, str] | None = None
         self._lock = threading.RLock()
@@ -249,8 +251,11 @@ class Hsm:
         self._audit: AuditLog | None = None
         self._anchor = _Anchor(None, None)
         self._closed = False
-        opener = enrolment_chain if self._enrolment_only else walk_chain
-        chain = opener(config, passphrase)
+        chain = (
+            enrolment_chain(config, passphrase)
+            if self._enrolment_only
+            else walk_chain(config, passphrase, pin)
+        )
         try:
             self._install(chain)
         except BaseException:
@@ -326,7 +331,7 @@ class Hsm:
             t0 = time.perf_counter()
             try:
                 cls = load_provider_class(name)
-                ctx = provider_context(cfg, name, self._passphrase)
+                ctx = provider_context(cfg, name, self._passphrase, self._pin)
                 provider = cls(ctx)
                 assert isinstance(provider, SoftwareProvider)
                 run_bounded(provider.open, ctx.timeout_s, f"keystore via {name}")
@@ -515,6 +520,14 @@ class Hsm:
         audit = self._writer()
         who = provider or self._active.name
         audit.append(op, outcome, provider=who, key_id=key_id, error=error, detail=detail)
+
+    def provider_context(self, name: str) -> ProviderContext:
+        """What provider ``name`` of this deployment is told, with the handle's passphrase
+        and token PIN: for the unlock paths used beside the chain (the token-wrap
+        enrolment, re-wrapping the master key during a rotation)."""
+        from anyhsm.factory import provider_context
+
+        return provider_context(self._config, name, self._passphrase, self._pin)
 
     def capabilities(self, key: KeyRef | None = None) -> Capabilities:
         """Capabilities of the provider holding ``key`` (or of the active one)."""
@@ -1335,7 +1348,9 @@ class Hsm:
             old_cfg, old_attempts, old_probe = self._config, self._attempts, self._probe_pub
             old_active, old_anchor, old_audit = self._active, self._anchor, self._writer()
             try:
-                chain = walk_chain(new_cfg, self._passphrase or resolve_passphrase(new_cfg, None))
+                chain = walk_chain(
+                    new_cfg, self._passphrase or resolve_passphrase(new_cfg, None), self._pin
+                )
             except HsmError as e:
                 old_audit.append("reload", "error", provider=old_active.name, error=e.code)
                 raise
@@ -1374,6 +1389,8 @@ class Hsm:
             self._active.close()
             if self._passphrase is not None:
                 self._passphrase.wipe()
+            if self._pin is not None:
+                self._pin.wipe()
             self._closed = True
 
     def __enter__(self) -> Hsm:
@@ -1392,6 +1409,7 @@ def open_hsm(
     passphrase: SecretBytes | str | bytes | None = None,
     audit_recovery: str | None = None,
     verify_only: bool = False,
+    pin: SecretBytes | str | bytes | None = None,
 ) -> Hsm:
     """Open the configured fallback chain and return the HSM handle.
 
@@ -1405,9 +1423,14 @@ def open_hsm(
 
     ``verify_only`` opens the keystore but not the log for writing: a handle for
     :meth:`Hsm.verify_audit` that works on a damaged log and appends nothing.
+
+    ``pin`` is the PKCS#11 user PIN when the caller has it (a prompt, a secret store);
+    without it the token providers read ``pin_file`` or ``ANYHSM_PKCS11_PIN``
+    (:func:`anyhsm.credentials.resolve_pin` finds it the same way for a front end).
+    The handle keeps its own copies of the passphrase and PIN and wipes them on close.
     """
     cfg, pw = _config_and_passphrase(config, passphrase)
-    return Hsm(cfg, pw, audit_recovery=audit_recovery, verify_only=verify_only)
+    return Hsm(cfg, pw, audit_recovery=audit_recovery, verify_only=verify_only, pin=_own_pin(pin))
 
 
 def health_from_failure(
@@ -1452,6 +1475,7 @@ def open_for_enrolment(
     config: Config | str | Path | None = None,
     *,
     passphrase: SecretBytes | str | bytes | None = None,
+    pin: SecretBytes | str | bytes | None = None,
 ) -> Hsm:
     """An administrative handle for enrolling an unlock path (``tpm enroll``, ``pkcs11
     wrap-enroll``) and reporting its status, where the chain cannot reach its floor
@@ -1462,7 +1486,16 @@ def open_for_enrolment(
     :class:`~anyhsm.errors.EnrolmentOnlyHandle`. The floor is lowered for nothing else.
     """
     cfg, pw = _config_and_passphrase(config, passphrase)
-    return Hsm(cfg, pw, purpose=ENROLMENT)
+    return Hsm(cfg, pw, purpose=ENROLMENT, pin=_own_pin(pin))
+
+
+def _own_pin(pin: SecretBytes | str | bytes | None) -> SecretBytes | None:
+    """The handle's own copy of a PIN the caller gave (the caller's stays the caller's)."""
+    if pin is None:
+        return None
+    if isinstance(pin, SecretBytes):
+        return SecretBytes(pin.buffer)
+    return SecretBytes(pin.encode() if isinstance(pin, str) else pin)
 
 
 def _config_and_passphrase(

@@ -45,6 +45,9 @@ class ProviderContext:
     settings: dict[str, object] = field(default_factory=dict)  # the provider's own config table
     software_settings: dict[str, object] = field(default_factory=dict)  # [providers.software]
     passphrase: SecretBytes | None = None
+    # The PKCS#11 user PIN when the caller gave it (a prompt, a service's secret store);
+    # None: the provider reads its pin_file or ANYHSM_PKCS11_PIN. Only token providers get it.
+    pin: SecretBytes | None = field(default=None, repr=False, compare=False)
     allow_export: bool = False
     timeout_s: float = 2.0
 

@@ -42,6 +42,7 @@ GOLDEN: dict[str, tuple[str, int]] = {
     "AuthenticationFailed": ("authentication_failed", 5),
     "PinRejected": ("pin_rejected", 5),
     "PinLocked": ("pin_locked", 5),
+    "PinMissing": ("pin_missing", 5),
     "KeystoreError": ("keystore_error", 8),
     "WrongPassphrase": ("wrong_passphrase", 5),
     "KeystoreCorrupted": ("keystore_corrupted", 8),
@@ -159,6 +160,7 @@ def test_every_authentication_failure_exits_5() -> None:
         "AuthenticationFailed",
         "PinRejected",
         "PinLocked",
+        "PinMissing",
         "WrongPassphrase",
     }
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 from anyhsm import registry
-from anyhsm.errors import ConfigError, HsmError
+from anyhsm.errors import ConfigError
 
 if TYPE_CHECKING:
     # Imported where used: a command module importing this file (and so "anyhsm
@@ -123,38 +122,29 @@ class App:
         interactive: bool = True,
     ) -> SecretBytes | None:
         """From --passphrase-file, ANYHSM_PASSPHRASE, the configured passphrase_file, or a
-        prompt on a terminal.
+        prompt on a terminal: the library's one resolver
+        (:func:`anyhsm.credentials.resolve_passphrase`), with this front end's file and
+        prompt. ``init`` (``--environment`` given) has no configuration to read yet."""
+        from anyhsm.credentials import resolve_passphrase
 
-        Files are read under the one rule for secret files (the library's
-        :func:`anyhsm.fsutil.read_secret_file`, also used for the PIN file), and the
-        environment and configured file are resolved by the library's own
-        :func:`anyhsm.factory.resolve_passphrase`, so the CLI and ``open_hsm`` agree.
-        """
-        from anyhsm.factory import resolve_passphrase
-        from anyhsm.fsutil import read_secret_file
-        from anyhsm.hardening import harden_process
-        from anyhsm.secret import SecretBytes
-
-        environment = self.environment()
-        harden_process(environment)
         pf = getattr(self.args, "passphrase_file", None)
-        if pf:
-            return read_secret_file(Path(pf), "passphrase", environment)
-        cfg = self.loaded_config()
-        if cfg is not None and not getattr(self.args, "environment", None):
-            found = resolve_passphrase(cfg, None)
-            if found is not None:
-                return found
-        else:
-            env = os.environ.get("ANYHSM_PASSPHRASE")
-            if env:
-                return SecretBytes(env.encode())
-        if interactive and sys.stdin is not None and sys.stdin.isatty():
-            first = getpass.getpass(prompt)
-            if confirm and getpass.getpass("Repeat: ") != first:
-                raise HsmError("the passphrases do not match")
-            return SecretBytes(first.encode())
-        return None
+        creating = bool(getattr(self.args, "environment", None))
+        return resolve_passphrase(
+            None if creating else self.loaded_config(),
+            file=Path(pf) if pf else None,
+            environment=self.environment(),
+            prompt=terminal_prompt if interactive else None,
+            prompt_text=prompt,
+            confirm=confirm,
+        )
+
+    def pin(self, cfg: Config) -> SecretBytes | None:
+        """The token PIN from a prompt on a terminal when the chain uses a token and
+        neither ANYHSM_PKCS11_PIN nor a pin_file gives it; handed to the library as an
+        argument, never put in this process's environment (a child would inherit it)."""
+        from anyhsm.credentials import prompt_pin
+
+        return prompt_pin(cfg, terminal_prompt)
 
     def hsm(
         self,
@@ -173,37 +163,41 @@ class App:
             # token whose wrap opens the keystore) takes a passphrase only if one is
             # already given; it never prompts. Enrolment needs the passphrase.
             unattended = not enrolment and _unattended(cfg)
-            self._prompt_pkcs11_pin(cfg)
-            pw = self.passphrase(interactive=not unattended)
-            if enrolment:
-                from anyhsm.enrol import open_admin
+            pin = self.pin(cfg)
+            try:
+                pw = self.passphrase(interactive=not unattended)
+                if enrolment:
+                    from anyhsm.enrol import open_admin
 
-                try:
-                    self._hsm = open_admin(cfg, pw)
-                finally:
-                    if pw is not None:
-                        pw.wipe()
-            else:
-                self._hsm = open_hsm(
-                    cfg, passphrase=pw, audit_recovery=audit_recovery, verify_only=verify_only
-                )
+                    try:
+                        self._hsm = open_admin(cfg, pw, pin)
+                    finally:
+                        if pw is not None:
+                            pw.wipe()
+                else:
+                    self._hsm = open_hsm(
+                        cfg,
+                        passphrase=pw,
+                        audit_recovery=audit_recovery,
+                        verify_only=verify_only,
+                        pin=pin,
+                    )
+            finally:
+                if pin is not None:
+                    pin.wipe()  # the handle keeps its own copy
         return self._hsm
-
-    @staticmethod
-    def _prompt_pkcs11_pin(cfg: Config) -> None:
-        """The token PIN from a prompt on a terminal when neither ANYHSM_PKCS11_PIN nor a
-        pin_file gives it (kept in this process's environment only, never in argv)."""
-        if not registry.uses_token(cfg.fallback.chain) or os.environ.get("ANYHSM_PKCS11_PIN"):
-            return
-        if "pin_file" in cfg.provider_settings("pkcs11"):
-            return
-        if sys.stdin is not None and sys.stdin.isatty():
-            os.environ["ANYHSM_PKCS11_PIN"] = getpass.getpass("PKCS#11 token PIN: ")
 
     def close(self) -> None:
         if self._hsm is not None:
             self._hsm.close()
             self._hsm = None
+
+
+def terminal_prompt(text: str) -> str | None:
+    """Ask on the terminal without echo; None when standard input is not a terminal."""
+    if sys.stdin is None or not sys.stdin.isatty():
+        return None
+    return getpass.getpass(text)
 
 
 def _unattended(cfg: Config) -> bool:

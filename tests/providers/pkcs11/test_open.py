@@ -14,6 +14,7 @@ from tests.support.softhsm import SoftHsmToken
 from anyhsm.errors import (
     ConfigError,
     PinLocked,
+    PinMissing,
     PinRejected,
     ProviderNotInstalled,
     ProviderUnavailable,
@@ -183,8 +184,10 @@ def test_locked_pin_is_reported(
 
 
 def test_no_pin_configured(make_provider: ProviderMaker) -> None:
-    with pytest.raises(ConfigError, match="ANYHSM_PKCS11_PIN"):
+    """No PIN at all is an authentication failure (exit 5), not a configuration error."""
+    with pytest.raises(PinMissing, match="ANYHSM_PKCS11_PIN") as exc:
         make_provider(pin=None)
+    assert exc.value.exit_code == 5
 
 
 def _pin_file(tmp_path: Path, text: str, mode: int) -> Path:

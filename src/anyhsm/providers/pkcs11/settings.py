@@ -1,24 +1,25 @@
 """The ``[providers.pkcs11]`` settings, typed, and where the PIN comes from.
 
-The PIN is read from the ``pin_file`` when one is configured, otherwise from the
-environment variable ``ANYHSM_PKCS11_PIN``; never from the config file itself or
-from a command-line argument (both end up in shell history, process listings or
+The PIN is the one the caller gave (``open_hsm(..., pin=...)``: a front end's prompt, a
+service's secret store; it reaches the provider through ``ProviderContext.pin``), else
+the ``pin_file`` when one is configured, else the environment variable
+``ANYHSM_PKCS11_PIN`` (:func:`anyhsm.credentials.resolve_pin`); never the config file
+itself or a command-line argument (both end up in shell history, process listings or
 backups). Outside development a PIN file that group or others may access is refused
-(the same rule as every other secret file).
+(the same rule as every other secret file). No PIN at all is :class:`PinMissing`, an
+authentication failure (exit 5).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anyhsm import registry
 from anyhsm.config import Config, Problem, keystore_path, secret_file_problems
 from anyhsm.errors import ConfigError
-from anyhsm.fsutil import read_secret_file
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment
 
@@ -60,6 +61,8 @@ class Pkcs11Settings:
     pin_file: Path | None = None
     threadsafe_module: bool = False
     wrap_key_label: str | None = None
+    # The PIN the caller gave (the handle's copy, which it wipes on close); never shown.
+    given_pin: SecretBytes | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Pkcs11Settings:
@@ -107,6 +110,7 @@ class Pkcs11Settings:
             pin_file=_path(context.config_dir, pin_file) if pin_file else None,
             threadsafe_module=threadsafe,
             wrap_key_label=_opt_str(s, "wrap_key_label"),
+            given_pin=context.pin,
         )
 
     def describe_token(self) -> str:
@@ -119,29 +123,18 @@ class Pkcs11Settings:
 
 
 def read_pin_file(path: Path, environment: Environment) -> SecretBytes:
-    """The PIN stored in ``path`` (one trailing newline allowed), under the one rule for
-    secret files (:func:`anyhsm.fsutil.read_secret_file`: regular file, not a symlink,
-    refused outside development when group or others may access it)."""
-    pin = read_secret_file(path, "PIN", environment)
-    if not len(pin):
-        pin.wipe()
-        raise ConfigError(f"the PIN file {path} is empty")
-    return pin
+    """The PIN stored in ``path`` (:func:`anyhsm.credentials.read_pin_file`)."""
+    from anyhsm.credentials import read_pin_file as read
+
+    return read(path, environment)
 
 
 def load_pin(settings: Pkcs11Settings, environment: Environment) -> SecretBytes:
-    """The user PIN: from ``pin_file`` if configured, else from ``ANYHSM_PKCS11_PIN``."""
-    if settings.pin_file is not None:
-        return read_pin_file(settings.pin_file, environment)
-    value = os.environ.get(PIN_ENV)
-    if value is None or value == "":
-        raise ConfigError(
-            "no PKCS#11 PIN: neither pin_file nor ANYHSM_PKCS11_PIN is set",
-            hint=f"export {PIN_ENV}=... or set pin_file (mode 600); PINs are never "
-            "taken from command-line arguments",
-        )
-    buf = bytearray(value.encode("utf-8"))
-    return SecretBytes.take(buf)
+    """The user PIN, a copy the caller owns: the one given, else ``pin_file``, else
+    ``ANYHSM_PKCS11_PIN`` (:func:`anyhsm.credentials.resolve_pin`, the one order)."""
+    from anyhsm.credentials import resolve_pin
+
+    return resolve_pin(settings.pin_file, environment, given=settings.given_pin)
 
 
 # --- config checks (named by the pkcs11 and pkcs11-wrapped registry specs) --------------

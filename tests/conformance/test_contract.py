@@ -4,6 +4,7 @@ each interface a program reaches the handle by (the library, the CLI; see interf
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import uuid
@@ -43,8 +44,10 @@ def test_generate_list_show_delete(hsm: Handle) -> None:
     assert info.provider == hsm.active_provider
     assert len(info.public_key) == 33 and info.public_key[0] in (2, 3)
     assert curve.valid_public_key(info.public_key)
+    assert dt.datetime.fromisoformat(info.created_at).utcoffset() == dt.timedelta(0)
     listed = {k.id: k for k in hsm.list_keys()}
     assert info.id in listed and listed[info.id].public_key == info.public_key
+    assert listed[info.id].created_at == info.created_at
     assert hsm.get_key(name).id == info.id
     assert hsm.get_key(info.id).label == name
     assert hsm.public_key(name) == info.public_key

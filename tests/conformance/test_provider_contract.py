@@ -11,6 +11,7 @@ registry and called directly.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,9 +187,13 @@ def test_raw_key_lifecycle(provider: Provider, request: pytest.FixtureRequest) -
     info = provider.generate_key(KeySpec(label))
     request.node.made_keys.append(info.id)
     assert len(info.public_key) == 33
+    made = dt.datetime.fromisoformat(info.created_at)  # every provider says when (ISO 8601)
+    assert made.utcoffset() == dt.timedelta(0)
+    assert abs(dt.datetime.now(dt.UTC) - made) < dt.timedelta(minutes=5)
     assert provider.get_key(info.id).public_key == info.public_key
+    assert provider.get_key(info.id).created_at == info.created_at
     assert provider.get_key(label).id == info.id
-    assert info.id in {k.id for k in provider.list_keys()}
+    assert {k.id: k.created_at for k in provider.list_keys()}[info.id] == info.created_at
     if provider.capabilities().persistent:
         with pytest.raises(KeyExists):
             provider.generate_key(KeySpec(label))

@@ -1,11 +1,23 @@
-"""secp256k1 key objects on a PKCS#11 token: curve parameters, public points, templates.
+"""secp256k1 key objects on a PKCS#11 token: curve parameters, public points, templates,
+and the record of when anyhsm made a key.
 
 Pure functions: no module calls happen here except through the session objects
 passed in, so the decoding rules can be tested on their own.
+
+**Creation time.** PKCS#11 keeps no creation time of its own. ``CKA_START_DATE`` is a
+date only, and it means the start of the key's validity period: a module that enforces
+it would refuse a key made just after midnight UTC until its own local date caught up.
+So anyhsm records the time in a data object (``CKO_DATA``) beside the key pair:
+application ``anyhsm``, label ``anyhsm-created:<CKA_ID in hex>``, value the UTC time as
+ISO 8601 to the second (the software keystore's format), private (read after login)
+and not modifiable. It is informational, like the keystore's: anyone holding the user
+PIN could replace it, so nothing is decided by it. Keys made before, or by other tools,
+have none and report an empty creation time.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import TYPE_CHECKING
 
 from coincurve._libsecp256k1 import ffi, lib
@@ -21,6 +33,10 @@ SECP256K1_OID_DER = bytes.fromhex("06052b8104000a")  # OBJECT IDENTIFIER 1.3.132
 """CKA_EC_PARAMS of a secp256k1 key: the DER of the curve's named OID."""
 
 KEY_ID_BYTES = 16
+
+CREATED_APPLICATION = "anyhsm"
+CREATED_LABEL_PREFIX = "anyhsm-created:"
+_CREATED_MAX_BYTES = 32  # "2026-01-01T00:00:00+00:00" is 25
 
 
 def decode_ec_point(data: bytes) -> bytes:
@@ -105,4 +121,59 @@ def private_template(attr: type[Attribute]) -> dict[Attribute, object]:
         attr.DECRYPT: False,
         attr.UNWRAP: False,
         attr.DERIVE: False,
+    }
+
+
+def created_label(key_id: bytes) -> str:
+    """CKA_LABEL of the data object recording when the key with this CKA_ID was made."""
+    return CREATED_LABEL_PREFIX + key_id.hex()
+
+
+def key_id_of_created_label(label: str) -> bytes | None:
+    """The CKA_ID a creation record's label names, or None for any other label."""
+    if not label.startswith(CREATED_LABEL_PREFIX):
+        return None
+    text = label[len(CREATED_LABEL_PREFIX) :]
+    try:
+        key_id = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return key_id if key_id and key_id.hex() == text else None
+
+
+def encode_created(when: dt.datetime) -> bytes:
+    """The record's CKA_VALUE: UTC, ISO 8601, to the second."""
+    if when.tzinfo is None:
+        raise ValueError("a creation time must carry its time zone")
+    return when.astimezone(dt.UTC).isoformat(timespec="seconds").encode("ascii")
+
+
+def decode_created(raw: object) -> str:
+    """A record's value as the ISO 8601 text anyhsm wrote, or "" for anything else (a
+    token may hold objects anyhsm did not make: nothing odd reaches the output)."""
+    if not isinstance(raw, bytes | bytearray) or not 0 < len(raw) <= _CREATED_MAX_BYTES:
+        return ""
+    try:
+        text = bytes(raw).decode("ascii")
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return ""
+    if when.tzinfo is None or encode_created(when) != bytes(raw):
+        return ""
+    return text
+
+
+def created_template(
+    attr: type[Attribute], data_class: object, key_id: bytes, when: dt.datetime
+) -> dict[Attribute, object]:
+    """The creation record of the key with ``key_id``: a private, unmodifiable token
+    data object."""
+    return {
+        attr.CLASS: data_class,
+        attr.TOKEN: True,
+        attr.PRIVATE: True,
+        attr.MODIFIABLE: False,
+        attr.APPLICATION: CREATED_APPLICATION,
+        attr.LABEL: created_label(key_id),
+        attr.VALUE: encode_created(when),
     }

@@ -13,10 +13,13 @@ is imported only when the provider is opened.
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
+import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,10 +38,15 @@ from anyhsm.errors import (
 from anyhsm.provider import ProviderContext, check_sign_request
 from anyhsm.providers.pkcs11.conn import Connection, import_pkcs11
 from anyhsm.providers.pkcs11.keys import (
+    CREATED_APPLICATION,
     KEY_ID_BYTES,
     SECP256K1_OID_DER,
     Verifier,
+    created_label,
+    created_template,
+    decode_created,
     decode_ec_point,
+    key_id_of_created_label,
     private_template,
     public_template,
 )
@@ -75,6 +83,8 @@ CAPABILITIES = Capabilities(
 
 MAX_LABEL_BYTES = 255
 
+log = logging.getLogger("anyhsm.pkcs11")
+
 
 @dataclass(frozen=True)
 class _KeyEntry:
@@ -83,6 +93,7 @@ class _KeyEntry:
     id: bytes
     label: str
     public_key: bytes
+    created_at: str = field(default="", compare=False)  # from its creation record, or ""
     verifier: Verifier = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -222,6 +233,7 @@ class Pkcs11Provider:
             key_type=KeyType.SECP256K1,
             store=self.store_id(),
             exportable=False,
+            created_at=entry.created_at,
         )
 
     def _search(self, session: Session, cls: object, **attrs: object) -> list[Object]:
@@ -234,9 +246,56 @@ class Pkcs11Provider:
             template[getattr(p11.Attribute, name.upper())] = value
         return list(session.get_objects(template))
 
-    def _entry_from_private(self, session: Session, priv: Object) -> _KeyEntry | None:
+    def _created_records(self, session: Session, key_id: bytes | None = None) -> list[Object]:
+        """anyhsm's creation records (keys.py): all of them, or the one of ``key_id``."""
+        p11 = self._pkcs11()
+        attr = p11.Attribute
+        template: dict[Attribute, Any] = {
+            attr.CLASS: p11.ObjectClass.DATA,
+            attr.APPLICATION: CREATED_APPLICATION,
+        }
+        if key_id is not None:
+            template[attr.LABEL] = created_label(key_id)
+        return list(session.get_objects(template))
+
+    def _created_times(self, session: Session, key_id: bytes | None = None) -> dict[bytes, str]:
+        """CKA_ID -> creation time, from the records (one lookup for all keys when listing)."""
+        attr = self._pkcs11().Attribute
+        out: dict[bytes, str] = {}
+        for obj in self._created_records(session, key_id):
+            named = key_id_of_created_label(str(obj[attr.LABEL]))
+            when = decode_created(obj[attr.VALUE])
+            if named is not None and when and (key_id is None or named == key_id):
+                if named in out:  # two records for one key: believe neither
+                    out[named] = ""
+                else:
+                    out[named] = when
+        return out
+
+    def _record_creation(self, session: Session, key_id: bytes) -> str:
+        """Write the key's creation record; the time, or "" when the token refuses (the
+        key stands without it)."""
+        p11 = self._pkcs11()
+        when = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        template = created_template(p11.Attribute, p11.ObjectClass.DATA, key_id, when)
+        try:
+            session.create_object(template)
+        except p11.PKCS11Error as e:
+            log.warning(
+                "the token did not store the creation time of key %s (%s); "
+                "the key is made, its created_at stays empty",
+                key_id.hex(),
+                type(e).__name__,
+            )
+            return ""
+        return when.isoformat(timespec="seconds")
+
+    def _entry_from_private(
+        self, session: Session, priv: Object, created: Mapping[bytes, str] | None = None
+    ) -> _KeyEntry | None:
         """The key pair of a private key object; None for other curves or pairs without
-        an id or a public half (anyhsm does not list what it cannot use)."""
+        an id or a public half (anyhsm does not list what it cannot use). ``created``:
+        the creation times read already (else this key's is looked up)."""
         p11 = self._pkcs11()
         attr = p11.Attribute
         if bytes(priv[attr.EC_PARAMS]) != SECP256K1_OID_DER:
@@ -248,7 +307,14 @@ class Pkcs11Provider:
         if len(pubs) != 1:
             return None
         point = decode_ec_point(bytes(pubs[0][attr.EC_POINT]))
-        return _KeyEntry(id=key_id, label=str(priv[attr.LABEL]), public_key=point)
+        if created is None:
+            created = self._created_times(session, key_id)
+        return _KeyEntry(
+            id=key_id,
+            label=str(priv[attr.LABEL]),
+            public_key=point,
+            created_at=created.get(key_id, ""),
+        )
 
     def _lookup(self, ps: PooledSession, ref: KeyRef) -> _KeyEntry:
         p11 = self._pkcs11()
@@ -358,7 +424,8 @@ class Pkcs11Provider:
                     obj.destroy()
                 raise
             ps.objects[key_id] = priv
-            return _KeyEntry(id=key_id, label=label, public_key=point)
+            created_at = self._record_creation(session, key_id)
+            return _KeyEntry(id=key_id, label=label, public_key=point, created_at=created_at)
 
         with self._generate_lock:
             entry = self._conn.run(op, "key generation", retry=False)
@@ -370,7 +437,8 @@ class Pkcs11Provider:
 
         def op(ps: PooledSession) -> list[_KeyEntry]:
             privs = self._search(ps.session, p11.ObjectClass.PRIVATE_KEY)
-            out = [self._entry_from_private(ps.session, p) for p in privs]
+            created = self._created_times(ps.session)
+            out = [self._entry_from_private(ps.session, p, created) for p in privs]
             self._conn.verify_presence(ps)  # an absent token also "has no keys"
             return [e for e in out if e is not None]
 
@@ -400,6 +468,8 @@ class Pkcs11Provider:
                     found += 1
             if not found:
                 self._conn.verify_presence(ps)
+            for record in self._created_records(ps.session, entry.id):
+                record.destroy()  # after the key: a left-over record names no key
             return found
 
         try:

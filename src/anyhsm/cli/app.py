@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from anyhsm import registry
 from anyhsm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -138,14 +137,6 @@ class App:
             confirm=confirm,
         )
 
-    def pin(self, cfg: Config) -> SecretBytes | None:
-        """The token PIN from a prompt on a terminal when the chain uses a token and
-        neither ANYHSM_PKCS11_PIN nor a pin_file gives it; handed to the library as an
-        argument, never put in this process's environment (a child would inherit it)."""
-        from anyhsm.credentials import prompt_pin
-
-        return prompt_pin(cfg, terminal_prompt)
-
     def hsm(
         self,
         *,
@@ -153,38 +144,21 @@ class App:
         verify_only: bool = False,
         enrolment: bool = False,
     ) -> Hsm:
-        """The handle; with ``enrolment``, the enrolment-only handle when the chain cannot
-        reach its floor yet (:func:`anyhsm.enrol.open_admin`)."""
+        """The handle (:func:`anyhsm.ops.session.open_handle`, with this front end's
+        --passphrase-file and terminal prompt); with ``enrolment``, the enrolment-only
+        handle when the chain cannot reach its floor yet."""
         if self._hsm is None:
-            from anyhsm.hsm import open_hsm
+            from anyhsm.ops.session import open_handle
 
-            cfg = self.config()
-            # A chain that starts with a passphrase-less path (TPM, token-wrapped, or a
-            # token whose wrap opens the keystore) takes a passphrase only if one is
-            # already given; it never prompts. Enrolment needs the passphrase.
-            unattended = not enrolment and _unattended(cfg)
-            pin = self.pin(cfg)
-            try:
-                pw = self.passphrase(interactive=not unattended)
-                if enrolment:
-                    from anyhsm.enrol import open_admin
-
-                    try:
-                        self._hsm = open_admin(cfg, pw, pin)
-                    finally:
-                        if pw is not None:
-                            pw.wipe()
-                else:
-                    self._hsm = open_hsm(
-                        cfg,
-                        passphrase=pw,
-                        audit_recovery=audit_recovery,
-                        verify_only=verify_only,
-                        pin=pin,
-                    )
-            finally:
-                if pin is not None:
-                    pin.wipe()  # the handle keeps its own copy
+            pf = getattr(self.args, "passphrase_file", None)
+            self._hsm = open_handle(
+                self.config(),
+                passphrase_file=Path(pf) if pf else None,
+                prompt=terminal_prompt,
+                audit_recovery=audit_recovery,
+                verify_only=verify_only,
+                enrolment=enrolment,
+            )
         return self._hsm
 
     def close(self) -> None:
@@ -198,16 +172,3 @@ def terminal_prompt(text: str) -> str | None:
     if sys.stdin is None or not sys.stdin.isatty():
         return None
     return getpass.getpass(text)
-
-
-def _unattended(cfg: Config) -> bool:
-    """No passphrase prompt: the chain starts with a passphrase-less path, or with a token
-    while the keystore holds an unlock blob this configuration can use."""
-    first = cfg.fallback.chain[0]
-    if registry.unattended(first):
-        return True
-    if first != "pkcs11":
-        return False
-    from anyhsm.enrol import opens_without_passphrase
-
-    return opens_without_passphrase(cfg)

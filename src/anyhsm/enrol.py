@@ -10,14 +10,15 @@ audited as such, and every key operation refused. The floor is lowered for nothi
 
 from __future__ import annotations
 
+from anyhsm import unlock_blobs
 from anyhsm.config import Config
-from anyhsm.errors import AllProvidersFailed, ConfigError, HsmError, SecurityLevelTooLow
+from anyhsm.errors import AllProvidersFailed, HsmError, SecurityLevelTooLow
 from anyhsm.hsm import Hsm, open_for_enrolment, open_hsm
 from anyhsm.keystore import Keystore
 from anyhsm.secret import SecretBytes
 
-TPM_BLOB = "tpm-sealed.json"
-WRAP_BLOB = "pkcs11-wrapped.json"
+TPM_BLOB = unlock_blobs.TPM_BLOB
+WRAP_BLOB = unlock_blobs.WRAPPED_BLOB
 
 
 def open_admin(
@@ -40,83 +41,30 @@ def _copy(passphrase: SecretBytes | None) -> SecretBytes | None:
 
 def tpm_settings(config: Config) -> object:
     """``[providers.tpm]`` parsed, or ConfigError naming the table to add."""
-    from anyhsm.tpm.settings import TpmSettings
+    from anyhsm.anchor import tpm_sealer
+    from anyhsm.tpm.sealing import TpmSealer
 
-    table = config.provider_settings("tpm")
-    if "tcti" not in table:
-        raise ConfigError(
-            "no [providers.tpm] tcti in the configuration",
-            hint='add tcti = "device:/dev/tpmrm0" (or a swtpm TCTI)',
-        )
-    return TpmSettings.from_mapping(table)
-
-
-def _handle_detail(hsm: Hsm) -> dict[str, str]:
-    return {"handle": "enrolment" if hsm.enrolment_only else "normal"}
+    sealer = tpm_sealer(config)
+    assert isinstance(sealer, TpmSealer)
+    return sealer.settings
 
 
 def enrol_tpm(hsm: Hsm, *, force: bool = False) -> dict[str, object]:
-    """Seal the keystore's master key to the configured TPM: a ``started`` entry before
-    anything changes, then ``ok`` or ``error``. Re-enrolling from a keystore the TPM
-    itself opened needs ``force`` (it normally follows a recovery with the passphrase)."""
-    from anyhsm.tpm.enrollment import enroll
-    from anyhsm.tpm.settings import TpmSettings
-
-    settings = tpm_settings(hsm.config)
-    assert isinstance(settings, TpmSettings)
-    ks = hsm.keystore
-    if ks.unlocked_by != "passphrase" and not force:
-        raise HsmError(
-            f"the keystore was opened via {ks.unlocked_by}, not the passphrase",
-            hint="re-enrolling normally follows a recovery with the passphrase; add --force",
-        )
-    detail = {"tcti": settings.tcti, **_handle_detail(hsm)}
-    hsm.record_event("tpm_enroll", "started", detail)
-    try:
-        summary = enroll(ks, settings)
-    except HsmError as e:
-        hsm.record_event("tpm_enroll", "error", detail, error=e.code)
-        raise
-    hsm.record_event("tpm_enroll", "ok", {**detail, "pcrs": str(summary["pcrs"])})
-    return summary
+    """:meth:`Hsm.enrol_tpm`: seal the keystore's master key to the configured TPM,
+    audited (``tpm_enroll``: started, then ok / refused / error)."""
+    return hsm.enrol_tpm(force=force)
 
 
 def tpm_status(hsm: Hsm) -> dict[str, object]:
-    """Enrolment and TPM state (``anyhsm tpm status``); reports TPM trouble, never raises
+    """:meth:`Hsm.tpm_status`: enrolment and TPM state; reports TPM trouble, never raises
     for it."""
-    from anyhsm.tpm.enrollment import status
-    from anyhsm.tpm.settings import TpmSettings
-
-    settings = tpm_settings(hsm.config)
-    assert isinstance(settings, TpmSettings)
-    out = status(hsm.keystore, settings)
-    out["handle"] = _handle_detail(hsm)["handle"]
-    return out
+    return hsm.tpm_status()
 
 
 def enrol_token_wrap(hsm: Hsm) -> dict[str, object]:
-    """Wrap the keystore's master key with the AES key ``wrap_key_label`` inside the
-    configured PKCS#11 token (created there when missing), audited as :func:`enrol_tpm`.
-    Afterwards the keystore opens through the token whenever ``[providers.pkcs11]`` names
-    the wrap key, whether the chain lists ``pkcs11`` or ``pkcs11-wrapped``."""
-    from anyhsm.providers.pkcs11.wrap import enroll
-
-    cfg = hsm.config
-    if "wrap_key_label" not in cfg.provider_settings("pkcs11"):
-        raise ConfigError(
-            "no [providers.pkcs11] wrap_key_label in the configuration",
-            hint='add wrap_key_label = "anyhsm-wrap" (the AES key is created in the token)',
-        )
-    detail = _handle_detail(hsm)
-    hsm.record_event("pkcs11_wrap_enroll", "started", detail)
-    try:
-        summary = enroll(hsm.keystore, hsm.provider_context("pkcs11-wrapped"))
-    except HsmError as e:
-        hsm.record_event("pkcs11_wrap_enroll", "error", detail, error=e.code)
-        raise
-    mechanism = str(summary.get("mechanism", ""))
-    hsm.record_event("pkcs11_wrap_enroll", "ok", {**detail, "mechanism": mechanism})
-    return summary
+    """:meth:`Hsm.enrol_token_wrap`: wrap the keystore's master key with the token's AES
+    key ``wrap_key_label``, audited (``pkcs11_wrap_enroll``)."""
+    return hsm.enrol_token_wrap()
 
 
 def opens_without_passphrase(config: Config) -> bool:

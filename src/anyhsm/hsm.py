@@ -18,20 +18,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
-from anyhsm import registry
-from anyhsm.audit import AuditLog, AuditStateStore, VerifyResult, recover_chain, verify_log
-from anyhsm.audit_file_state import FileAuditState
-from anyhsm.audit_forward import forwarder_for
+from anyhsm.anchor import Anchor, OnRotated, open_anchor, token_sealer, tpm_sealer
+from anyhsm.audit import AuditLog, VerifyResult, verify_log
 from anyhsm.config import Config
 from anyhsm.crypto import secp256k1 as curve
 from anyhsm.errors import (
     AuditError,
+    AuthenticationFailed,
     ConfigError,
     ExportNotAllowed,
     HsmError,
@@ -51,15 +49,12 @@ from anyhsm.errors import (
 )
 from anyhsm.factory import (
     PROVIDER_LEVELS,
-    STORE_VERDICTS,
     Attempt,
     ChainResult,
-    common_cause,
     enrolment_chain,
     floor_detail,
     floor_lowered,
     resolve_passphrase,
-    restate,
     signing_probe,
     walk_chain,
 )
@@ -73,7 +68,6 @@ from anyhsm.provider import (
     Provider,
     ProviderContext,
 )
-from anyhsm.providers.software import SoftwareProvider
 from anyhsm.secret import SecretBytes, mlock_status
 from anyhsm.types import (
     INTERNAL_LABEL_PREFIX,
@@ -88,6 +82,7 @@ from anyhsm.types import (
     SignParams,
     SigScheme,
 )
+from anyhsm.unlock_blobs import TPM_BLOB, WRAPPED_BLOB
 
 log = logging.getLogger("anyhsm")
 T = TypeVar("T")
@@ -215,12 +210,25 @@ def _degraded(code: str, reason: str) -> dict[str, str]:
     return {"code": code, "reason": reason}
 
 
-class _Anchor:
-    """Where the audit key (and the key directory) comes from: the keystore."""
+class _Entry:
+    """What the audit entry of one operation records, filled in as the operation learns
+    it: the provider and key once routed, detail fields, the key asked for (``ref``,
+    recorded when the operation fails before naming a key) and the outcome on success."""
 
-    def __init__(self, keystore: Keystore | None, owner: SoftwareProvider | None) -> None:
-        self.keystore = keystore
-        self.owner = owner  # a provider we opened only for this, closed with the handle
+    __slots__ = ("detail", "key_id", "outcome", "provider", "ref")
+
+    def __init__(
+        self,
+        provider: str | None = None,
+        *,
+        detail: dict[str, str] | None = None,
+        ref: object = None,
+    ) -> None:
+        self.provider = provider
+        self.key_id: str | None = None
+        self.detail: dict[str, str] = detail if detail is not None else {}
+        self.ref = ref
+        self.outcome = "ok"
 
 
 class Hsm:
@@ -249,7 +257,7 @@ class Hsm:
         self._cache: dict[str, tuple[Provider, KeyInfo]] = {}
         self._unhealthy: dict[str, str] = {}
         self._audit: AuditLog | None = None
-        self._anchor = _Anchor(None, None)
+        self._anchor = Anchor.none()
         self._closed = False
         chain = (
             enrolment_chain(config, passphrase)
@@ -265,122 +273,32 @@ class Hsm:
     # --- set-up ------------------------------------------------------------------------
 
     def _install(self, chain: ChainResult) -> None:
+        """Adopt an opened chain: its anchor, checked; then (unless verify-only) the audit
+        log, checked against the anchor's state, and the chain's outcome written to it.
+        On failure what this opened is closed again (the caller closes the chain)."""
         self._min_level = self._config.effective_min_level
         self._levels: dict[str, SecurityLevel] = {}
         self._active = chain.provider
         self._probe_pub = chain.probe_public_key
         self._attempts = chain.attempts
-        self._anchor = self._open_anchor()
-        if self._anchor.keystore is not None:
-            self._check_generation_anchor(self._anchor.keystore)
-        if self._verify_only:
-            return  # read-only: nothing is appended, so nothing is checked before appending
-        self._audit = self._open_audit()
-        self._record_chain()
-
-    def _check_generation_anchor(self, ks: Keystore) -> None:
-        """A store opened without the TPM (passphrase, token wrap) is still checked against
-        the TPM counter its manifest names, whenever the TPM is configured and answers: a
-        fallback must not be a way around rollback detection. Unreachable: reported."""
-        named = ks.generation_anchor_ref()
-        if named is None or ks.anchor_attached or named[0] != "tpm-nv-counter":
-            return
-        table = self._config.provider_settings("tpm")
-        if "tcti" not in table:
-            ks.anchor_problem = "the TPM is not configured here, so the counter was not read"
-            return
-        from anyhsm.factory import run_bounded
-        from anyhsm.tpm.counter import TpmCounter
-        from anyhsm.tpm.settings import TpmSettings
-
-        settings = TpmSettings.from_mapping(table)
+        cfg = self._config
+        anchor = open_anchor(cfg, chain.provider, chain.attempts, self._passphrase, self._pin)
+        audit: AuditLog | None = None
         try:
-            run_bounded(
-                lambda: ks.attach_generation_anchor(TpmCounter.at(settings, named[1])),
-                self._config.fallback.timeout_ms / 1000,
-                "TPM generation counter",
-            )
-        except STORE_VERDICTS:
+            anchor.check_generation_anchor(cfg)
+            if not self._verify_only:  # read-only: nothing appended, so nothing checked
+                audit = self._open_audit(anchor)
+            self._anchor, self._audit = anchor, audit
+            if audit is not None:
+                self._record_chain()
+        except BaseException:
+            if audit is not None:
+                audit.close()
+            anchor.close()
             raise
-        except HsmError as e:
-            ks.anchor_problem = f"the TPM counter could not be read: {e.message}"
-            log.warning("anyhsm: keystore anchor not checked: %s", e.message)
 
-    def _open_anchor(self) -> _Anchor:
-        """The keystore holds the audit key and the key directory. When the active
-        provider is not keystore-based (PKCS#11, simulator), open the keystore
-        anyway, the way it can be opened: TPM, token-wrapped, then passphrase."""
-        if isinstance(self._active, SoftwareProvider):
-            return _Anchor(self._active.keystore, None)
-        cfg = self._config
-        configured = set(cfg.providers) | set(cfg.fallback.chain)
-        if "wrap_key_label" in cfg.provider_settings("pkcs11"):
-            # A token wrap opens the keystore whether or not the chain lists
-            # "pkcs11-wrapped" (docs/pkcs11/README.md, "Wrap mode").
-            configured.add("pkcs11-wrapped")
-        if not registry.opens_keystore(configured):
-            return _Anchor(None, None)
-        from anyhsm.factory import load_provider_class, provider_context, run_bounded
-
-        reasons: list[str] = []
-        failures: list[HsmError] = []
-        rows: list[dict[str, object]] = []
-        for name in registry.KEYSTORE_OPEN_ORDER:
-            if name not in configured:
-                continue
-            t0 = time.perf_counter()
-            try:
-                cls = load_provider_class(name)
-                ctx = provider_context(cfg, name, self._passphrase, self._pin)
-                provider = cls(ctx)
-                assert isinstance(provider, SoftwareProvider)
-                run_bounded(provider.open, ctx.timeout_s, f"keystore via {name}")
-            except HsmError as e:
-                reasons.append(f"{name}: {e.message}")
-                failures.append(e)
-                elapsed = (time.perf_counter() - t0) * 1000
-                level = PROVIDER_LEVELS.get(name)
-                row = Attempt(name, "unavailable", e.message, elapsed, level, e.code).to_dict()
-                rows.append({**row, "purpose": "keystore"})
-                continue
-            return _Anchor(provider.keystore, provider)
-        what = "cannot open the keystore that holds the audit key (" + "; ".join(reasons) + ")"
-        cause = common_cause(failures)
-        # Every way failed on a credential (wrong or missing passphrase, PIN) or the lock:
-        # that is the error (exit 5 / 10), not a damaged audit log.
-        err = (
-            restate(cause, what)
-            if cause is not None
-            else AuditError(
-                what,
-                hint="provide the keystore passphrase (ANYHSM_PASSPHRASE), or enroll a TPM / token",
-            )
-        )
-        # The chain's attempts (the active provider opened) and each way to the keystore,
-        # so 'health' can show them all (:func:`health_from_failure`).
-        err.details = [a.to_dict() for a in self._attempts] + rows
-        raise err
-
-    def _audit_state_store(self, path: Path) -> AuditStateStore:
-        """The chain's state lives in the keystore manifest (beside the log, in a MAC-ed
-        file keyed from a file, only for development without a keystore)."""
-        ks = self._anchor.keystore
-        return ks if ks is not None else FileAuditState(path)
-
-    def _open_audit(self) -> AuditLog:
-        cfg = self._config
-        path = self.audit_path
-        store = self._audit_state_store(path)
-        recovery: dict[str, str] | None = None
-        if self._audit_recovery is not None:
-            _, recovery = recover_chain(path, store, self._audit_recovery)
-        audit = AuditLog(
-            path,
-            store,
-            durability=cfg.audit.durability,
-            flush_interval_ms=cfg.audit.flush_interval_ms,
-            forwarder=forwarder_for(cfg.audit),
-        )
+    def _open_audit(self, anchor: Anchor) -> AuditLog:
+        audit, recovery = anchor.open_audit(self._config, self.audit_path, self._audit_recovery)
         self.audit_recovery = recovery
         if recovery is not None:
             # The first entry of the new chain says what was lost, and why it was accepted.
@@ -494,15 +412,20 @@ class Hsm:
         return self._audit
 
     @property
+    def anchor(self) -> Anchor:
+        """The keystore anchoring this deployment (:class:`~anyhsm.anchor.Anchor`): its
+        facts (``unlocked_by``, ``epoch``, ``generation``, ``enrolled()``,
+        ``generation_anchor_ref``) for front ends to show. Changes to it go through the
+        handle's audited operations (:meth:`enrol_tpm`, :meth:`enrol_token_wrap`,
+        :meth:`unenrol_tpm`, :meth:`unenrol_token_wrap`, :meth:`change_passphrase`,
+        :meth:`rotate_master_key`), never through the keystore itself."""
+        return self._anchor
+
+    @property
     def keystore(self) -> Keystore:
-        """The open software keystore (for administration: TPM enrolment, wrapping)."""
-        ks = self._anchor.keystore
-        if ks is None:
-            raise ConfigError(
-                "this deployment has no software keystore open",
-                hint="add [providers.software] to the configuration",
-            )
-        return ks
+        """The open keystore itself: for tests and diagnostics. Front ends use
+        :attr:`anchor` and the audited operations instead."""
+        return self._anchor.require()
 
     def record_event(
         self,
@@ -538,20 +461,13 @@ class Hsm:
     # --- routing ----------------------------------------------------------------------------
 
     def _open_providers(self) -> list[Provider]:
-        out = [self._active]
-        if self._anchor.owner is not None:
-            out.append(self._anchor.owner)
-        return out
+        own = self._anchor.owned_provider
+        return [self._active] if own is None else [self._active, own]
 
-    def _keystore_provider(self) -> SoftwareProvider | None:
-        """The provider that serves the key directory's sealed records (the keystore)."""
-        ks = self._anchor.keystore
-        if ks is None:
-            return None
-        active = self._active
-        if isinstance(active, SoftwareProvider) and active.keystore is ks:
-            return active
-        return self._anchor.owner
+    def _keystore_provider(self) -> Provider | None:
+        """The provider that serves the key directory's sealed records (the keystore):
+        the anchor knows it, whatever its class."""
+        return self._anchor.provider
 
     def _other_stores(self) -> list[Provider]:
         """Open providers that are not the keystore: a token, the simulator."""
@@ -743,41 +659,43 @@ class Hsm:
                 hint="use a key held by a hardware-backed provider",
             )
 
-    @contextmanager
     def _audited(
         self,
         op: str,
-        provider: str | None = None,
-        key_id: str | None = None,
+        body: Callable[[_Entry], T],
+        entry: _Entry,
         *,
-        intent: dict[str, str] | None = None,
-    ) -> Iterator[dict[str, str]]:
-        """Audit the ``with`` block's outcome; the caller may add detail fields.
+        intent: Mapping[str, str] | None = None,
+    ) -> T:
+        """The one audited path of every operation: the closed-handle check, then (with
+        ``intent``) a "started" entry written *before* ``body`` runs, so an operation that
+        changes state (create, import, delete, export, enrol) never happens unless the
+        audit log accepted its entry first; then one entry for the outcome: "ok" after
+        ``body`` returned (its result is returned only once that entry is written),
+        "refused" for a decision of policy, else "error" with the error's code.
 
-        With ``intent``, a "started" entry is written *before* the block runs, so
-        an operation that changes state (create, import, delete, export) never
-        happens unless the audit log accepted its entry first.
-        """
+        ``body`` fills in ``entry`` (the provider and key once routed, detail fields);
+        when it fails before naming a key, the failure entry says which key was asked for
+        (``entry.ref``)."""
         audit = self._writer()
-        detail: dict[str, str] = {}
         if intent is not None:
-            audit.append(op, "started", provider=provider, key_id=key_id, detail=intent)
+            audit.append(op, "started", provider=entry.provider, key_id=entry.key_id, detail=intent)
         try:
-            yield detail
+            result = body(entry)
         except Exception as e:
+            detail = entry.detail
+            if entry.key_id is None and entry.ref is not None:
+                detail["key_ref"] = str(entry.ref)[:128]
             code = e.code if isinstance(e, HsmError) else type(e).__name__
-            prov = provider or detail.pop("_provider", None)
-            kid = key_id or detail.pop("_key", None)
             outcome = failure_outcome(e, detail)
-            audit.append(op, outcome, provider=prov, key_id=kid, error=code, detail=detail)
+            audit.append(
+                op, outcome, provider=entry.provider, key_id=entry.key_id, error=code, detail=detail
+            )
             raise
         audit.append(
-            op,
-            "ok",
-            provider=provider or detail.pop("_provider", None),
-            key_id=key_id or detail.pop("_key", None),
-            detail=detail,
+            op, entry.outcome, provider=entry.provider, key_id=entry.key_id, detail=entry.detail
         )
+        return result
 
     # --- key operations ----------------------------------------------------------------------
 
@@ -832,19 +750,21 @@ class Hsm:
     ) -> KeyInfo:
         """Create a key in the active provider (secp256k1 by default)."""
         self._key_operations("creating a key")
-        intent = {"label": label[:128], "key_type": key_type.value}
-        with self._lock, self._audited("generate_key", self._active.name, intent=intent) as d:
-            d["label"] = label
-            d["key_type"] = key_type.value
+        provider = self._active
+
+        def body(entry: _Entry) -> KeyInfo:
             self._check_label(label)
             self._check_label_free(label)
-            provider = self._active
-            info = self._call(
-                provider, lambda: provider.generate_key(KeySpec(label, key_type, exportable))
-            )
+            spec = KeySpec(label, key_type, exportable)
+            info = self._call(provider, lambda: provider.generate_key(spec))
             self._remember(provider, info)
-            d["_key"] = info.id
+            entry.key_id = info.id
             return info
+
+        intent = {"label": str(label)[:128], "key_type": key_type.value}
+        entry = _Entry(provider.name, detail={"label": str(label), "key_type": key_type.value})
+        with self._lock:
+            return self._audited("generate_key", body, entry, intent=intent)
 
     def import_key(
         self,
@@ -857,10 +777,8 @@ class Hsm:
         """Import key material (32-byte secp256k1 scalar, or a 16-64 byte BIP32 seed)."""
         self._key_operations("importing a key")
         provider = self._active
-        intent = {"label": str(label)[:128], "key_type": key_type.value}
-        with self._lock, self._audited("import_key", provider.name, intent=intent) as d:
-            d["label"] = label
-            d["key_type"] = key_type.value
+
+        def body(entry: _Entry) -> KeyInfo:
             self._check_label(label)
             caps = provider.capabilities()
             if not caps.can_import or not isinstance(provider, KeyImporter):
@@ -877,18 +795,23 @@ class Hsm:
                 if own:
                     sb.wipe()
             self._remember(provider, info)
-            d["_key"] = info.id
+            entry.key_id = info.id
             twins = self.same_key_as(info)
             if twins:
                 # The same secret under two labels: not refused (a deliberate second
                 # label is legitimate), but said, and recorded in the audit entry.
-                d["same_key_as"] = ",".join(t.id for t in twins)[:300]
+                entry.detail["same_key_as"] = ",".join(t.id for t in twins)[:300]
                 log.warning(
                     "anyhsm: the key imported as %r is already in the store as %s",
                     label,
                     ", ".join(repr(t.label) for t in twins),
                 )
             return info
+
+        intent = {"label": str(label)[:128], "key_type": key_type.value}
+        entry = _Entry(provider.name, detail={"label": str(label), "key_type": key_type.value})
+        with self._lock:
+            return self._audited("import_key", body, entry, intent=intent)
 
     def same_key_as(self, info: KeyInfo) -> list[KeyInfo]:
         """Other keys with the same public key (and, for HD keys, chain code): the same
@@ -903,13 +826,17 @@ class Hsm:
 
     def export_key(self, key: KeyRef) -> SecretBytes:
         """Private material of an exportable key, where provider and config allow it."""
-        with self._audited("export_key", intent={"key_ref": str(key)[:128]}) as d:
-            d["key_ref"] = str(key)[:128]
+
+        def body(entry: _Entry) -> SecretBytes:
             provider, info = self._route(key)
-            d["_provider"], d["_key"] = provider.name, info.id
+            entry.provider, entry.key_id = provider.name, info.id
             if not provider.capabilities().can_export or not isinstance(provider, KeyExporter):
                 raise UnsupportedOperation(provider.name, "key export")
             return self._call(provider, lambda: provider.export_key(info.id))
+
+        ref = str(key)[:128]
+        entry = _Entry(detail={"key_ref": ref})
+        return self._audited("export_key", body, entry, intent={"key_ref": ref})
 
     def list_keys(self) -> list[KeyInfo]:
         """Keys of the key directory (those whose store is not open here marked
@@ -976,6 +903,8 @@ class Hsm:
             raise UnsupportedOperation(provider.name, "BIP32 derivation", hint="use a single key")
         return self._call(provider, lambda: provider.derive_public(info.id, tuple(path)))
 
+    # --- signing: one audited path for one digest and for a batch -------------------------------
+
     def sign(
         self,
         key: KeyRef,
@@ -984,44 +913,14 @@ class Hsm:
         *,
         params: SignParams | None = None,
     ) -> bytes:
-        """Sign a 32-byte digest: strict DER low-S ECDSA, or 64-byte BIP340 Schnorr."""
-        audit = self._writer()
-        # The hot path: audited inline rather than through _audited(). The digest is not
-        # secret and says what was signed.
+        """Sign a 32-byte digest: strict DER low-S ECDSA, or 64-byte BIP340 Schnorr. One
+        audit entry; the digest (not secret) says what was signed."""
+        # The entry's detail is built here, before any check, so that a refused or failed
+        # request is recorded with what was asked (the digest as given, up to 64 bytes).
         detail = {"scheme": scheme.value}
         if isinstance(digest, bytes | bytearray):
             detail["digest"] = digest[:64].hex()
-        provider_name: str | None = None
-        key_id: str | None = None
-        try:
-            digest = _digest_bytes(digest)
-            provider, info = self._cache.get(key) or self._route(key)
-            provider_name, key_id = provider.name, info.id
-            self._check_level(provider, info)
-            try:
-                sig = provider.sign_digest(info.id, digest, scheme, params)
-            except KeyNotFound:
-                # Deleted, or the label now names another key (another process):
-                # look again; never sign with a key that is gone.
-                self._forget(info)
-                provider, info = self._route(key, fresh=True)
-                provider_name, key_id = provider.name, info.id
-                self._check_level(provider, info)
-                sig = provider.sign_digest(info.id, digest, scheme, params)
-            except (ProviderUnavailable, ProviderError) as e:
-                if not isinstance(e, UnsupportedOperation):
-                    self._unhealthy[provider.name] = e.message
-                raise
-            # Low-S strict DER is each provider's contract (the PKCS#11 provider normalises
-            # what the token returns; libsecp256k1 output is low-S already), checked on raw
-            # providers by tests/conformance/test_provider_contract.py: one place, not two.
-        except Exception as e:
-            if key_id is None:
-                detail["key_ref"] = str(key)[:128]
-            _audit_failed_sign(audit, e, provider_name, key_id, detail)
-            raise
-        audit.append("sign", "ok", provider=provider_name, key_id=key_id, detail=detail)
-        return sig
+        return self._sign(key, ((digest, scheme, params),), _Entry(detail=detail, ref=key), None)[0]
 
     def sign_many(
         self,
@@ -1035,44 +934,69 @@ class Hsm:
         others sign one by one. One audit entry for the batch: the key, the schemes
         and the number of signatures (one entry per signature cost as much as a
         tenth of signing a PSBT input and said nothing more)."""
-        audit = self._writer()
-        provider_name: str | None = None
-        key_id: str | None = None
-        try:
+        detail = {**(context or {}), "requested": str(len(requests))}
+        return self._sign(key, requests, _Entry(detail=detail, ref=key), context or {})
+
+    def _sign(
+        self,
+        key: KeyRef,
+        requests: Sequence[tuple[bytes, SigScheme, SignParams | None]],
+        entry: _Entry,
+        batch: Mapping[str, str] | None,
+    ) -> list[bytes]:
+        """The signing path of :meth:`sign` and :meth:`sign_many` (``batch``: the
+        context of a batch, None for one digest), through :meth:`_audited`: the one
+        digest check, routing (the cache first for one digest, the directory afresh for
+        a batch), the floor, the provider's signature(s); a key gone meanwhile (deleted,
+        or its label now naming another key in another process) is looked up again,
+        never signed with."""
+
+        def body(entry: _Entry) -> list[bytes]:
             reqs = [(_digest_bytes(d), scheme, params) for d, scheme, params in requests]
-            provider, info = self._route(key, fresh=True)
-            provider_name, key_id = provider.name, info.id
+            hit = None if batch is not None else self._cache.get(key)
+            provider, info = hit or self._route(key, fresh=batch is not None)
+            entry.provider, entry.key_id = provider.name, info.id
             self._check_level(provider, info)
-            caps = provider.capabilities()
-            if caps.can_batch and isinstance(provider, BatchSigner):
-                sigs = self._call(provider, lambda: provider.sign_batch(info.id, reqs))
-            else:
-                sigs = [
-                    self._call(provider, lambda r=r: provider.sign_digest(info.id, *r))  # type: ignore[misc]
-                    for r in reqs
-                ]
-        except Exception as e:
-            detail = {
-                **(context or {}),
-                "requested": str(len(requests)),
-                "key_ref": str(key)[:128],
-            }
-            _audit_failed_sign(audit, e, provider_name, key_id, detail)
+            try:
+                sigs = self._signatures(provider, info.id, reqs)
+            except KeyNotFound:
+                self._forget(info)
+                provider, info = self._route(key, fresh=True)
+                entry.provider, entry.key_id = provider.name, info.id
+                self._check_level(provider, info)
+                sigs = self._signatures(provider, info.id, reqs)
+            if batch is not None:
+                entry.detail = {
+                    **batch,
+                    **digests_detail([r[0] for r in reqs]),
+                    "scheme": ",".join(sorted({r[1].value for r in reqs})),
+                    "signatures": str(len(reqs)),
+                }
+            return sigs
+
+        return self._audited("sign", body, entry)
+
+    def _signatures(
+        self,
+        provider: Provider,
+        key_id: str,
+        reqs: Sequence[tuple[bytes, SigScheme, SignParams | None]],
+    ) -> list[bytes]:
+        """The provider's signatures of ``reqs`` in order: one call for a batch where it
+        declares ``can_batch``. Low-S strict DER is each provider's contract (the PKCS#11
+        provider normalises what the token returns; libsecp256k1 output is low-S already),
+        checked on raw providers by tests/conformance/test_provider_contract.py."""
+        try:
+            if len(reqs) == 1:
+                d, scheme, params = reqs[0]
+                return [provider.sign_digest(key_id, d, scheme, params)]
+            if provider.capabilities().can_batch and isinstance(provider, BatchSigner):
+                return provider.sign_batch(key_id, reqs)
+            return [provider.sign_digest(key_id, d, s, p) for d, s, p in reqs]
+        except (ProviderUnavailable, ProviderError) as e:
+            if not isinstance(e, UnsupportedOperation):
+                self._unhealthy[provider.name] = e.message
             raise
-        schemes = ",".join(sorted({scheme.value for _, scheme, _ in reqs}))
-        audit.append(
-            "sign",
-            "ok",
-            provider=provider_name,
-            key_id=key_id,
-            detail={
-                **(context or {}),
-                **digests_detail([r[0] for r in reqs]),
-                "scheme": schemes,
-                "signatures": str(len(reqs)),
-            },
-        )
-        return sigs
 
     def verify(
         self,
@@ -1085,9 +1009,11 @@ class Hsm:
         tweak: bytes | None = None,
     ) -> bool:
         """Verify against the key's public key (no private operation)."""
-        info = self._route(key)[1]
-        pub = self.derive_public(key, path).public_key if path else info.public_key
-        with self._audited("verify", None, info.id) as d:
+
+        def body(entry: _Entry) -> bool:
+            info = self._route(key)[1]
+            entry.key_id = info.id
+            pub = self.derive_public(key, path).public_key if path else info.public_key
             if scheme is SigScheme.ECDSA:
                 ok = curve.ecdsa_verify(pub, bytes(digest), bytes(signature))
             else:
@@ -1095,15 +1021,17 @@ class Hsm:
                 if tweak is not None:
                     xo, _ = curve.xonly_tweak_add(xo, tweak)
                 ok = curve.schnorr_verify(xo, bytes(digest), bytes(signature))
-            d["valid"] = "yes" if ok else "no"
+            entry.detail["valid"] = "yes" if ok else "no"
             return ok
+
+        return self._audited("verify", body, _Entry(ref=str(key)[:128]))
 
     def delete_key(self, key: KeyRef) -> None:
         """Delete a key from its store (binding checked first) and its directory record.
         A reference whose key its own store (same serial) no longer holds is removed
         from the directory alone."""
-        with self._lock, self._audited("delete_key", intent={"key_ref": str(key)[:128]}) as d:
-            d["key_ref"] = str(key)[:128]
+
+        def body(entry: _Entry) -> None:
             try:
                 provider, info = self._route(key, fresh=True)  # binding checked first
             except KeyNotInDirectory:
@@ -1112,11 +1040,11 @@ class Hsm:
                 gone = self._dangling_reference(key)
                 if gone is None:
                     raise
-                d["_provider"], d["_key"] = gone.provider, gone.id
-                d["removed"] = "directory record only: the key is no longer in its store"
-                self.keystore.delete(gone.id)
+                entry.provider, entry.key_id = gone.provider, gone.id
+                entry.detail["removed"] = "directory record only: the key is no longer in its store"
+                self._anchor.require().delete(gone.id)
                 return
-            d["_provider"], d["_key"] = provider.name, info.id
+            entry.provider, entry.key_id = provider.name, info.id
             self._call(provider, lambda: provider.delete_key(info.id))
             self._forget(info)
             ks = self._anchor.keystore
@@ -1127,6 +1055,12 @@ class Hsm:
                     return
                 if rec.kind == "reference" and rec.id == info.id:
                     ks.delete(rec.id)
+
+        ref = str(key)[:128]
+        with self._lock:
+            self._audited(
+                "delete_key", body, _Entry(detail={"key_ref": ref}), intent={"key_ref": ref}
+            )
 
     def _dangling_reference(self, key: str) -> KeyRecord | None:
         """The reference record ``key`` names when its own store (provider and serial
@@ -1146,7 +1080,130 @@ class Hsm:
         info = self._ask(provider, rec.id)
         return rec if info is None or info.id != rec.id else None
 
-    # --- keystore administration ------------------------------------------------------------
+    # --- the anchor: unlock paths, passphrase, master key (each one audited step) --------------
+
+    def _handle_detail(self) -> dict[str, str]:
+        return {"handle": ENROLMENT if self._enrolment_only else "normal"}
+
+    def _admin(self, op: str, body: Callable[[_Entry], T], detail: Mapping[str, str]) -> T:
+        """An administrative change to the anchor: audited as every operation is (a
+        "started" entry first, then ok / refused / error), by the active provider."""
+        entry = _Entry(self._active.name, detail=dict(detail))
+        with self._lock:
+            return self._audited(op, body, entry, intent=dict(detail))
+
+    def enrol_tpm(self, *, force: bool = False) -> dict[str, object]:
+        """Seal the keystore's master key to the configured TPM and anchor the keystore's
+        generation in a TPM counter (``tpm_enroll``). Allowed on the enrolment-only
+        handle. Re-enrolling from a keystore the TPM itself opened needs ``force`` (it
+        normally follows a recovery with the passphrase). Returns the enrolment summary."""
+        from anyhsm.tpm.enrollment import enroll
+        from anyhsm.tpm.sealing import TpmSealer
+
+        sealer = tpm_sealer(self._config)  # ConfigError before anything is written
+        assert isinstance(sealer, TpmSealer)
+
+        def body(entry: _Entry) -> dict[str, object]:
+            ks = self._anchor.require()
+            if ks.unlocked_by != "passphrase" and not force:
+                raise HsmError(
+                    f"the keystore was opened via {ks.unlocked_by}, not the passphrase",
+                    hint="re-enrolling normally follows a recovery with the passphrase; "
+                    "add --force",
+                )
+            summary = enroll(ks, sealer.settings)
+            entry.detail["pcrs"] = str(summary["pcrs"])
+            return summary
+
+        return self._admin(
+            "tpm_enroll", body, {"tcti": sealer.settings.tcti, **self._handle_detail()}
+        )
+
+    def tpm_status(self) -> dict[str, object]:
+        """Enrolment and TPM state (``anyhsm tpm status``); reports TPM trouble, never
+        raises for it. Not audited (it changes nothing). Allowed on the enrolment-only
+        handle."""
+        from anyhsm.tpm.enrollment import status
+        from anyhsm.tpm.sealing import TpmSealer
+
+        sealer = tpm_sealer(self._config)
+        assert isinstance(sealer, TpmSealer)
+        out = status(self._anchor.require(), sealer.settings)
+        out["handle"] = self._handle_detail()["handle"]
+        return out
+
+    def enrol_token_wrap(self) -> dict[str, object]:
+        """Wrap the keystore's master key with the AES key ``wrap_key_label`` inside the
+        configured PKCS#11 token, created there when missing (``pkcs11_wrap_enroll``).
+        Afterwards the keystore opens through the token whenever ``[providers.pkcs11]``
+        names the wrap key, whether the chain lists ``pkcs11`` or ``pkcs11-wrapped``.
+        Allowed on the enrolment-only handle. Returns the enrolment summary."""
+        from anyhsm import unlock_blobs
+
+        sealer = token_sealer(self._config, self._pin)  # ConfigError before anything is written
+
+        def body(entry: _Entry) -> dict[str, object]:
+            summary = unlock_blobs.enrol(self._anchor.require(), sealer)
+            entry.detail["mechanism"] = str(summary.get("mechanism", ""))
+            return summary
+
+        return self._admin("pkcs11_wrap_enroll", body, self._handle_detail())
+
+    def unenrol_tpm(self, current: SecretBytes | None) -> dict[str, object]:
+        """Revoke the TPM unlock path (``tpm_unenroll``): a rotation to a fresh master key
+        without the sealed blob (so a saved copy of it opens nothing), then the generation
+        anchor leaves the manifest and its counter the TPM (when the TPM is configured).
+        ``current``: the keystore passphrase, checked (the new master key is wrapped by
+        it); may be None when nothing is enrolled. Returns ``{"unenrolled": bool, ...}``
+        with the rotation's summary; not enrolled: a stale anchor is still dropped and the
+        entry is a ``noop``."""
+        from anyhsm.tpm.enrollment import unenroll_anchor
+        from anyhsm.tpm.sealing import TpmSealer
+
+        table = self._config.provider_settings("tpm")
+        sealer = tpm_sealer(self._config) if "tcti" in table else None
+        settings = sealer.settings if isinstance(sealer, TpmSealer) else None
+
+        def drop_anchor() -> dict[str, str]:
+            had = self._anchor.generation_anchor_ref is not None
+            unenroll_anchor(self._anchor.require(), settings)
+            return {"anchor": "removed" if had else "none"}
+
+        return self._unenrol("tpm_unenroll", TPM_BLOB, current, drop_anchor)
+
+    def unenrol_token_wrap(self, current: SecretBytes | None) -> dict[str, object]:
+        """Revoke the token unlock path (``pkcs11_wrap_unenroll``): a rotation to a fresh
+        master key without the wrapped blob, so a saved copy of it opens nothing. As
+        :meth:`unenrol_tpm`."""
+        return self._unenrol("pkcs11_wrap_unenroll", WRAPPED_BLOB, current, None)
+
+    def _unenrol(
+        self, op: str, blob: str, current: SecretBytes | None, after: OnRotated | None
+    ) -> dict[str, object]:
+        self._key_operations("unenrolling an unlock path (a master-key rotation)")
+        ks = self._anchor.require()
+        if ks.read_side_file(blob) is None:
+
+            def noop(entry: _Entry) -> dict[str, object]:
+                entry.outcome = "noop"
+                if after is not None:
+                    entry.detail.update(after())
+                return {"unenrolled": False}
+
+            return self._admin(op, noop, self._handle_detail())
+        summary = self._rotate(
+            op, self._require_current(current), current, drop={blob}, after=after
+        )
+        return {"unenrolled": True, **summary}
+
+    def change_passphrase(
+        self, current: SecretBytes, new: SecretBytes, *, kdf: KdfParams | None = None
+    ) -> dict[str, object]:
+        """Change the keystore passphrase and/or its KDF cost (``keystore_passwd``): a
+        rotation to a fresh master key wrapped by ``new``, so the old passphrase and old
+        copies of the header open nothing that exists after it. ``current`` is checked
+        first. Every enrolled unlock blob is made again for the new master key."""
+        return self._rotate("keystore_passwd", new, self._require_current(current), kdf=kdf)
 
     def rotate_master_key(
         self,
@@ -1157,29 +1214,80 @@ class Hsm:
         op: str = "rotate_master_key",
         detail: Mapping[str, str] | None = None,
     ) -> dict[str, object]:
-        """Re-encrypt every key of the keystore under a fresh master key wrapped by
-        ``passphrase`` (see :meth:`Keystore.rotate`), and retire the audit key with it.
+        """A fresh master key, same passphrase (``rotate_master_key``): every key
+        re-encrypted (see :meth:`Keystore.rotate`), every enrolled unlock blob made again,
+        the audit key retired with the old master key; copies of the old one (a leaked
+        backup plus passphrase) open nothing created after it. ``passphrase`` is the
+        current passphrase, checked first.
 
-        One audited step that no other writer of the log can interleave with: the
-        "started" entry is the last one under the old audit key, the "ok" entry the first
-        under the new one. ``reseal`` re-creates unlock blobs (TPM, token) for the new
-        master key; blobs it does not return are revoked with the old key.
-        """
+        Deprecated keywords, kept until every caller has moved to :meth:`change_passphrase`
+        and the ``unenrol_*`` methods: ``reseal``/``op``/``detail``/``kdf`` (then
+        ``passphrase`` wraps the new master key unchecked, as before)."""
+        if reseal is None and kdf is None and op == "rotate_master_key" and detail is None:
+            return self._rotate(op, passphrase, self._require_current(passphrase))
+        return self._rotate(op, passphrase, None, kdf=kdf, reseal=reseal, detail=detail)
+
+    @staticmethod
+    def _require_current(current: SecretBytes | None) -> SecretBytes:
+        if current is None:
+            raise AuthenticationFailed(
+                "this needs the current keystore passphrase",
+                hint="set ANYHSM_PASSPHRASE or pass --passphrase-file",
+            )
+        return current
+
+    def _rotate(
+        self,
+        op: str,
+        passphrase: SecretBytes,
+        current: SecretBytes | None,
+        *,
+        kdf: KdfParams | None = None,
+        drop: Collection[str] = (),
+        after: OnRotated | None = None,
+        reseal: Callable[[SecretBytes], Mapping[str, bytes]] | None = None,
+        detail: Mapping[str, str] | None = None,
+    ) -> dict[str, object]:
+        """One audited rotation of the master key, which no other writer of the log can
+        interleave with: the "started" entry is the last one under the old audit key, the
+        outcome entry the first under the new one. Checked before it starts (one "error"
+        entry if not): ``current`` opens the store, and every unlock blob to keep can be
+        made again (its device configured). ``passphrase`` wraps the new master key; the
+        blobs in ``drop`` are not carried over (revoked with the old key); ``after`` runs
+        once the new key is in force, before the outcome entry."""
         self._key_operations("rotating the master key")
-        ks = self.keystore
+        ks = self._anchor.require()
         audit = self._writer()
         before = {"epoch": str(ks.epoch), **(detail or {})}
-        with self._lock, audit.exclusive() as append:
-            append(op, "started", before)
+        with self._lock:
             try:
-                ks.rotate(passphrase, kdf=kdf, reseal=reseal, audit_position=audit.position())
+                if current is not None:
+                    self._anchor.check_passphrase(current)
+                make = reseal or self._anchor.resealer(self._config, self._pin, drop=drop)
             except Exception as e:
                 code = e.code if isinstance(e, HsmError) else type(e).__name__
-                append(op, "error", {**before, "error": code})
+                said = dict(before)
+                outcome = failure_outcome(e, said)
+                audit.append(op, outcome, provider=self._active.name, error=code, detail=said)
                 raise
-            audit.switch_key()
-            append(op, "ok", {"epoch": str(ks.epoch), "generation": str(ks.generation)})
-        self._cache.clear()
+            with audit.exclusive() as append:
+                append(op, "started", before)
+                try:
+                    self._anchor.rotate(passphrase, make, audit.position(), kdf=kdf)
+                except Exception as e:
+                    code = e.code if isinstance(e, HsmError) else type(e).__name__
+                    append(op, "error", {**before, "error": code})
+                    raise
+                audit.switch_key()
+                done = {"epoch": str(ks.epoch), "generation": str(ks.generation)}
+                try:
+                    extra = after() if after is not None else {}
+                except Exception as e:
+                    code = e.code if isinstance(e, HsmError) else type(e).__name__
+                    append(op, "error", {**done, "error": code})
+                    raise
+                append(op, "ok", {**done, **extra})
+                self._cache.clear()  # routes stay valid (same keys); looked up afresh anyway
         return {
             "rotated": True,
             "epoch": ks.epoch,
@@ -1329,7 +1437,7 @@ class Hsm:
         if self._audit is not None:
             return self._audit.verify()
         path = self.audit_path
-        store = self._audit_state_store(path)
+        store = self._anchor.audit_state_store(path)
         with store.audit_keys() as ring:
             return verify_log(path, ring, store.load_audit_state())
 
@@ -1367,8 +1475,7 @@ class Hsm:
                 old_audit.append("reload", "error", provider=old_active.name, error=code)
                 raise
             old_audit.close()
-            if old_anchor.owner is not None:
-                old_anchor.owner.close()
+            old_anchor.close()
             if old_active is not self._active:
                 old_active.close()
             assert self._audit is not None
@@ -1384,8 +1491,7 @@ class Hsm:
                 except AuditError:
                     log.error("anyhsm: could not write the close entry to the audit log")
                 self._audit.close()
-            if self._anchor.owner is not None:
-                self._anchor.owner.close()
+            self._anchor.close()
             self._active.close()
             if self._passphrase is not None:
                 self._passphrase.wipe()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from anyhsm.errors import Bip32Error, InvalidDigest, UnsupportedOperation
+from anyhsm.errors import Bip32Error, InvalidDigest, ProviderError, UnsupportedOperation
 from anyhsm.types import (
     MAX_PATH_DEPTH,
     Capabilities,
@@ -32,6 +32,7 @@ from anyhsm.types import (
 )
 
 if TYPE_CHECKING:
+    from anyhsm.keystore import Keystore
     from anyhsm.secret import SecretBytes
 
 
@@ -124,6 +125,35 @@ class Bip32Deriver(Protocol):
     """Providers that derive BIP32 children inside themselves (``can_derive``)."""
 
     def derive_public(self, key: KeyRef, path: tuple[int, ...]) -> DerivedPublicKey: ...
+
+
+@runtime_checkable
+class KeystoreServer(Protocol):
+    """Providers whose keys are the sealed records of the software keystore (software,
+    tpm, pkcs11-wrapped: each opens that one keystore its own way). The role is declared
+    by the provider's registry spec (``opens_keystore``), never guessed from the class:
+    see :func:`served_keystore`."""
+
+    def served_keystore(self) -> Keystore:
+        """The open keystore whose sealed records this provider signs with."""
+        ...
+
+
+def served_keystore(provider: Provider) -> Keystore | None:
+    """The keystore ``provider`` serves when its registry spec declares that it opens the
+    keystore (:class:`KeystoreServer`), else None: how the handle finds the deployment's
+    anchor among the providers it opened, whatever their classes."""
+    from anyhsm import registry
+
+    spec = registry.spec(provider.name)
+    if spec is None or not spec.opens_keystore:
+        return None
+    if not isinstance(provider, KeystoreServer):
+        raise ProviderError(
+            f"provider {provider.name!r} is declared to open the keystore but serves none",
+            hint="a provider whose spec sets opens_keystore implements served_keystore()",
+        )
+    return provider.served_keystore()
 
 
 def require(provider: Provider, capability: str, ok: bool, hint: str | None = None) -> None:

@@ -31,7 +31,7 @@ Modes:
     rotate CONFIG --start I --how passwd|cli|cli-passwd [--rounds N] [--secret-dir D]
            [--die-after-commit]
         rotate the master key over and over (forever unless --rounds): "passwd" calls
-        Hsm.rotate_master_key with passphrase I+1, I+2, ... (one handle for all rounds),
+        Hsm.change_passphrase to passphrase I+1, I+2, ... (one handle for all rounds),
         "cli" runs ``anyhsm keystore rotate`` in-process with passphrase I each time (a
         fresh handle per round, as the command does), "cli-passwd" runs ``anyhsm keystore
         passwd --new-passphrase-file D/...`` with I+1, I+2, ...; --die-after-commit kills itself
@@ -207,8 +207,9 @@ def _rotate(args: argparse.Namespace) -> None:
     _say(f"READY {os.getpid()}")
     while args.rounds is None or rounds < args.rounds:
         _say(f"ROTATING {hsm.keystore.epoch} {index + 1}")
-        with SecretBytes(passphrase_for(base, index + 1).encode()) as new:
-            summary = hsm.rotate_master_key(new)
+        current = SecretBytes(passphrase_for(base, index).encode())
+        with current, SecretBytes(passphrase_for(base, index + 1).encode()) as new:
+            summary = hsm.change_passphrase(current, new)
         index += 1
         _say(f"ROTATED {summary['epoch']} {index}")
         rounds += 1

@@ -2,7 +2,7 @@
 
 "Killed at any point, the store opens as either the old or the new one, never a
 mix." A worker (tests/reliability/helpers_worker.py) rotates the master key of a
-store holding ~20 keys over and over: through ``Hsm.rotate_master_key`` with a
+store holding ~20 keys over and over: through ``Hsm.change_passphrase`` to a
 new passphrase each round (one handle), by running ``anyhsm keystore rotate``
 (same passphrase, a fresh handle each time) or ``anyhsm keystore passwd
 --new-passphrase-file F`` (a new passphrase each time); other rounds create and

@@ -1,8 +1,11 @@
 """The software provider: keys sealed in the encrypted file keystore.
 
-It is the embedded default and the base of the TPM and HSM-wrapped providers,
-which reach the same keystore by unsealing its master key instead of
-deriving it from the passphrase (override :meth:`SoftwareProvider._unlock`).
+It is the embedded default and the base of the providers that reach the same keystore
+by unsealing its master key instead of deriving it from the passphrase
+(:mod:`anyhsm.providers.sealed`: TPM, PKCS#11 token wrap; they override
+:meth:`SoftwareProvider._unlock`). It serves the keystore
+(:class:`~anyhsm.provider.KeystoreServer`): the handle finds the deployment's anchor
+through that, not through the class.
 """
 
 from __future__ import annotations
@@ -63,28 +66,6 @@ def passphrase_problems(passphrase: SecretBytes | None, kdf: KdfParams) -> list[
     return out
 
 
-def unlock_path_health(
-    name: str,
-    level: SecurityLevel,
-    base: Health,
-    started: float,
-    details: dict[str, object],
-    problem: str,
-) -> Health:
-    """Health of a keystore reached through a sealed master key (TPM, token): the
-    keystore's own health, degraded when the sealing path would no longer open it."""
-    elapsed = base.elapsed_ms + (time.perf_counter() - started) * 1000
-    if problem:
-        # Keys stay usable (the master key is in memory) until the provider closes,
-        # but the next open would fail: say so now.
-        reason = problem + "; the keystore stays open until closed, and the recovery "
-        reason += "passphrase opens it"
-        if base.reason:
-            reason = base.reason + "; " + reason
-        return Health(name, False, "degraded", reason, level, elapsed, details)
-    return Health(name, base.ok, base.status, base.reason, level, elapsed, details)
-
-
 class SoftwareProvider:
     """Keys in the envelope-encrypted keystore, opened with the passphrase."""
 
@@ -136,6 +117,11 @@ class SoftwareProvider:
         if self._ks is None:
             raise KeystoreError(f"provider {self.name!r} is not open")
         return self._ks
+
+    def served_keystore(self) -> Keystore:
+        """The open keystore whose sealed records are this provider's keys
+        (:class:`~anyhsm.provider.KeystoreServer`)."""
+        return self.keystore
 
     def health(self) -> Health:
         t0 = time.perf_counter()

@@ -1,76 +1,57 @@
 """Enrolling a keystore with a TPM: the library side of ``anyhsm tpm enroll|unenroll|status``.
 
-Enrolment seals the keystore's master key to the TPM and writes the blob
-beside the keystore (``tpm-sealed.json``, atomically). The passphrase-wrapped
-copy of the master key in the keystore header is never touched, so the
-recovery passphrase keeps opening the same keys whatever happens to the TPM.
+Enrolment seals the keystore's master key to the TPM (:class:`~anyhsm.tpm.sealing.TpmSealer`
+through the one sealed-master-key path, :mod:`anyhsm.unlock_blobs`) and writes the blob
+beside the keystore (``tpm-sealed.json``, atomically). The passphrase-wrapped copy of the
+master key in the keystore header is never touched, so the recovery passphrase keeps
+opening the same keys whatever happens to the TPM.
 
-Enrolment also anchors the keystore's generation in a TPM NV counter
-(:class:`~anyhsm.tpm.counter.TpmCounter`), so that a rollback of the whole
-keystore directory is detected; unenrolment removes the anchor from the
-keystore first, then the counter from the TPM.
+What only a TPM adds: enrolment also anchors the keystore's generation in a TPM NV
+counter (:class:`~anyhsm.tpm.counter.TpmCounter`), so that a rollback of the whole
+keystore directory is detected; unenrolment removes the anchor from the keystore first,
+then the counter from the TPM.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from anyhsm.errors import AnchorMismatch, AnchorMissing, HsmError, KeystoreError
+from anyhsm import unlock_blobs
+from anyhsm.errors import AnchorMismatch, AnchorMissing, HsmError
 from anyhsm.keystore import Keystore
-from anyhsm.tpm.blob import SealedBlob
 from anyhsm.tpm.counter import TpmCounter
 from anyhsm.tpm.device import tpm_info
-from anyhsm.tpm.errors import TpmCommandFailed, TpmNotEnrolled, TpmPolicyMismatch
-from anyhsm.tpm.sealing import seal, unseal
+from anyhsm.tpm.sealing import NOT_ENROLLED_HINT, SIDE_FILE, TpmSealer, not_enrolled
 from anyhsm.tpm.settings import TpmSettings
 
-SIDE_FILE = "tpm-sealed.json"
-NOT_ENROLLED_HINT = (
-    "run 'anyhsm tpm enroll' (it needs the passphrase once), or open the keystore with the "
-    "passphrase"
-)
-
-
-def _summary(blob: SealedBlob) -> dict[str, object]:
-    return {
-        "pcrs": list(blob.pcrs),
-        "pcr_bank": blob.pcr_bank,
-        "policy_digest": blob.policy_digest.hex(),
-        "primary_template": blob.primary_template,
-        "primary_name": blob.primary_name.hex(),
-        "sealed_at": blob.sealed_at,
-        "no_da": True,
-    }
+__all__ = [
+    "NOT_ENROLLED_HINT",
+    "SIDE_FILE",
+    "enroll",
+    "read_blob",
+    "status",
+    "unenroll",
+    "unenroll_anchor",
+]
 
 
 def enroll(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
-    """Seal the (unlocked) keystore's master key to the TPM and store the blob.
+    """Seal the (unlocked) keystore's master key to the TPM, anchor the keystore's
+    generation in a TPM counter, and store the blob.
 
     The new blob is unsealed and compared before it replaces any previous one,
     so a failed enrolment never leaves a keystore that the TPM cannot open.
     Returns a summary without secrets.
     """
-    with keystore.master_key() as master:
-        blob = seal(settings, master)
-        with unseal(settings, blob) as back:
-            if not back.equals(master):
-                raise TpmCommandFailed(
-                    "the TPM returned another value than the one sealed; nothing was written"
-                )
-    counter, how = _anchor(keystore, settings)
-    replaced = keystore.read_side_file(SIDE_FILE) is not None
-    keystore.write_side_file(SIDE_FILE, blob)
-    if keystore.read_side_file(SIDE_FILE) != blob:
-        raise KeystoreError(f"{SIDE_FILE} did not read back as written", hint="check the disk")
-    out: dict[str, object] = {
-        "enrolled": True,
-        "file": str(keystore.side_file_path(SIDE_FILE)),
-        "tcti": settings.tcti,
-        "replaced": replaced,
-        "anchor": {"kind": counter.kind, "ref": counter.ref, "counter": how},
-    }
-    out.update(_summary(SealedBlob.from_json(blob)))
-    return out
+
+    def anchor() -> dict[str, object]:
+        counter, how = _anchor(keystore, settings)
+        return {
+            "tcti": settings.tcti,
+            "anchor": {"kind": counter.kind, "ref": counter.ref, "counter": how},
+        }
+
+    return unlock_blobs.enrol(keystore, TpmSealer(settings), before_store=anchor)
 
 
 def _anchor(keystore: Keystore, settings: TpmSettings) -> tuple[TpmCounter, str]:
@@ -95,21 +76,26 @@ def _anchor(keystore: Keystore, settings: TpmSettings) -> tuple[TpmCounter, str]
     return counter, "defined"
 
 
-def unenroll(keystore: Keystore, settings: TpmSettings | None = None) -> bool:
-    """Remove the generation anchor, then (with ``settings``) its TPM counter, then the
-    sealed blob; True if there was a blob. The passphrase path is unaffected.
-
-    The anchor leaves the keystore manifest before the counter leaves the TPM: a crash
-    in between leaves an unused NV index, never a keystore naming a missing anchor.
-    A counter that cannot be removed (TPM unreachable, no ``settings``) stays behind
-    (``tpm2_nvundefine`` removes it); unenrolment still succeeds.
-    """
+def unenroll_anchor(keystore: Keystore, settings: TpmSettings | None) -> None:
+    """Stop anchoring the keystore's generation in a TPM counter: the anchor leaves the
+    manifest first, then (with ``settings``) the counter leaves the TPM, so a crash in
+    between leaves an unused NV index, never a keystore naming a missing anchor. A
+    counter that cannot be removed (TPM unreachable, no ``settings``) stays behind
+    (``tpm2_nvundefine`` removes it)."""
     named = keystore.generation_anchor_ref()
-    if named is not None and named[0] == TpmCounter.kind:
-        keystore.set_generation_anchor(None)
-        if settings is not None:
-            with contextlib.suppress(HsmError):
-                TpmCounter.at(settings, named[1]).undefine()
+    if named is None or named[0] != TpmCounter.kind:
+        return
+    keystore.set_generation_anchor(None)
+    if settings is not None:
+        with contextlib.suppress(HsmError):
+            TpmCounter.at(settings, named[1]).undefine()
+
+
+def unenroll(keystore: Keystore, settings: TpmSettings | None = None) -> bool:
+    """Remove the generation anchor (:func:`unenroll_anchor`), then the sealed blob; True
+    if there was a blob. The passphrase path is unaffected. Removing the file revokes
+    nothing a saved copy opens: :meth:`anyhsm.hsm.Hsm.unenrol_tpm` also rotates."""
+    unenroll_anchor(keystore, settings)
     return bool(keystore.remove_side_file(SIDE_FILE))
 
 
@@ -117,16 +103,14 @@ def read_blob(keystore: Keystore) -> bytes:
     """The sealed blob beside the keystore, or TpmNotEnrolled."""
     raw = keystore.read_side_file(SIDE_FILE)
     if raw is None:
-        raise TpmNotEnrolled(
-            f"TPM not enrolled: run anyhsm tpm enroll (no {SIDE_FILE} in {keystore.path})",
-            hint=NOT_ENROLLED_HINT,
-        )
+        raise not_enrolled(keystore)
     return raw
 
 
 def status(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
     """Enrolment and TPM state for ``anyhsm tpm status``: never raises for TPM trouble,
     reports it. ``opens_keystore`` means the unsealed key really opens this keystore."""
+    sealer = TpmSealer(settings)
     out: dict[str, object] = {"settings": settings.describe(), "enrolled": False}
     try:
         out["tpm"] = tpm_info(settings)
@@ -141,20 +125,14 @@ def status(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:
         return out
     out["enrolled"] = True
     try:
-        out.update(_summary(SealedBlob.from_json(raw)))
-        with unseal(settings, raw) as master:
-            probe = Keystore.load(keystore.path)
-            try:
-                probe.unlock_with_master_key(master, via="tpm")
-            finally:
-                probe.close()
+        out.update(sealer.blob_facts(raw))
+        unlock_blobs.opens_keystore(keystore, sealer, raw)
     except HsmError as exc:
         out["unsealable"] = False
         out["opens_keystore"] = False
         out["reason"] = exc.message
         out["error"] = exc.to_dict()
-        if isinstance(exc, TpmPolicyMismatch):
-            out["changed_pcrs"] = list(exc.changed_pcrs)
+        out.update(sealer.failure_facts(exc))
         return out
     out["unsealable"] = True
     out["opens_keystore"] = True

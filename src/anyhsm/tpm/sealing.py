@@ -31,8 +31,9 @@ Design (the one disk-encryption tools use, since TPMs have no secp256k1):
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from anyhsm.errors import HsmError
 from anyhsm.secret import SecretBytes
 from anyhsm.tpm import connection
 from anyhsm.tpm.blob import SealedBlob
@@ -42,10 +43,15 @@ from anyhsm.tpm.errors import (
     TpmBlobInvalid,
     TpmCommandFailed,
     TpmForeignBlob,
+    TpmNotEnrolled,
     TpmPolicyMismatch,
 )
 from anyhsm.tpm.policy import pcr_values_digest, policy_pcr_digest
 from anyhsm.tpm.settings import PCR_BANKS, TpmSettings
+from anyhsm.types import SecurityLevel
+
+if TYPE_CHECKING:
+    from anyhsm.keystore import Keystore
 
 PRIMARY_TEMPLATE = "tcg-srk-ecc-p256-aes128cfb"
 MAX_SECRET = 128  # TPM2B_SENSITIVE_DATA holds at most 128 bytes
@@ -364,3 +370,79 @@ def unseal(settings: TpmSettings, blob: bytes) -> SecretBytes:
             conn.flush(item)
 
     return connection.run(settings, "unsealing", op, discard=lambda s: s.wipe())
+
+
+SIDE_FILE = "tpm-sealed.json"
+NOT_ENROLLED_HINT = (
+    "run 'anyhsm tpm enroll' (it needs the passphrase once), or open the keystore with the "
+    "passphrase"
+)
+
+
+def not_enrolled(keystore: Keystore) -> TpmNotEnrolled:
+    """The error for a keystore without a TPM-sealed master key."""
+    return TpmNotEnrolled(
+        f"TPM not enrolled: run anyhsm tpm enroll (no {SIDE_FILE} in {keystore.path})",
+        hint=NOT_ENROLLED_HINT,
+    )
+
+
+class TpmSealer:
+    """The keystore's master key sealed to this TPM: the TPM's
+    :class:`~anyhsm.unlock_blobs.MasterKeySealer`."""
+
+    name = "tpm"
+    device = "the TPM"
+    blob_file = SIDE_FILE
+    level = SecurityLevel.TPM
+
+    def __init__(self, settings: TpmSettings) -> None:
+        self.settings = settings
+
+    def seal(self, master: SecretBytes) -> bytes:
+        return seal(self.settings, master)
+
+    def unseal(self, blob: bytes) -> SecretBytes:
+        return unseal(self.settings, blob)
+
+    def not_enrolled(self, keystore: Keystore) -> HsmError:
+        return not_enrolled(keystore)
+
+    def blob_facts(self, blob: bytes) -> dict[str, object]:
+        parsed = SealedBlob.from_json(blob)
+        return {
+            "pcrs": list(parsed.pcrs),
+            "pcr_bank": parsed.pcr_bank,
+            "policy_digest": parsed.policy_digest.hex(),
+            "primary_template": parsed.primary_template,
+            "primary_name": parsed.primary_name.hex(),
+            "sealed_at": parsed.sealed_at,
+            "no_da": True,
+        }
+
+    def device_health(self) -> tuple[dict[str, object], str]:
+        from anyhsm.tpm.device import tpm_info
+
+        s = self.settings
+        details: dict[str, object] = {
+            "tcti": s.tcti,
+            "pcrs": ",".join(str(p) for p in s.pcrs) or "none",
+            "pcr_bank": s.pcr_bank,
+            "tpm_rng": "mixed into new keys" if s.use_rng else "not used",
+        }
+        try:
+            info = tpm_info(s)
+        except HsmError as exc:
+            details["tpm_reachable"] = "no"
+            return details, f"TPM unreachable: {exc.message}"
+        details["tpm_reachable"] = "yes"
+        details["tpm_manufacturer"] = info["manufacturer"]
+        details["tpm_vendor"] = info["vendor"]
+        details["tpm_firmware"] = info["firmware_version"]
+        details["tpm_in_lockout"] = info["in_lockout"]
+        return details, ""
+
+    def failure_facts(self, error: HsmError) -> dict[str, object]:
+        if isinstance(error, TpmPolicyMismatch):
+            return {"changed_pcrs": list(error.changed_pcrs)}
+        return {}

@@ -110,15 +110,15 @@ def test_gcm_that_does_not_round_trip_falls_back_to_key_wrap(
 ) -> None:
     """Fault injection: a module that uses its own GCM IV (as AWS CloudHSM documents)
     and reports another one; the round-trip check catches it before anything is stored."""
-    from anyhsm.providers.pkcs11 import wrap as pkcs11_wrap
+    from anyhsm.providers.pkcs11 import wrap_token
 
-    real = pkcs11_wrap._encrypt
+    real = wrap_token._encrypt
 
     def own_iv(ps: object, key: object, mech: WrapMechanism, data: bytes, aad: bytes) -> object:
         iv, ct = real(ps, key, mech, data, aad)  # type: ignore[arg-type]
         return (os.urandom(len(iv)), ct) if mech is WrapMechanism.AES_GCM else (iv, ct)
 
-    monkeypatch.setattr(pkcs11_wrap, "_encrypt", own_iv)
+    monkeypatch.setattr(wrap_token, "_encrypt", own_iv)
     master = _master()
     blob = wrap_master_key(ctx, master)
     assert json.loads(blob)["mechanism"] == WrapMechanism.AES_KEY_WRAP_PAD.value
@@ -249,7 +249,9 @@ def test_wrapped_provider_opens_the_keystore_without_a_passphrase(
         assert coincurve.PublicKey(info.public_key).verify(der, digest, hasher=None)
         health = provider.health()
         assert health.ok, health.reason
-        assert health.details["unwrappable"] == "yes"
+        assert health.details["unlock_blob"] == "present"
+        assert health.details["unseals"] == "yes"
+        assert health.details["blob"]["mechanism"] == "CKM_AES_GCM"  # type: ignore[index]
         store = provider.store_id()
     finally:
         provider.close()

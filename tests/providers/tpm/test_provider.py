@@ -148,14 +148,14 @@ def test_health_reports_the_tpm(tmp_path: Path, swtpm: Swtpm) -> None:
         assert h.details["tpm_reachable"] == "yes"
         assert h.details["tpm_manufacturer"] == "IBM"
         assert h.details["tpm_firmware"].count(".") == 3
-        assert h.details["sealed_blob"] == "present"
-        assert h.details["unsealable"] == "yes"
+        assert h.details["unlock_blob"] == "present"
+        assert h.details["unseals"] == "yes"
         assert h.details["unlocked_by"] == "tpm"
 
         unenroll(tpm.keystore)  # removed while open: keys still usable, health says why not ok
         h = tpm.health()
         assert not h.ok
-        assert h.details["sealed_blob"] == "absent"
+        assert h.details["unlock_blob"] == "absent"
         _sign_and_verify(tpm, tpm.generate_key(KeySpec("still-works")).label)
     finally:
         tpm.close()

@@ -11,7 +11,6 @@ if the token has to be found again) and retries once.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -155,11 +154,7 @@ class Connection:
         if not self._closed:
             return
         path = self.settings.module
-        if not os.path.isfile(path):  # before anything slow: fallback must be fast
-            raise ProviderUnavailable(
-                f"PKCS#11 module not found: {path}",
-                hint="install the vendor's PKCS#11 library or fix [providers.pkcs11] module",
-            )
+        self.settings.require_module()  # before anything slow: fallback must be fast
         self._p11 = import_pkcs11(self.name)
         pin = load_pin(self.settings, self._environment)
         try:

@@ -7,8 +7,11 @@ before handing it out. The token cannot do BIP340 Schnorr or BIP32 derivation,
 and says so through :meth:`Pkcs11Provider.capabilities`.
 
 Module loading, login, the session pool, reconnecting and the translation of
-PKCS#11 errors live in the ``pkcs11_*`` modules next to this one. python-pkcs11
-is imported only when the provider is opened.
+PKCS#11 errors live in the modules next to this one (conn, module, pool, errors);
+they, the key object rules (keys) and python-pkcs11 are imported only when the
+provider is opened, after the cheap check that the configured module file exists: a
+chain that falls back from an absent module pays for almost nothing (benchmarks/
+bench_cli.py measures it).
 """
 
 from __future__ import annotations
@@ -36,20 +39,6 @@ from anyhsm.errors import (
     UnsupportedOperation,
 )
 from anyhsm.provider import ProviderContext, check_sign_request
-from anyhsm.providers.pkcs11.conn import Connection, import_pkcs11
-from anyhsm.providers.pkcs11.keys import (
-    CREATED_APPLICATION,
-    KEY_ID_BYTES,
-    SECP256K1_OID_DER,
-    Verifier,
-    created_label,
-    created_template,
-    decode_created,
-    decode_ec_point,
-    key_id_of_created_label,
-    private_template,
-    public_template,
-)
 from anyhsm.providers.pkcs11.settings import Pkcs11Settings
 from anyhsm.types import (
     Capabilities,
@@ -68,6 +57,8 @@ if TYPE_CHECKING:
 
     from pkcs11 import Attribute, Object, Session, SignMixin
 
+    from anyhsm.providers.pkcs11.conn import Connection
+    from anyhsm.providers.pkcs11.keys import Verifier
     from anyhsm.providers.pkcs11.pool import PooledSession
 
 CAPABILITIES = Capabilities(
@@ -97,6 +88,8 @@ class _KeyEntry:
     verifier: Verifier = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        from anyhsm.providers.pkcs11.keys import Verifier
+
         # Parsed once: every signature is checked against it before it is returned.
         object.__setattr__(self, "verifier", Verifier(self.public_key))
 
@@ -119,8 +112,7 @@ class Pkcs11Provider:
     def __init__(self, context: ProviderContext) -> None:
         self._context = context
         self.settings = Pkcs11Settings.from_context(context)
-        self._conn = Connection(self.settings, context.environment, context.timeout_s, self.name)
-        self._conn.on_reset(self._forget_keys)
+        self._connection: Connection | None = None  # made by open (see _conn)
         self._keys: dict[str, _KeyEntry] = {}
         # CKA_ID -> public key of every key this provider has resolved for use. Kept
         # across reconnects: a key object replaced under the same id (another
@@ -132,12 +124,28 @@ class Pkcs11Provider:
 
     # --- lifecycle -----------------------------------------------------------------
 
+    @property
+    def _conn(self) -> Connection:
+        """The connection to the token (the connection modules imported on first use)."""
+        if self._connection is None:
+            from anyhsm.providers.pkcs11.conn import Connection
+
+            ctx = self._context
+            conn = Connection(self.settings, ctx.environment, ctx.timeout_s, self.name)
+            conn.on_reset(self._forget_keys)
+            self._connection = conn
+        return self._connection
+
     def open(self) -> None:
+        self.settings.require_module()  # before importing anything: fallback must be fast
+        from anyhsm.providers.pkcs11.conn import import_pkcs11
+
         self._conn.open()
         self._p11 = import_pkcs11(self.name)
 
     def close(self) -> None:
-        self._conn.close()
+        if self._connection is not None:
+            self._connection.close()
 
     def health(self) -> Health:
         started = time.perf_counter()
@@ -248,23 +256,27 @@ class Pkcs11Provider:
 
     def _created_records(self, session: Session, key_id: bytes | None = None) -> list[Object]:
         """anyhsm's creation records (keys.py): all of them, or the one of ``key_id``."""
+        from anyhsm.providers.pkcs11 import keys as k
+
         p11 = self._pkcs11()
         attr = p11.Attribute
         template: dict[Attribute, Any] = {
             attr.CLASS: p11.ObjectClass.DATA,
-            attr.APPLICATION: CREATED_APPLICATION,
+            attr.APPLICATION: k.CREATED_APPLICATION,
         }
         if key_id is not None:
-            template[attr.LABEL] = created_label(key_id)
+            template[attr.LABEL] = k.created_label(key_id)
         return list(session.get_objects(template))
 
     def _created_times(self, session: Session, key_id: bytes | None = None) -> dict[bytes, str]:
         """CKA_ID -> creation time, from the records (one lookup for all keys when listing)."""
+        from anyhsm.providers.pkcs11 import keys as k
+
         attr = self._pkcs11().Attribute
         out: dict[bytes, str] = {}
         for obj in self._created_records(session, key_id):
-            named = key_id_of_created_label(str(obj[attr.LABEL]))
-            when = decode_created(obj[attr.VALUE])
+            named = k.key_id_of_created_label(str(obj[attr.LABEL]))
+            when = k.decode_created(obj[attr.VALUE])
             if named is not None and when and (key_id is None or named == key_id):
                 if named in out:  # two records for one key: believe neither
                     out[named] = ""
@@ -275,9 +287,11 @@ class Pkcs11Provider:
     def _record_creation(self, session: Session, key_id: bytes) -> str:
         """Write the key's creation record; the time, or "" when the token refuses (the
         key stands without it)."""
+        from anyhsm.providers.pkcs11 import keys as k
+
         p11 = self._pkcs11()
         when = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        template = created_template(p11.Attribute, p11.ObjectClass.DATA, key_id, when)
+        template = k.created_template(p11.Attribute, p11.ObjectClass.DATA, key_id, when)
         try:
             session.create_object(template)
         except p11.PKCS11Error as e:
@@ -296,9 +310,11 @@ class Pkcs11Provider:
         """The key pair of a private key object; None for other curves or pairs without
         an id or a public half (anyhsm does not list what it cannot use). ``created``:
         the creation times read already (else this key's is looked up)."""
+        from anyhsm.providers.pkcs11 import keys as k
+
         p11 = self._pkcs11()
         attr = p11.Attribute
-        if bytes(priv[attr.EC_PARAMS]) != SECP256K1_OID_DER:
+        if bytes(priv[attr.EC_PARAMS]) != k.SECP256K1_OID_DER:
             return None
         key_id = bytes(priv[attr.ID])
         if not key_id:
@@ -306,7 +322,7 @@ class Pkcs11Provider:
         pubs = self._search(session, p11.ObjectClass.PUBLIC_KEY, id=key_id)
         if len(pubs) != 1:
             return None
-        point = decode_ec_point(bytes(pubs[0][attr.EC_POINT]))
+        point = k.decode_ec_point(bytes(pubs[0][attr.EC_POINT]))
         if created is None:
             created = self._created_times(session, key_id)
         return _KeyEntry(
@@ -376,6 +392,8 @@ class Pkcs11Provider:
     # --- keys ----------------------------------------------------------------------------
 
     def generate_key(self, spec: KeySpec) -> KeyInfo:
+        from anyhsm.providers.pkcs11 import keys as k
+
         if spec.key_type is not KeyType.SECP256K1:
             raise UnsupportedOperation(
                 self.name,
@@ -400,7 +418,7 @@ class Pkcs11Provider:
                         f"a key labelled {label!r} already exists on token {self.store_id()}",
                         hint="choose another label, or delete the old key first",
                     )
-            key_id = os.urandom(KEY_ID_BYTES)
+            key_id = os.urandom(k.KEY_ID_BYTES)
             pub, priv = session.generate_keypair(
                 p11.KeyType.EC,
                 id=key_id,
@@ -408,8 +426,8 @@ class Pkcs11Provider:
                 store=True,
                 capabilities=p11.MechanismFlag.SIGN | p11.MechanismFlag.VERIFY,
                 mechanism=p11.Mechanism.EC_KEY_PAIR_GEN,
-                public_template=public_template(attr),
-                private_template=private_template(attr),
+                public_template=k.public_template(attr),
+                private_template=k.private_template(attr),
             )
             try:
                 if not priv[attr.SENSITIVE] or priv[attr.EXTRACTABLE]:
@@ -418,7 +436,7 @@ class Pkcs11Provider:
                         "it was deleted",
                         hint="this token does not honour CKA_SENSITIVE / CKA_EXTRACTABLE",
                     )
-                point = decode_ec_point(bytes(pub[attr.EC_POINT]))
+                point = k.decode_ec_point(bytes(pub[attr.EC_POINT]))
             except BaseException:
                 for obj in (priv, pub):
                     obj.destroy()

@@ -13,13 +13,14 @@ authentication failure (exit 5).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anyhsm import registry
 from anyhsm.config import Config, Problem, keystore_path, secret_file_problems
-from anyhsm.errors import ConfigError
+from anyhsm.errors import ConfigError, ProviderUnavailable
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment
 
@@ -112,6 +113,15 @@ class Pkcs11Settings:
             wrap_key_label=_opt_str(s, "wrap_key_label"),
             given_pin=context.pin,
         )
+
+    def require_module(self) -> None:
+        """Refuse at once when the module file is not there: the cheap check that lets a
+        chain fall back from an absent PKCS#11 module before anything else is imported."""
+        if not os.path.isfile(self.module):
+            raise ProviderUnavailable(
+                f"PKCS#11 module not found: {self.module}",
+                hint="install the vendor's PKCS#11 library or fix [providers.pkcs11] module",
+            )
 
     def describe_token(self) -> str:
         parts = []

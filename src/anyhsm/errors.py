@@ -507,3 +507,127 @@ class NothingSigned(BitcoinError):
 
     code = "nothing_signed"
     exit_code = 9
+
+
+# --- the signing service (anyhsm serve) and its client --------------------------------------
+
+
+class ServiceError(HsmError):
+    """The signing service refused or could not serve a request for a reason of its own
+    (not of the handle behind it): too many requests, too busy, too slow, unreachable.
+    Its own exit status (11): nothing was signed that the caller was told of; retry
+    later (``Retry-After`` says when)."""
+
+    code = "service_error"
+    exit_code = 11
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+
+
+class Unauthenticated(ServiceError):
+    """No valid credentials: no ``Authorization: Bearer`` token, an unknown one, or a
+    token used without the client certificate it is bound to. Nothing was done."""
+
+    code = "unauthenticated"
+    exit_code = 5
+
+
+class Forbidden(ServiceError):
+    """The client is authenticated but not allowed this operation or this key (its
+    ``ops`` and ``keys`` in ``[[service.clients]]``). Nothing was done."""
+
+    code = "forbidden"
+    exit_code = 7
+
+
+class InvalidRequest(ServiceError):
+    """The request does not parse: not JSON, a member missing or of the wrong type, an
+    unknown query parameter value. The HTTP form of a usage error."""
+
+    code = "invalid_request"
+    exit_code = 2
+
+
+class RequestTooLarge(InvalidRequest):
+    """The request body is larger than ``[service] max_body_bytes`` (or a batch longer
+    than ``max_batch``)."""
+
+    code = "request_too_large"
+
+
+class EndpointNotFound(InvalidRequest):
+    """No endpoint at that path."""
+
+    code = "endpoint_not_found"
+
+
+class MethodNotAllowed(InvalidRequest):
+    """The endpoint exists but not with that HTTP method."""
+
+    code = "method_not_allowed"
+
+
+class IdempotencyConflict(InvalidRequest):
+    """An ``Idempotency-Key`` already used by this client for another request (another
+    path or body): the stored result is not returned and nothing is signed."""
+
+    code = "idempotency_conflict"
+
+
+class RateLimited(ServiceError):
+    """The client's rate limit (``rate_limit_per_s``, ``rate_limit_burst``) is exhausted."""
+
+    code = "rate_limited"
+
+
+class ServiceBusy(ServiceError):
+    """Every worker is busy and the queue is full (``max_concurrency``, ``max_pending``),
+    or the service is shutting down."""
+
+    code = "service_busy"
+
+
+class RequestTimedOut(ServiceError):
+    """The operation did not finish within ``request_timeout_ms``. It may still finish
+    (its audit entry says so); with an ``Idempotency-Key`` a retry gets its result."""
+
+    code = "request_timeout"
+
+
+class ServiceUnreachable(ServiceError):
+    """The client could not reach the service, or its answer was not the service's
+    (connection refused or reset, TLS failure, a body that is not the API's JSON)."""
+
+    code = "service_unreachable"
+
+
+def error_class_for_code(code: str) -> type[HsmError]:
+    """The error class whose stable ``code`` this is (any module that defines anyhsm
+    errors and is imported); :class:`HsmError` for a code this version does not know.
+    The inverse of ``cls.code``, for front ends that receive an error as JSON (the
+    service's client, the CLI's JSON) and raise it again as its class."""
+    found = _codes().get(code)
+    return found if found is not None else HsmError
+
+
+_CODES: dict[str, type[HsmError]] = {}
+
+
+def _codes() -> dict[str, type[HsmError]]:
+    if _CODES:
+        return _CODES
+    import anyhsm.bitcoin.sighash  # the modules that define errors outside this one
+    import anyhsm.tpm.errors
+
+    del anyhsm  # imported for their classes only
+    pending: list[type[HsmError]] = [HsmError]
+    while pending:
+        cls = pending.pop()
+        if cls.__module__.startswith("anyhsm.") and "code" in vars(cls):
+            _CODES.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return _CODES

@@ -273,3 +273,19 @@ def test_no_taproot_descriptor_for_a_key_without_bip340(
         ["--fingerprint", ABANDON_FP, "--chain", "regtest", "displayaddress", "--desc", desc]
     )
     assert isinstance(answer, dict) and answer["code"] == -9 and "BIP340" in str(answer["error"])
+
+
+def test_the_docs_list_every_code() -> None:
+    """docs/bitcoin-core.md's code table names exactly the codes the signer answers with."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "bitcoin-core.md").read_text()
+    documented = {int(m) for m in re.findall(r"^\| (-\d+) \| `[A-Z_]+` \|", doc, re.M)}
+    used = {
+        getattr(protocol, name)
+        for name in dir(protocol)
+        if name.isupper()
+        and isinstance(getattr(protocol, name), int)
+        and getattr(protocol, name) < 0
+    }
+    assert documented == used

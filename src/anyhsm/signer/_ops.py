@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from anyhsm.errors import DescriptorError, NetworkMismatch, UnsupportedOperation
+from anyhsm.errors import DescriptorError, NetworkMismatch
 
 if TYPE_CHECKING:
     from anyhsm.config import Config
@@ -75,21 +75,19 @@ def _terminal_prompt(text: str) -> str | None:
 
 def hd_keys(hsm: Hsm) -> list[KeyInfo]:
     """The keys of the handle Core can use: HD keys, available here, whose provider
-    derives BIP32 children."""
-    from anyhsm.ops.bitcoin import signing_key
+    derives BIP32 children (the HD test of :func:`anyhsm.ops.bitcoin.signing_key`, made
+    here without importing ops.bitcoin's address and descriptor code into signtx)."""
+    from anyhsm.bitcoin.signer import HD_KEY_TYPES
     from anyhsm.ops.keys import list_keys
 
-    out = []
-    for info in list_keys(hsm).keys:
-        if not info.available or info.master_fingerprint is None:
-            continue
-        try:
-            _, hd = signing_key(hsm, info.id)
-        except UnsupportedOperation:
-            continue
-        if hd:
-            out.append(info)
-    return out
+    return [
+        info
+        for info in list_keys(hsm).keys
+        if info.available
+        and info.master_fingerprint is not None
+        and info.key_type in HD_KEY_TYPES
+        and hsm.capabilities(info.id).can_derive
+    ]
 
 
 def descriptor_address(hsm: Hsm, info: KeyInfo, text: str) -> str:

@@ -99,12 +99,13 @@ def descriptor_address(hsm: Hsm, info: KeyInfo, text: str) -> str:
     "MUST fail if it does not match"), and when the signing policy would refuse to sign
     at that path (an address shown must be one the signer will spend), or the key's
     provider cannot sign its output type."""
-    from anyhsm.bitcoin.bip32 import ExtendedKey, format_path
+    from anyhsm.bitcoin.bip32 import format_path
     from anyhsm.bitcoin.capability import require_spendable
     from anyhsm.bitcoin.descriptor import Descriptor, DescriptorKey, parse_descriptor
     from anyhsm.bitcoin.paths import PathRules
     from anyhsm.bitcoin.presets import OutputType
     from anyhsm.crypto.secp256k1 import xonly
+    from anyhsm.ops.bitcoin import xpub
 
     desc = parse_descriptor(text)
     if desc.is_ranged or desc.is_multipath:
@@ -125,22 +126,13 @@ def descriptor_address(hsm: Hsm, info: KeyInfo, text: str) -> str:
             f"fingerprint {mfp.hex()} of the key {info.label!r}"
         )
     base = key.origin.path
-    ours = hsm.derive_public(info.id, base)
     if key.xpub is not None:
         theirs = key.xpub
         if hsm.network not in theirs.networks:
             raise NetworkMismatch(
                 f"the descriptor's xpub is for {theirs.network.value}, not {hsm.network.value}"
             )
-        mine = ExtendedKey(
-            network=hsm.network,
-            depth=ours.depth,
-            parent_fingerprint=ours.parent_fingerprint,
-            child_number=ours.child_number,
-            chain_code=ours.chain_code,
-            public_key=ours.public_key,
-        )
-        if str(mine) != str(theirs):
+        if xpub(hsm, info.id, base).xpub != str(theirs):
             raise DescriptorError(
                 f"the descriptor's xpub is not the key {info.label!r} at {format_path(base)}"
             )
@@ -149,7 +141,7 @@ def descriptor_address(hsm: Hsm, info: KeyInfo, text: str) -> str:
     else:
         assert key.pubkey is not None
         full = base
-        pub = ours.public_key
+        pub = hsm.derive_public(info.id, base).public_key
         given = key.pubkey
         same = xonly(pub) == given if len(given) == 32 else pub == given
         if not same:

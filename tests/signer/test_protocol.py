@@ -289,3 +289,37 @@ def test_the_docs_list_every_code() -> None:
         and getattr(protocol, name) < 0
     }
     assert documented == used
+
+
+def test_console_script_is_the_public_contract() -> None:
+    import tomllib
+    from importlib.metadata import entry_points
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    assert scripts["anyhsm-signer"] == "anyhsm.signer.main:main"
+    installed = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert installed.get("anyhsm-signer", scripts["anyhsm-signer"]) == scripts["anyhsm-signer"]
+
+
+def test_enumerate_from_the_index_opens_no_keystore(dep: Deployment) -> None:
+    """The passphrase-free path loads the config and reads the index: no handle, no
+    keystore, no cryptography (which is also why it is fast)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANYHSM_")}
+    env["ANYHSM_CONFIG"] = str(dep.config)
+    setup = [sys.executable, "-m", "anyhsm.signer", "setup"]
+    r = subprocess.run(setup, env={**env, "ANYHSM_PASSPHRASE": PASSPHRASE}, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    heavy = ("anyhsm.hsm", "anyhsm.keystore", "anyhsm.ops", "cryptography", "coincurve")
+    code = (
+        "import sys; from anyhsm.signer.main import main; assert main(['enumerate']) == 0;"
+        f"bad = [m for m in sys.modules if m.startswith({heavy!r})]; assert not bad, bad"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    want = [{"fingerprint": ABANDON_FP, "model": "anyhsm software"}]
+    assert r.stdout.splitlines() == [json.dumps(want)]

@@ -33,9 +33,9 @@ def test_version_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out == f"anyhsm {expected}\n"
     code, out, _ = run(capsys, "--version", "--json")
-    assert code == 0 and json.loads(out) == {"version": expected}
+    assert code == 0 and json.loads(out) == {"version": expected, "schema_version": 1}
     code, out, _ = run(capsys, "--json", "--version")
-    assert json.loads(out) == {"version": expected}
+    assert json.loads(out) == {"version": expected, "schema_version": 1}
 
 
 HEAVY = (
@@ -119,7 +119,7 @@ def test_usage_errors_print_one_json_error(
     code, out, err = run(capsys, *argv)
     assert code == 2
     body = json.loads(out)  # exactly one JSON document on stdout
-    assert set(body) == {"error"}
+    assert set(body) == {"error", "schema_version"}
     assert body["error"]["code"] == "usage_error"
     assert body["error"]["error"] == "UsageError"
     assert body["error"]["message"] and "--help" in body["error"]["hint"]

@@ -26,6 +26,7 @@ SHAPE = {
     "providers",
     "audit",
     "process",
+    "schema_version",
 }
 
 

@@ -121,3 +121,19 @@ def test_cli_choices_are_the_library_values() -> None:
     assert tuple(k.value for k in AddressKind) == bitcoin_cmds.ADDRESS_KINDS
     assert tuple(t.value for t in ops.DescriptorType) == bitcoin_cmds.DESCRIPTOR_TYPES
     assert bitcoin_cmds.SLIP132 == ops.SLIP132_FORMS
+
+
+def test_a_key_that_cannot_derive_refuses_any_path_before_parsing_it(hsm: Hsm) -> None:
+    """As the library's derive_public: unsupported_operation (exit 4) for a single key,
+    whether or not the path would parse (not bip32_error, exit 2)."""
+    create_key(hsm, "s")
+    for bad in ("m/4294967296", "m/" + "/".join(["1"] * 256), "m/-1", "m/0"):
+        with pytest.raises(UnsupportedOperation):
+            ops.address(hsm, "s", bad)
+        with pytest.raises(UnsupportedOperation):
+            ops.xpub(hsm, "s", bad)
+        with pytest.raises(UnsupportedOperation):
+            ops.sign_message(hsm, "s", "hi", bad)
+    with pytest.raises(UnsupportedOperation):
+        ops.address(hsm, "s", [0])
+    assert ops.address(hsm, "s", "M").path is None and ops.address(hsm, "s", []).path is None

@@ -41,6 +41,14 @@ class Result:
     lines: list[str] | None = None
 
 
+EXIT_OK = 0
+EXIT_NEGATIVE = 1
+"""A command that ran but answers no: ``verify``/``message verify`` found the signature
+invalid, ``psbt finalize`` could not finalize every input (operator guide, section 8:
+the generic status, as no error was raised). Failures exit with their error's
+``exit_code``."""
+
+
 def text_value(value: object) -> str:
     """A value as text output shows it, never a Python repr: booleans ``yes``/``no``,
     ``None`` ``none``, lists comma-separated (``none`` when empty), mappings

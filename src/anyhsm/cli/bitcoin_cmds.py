@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from anyhsm.cli.app import App, Result, SubParsers
+from anyhsm.cli.app import EXIT_NEGATIVE, EXIT_OK, App, Result, SubParsers
 from anyhsm.errors import PsbtError
 from anyhsm.types import Network
 
@@ -171,7 +171,9 @@ def cmd_psbt_finalize(args: argparse.Namespace, app: App) -> Result:
         _stderr(app, [*lines, f"complete: txid {res.tx.txid_hex()}"])
         return Result(data, [res.tx.serialize().hex()])
     _stderr(app, [*lines, "incomplete: not every input could be finalized"])
-    return Result(data, [f"wrote {args.out}"] if args.out else [res.psbt.to_base64()], 1)
+    return Result(
+        data, [f"wrote {args.out}"] if args.out else [res.psbt.to_base64()], EXIT_NEGATIVE
+    )
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -190,7 +192,8 @@ def cmd_message_verify(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.bitcoin import verify_message
 
     res = verify_message(args.address, args.message, args.signature, _network_hint(app))
-    return Result(res.to_dict(), ["valid" if res.valid else "INVALID"], 0 if res.valid else 1)
+    code = EXIT_OK if res.valid else EXIT_NEGATIVE
+    return Result(res.to_dict(), ["valid" if res.valid else "INVALID"], code)
 
 
 # --- registration -----------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from anyhsm.audit import VerifyResult
-from anyhsm.cli.app import App, Result, SubParsers
-from anyhsm.config import Config
+from anyhsm.cli.app import EXIT_NEGATIVE, EXIT_OK, App, Result, SubParsers, text_value
 from anyhsm.errors import (
+    AuthenticationFailed,
     ConfigError,
     HsmError,
     InvalidDigest,
@@ -18,7 +18,7 @@ from anyhsm.errors import (
     SecretOnCommandLine,
 )
 from anyhsm.fsutil import STDIN
-from anyhsm.hsm import Hsm
+from anyhsm.ops import SCHEMA_VERSION
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment, KeyInfo, KeyType, Network, SigScheme
 
@@ -45,19 +45,11 @@ def key_text(info: KeyInfo) -> list[str]:
 
 
 def cmd_init(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.deploy import (
-        AUDIT_NAME,
-        FAST_DEV_KDF,
-        KEYSTORE_NAME,
-        init_deployment,
-        plan_providers,
-    )
+    from anyhsm.ops import admin
 
     env = Environment(args.environment)
     network = Network(args.network)
-    if args.insecure_fast_kdf and env is Environment.PRODUCTION:
-        raise ConfigError("--insecure-fast-kdf is refused in production")
-    chain = [c.strip() for c in args.chain.split(",") if c.strip()]
+    chain = admin.parse_chain(args.chain)
     providers: dict[str, dict[str, object]] = {
         "tpm": {"tcti": args.tcti},
         "pkcs11": {
@@ -69,47 +61,42 @@ def cmd_init(args: argparse.Namespace, app: App) -> Result:
         },
     }
     consent = bool(args.allow_below_minimum)
-    # The chain is checked before the passphrase is asked for: a refusal costs nothing.
-    plan_providers(chain, env, network, providers, allow_below_minimum=consent)
+    fast = bool(args.insecure_fast_kdf)
+    # Every refusal that needs no device comes before the passphrase is asked for.
+    admin.check_init(
+        chain,
+        environment=env,
+        network=network,
+        providers=providers,
+        allow_below_minimum=consent,
+        insecure_fast_kdf=fast,
+    )
     pw = app.passphrase(prompt="New keystore passphrase: ", confirm=True)
     if pw is None:
-        raise HsmError(
+        raise AuthenticationFailed(
             "no passphrase for the new keystore",
             hint="set ANYHSM_PASSPHRASE or pass --passphrase-file",
         )
     try:
-        path = init_deployment(
+        res = admin.init(
             Path(args.dir),
             pw,
-            network=network,
-            environment=env,
-            kdf=FAST_DEV_KDF if args.insecure_fast_kdf else None,
             chain=chain,
+            environment=env,
+            network=network,
             providers=providers,
             allow_below_minimum=consent,
+            insecure_fast_kdf=fast,
         )
     finally:
         pw.wipe()
-    directory = path.parent
-    enrolled = [p for p in ("tpm",) if p in chain]
-    if args.wrap_key_label:
-        enrolled.append("pkcs11-wrap")
     lines = [
-        f"created keystore {directory / KEYSTORE_NAME}",
-        f"created audit log {directory / AUDIT_NAME}",
-        f"chain: {', '.join(chain)}",
+        f"created keystore {res.keystore}",
+        f"created audit log {res.audit_log}",
+        f"chain: {', '.join(res.chain)}",
     ]
-    lines += [f"enrolled: {e} (the passphrase stays the recovery path)" for e in enrolled]
-    return Result(
-        {
-            "config": str(path),
-            "keystore": str(directory / KEYSTORE_NAME),
-            "audit_log": str(directory / AUDIT_NAME),
-            "chain": chain,
-            "enrolled": enrolled,
-        },
-        [*lines, str(path)],
-    )
+    lines += [f"enrolled: {e} (the passphrase stays the recovery path)" for e in res.enrolled]
+    return Result(res.to_dict(), [*lines, str(res.config)])
 
 
 # --- keys --------------------------------------------------------------------------------
@@ -278,7 +265,8 @@ def cmd_verify(args: argparse.Namespace, app: App) -> Result:
     digest = hex_bytes(args.digest, "digest")
     sig = hex_bytes(args.signature, "signature")
     res = verify_digest(app.hsm(), args.key, digest, sig, SigScheme.parse(args.scheme))
-    return Result(res.to_dict(), ["valid" if res.valid else "INVALID"], 0 if res.valid else 1)
+    code = EXIT_OK if res.valid else EXIT_NEGATIVE
+    return Result(res.to_dict(), ["valid" if res.valid else "INVALID"], code)
 
 
 # --- health / audit / config -----------------------------------------------------------------
@@ -288,63 +276,63 @@ def cmd_health(args: argparse.Namespace, app: App) -> Result:
     """The health object in every case: when the handle cannot be opened, ``ok`` is false,
     every provider's reason is listed, and the error is its ``error`` member; the exit
     status is then the error's (5 for a credential, 4 when every provider failed...)."""
-    import sys
+    from anyhsm.errors import ProviderUnavailable
+    from anyhsm.ops.admin import health
 
-    from anyhsm.hsm import health_from_failure
-
-    failure: HsmError | None = None
-    hsm: Hsm | None = None
-    try:
-        hsm = app.hsm()
-        report = hsm.health()
-    except HsmError as e:
-        failure = e
-        attempts = hsm.attempts if hsm is not None else None
-        report = health_from_failure(e, app.loaded_config(), attempts)
-        print(f"anyhsm: error: {e}", file=sys.stderr)
+    res = health(app.hsm, app.loaded_config())
+    report = res.report
+    if res.error is not None:
+        print(f"anyhsm: error: {res.error}", file=sys.stderr)
     level = report.security_level.label if report.security_level else "none"
     minimum = report.min_security_level.label if report.min_security_level else "unknown"
     lines = [
         f"active provider: {report.active_provider or 'none'} (security level {level}, "
         f"minimum {minimum})",
-        f"environment: {report.environment}, network: {report.network}",
+        f"environment: {text_value(report.environment)}, network: {text_value(report.network)}",
     ]
-    if failure is not None:
-        lines.append(f"NOT OK: {failure.message}")
+    if res.error is not None:
+        lines.append(f"NOT OK: {res.error.message}")
     for d in report.degraded_reasons:
         lines.append(f"DEGRADED ({d['code']}): {d['reason']}")
     for p in report.providers:
         extra = f" - {p['reason']}" if p.get("reason") else ""
         lines.append(f"  {p['name']:15} {p['status']:13} {p['elapsed_ms']:>9} ms{extra}")
+    audit = report.audit
     lines.append(
-        f"audit log: {report.audit.get('path')} (last entry {report.audit.get('last_seq')})"
+        f"audit log: {text_value(audit.get('path'))} "
+        f"(last entry {text_value(audit.get('last_seq'))})"
     )
     proc = report.process
     if proc:
         lines.append(
-            f"process: dumpable {proc.get('dumpable')}, core limit {proc.get('core_limit')}, "
-            f"secrets dontdump {proc.get('dontdump_secrets')} "
-            f"(hardening {proc.get('hardening')})"
+            f"process: dumpable {text_value(proc.get('dumpable'))}, core limit "
+            f"{text_value(proc.get('core_limit'))}, secrets dontdump "
+            f"{text_value(proc.get('dontdump_secrets'))} "
+            f"(hardening {text_value(proc.get('hardening'))})"
         )
-    if failure is not None:
-        return Result(report.to_dict(), lines, failure.exit_code)
-    return Result(report.to_dict(), lines, 0 if report.ok else 4)
+    if res.error is not None:
+        code = res.error.exit_code
+    else:
+        code = EXIT_OK if report.ok else ProviderUnavailable.exit_code
+    return Result(res.to_dict(), lines, code)
+
+
+def _audit_exit(ok: bool) -> int:
+    from anyhsm.errors import AuditTampered
+
+    return EXIT_OK if ok else AuditTampered.exit_code
 
 
 def cmd_audit_verify(args: argparse.Namespace, app: App) -> Result:
-    res = app.hsm(verify_only=True).verify_audit()  # read-only: works on a damaged log
+    from anyhsm.ops.admin import audit_verify
+
+    res = audit_verify(app.hsm(verify_only=True))  # read-only: works on a damaged log
     text = (
         [f"audit log intact: {res.entries} entries (checkpoint at {res.checkpoint_seq})"]
         if res.ok
         else [f"AUDIT LOG TAMPERED: {res.reason}"]
     )
-    return Result(res.to_dict(), text, 0 if res.ok else 8)
-
-
-def _verified_log(app: App) -> tuple[Path, VerifyResult]:
-    """The audit log's path and its chain verification, from a read-only handle."""
-    hsm = app.hsm(verify_only=True)  # read-only: never appends, works on a damaged log
-    return hsm.audit_path, hsm.verify_audit()
+    return Result(res.to_dict(), text, _audit_exit(res.ok))
 
 
 def _chain_line(res: VerifyResult) -> str:
@@ -354,7 +342,8 @@ def _chain_line(res: VerifyResult) -> str:
 
 
 def cmd_audit_show(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.audit_query import AuditQuery, format_entry, parse_time, select
+    from anyhsm.audit_query import AuditQuery, format_entry, parse_time
+    from anyhsm.ops.admin import audit_show
 
     query = AuditQuery(
         op=args.op,
@@ -364,32 +353,16 @@ def cmd_audit_show(args: argparse.Namespace, app: App) -> Result:
         until=parse_time(args.until, "--until") if args.until else None,
         limit=args.limit,
     )
-    path, res = _verified_log(app)
-    found = select(path, query)
-    code = 0 if res.ok else 8
+    found = audit_show(app.hsm(verify_only=True), query)  # read-only, works on a damaged log
+    code = _audit_exit(found.verified)
     if app.json:  # JSON lines: one entry object per line, then one summary object
         import json
 
         lines = [json.dumps(e, sort_keys=True, separators=(",", ":")) for e in found.entries]
-        summary = {
-            "summary": {
-                "verified": res.ok,
-                "verify": res.to_dict(),
-                "matched": len(found.entries),
-                "scanned": found.scanned,
-                "unreadable_lines": found.unreadable_lines,
-            }
-        }
-        if not res.ok:
-            summary["error"] = {
-                "code": "audit_tampered",
-                "error": "AuditTampered",
-                "message": f"the audit chain does not verify: {res.reason}",
-                "hint": "run 'anyhsm audit verify'; the entries shown are unverified",
-            }
+        summary = {"schema_version": SCHEMA_VERSION, **found.summary()}
         lines.append(json.dumps(summary, sort_keys=True, separators=(",", ":")))
         return Result({}, lines=lines, exit_code=code)
-    text = [_chain_line(res)]
+    text = [_chain_line(found.verify)]
     text += [format_entry(e) for e in found.entries]
     text += [f"line {n}: unreadable (not an audit entry)" for n in found.unreadable_lines]
     text.append(f"{len(found.entries)} of {found.scanned} entries shown")
@@ -397,44 +370,24 @@ def cmd_audit_show(args: argparse.Namespace, app: App) -> Result:
 
 
 def cmd_audit_export(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.audit_query import export_log
+    from anyhsm.ops.admin import audit_export
 
-    path, res = _verified_log(app)
-    summary = export_log(path, Path(args.out), res)
+    res = audit_export(app.hsm(verify_only=True), Path(args.out))
+    s = res.summary
     text = [
-        _chain_line(res),
-        f"exported {summary['lines']} lines to {summary['out']} "
-        f"(sha256 {summary['sha256']}); summary in {summary['summary']}",
+        _chain_line(res.verify),
+        f"exported {s['lines']} lines to {s['out']} (sha256 {s['sha256']}); "
+        f"summary in {s['summary']}",
     ]
-    return Result(summary, text, 0 if res.ok else 8)
+    return Result(res.to_dict(), text, _audit_exit(res.verify.ok))
 
 
 def cmd_config_check(args: argparse.Namespace, app: App) -> Result:
-    import tomllib
+    from anyhsm.ops.admin import config_check
 
-    path = app.config_path()
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    import os
-
-    from anyhsm.config import apply_env_overrides, structural_problems
-
-    merged = apply_env_overrides(raw, os.environ)
-    problems = structural_problems(merged)
-    if not [p for p in problems if p.severity == "error"]:
-        cfg = Config.from_mapping(raw, config_dir=path.resolve().parent, source=path)
-        problems = cfg.check()
-    errors = [p for p in problems if p.severity == "error"]
-    lines = [str(p) for p in problems] or ["configuration OK"]
-    return Result(
-        {"ok": not errors, "problems": [p.to_dict() for p in problems]},
-        lines,
-        3 if errors else 0,
-    )
+    res = config_check(app.config_path())
+    lines = [str(p) for p in res.problems] or ["configuration OK"]
+    return Result(res.to_dict(), lines, ConfigError.exit_code if res.errors else EXIT_OK)
 
 
 def _current_passphrase(app: App) -> SecretBytes:
@@ -545,17 +498,16 @@ def cmd_keystore_rotate(args: argparse.Namespace, app: App) -> Result:
 def cmd_audit_recover(args: argparse.Namespace, app: App) -> Result:
     """Start a new audit chain after an operator has accepted a loss (the log missing,
     shorter, swapped or replaced); the new chain's first entry records what was lost."""
-    reason = (args.reason or "").strip()
-    if len(reason) < 8:
-        raise HsmError(
-            "say why the loss is accepted", hint="--reason 'TEXT' (recorded in the new chain)"
-        )
-    detail = app.hsm(audit_recovery=reason).audit_recovery or {}
+    from anyhsm.ops.admin import audit_recover
+
+    res = audit_recover(args.reason, lambda why: app.hsm(audit_recovery=why))
+    d = res.detail
     return Result(
-        {"recovered": True, **detail},
+        res.to_dict(),
         [
-            f"started audit chain {detail.get('new_chain')} after: {detail.get('found')}",
-            f"the old log was kept as {detail.get('old_log_moved_to') or '(none was there)'}",
+            f"started audit chain {text_value(d.get('new_chain'))} after: "
+            f"{text_value(d.get('found'))}",
+            f"the old log was kept as {d.get('old_log_moved_to') or '(none was there)'}",
         ],
     )
 

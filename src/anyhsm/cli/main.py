@@ -51,8 +51,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tpm": (_TPM, "seal the keystore master key to a TPM 2.0"),
     "pkcs11": (_PKCS11, "PKCS#11 token administration"),
 }
-EXIT_INTERNAL = 70
-EXIT_USAGE = 2
+EXIT_INTERNAL = 70  # an unexpected exception (a bug); not an HsmError, so no class has it
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EXIT_USAGE = 2  # UsageError.exit_code, known without importing anyhsm.errors (start-up)
+EXIT_OS_ERROR = 2  # an OSError: bad input, as a usage error (operator guide, section 8)
 _VALUE_OPTIONS = ("--config", "--passphrase-file", "--log-format")
 
 
@@ -277,10 +279,14 @@ def _modules_for(command: str | None) -> tuple[str, ...]:
     return (entry[0],) if entry else COMMAND_MODULES
 
 
-def _dump(obj: object) -> str:
+def _dump(obj: dict[str, object]) -> str:
+    """One JSON object as the CLI prints it: with the top-level ``schema_version``
+    (docs/cli.md, "JSON output")."""
     import json  # only when there is JSON to print: start-up budget
 
-    return json.dumps(obj, indent=2, sort_keys=True)
+    from anyhsm.ops import SCHEMA_VERSION
+
+    return json.dumps({"schema_version": SCHEMA_VERSION, **obj}, indent=2, sort_keys=True)
 
 
 def _fail(
@@ -321,14 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             # COMMANDS named a module that did not register this command: load them all.
             args = build_parser().parse_args(argv)
     except UsageFailure as e:
-        if want_json:
-            from anyhsm.errors import UsageError
+        from anyhsm.errors import UsageError
 
-            err = UsageError(e.message, hint=f"see '{e.parser.prog} --help'")
+        err = UsageError(e.message, hint=f"see '{e.parser.prog} --help'")
+        if want_json:
             print(_dump({"error": err.to_dict()}))
         e.parser.print_usage(sys.stderr)
         print(f"{e.parser.prog}: error: {e.message}", file=sys.stderr)
-        return EXIT_USAGE
+        return err.exit_code
     except SystemExit as e:  # --help, or an argparse exit we did not route
         return int(e.code or 0) if isinstance(e.code, int) else EXIT_USAGE
     undo_logging = configure_logging(
@@ -352,9 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         message = f"{e.strerror or type(e).__name__}{where}"
-        return _fail(app.json, "os_error", type(e).__name__, message, None, EXIT_USAGE)
+        return _fail(app.json, "os_error", type(e).__name__, message, None, EXIT_OS_ERROR)
     except KeyboardInterrupt:
-        return _fail(app.json, "interrupted", "KeyboardInterrupt", "interrupted", None, 130)
+        return _fail(
+            app.json, "interrupted", "KeyboardInterrupt", "interrupted", None, EXIT_INTERRUPTED
+        )
     except Exception as e:
         if os.environ.get("ANYHSM_DEBUG"):
             raise

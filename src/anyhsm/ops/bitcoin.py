@@ -165,6 +165,27 @@ def path_of(path: PathArg) -> tuple[int, ...] | None:
     return tuple(path)
 
 
+def key_path(hsm: Hsm, info: KeyInfo, hd: bool, path: PathArg) -> tuple[int, ...] | None:
+    """``path`` for this key, the key's ability asked before the path is parsed: a key
+    that cannot derive (a single key, a PKCS#11 key) takes no path but ``m`` (or none),
+    and any other is UnsupportedOperation, as :meth:`Hsm.derive_public` answers, whether
+    or not the path would parse."""
+    if hd:
+        return path_of(path)
+    if path is None:
+        return None
+    if isinstance(path, str):
+        text = path.strip()
+        if text == "-":
+            return None
+        if text in ("m", "M"):
+            return ()
+        _refuse_path_for_single(hsm, info, (0,))
+    steps = tuple(path)
+    _refuse_path_for_single(hsm, info, steps)
+    return steps
+
+
 def _refuse_path_for_single(hsm: Hsm, info: KeyInfo, path: tuple[int, ...] | None) -> None:
     if path:
         caps = hsm.capabilities(info.id)
@@ -206,13 +227,13 @@ def _extended(hsm: Hsm, info: KeyInfo, path: tuple[int, ...]) -> tuple[ExtendedK
 def xpub(hsm: Hsm, key: KeyRef, path: PathArg = None, *, slip132: str | None = None) -> XpubResult:
     """The extended public key of an HD key at ``path`` (default m)."""
     info, hd = signing_key(hsm, key)
-    at = path_of(path) or ()
-    if not hd:
+    if not hd:  # before the path is parsed: no path makes a single key an xpub
         raise UnsupportedOperation(
             info.provider,
             f"extended public keys of the single key {info.label!r} (it has no chain code)",
             hint="use 'anyhsm address' or 'anyhsm key show' for its public key",
         )
+    at = path_of(path) or ()
     if slip132 is not None and slip132 not in SLIP132_FORMS:
         raise HsmError(
             f"unknown SLIP-132 form {slip132!r}", hint="use one of: " + ", ".join(SLIP132_FORMS)
@@ -238,7 +259,7 @@ def address(
     require_spendable(
         hsm.capabilities(info.id), info.provider, info.label, kind is AddressKind.P2TR
     )
-    at = path_of(path)
+    at = key_path(hsm, info, hd, path)
     if hd and at is None:
         at = address_path(purpose_for(OutputType(kind.value)), hsm.network)
     pub = _pubkey(hsm, info, hd, at)
@@ -352,7 +373,7 @@ def sign_message(
             "BIP137 cannot sign for taproot addresses", hint="add --bip322 for a BIP322 signature"
         )
     info, hd = signing_key(hsm, key)
-    at = path_of(path)
+    at = key_path(hsm, info, hd, path)
     pub = _pubkey(hsm, info, hd, at)
     sign_path = (at or ()) if hd else ()
     otype = OutputType(akind.value)

@@ -180,8 +180,9 @@ def key_path(hsm: Hsm, info: KeyInfo, hd: bool, path: PathArg) -> tuple[int, ...
             return None
         if text in ("m", "M"):
             return ()
-        _refuse_path_for_single(hsm, info, (0,))
-    steps = tuple(path)
+        steps: tuple[int, ...] = (0,)  # any other text: refused below, never parsed
+    else:
+        steps = tuple(path)
     _refuse_path_for_single(hsm, info, steps)
     return steps
 

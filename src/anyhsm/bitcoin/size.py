@@ -34,6 +34,7 @@ from collections.abc import Collection, Mapping, Sequence
 from anyhsm.bitcoin.encoding import compact_size, hash160, sha256
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput
 from anyhsm.bitcoin.script import (
+    OP_1,
     OP_CHECKSIG,
     OP_CHECKSIGADD,
     OP_CHECKSIGVERIFY,
@@ -89,6 +90,9 @@ def estimate_vsize(
 def witness_len(items: Sequence[int]) -> int:
     """Serialized size of a witness whose elements have the given lengths."""
     return len(compact_size(len(items))) + sum(len(compact_size(n)) + n for n in items)
+
+
+_P2WPKH_WITNESS = witness_len([ECDSA_SIG_SIZE, PUBKEY_SIZE])
 
 
 def _push_len(n: int) -> int:
@@ -196,6 +200,11 @@ def input_size(inp: PsbtInput, spk: bytes | None, wanted: Collection[bytes] = ()
     lengths."""
     if spk is None:
         return 0, 0, "its previous output is not given"
+    n = len(spk)
+    if n == 22 and spk[0] == 0 and spk[1] == 20:  # P2WPKH, the common cases first
+        return 0, _P2WPKH_WITNESS, None
+    if n == 34 and spk[0] == OP_1 and spk[1] == 32:
+        return _taproot(inp, spk, wanted)
     info = classify(spk)
     t = info.type
     if t is ScriptType.P2PKH:
@@ -206,7 +215,7 @@ def input_size(inp: PsbtInput, spk: bytes | None, wanted: Collection[bytes] = ()
         m = info.required or 1
         return 1 + m * (1 + ECDSA_SIG_SIZE), 0, None
     if t is ScriptType.P2WPKH:
-        return 0, witness_len([ECDSA_SIG_SIZE, PUBKEY_SIZE]), None
+        return 0, _P2WPKH_WITNESS, None
     if t is ScriptType.P2WSH:
         return _p2wsh(inp, info.data, 0)
     if t is ScriptType.P2TR:
@@ -217,7 +226,7 @@ def input_size(inp: PsbtInput, spk: bytes | None, wanted: Collection[bytes] = ()
             return 2, 0, "its redeem script is not given"
         inner = classify(rs)
         if inner.type is ScriptType.P2WPKH:
-            return 23, witness_len([ECDSA_SIG_SIZE, PUBKEY_SIZE]), None
+            return 23, _P2WPKH_WITNESS, None
         if inner.type is ScriptType.P2WSH:
             return _p2wsh(inp, inner.data, 35)
         if inner.witness_version is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from anyhsm.bitcoin.encoding import hash160, sha256
 from anyhsm.bitcoin.psbt import PsbtInput
-from anyhsm.bitcoin.script import ScriptType, classify, iter_ops, p2pkh
+from anyhsm.bitcoin.script import OP_1, ScriptType, classify, iter_ops, p2pkh
 from anyhsm.bitcoin.sighash import SIGHASH_DEFAULT
 from anyhsm.bitcoin.tx import TxOut
 from anyhsm.errors import ScriptError
@@ -123,6 +123,11 @@ def describe_input(inp: PsbtInput) -> SpendInfo:
 
 def _classify_spend(inp: PsbtInput, spent: TxOut) -> SpendInfo:
     spk = spent.script_pubkey
+    n = len(spk)
+    if n == 22 and spk[0] == 0 and spk[1] == 20:  # the common cases first, as classify()
+        return SpendInfo(SpendKind.P2WPKH, spent, p2pkh(spk[2:]))  # would find them
+    if n == 34 and spk[0] == OP_1 and spk[1] == 32:
+        return SpendInfo(SpendKind.P2TR, spent)
     info = classify(spk)
     t = info.type
     if t is ScriptType.P2PKH:
@@ -207,13 +212,23 @@ def script_pushes_in_order(script: bytes) -> list[bytes]:
         return []
 
 
+_KEY_HASH_KINDS = frozenset({SpendKind.P2PKH, SpendKind.P2WPKH, SpendKind.P2SH_P2WPKH})
+_P2PKH_HEAD, _P2PKH_TAIL = p2pkh(bytes(20))[:3], p2pkh(bytes(20))[23:]
+
+
 def key_in_script(pubkey: bytes, info: SpendInfo) -> bool:
     """Whether a signature by ``pubkey`` (33 or 65 bytes) can help spend this input."""
     if info.script_code is None:
         return False
     kind = info.kind
-    if kind in (SpendKind.P2PKH, SpendKind.P2WPKH, SpendKind.P2SH_P2WPKH):
-        return p2pkh(hash160(pubkey)) == info.script_code
+    if kind in _KEY_HASH_KINDS:  # the script code is the P2PKH script of the key hash
+        code = info.script_code
+        return (
+            len(code) == 25
+            and code[:3] == _P2PKH_HEAD
+            and code[23:] == _P2PKH_TAIL
+            and code[3:23] == hash160(pubkey)
+        )
     pushes = script_pushes(info.script_code)
     return pubkey in pushes or hash160(pubkey) in pushes
 

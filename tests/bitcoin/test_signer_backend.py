@@ -18,6 +18,7 @@ from anyhsm.bitcoin.backend import SigningBackend, SignRequest
 from anyhsm.bitcoin.signer import sign_psbt
 from anyhsm.config import PolicyConfig
 from anyhsm.deploy import FAST_DEV_KDF
+from anyhsm.errors import ProviderUnavailable
 from anyhsm.keystore import Keystore
 from anyhsm.provider import ProviderContext
 from anyhsm.providers.software import SoftwareProvider
@@ -171,4 +172,25 @@ def test_the_previous_tx_relaxation_holds_only_outside_production(
         network=Network.REGTEST,
         environment=Environment.DEVELOPMENT,
     )
+    assert res.signed_inputs == 1
+
+
+def test_keys_the_backend_cannot_use_now_are_skipped(backend: ProviderBackend) -> None:
+    """A key the directory lists as unavailable (its store is not open here) is not
+    asked anything when signing with every key."""
+
+    class WithAbsentKey(ProviderBackend):
+        def list_keys(self) -> list[KeyInfo]:
+            absent = KeyInfo("absent-id", "absent", "pkcs11", bytes(33), available=False)
+            return [*super().list_keys(), absent]
+
+        def capabilities(self, key: KeyRef) -> Capabilities:
+            if key == "absent-id":
+                raise ProviderUnavailable("pkcs11", "not open here")
+            return super().capabilities(key)
+
+    w = Wallet("w", SEED)
+    other = WithAbsentKey(backend.provider)
+    psbt = build_psbt([Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])])
+    res = sign_psbt(other, psbt, policy=PolicyConfig(), network=Network.REGTEST)
     assert res.signed_inputs == 1

@@ -37,6 +37,7 @@ from anyhsm.bitcoin.script import (
     parse_tapscript,
     push_data,
 )
+from anyhsm.bitcoin.script_kind import ScriptKind
 from anyhsm.bitcoin.sighash import SIGHASH_DEFAULT, STANDARD_SIGHASH_TYPES, SighashCache
 from anyhsm.bitcoin.spend import SpendInfo, SpendKind, describe_input
 from anyhsm.bitcoin.taproot import TAPROOT_LEAF_TAPSCRIPT, leaf_hash, verify_control_block
@@ -59,7 +60,7 @@ class FinalizeInputReport:
             "index": self.index,
             "script_type": self.script_type,
             "status": self.status,
-            "reason": self.reason,
+            "reason": self.reason or None,  # no value is null, never ""
         }
 
 
@@ -96,7 +97,7 @@ def finalize_psbt(psbt: Psbt) -> FinalizeResult:
     cache = SighashCache(work.unsigned_tx(), [i.spent for i in infos])
     reports: list[FinalizeInputReport] = []
     for index, (inp, info) in enumerate(zip(work.inputs, infos, strict=True)):
-        kind = info.kind.value
+        kind = ScriptKind.of_spend(info.kind).value
         if inp.is_finalized:
             reports.append(FinalizeInputReport(index, kind, "already-final"))
             continue

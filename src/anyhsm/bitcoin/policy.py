@@ -49,6 +49,7 @@ from anyhsm.bitcoin.script import (
     p2tr,
     p2wpkh,
 )
+from anyhsm.bitcoin.script_kind import ScriptKind
 from anyhsm.bitcoin.sighash import (
     SIGHASH_ANYONECANPAY,
     STANDARD_SIGHASH_TYPES,
@@ -99,7 +100,7 @@ class OutputReport:
             "change": self.change,
             "owner": self.owner,
             "path": self.path,
-            "note": self.note,
+            "note": self.note or None,  # no value is null, never ""
         }
 
 
@@ -315,14 +316,15 @@ def _check_previous_tx(
 def _check_sighash(
     where: str, kind: SpendKind, hash_type: int, policy: PolicyConfig, f: _Findings
 ) -> None:
-    name = sighash_name(hash_type)
     if kind is not SpendKind.P2TR and hash_type not in STANDARD_SIGHASH_TYPES:
         f.refuse(
             where,
             "sighash",
-            f"sighash type {name} ({hash_type:#x}) is not valid for an ECDSA signature",
+            f"sighash type {sighash_name(hash_type)} ({hash_type:#x}) is not valid for an "
+            "ECDSA signature",
         )
     elif hash_type not in policy.allowed_sighash_types:
+        name = sighash_name(hash_type)
         allowed = ", ".join(sighash_name(t) for t in policy.allowed_sighash_types) or "none"
         f.refuse(
             where,
@@ -369,7 +371,7 @@ def describe_output(
         data = b"".join(script_pushes_in_order(info.data))
         note = f"OP_RETURN data ({len(data)} bytes): {data[:80].hex()}"
     elif address is None:
-        note = f"{info.type.value} script without an address: {spk[:80].hex()}"
+        note = f"{ScriptKind.of_script(info.type)} script without an address: {spk[:80].hex()}"
     elif info.type is ScriptType.WITNESS_UNKNOWN:
         note = f"witness version {info.witness_version}: not spendable by current rules"
         if findings is not None:
@@ -395,7 +397,7 @@ def describe_output(
     return OutputReport(
         index,
         out.amount,
-        info.type.value,
+        ScriptKind.of_script(info.type).value,
         address,
         spk,
         change=label is not None,

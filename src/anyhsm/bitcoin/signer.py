@@ -59,6 +59,7 @@ from anyhsm.bitcoin.encoding import hash160
 from anyhsm.bitcoin.policy import OutputReport, PolicyReport, check_policy
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput
 from anyhsm.bitcoin.script import p2pkh, p2sh, p2tr, p2wpkh
+from anyhsm.bitcoin.script_kind import ScriptKind
 from anyhsm.bitcoin.sighash import (
     SIGHASH_ANYONECANPAY,
     SIGHASH_DEFAULT,
@@ -78,6 +79,7 @@ from anyhsm.bitcoin.taproot import (
     taproot_tweak,
     verify_control_block,
 )
+from anyhsm.bitcoin.tx import Transaction
 from anyhsm.crypto import secp256k1 as ec
 from anyhsm.errors import (
     AddressError,
@@ -109,6 +111,12 @@ if TYPE_CHECKING:
 SIGNING_KEY_TYPES = frozenset({KeyType.SECP256K1, KeyType.BIP32, KeyType.BIP32_NODE})
 HD_KEY_TYPES = frozenset({KeyType.BIP32, KeyType.BIP32_NODE})
 _ZERO_AUX = bytes(32)
+
+
+def schnorr_aux(policy: PolicyConfig) -> bytes | None:
+    """The BIP340 auxiliary randomness the policy asks for: None (fresh random bytes, the
+    default) or 32 zero bytes with ``deterministic_schnorr`` (reproducible signatures)."""
+    return _ZERO_AUX if policy.deterministic_schnorr else None
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -337,9 +345,11 @@ class _Plan:
     unconfirmed: bool = False  # claimed through a fingerprint whose key is not yet checked
 
     def add(self, job: _Job) -> None:
-        ident = (job.key.info.id, job.kind, job.pubkey, job.leaf_hash)
-        if all((j.key.info.id, j.kind, j.pubkey, j.leaf_hash) != ident for j in self.jobs):
-            self.jobs.append(job)
+        if self.jobs:
+            ident = (job.key.info.id, job.kind, job.pubkey, job.leaf_hash)
+            if any((j.key.info.id, j.kind, j.pubkey, j.leaf_hash) == ident for j in self.jobs):
+                return
+        self.jobs.append(job)
 
 
 @dataclass(frozen=True)
@@ -610,16 +620,18 @@ def sign_psbt(
         # the relaxation is for test set-ups only: 'config check' reports it as an error,
         # and production signs as if it were not there
         policy = dataclasses.replace(policy, require_previous_tx_segwit_v0=True)
+    unsigned: Transaction | None
     try:
-        txid = psbt.unsigned_tx().txid_hex()
+        unsigned = psbt.unsigned_tx()  # built once: the txid, and the sighashes' transaction
+        txid = unsigned.txid_hex()
     except HsmError:  # no v0 transaction can be made (a v2 PSBT without a lock time)
-        txid = "unknown"
+        unsigned, txid = None, "unknown"
     key_id: str | None = None
     try:
         keys = _signing_keys(backend, key)
         if key is not None and keys:
             key_id = keys[0].info.id
-        result = _sign(backend, psbt, keys, key, policy, network, grind_low_r, txid)
+        result = _sign(backend, psbt, unsigned, keys, key, policy, network, grind_low_r, txid)
     except (SigningPolicyError, PsbtLimitExceeded) as e:
         detail = {"txid": txid, "rules": _rules(e), "message": _bounded(e.message, 300)}
         if isinstance(e, PsbtLimitExceeded) and e.field:
@@ -665,6 +677,7 @@ def _rules(e: HsmError) -> str:
 def _sign(
     backend: SigningBackend,
     psbt: Psbt,
+    unsigned: Transaction | None,
     keys: list[_Key],
     key: KeyRef | None,
     rules: PolicyConfig,
@@ -762,8 +775,10 @@ def _sign(
     report, to_sign = passed if passed is not None else policy()
     if not any(p.jobs for p in plans):
         raise _nothing_signed(key, keys, work, infos, plans)
-    aux = _ZERO_AUX if rules.deterministic_schnorr else None
-    cache = SighashCache(work.unsigned_tx(), [i.spent for i in infos])
+    aux = schnorr_aux(rules)
+    # the copy's transaction is the original's (nothing that builds it has changed)
+    tx = unsigned if unsigned is not None else work.unsigned_tx()
+    cache = SighashCache(tx, [i.spent for i in infos])
     placed = _sign_all(backend, cache, work, infos, plans, to_sign, aux, grind_low_r, deriv, txid)
     if not any(placed):
         raise _nothing_signed(key, keys, work, infos, plans)
@@ -856,7 +871,7 @@ def _sign_all(
                     )
                     raise
                 wrong_key += 1
-            elif any(_same_slot(job, j) for j in placed[index]):
+            elif placed[index] and any(_same_slot(job, j) for j in placed[index]):
                 same_key += 1  # the same key under two labels: one signature is enough
             else:
                 _place(work.inputs[index], job, hash_type, sig)
@@ -869,7 +884,7 @@ def _sign_all(
             }
             backend.record_event("sign_discarded", "ok", detail, key_id=key_id, provider=provider)
     return [
-        [j for j in plan.jobs if any(j is d for d in done)]
+        done if len(done) < 2 else [j for j in plan.jobs if any(j is d for d in done)]
         for plan, done in zip(plans, placed, strict=True)
     ]
 
@@ -934,7 +949,7 @@ def _bad_signature(job: _Job, index: int) -> SigningFailed:
 def _input_report(
     index: int, inp: PsbtInput, info: SpendInfo, plan: _Plan, sigs: list[SignatureReport]
 ) -> InputReport:
-    kind = info.kind.value
+    kind = ScriptKind.of_spend(info.kind).value
     if sigs:
         what = ", ".join(
             f"{s.kind} by {s.key}" + (f" at {format_path(s.path)}" if s.path is not None else "")
@@ -977,4 +992,11 @@ def _nothing_signed(
     return err
 
 
-__all__ = ["InputReport", "OutputReport", "SignResult", "SignatureReport", "sign_psbt"]
+__all__ = [
+    "InputReport",
+    "OutputReport",
+    "SignResult",
+    "SignatureReport",
+    "schnorr_aux",
+    "sign_psbt",
+]

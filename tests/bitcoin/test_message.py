@@ -1,4 +1,7 @@
-"""BIP137 and BIP322 signed messages: published vectors, round trips, tampering, fuzz."""
+"""BIP137 and BIP322 signed messages through anyhsm.bitcoin.message: published vectors,
+round trips, tampering, one kind of answer for an invalid signature, fuzz. (BIP322's own
+vector files, full and proof-of-funds signatures and the script interpreter are in
+test_bip322.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from tests.vectors import data_dir
 
 from anyhsm.bitcoin.address import address_for_pubkey, wif_decode
 from anyhsm.bitcoin.bip32 import ExtendedKey
+from anyhsm.bitcoin.bip322 import Bip322Format
 from anyhsm.bitcoin.message import (
+    EcdsaNonce,
     bip322_message_hash,
     bip322_to_sign,
     bip322_to_spend,
@@ -230,9 +235,12 @@ def test_bip322_p2wpkh_signatures_byte_for_byte(case: dict[str, str]) -> None:
     assert address_for_pubkey(pub, "p2wpkh", Network.MAINNET) == address
     low_r = sign_message_bip322(_ecdsa(secret, low_r=True), pub, case["message"], "p2wpkh")
     plain = sign_message_bip322(_ecdsa(secret), pub, case["message"], OutputType.P2WPKH)
-    assert low_r == case["low_r"]
-    assert plain == case["rfc6979"]
-    for sig in (low_r, plain):
+    # BIP322 1.0.0 prefixes the format; the vectors predate it
+    assert low_r == "smp" + case["low_r"]
+    assert plain == "smp" + case["rfc6979"]
+    unprefixed = sign_message_bip322(_ecdsa(secret), pub, case["message"], "p2wpkh", prefix=False)
+    assert unprefixed == case["rfc6979"]
+    for sig in (low_r, plain, unprefixed):
         assert verify_message_bip322(address, case["message"], sig, Network.MAINNET)
         assert verify_message(address, case["message"], sig, Network.MAINNET)
         assert not verify_message_bip322(address, case["message"] + " ", sig, Network.MAINNET)
@@ -275,7 +283,8 @@ def test_bip322_p2tr_round_trip_and_tampering() -> None:
         address = address_for_pubkey(pub, "p2tr", Network.REGTEST)
         msg = os.urandom(20)
         sig = sign_message_bip322(_schnorr_bip86(secret, pub), pub, msg, OutputType.P2TR)
-        stack = decode_witness(base64.b64decode(sig))
+        assert sig.startswith("smp")
+        stack = decode_witness(base64.b64decode(sig[3:]))
         assert len(stack) == 1 and len(stack[0]) == 64  # SIGHASH_DEFAULT
         assert verify_message_bip322(address, msg, sig, Network.REGTEST)
         assert not verify_message_bip322(address, msg + b"x", sig, Network.REGTEST)
@@ -300,7 +309,7 @@ def test_bip322_p2wpkh_rules() -> None:
     secret = SecretBytes(os.urandom(32))
     pub = ec.public_key(secret.buffer)
     address = address_for_pubkey(pub, "p2wpkh", Network.MAINNET)
-    sig = sign_message_bip322(_ecdsa(secret), pub, "m", "p2wpkh")
+    sig = sign_message_bip322(_ecdsa(secret), pub, "m", "p2wpkh", prefix=False)
     der_all, key = decode_witness(base64.b64decode(sig))
     # SIGHASH_NONE instead of ALL: rejected even if it were a valid signature
     none = base64.b64encode(encode_witness([der_all[:-1] + b"\x02", key])).decode()
@@ -321,15 +330,68 @@ def test_bip322_p2wpkh_rules() -> None:
     other.wipe()
 
 
-def test_bip322_unsupported_types() -> None:
+def test_bip322_single_key_types_and_formats() -> None:
     secret = SecretBytes(os.urandom(32))
     pub = ec.public_key(secret.buffer)
-    with pytest.raises(MessageError, match="p2wpkh and p2tr"):
-        sign_message_bip322(_ecdsa(secret), pub, "m", "p2pkh")
-    p2pkh = address_for_pubkey(pub, "p2pkh", Network.MAINNET)
-    sig = sign_message_bip322(_ecdsa(secret), pub, "m", "p2wpkh")
-    with pytest.raises(MessageError, match="P2WPKH and P2TR"):
-        verify_message_bip322(p2pkh, "m", sig, Network.MAINNET)
+    net = Network.MAINNET
+    for kind, prefix in (("p2pkh", "ful"), ("p2sh-p2wpkh", "ful"), ("p2wpkh", "smp")):
+        sig = sign_message_bip322(_ecdsa(secret), pub, "m", kind)
+        assert sig.startswith(prefix)
+        address = address_for_pubkey(pub, kind, net)
+        assert verify_message_bip322(address, "m", sig, net)
+        assert verify_message(address, "m", sig, net)
+        assert not verify_message(address, "n", sig, net)
+    full = sign_message_bip322(_ecdsa(secret), pub, "m", "p2wpkh", fmt=Bip322Format.FULL)
+    assert full.startswith("ful")
+    assert verify_message(address_for_pubkey(pub, "p2wpkh", net), "m", full, net)
+    with pytest.raises(MessageError, match="native segwit"):
+        sign_message_bip322(_ecdsa(secret), pub, "m", "p2pkh", fmt=Bip322Format.SIMPLE)
+    with pytest.raises(MessageError, match="not p2wsh"):
+        sign_message_bip322(_ecdsa(secret), pub, "m", "p2wsh")
+    # a simple signature is no proof for a P2PKH address: well formed, not valid
+    simple = sign_message_bip322(_ecdsa(secret), pub, "m", "p2wpkh")
+    assert not verify_message_bip322(address_for_pubkey(pub, "p2pkh", net), "m", simple, net)
+    secret.wipe()
+
+
+def test_one_kind_of_answer_for_invalid_signatures() -> None:
+    """False for every well-formed signature that does not prove the message; MessageError
+    only for text that is no signature (or an inconclusive BIP322 verdict)."""
+    secret, pub = _key(BIP137["signing"][0]["wif"])
+    net = Network.TESTNET
+    p2wpkh = address_for_pubkey(pub, "p2wpkh", net)
+    bip137 = sign_message_bip137(_ecdsa(secret), pub, "m", "p2wpkh")
+    bip322 = sign_message_bip322(_ecdsa(secret), pub, "m", "p2wpkh")
+    stranger = SecretBytes(os.urandom(32))
+    other = address_for_pubkey(ec.public_key(stranger.buffer), "p2wpkh", net)
+    stranger.wipe()
+    for sig in (bip137, bip322, bip322[3:]):
+        assert verify_message(p2wpkh, "m", sig, net) is True
+        assert verify_message(p2wpkh, "x", sig, net) is False  # another message
+        assert verify_message(other, "m", sig, net) is False  # another address
+    # a valid witness stack of the wrong shape, an empty stack: invalid, not malformed
+    empty_stack = "smp" + base64.b64encode(b"\x00").decode()
+    assert verify_message(p2wpkh, "m", empty_stack, net) is False
+    assert verify_message(p2wpkh, "m", "smp" + base64.b64encode(b"\x01\x00").decode(), net) is (
+        False
+    )
+    for malformed in ("not base64!", "", "smp", "ful" + bip322[3:], "pofAAAA", "smp!!!!"):
+        with pytest.raises(MessageError):
+            verify_message(p2wpkh, "m", malformed, net)
+    secret.wipe()
+
+
+def test_ecdsa_nonce_choice() -> None:
+    assert EcdsaNonce("rfc6979").grind_low_r is False
+    assert EcdsaNonce.LOW_R.grind_low_r is True
+    secret, pub = _key(BIP322["signing"]["private_key"])
+    case = BIP322["signing"]["signatures"][0]
+    for nonce, expected in (
+        (EcdsaNonce.RFC6979, case["rfc6979"]),
+        (EcdsaNonce.LOW_R, case["low_r"]),
+    ):
+        sign = _ecdsa(secret, low_r=nonce.grind_low_r)
+        assert sign_message_bip322(sign, pub, case["message"], "p2wpkh", prefix=False) == expected
     secret.wipe()
 
 

@@ -1,4 +1,4 @@
-"""Signed messages: BIP137 ("Bitcoin Signed Message") and BIP322 "simple" signatures.
+"""Signed messages: BIP137 ("Bitcoin Signed Message") and BIP322 (see :mod:`anyhsm.bitcoin.bip322`).
 
 Signing never touches a private key here: the caller passes ``sign_digest``, a function that
 signs a 32-byte digest (an HSM provider does the work), and the rest is public computation.
@@ -10,68 +10,86 @@ signs a 32-byte digest (an HSM provider does the work), and the rest is public c
   Verification also accepts header 31-34 for P2WPKH and P2SH-P2WPKH addresses, as Electrum,
   Sparrow, Trezor's and most other verifiers do (Electrum signs segwit addresses that way).
   BIP137 cannot sign for taproot addresses: use BIP322.
-- BIP322 (simple): for P2WPKH ``sign_digest`` returns a DER ECDSA signature of the BIP143
-  SIGHASH_ALL digest; for P2TR (BIP86 key path) it returns a 64-byte BIP340 signature of the
-  BIP341 SIGHASH_DEFAULT digest made with the *tweaked* key (internal key tweaked by
-  ``anyhsm.bitcoin.taproot.taproot_tweak(xonly, None)``; providers take it as a sign
-  parameter). Signatures are the base64 witness, unprefixed; the verifier also accepts the
-  ``smp`` prefix of the newer BIP322 revision. Verification supports P2WPKH and P2TR key-path
-  addresses and applies BIP322's required rules for them (SIGHASH_ALL/DEFAULT only, strict
-  DER, low S).
+- BIP322: :func:`sign_message_bip322` signs for the address of one key, in the simple
+  format for P2WPKH and P2TR (BIP86 key path) and the full format for P2PKH and
+  P2SH-P2WPKH; for P2TR ``sign_digest`` returns a 64-byte BIP340 signature made with the
+  *tweaked* key (internal key tweaked by ``anyhsm.bitcoin.taproot.taproot_tweak(xonly,
+  None)``; providers take it as a sign parameter). Signatures carry BIP322's prefix
+  (``smp``/``ful``), unless ``prefix=False`` asks for the unprefixed form of verifiers
+  older than BIP322 1.0.0. Multisig, script addresses and proofs of funds are
+  :func:`anyhsm.bitcoin.bip322.sign_bip322`'s.
+
+Verification answers the same way in every format: ``True`` for a valid signature,
+``False`` for a well-formed one that is not valid (wrong message, key or address, a bad
+signature, a sighash type or script BIP322 does not allow), and :class:`MessageError` only
+for input that is not a signature at all (not base64, not a witness stack / transaction /
+PSBT, a 65-byte BIP137 signature with an impossible header) or a BIP322 signature whose
+verification is *inconclusive* (it relies on rules reserved for upgrades).
+:func:`anyhsm.bitcoin.bip322.verify_bip322` gives BIP322's full verdict (state, reason,
+the lock time and age a signature needs, the outputs a proof of funds spends).
+
+ECDSA nonces: the digest signer decides. :class:`EcdsaNonce` names the two choices a
+front end offers (plain RFC 6979, or RFC 6979 ground to a low R value as Bitcoin Core
+signs) and maps them to ``SignParams.grind_low_r``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Sequence
+import enum
+from collections.abc import Callable
 
 from coincurve import PublicKey
 
 from anyhsm.bitcoin.address import parse_address, script_from_address
-from anyhsm.bitcoin.encoding import (
-    as_stream,
-    compact_size,
-    hash160,
-    read_compact_size,
-    read_var_bytes,
-    sha256d,
-    tagged_hash,
-    var_bytes,
+from anyhsm.bitcoin.bip322 import (
+    Bip322Format,
+    Bip322Key,
+    Bip322State,
+    bip322_message_hash,
+    bip322_to_sign,
+    bip322_to_spend,
+    decode_witness,
+    encode_witness,
+    message_bytes,
+    p2tr_bip86_script,
+    sign_bip322,
+    verify_bip322,
 )
+from anyhsm.bitcoin.encoding import compact_size, hash160, sha256d
 from anyhsm.bitcoin.presets import OutputType
-from anyhsm.bitcoin.script import ScriptType, p2pkh, p2sh, p2tr, p2wpkh
-from anyhsm.bitcoin.sighash import (
-    SIGHASH_ALL,
-    SIGHASH_DEFAULT,
-    bip143_sighash,
-    bip341_sighash,
-)
-from anyhsm.bitcoin.taproot import taproot_output_key
-from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn, TxOut
+from anyhsm.bitcoin.script import ScriptType, p2pkh, p2sh, p2wpkh
 from anyhsm.crypto import secp256k1 as ec
-from anyhsm.errors import EncodingError, HsmError, MessageError, ScriptError
+from anyhsm.errors import HsmError, MessageError
 from anyhsm.types import Network
 
 SignDigest = Callable[[bytes], bytes]
 """Signs a 32-byte digest and returns the signature (DER ECDSA, or 64-byte BIP340)."""
 
 MESSAGE_MAGIC = b"\x18Bitcoin Signed Message:\n"
-_MAX_MESSAGE = 1 << 20  # 1 MiB: larger "messages" are a misuse
-_MAX_SIGNATURE_TEXT = 4096
+_MAX_BIP137_TEXT = 4096  # a BIP137 signature is 88 characters
+
+
+class EcdsaNonce(enum.StrEnum):
+    """How an ECDSA signature's nonce is made: plain RFC 6979 (as most wallets and the
+    BIP322 vectors), or RFC 6979 retried with a counter until R is low (Bitcoin Core's
+    ``CKey::Sign``; one byte shorter signatures half of the time)."""
+
+    RFC6979 = "rfc6979"
+    LOW_R = "low-r"
+
+    @property
+    def grind_low_r(self) -> bool:
+        """The ``SignParams.grind_low_r`` that asks a provider for this nonce."""
+        return self is EcdsaNonce.LOW_R
+
 
 _BIP137_BASE = {
     OutputType.P2PKH: 31,  # compressed; uncompressed keys use 27
     OutputType.P2SH_P2WPKH: 35,
     OutputType.P2WPKH: 39,
 }
-
-
-def _message_bytes(message: bytes | str) -> bytes:
-    data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
-    if len(data) > _MAX_MESSAGE:
-        raise MessageError(f"message of {len(data)} bytes is too long (limit 1 MiB)")
-    return data
 
 
 def _output_type(value: OutputType | str) -> OutputType:
@@ -90,7 +108,7 @@ def _output_type(value: OutputType | str) -> OutputType:
 
 def message_hash(message: bytes | str) -> bytes:
     """BIP137 digest: sha256d(0x18 "Bitcoin Signed Message:\\n" || compact_size(len) || msg)."""
-    data = _message_bytes(message)
+    data = message_bytes(message)
     return sha256d(MESSAGE_MAGIC + compact_size(len(data)) + data)
 
 
@@ -148,7 +166,7 @@ def _b64decode(text: str) -> bytes:
     if not isinstance(text, str):
         raise MessageError("a signature must be base64 text")
     t = text.strip()
-    if len(t) > _MAX_SIGNATURE_TEXT:
+    if len(t) > _MAX_BIP137_TEXT:
         raise MessageError("signature text is too long")
     try:
         return base64.b64decode(t, validate=True)
@@ -224,59 +242,12 @@ def verify_message_bip137(
 
 # --- BIP322 ------------------------------------------------------------------------------------
 
-
-def bip322_message_hash(message: bytes | str) -> bytes:
-    """BIP322 message hash: the BIP340 tagged hash "BIP0322-signed-message" of the message."""
-    return tagged_hash("BIP0322-signed-message", _message_bytes(message))
-
-
-def bip322_to_spend(message: bytes | str, script_pubkey: bytes) -> Transaction:
-    """The virtual ``to_spend`` transaction committing to the message and the challenge."""
-    script_sig = b"\x00\x20" + bip322_message_hash(message)
-    return Transaction(
-        version=0,
-        inputs=[TxIn(OutPoint(bytes(32), 0xFFFFFFFF), script_sig, 0)],
-        outputs=[TxOut(0, bytes(script_pubkey))],
-        locktime=0,
-    )
-
-
-def bip322_to_sign(to_spend: Transaction, witness: Sequence[bytes] = ()) -> Transaction:
-    """The virtual ``to_sign`` transaction spending ``to_spend`` to OP_RETURN."""
-    return Transaction(
-        version=0,
-        inputs=[TxIn(OutPoint(to_spend.txid(), 0), b"", 0, list(witness))],
-        outputs=[TxOut(0, b"\x6a")],
-        locktime=0,
-    )
-
-
-def encode_witness(stack: Sequence[bytes]) -> bytes:
-    """Consensus encoding of a witness stack (the body of a BIP322 simple signature)."""
-    return compact_size(len(stack)) + b"".join(var_bytes(item) for item in stack)
-
-
-def decode_witness(data: bytes) -> list[bytes]:
-    stream = as_stream(data)
-    try:
-        count = read_compact_size(stream, "witness item count")
-        if count > 1000:
-            raise MessageError("witness has too many items")
-        items = [read_var_bytes(stream, "witness item", limit=10_000) for _ in range(count)]
-    except EncodingError as exc:
-        raise MessageError(f"the signature is not a witness stack: {exc.message}") from None
-    if stream.read(1):
-        raise MessageError("the signature has bytes after its witness stack")
-    return items
-
-
-def _bip322_p2tr_parts(pubkey33: bytes) -> tuple[bytes, bytes]:
-    """(output key Q, scriptPubKey) of the BIP86 output of a compressed key."""
-    try:
-        q, _ = taproot_output_key(ec.xonly(pubkey33), None)
-    except (ec.CurveError, ScriptError) as exc:
-        raise MessageError(f"cannot build the taproot output: {exc}") from None
-    return q, p2tr(q)
+_BIP322_SINGLE_KEY = {
+    OutputType.P2WPKH: Bip322Format.SIMPLE,
+    OutputType.P2TR: Bip322Format.SIMPLE,
+    OutputType.P2PKH: Bip322Format.FULL,
+    OutputType.P2SH_P2WPKH: Bip322Format.FULL,
+}
 
 
 def sign_message_bip322(
@@ -284,102 +255,66 @@ def sign_message_bip322(
     pubkey33: bytes,
     message: bytes | str,
     address_type: OutputType | str = OutputType.P2WPKH,
+    *,
+    fmt: Bip322Format | None = None,
+    prefix: bool = True,
 ) -> str:
-    """A base64 BIP322 simple signature for the P2WPKH or P2TR (BIP86) address of ``pubkey33``.
+    """A BIP322 signature for the address of ``address_type`` of ``pubkey33``.
 
-    For P2WPKH ``sign_digest`` returns DER ECDSA; for P2TR it returns a 64-byte BIP340
-    signature made with the BIP86-tweaked key (see the module docstring).
-    """
+    ``fmt`` None: simple for P2WPKH and P2TR, full for P2PKH and P2SH-P2WPKH (the simple
+    format is for native segwit only). For P2WPKH, P2SH-P2WPKH and P2PKH ``sign_digest``
+    returns DER ECDSA; for P2TR a 64-byte BIP340 signature made with the BIP86-tweaked
+    key (see the module docstring). ``prefix=False`` drops the ``smp``/``ful`` prefix."""
     kind = _output_type(address_type)
     if len(pubkey33) != 33 or not ec.valid_public_key(pubkey33):
         raise MessageError("BIP322 signing needs a 33-byte compressed public key")
-    if kind is OutputType.P2WPKH:
-        h = hash160(pubkey33)
-        to_spend = bip322_to_spend(message, p2wpkh(h))
-        to_sign = bip322_to_sign(to_spend)
-        digest = bip143_sighash(to_sign, 0, p2pkh(h), 0, SIGHASH_ALL)
-        r, s = _normalized_der(sign_digest(digest), "DER signature")
-        der = ec.der_encode(r, s)
-        if not ec.ecdsa_verify(pubkey33, digest, der):
-            raise MessageError("the signature does not verify with the given public key")
-        stack = [der + bytes([SIGHASH_ALL]), bytes(pubkey33)]
-    elif kind is OutputType.P2TR:
-        q, spk = _bip322_p2tr_parts(pubkey33)
-        to_spend = bip322_to_spend(message, spk)
-        to_sign = bip322_to_sign(to_spend)
-        digest = bip341_sighash(to_sign, 0, [TxOut(0, spk)], SIGHASH_DEFAULT)
-        sig = bytes(sign_digest(digest))
-        if len(sig) != 64 or not ec.schnorr_verify(q, digest, sig):
-            raise MessageError(
-                "the Schnorr signature does not verify for the taproot output key",
-                hint="sign with the key tweaked by TapTweak(internal key) (BIP86)",
-            )
-        stack = [sig]
-    else:
+    if kind not in _BIP322_SINGLE_KEY:
         raise MessageError(
-            f"BIP322 signing is implemented for p2wpkh and p2tr, not {kind.value}",
-            hint="use sign_message_bip137 for p2pkh",
+            f"BIP322 signing for one key covers p2pkh, p2sh-p2wpkh, p2wpkh and p2tr, not "
+            f"{kind.value}",
+            hint="use anyhsm.bitcoin.bip322.sign_bip322 for script addresses",
         )
-    return base64.b64encode(encode_witness(stack)).decode("ascii")
-
-
-def _verify_p2wpkh(message: bytes | str, script: bytes, stack: list[bytes]) -> bool:
-    if len(stack) != 2:
-        return False
-    sig, pub = stack
-    if len(pub) != 33 or p2wpkh(hash160(pub)) != script or not sig:
-        return False
-    if sig[-1] != SIGHASH_ALL:  # BIP322 required rule: SIGHASH_ALL only
-        return False
-    to_sign = bip322_to_sign(bip322_to_spend(message, script), stack)
-    digest = bip143_sighash(to_sign, 0, p2pkh(hash160(pub)), 0, SIGHASH_ALL)
-    return ec.ecdsa_verify(pub, digest, sig[:-1])  # strict DER and low S
-
-
-def _verify_p2tr(message: bytes | str, script: bytes, stack: list[bytes]) -> bool:
-    if len(stack) != 1:
-        return False  # script path or annex: not supported for simple key-path proofs
-    sig = stack[0]
-    if len(sig) == 64:
-        hash_type = SIGHASH_DEFAULT
-    elif len(sig) == 65 and sig[64] == SIGHASH_ALL:
-        hash_type = SIGHASH_ALL
+    h = hash160(pubkey33)
+    if kind is OutputType.P2TR:
+        challenge = p2tr_bip86_script(pubkey33)
+        key = Bip322Key(pubkey33, schnorr=lambda digest, _tweak: sign_digest(digest))
     else:
-        return False
-    to_sign = bip322_to_sign(bip322_to_spend(message, script), stack)
-    digest = bip341_sighash(to_sign, 0, [TxOut(0, script)], hash_type)
-    return ec.schnorr_verify(script[2:], digest, sig[:64])
+        challenge = {
+            OutputType.P2WPKH: p2wpkh(h),
+            OutputType.P2PKH: p2pkh(h),
+            OutputType.P2SH_P2WPKH: p2sh(hash160(p2wpkh(h))),
+        }[kind]
+        key = Bip322Key(pubkey33, ecdsa=sign_digest)
+    signature = sign_bip322(message, challenge, [key], fmt=fmt or _BIP322_SINGLE_KEY[kind])
+    return signature[3:] if not prefix else signature
 
 
 def verify_message_bip322(
     address: str, message: bytes | str, signature_b64: str, network: Network
 ) -> bool:
-    """True if ``signature_b64`` is a valid BIP322 simple signature of ``message`` by
-    ``address`` (P2WPKH or P2TR). Malformed input raises an HsmError; a signature that does
-    not verify returns False."""
-    info = parse_address(address)
-    script = script_from_address(address, network)
-    text = signature_b64.strip() if isinstance(signature_b64, str) else signature_b64
-    if isinstance(text, str) and text.startswith("smp"):
-        text = text[3:]
-    raw = _b64decode(text)
-    if not raw:
-        raise MessageError("the signature is empty")
-    stack = decode_witness(raw)
-    if info.type is ScriptType.P2WPKH:
-        return _verify_p2wpkh(message, script, stack)
-    if info.type is ScriptType.P2TR:
-        return _verify_p2tr(message, script, stack)
-    raise MessageError(
-        f"BIP322 verification is implemented for P2WPKH and P2TR addresses, not {info.type.value}",
-        hint="verify P2PKH signatures with BIP137",
-    )
+    """True if ``signature_b64`` is a valid BIP322 signature (simple, full or proof of
+    funds; an unprefixed one is taken as simple) of ``message`` by ``address``; False if
+    it is well formed but not valid. Raises MessageError for a signature that cannot be
+    decoded or whose verification is inconclusive, an address error for a bad address."""
+    result = verify_bip322(address, message, signature_b64, network)
+    if result.state is Bip322State.INCONCLUSIVE:
+        raise MessageError(
+            f"BIP322 verification is inconclusive: {result.reason}",
+            hint="the signature relies on rules reserved for upgrades; it is neither valid "
+            "nor invalid to this verifier",
+        )
+    return result.valid
 
 
 def verify_message(
     address: str, message: bytes | str, signature_b64: str, network: Network
 ) -> bool:
-    """Verify either format: a 65-byte signature with a 27..42 header is BIP137, else BIP322."""
+    """Verify either format: a BIP322 prefix (smp, ful, pof) is BIP322; a 65-byte signature
+    with a 27..42 header is BIP137; anything else is taken as an unprefixed BIP322 simple
+    signature. Same answers as the two functions it calls."""
+    text = signature_b64.strip() if isinstance(signature_b64, str) else signature_b64
+    if isinstance(text, str) and text[:3] in ("smp", "ful", "pof"):
+        return verify_message_bip322(address, message, text, network)
     try:
         raw = _b64decode(signature_b64)
     except HsmError:
@@ -391,6 +326,7 @@ def verify_message(
 
 __all__ = [
     "MESSAGE_MAGIC",
+    "EcdsaNonce",
     "SignDigest",
     "bip322_message_hash",
     "bip322_to_sign",

@@ -1,5 +1,5 @@
 """Partially Signed Bitcoin Transactions: BIP174 (v0), BIP370 (v2), BIP371 (taproot fields),
-BIP373 (MuSig2 fields).
+BIP373 (MuSig2 fields), and BIP322's PSBT_GLOBAL_GENERIC_SIGNED_MESSAGE.
 
 ``Psbt.parse`` takes raw bytes, base64 or hex and either returns a fully validated,
 typed PSBT or raises :class:`PsbtError` naming the field that is wrong; no other
@@ -140,6 +140,7 @@ class PsbtGlobals:
     tx_modifiable: int | None = None
     version_field: int | None = None
     xpubs: dict[bytes, KeyOrigin] = field(default_factory=dict)  # 78-byte xpub -> origin
+    generic_signed_message: bytes | None = None  # BIP322 PSBT_GLOBAL_GENERIC_SIGNED_MESSAGE
     proprietary: list[ProprietaryField] = field(default_factory=list)
     unknown: list[UnknownField] = field(default_factory=list)
 
@@ -343,6 +344,8 @@ class Psbt:
             )
         for k, v in h.xpubs.items():
             g.xpubs.setdefault(k, v)
+        if g.generic_signed_message is None:
+            g.generic_signed_message = h.generic_signed_message
         keys = {p.key for p in g.proprietary}
         g.proprietary += [p for p in h.proprietary if p.key not in keys]
         g.proprietary.sort(key=lambda p: p.key)
@@ -406,6 +409,9 @@ class Psbt:
         if g.version_field is not None:
             out.append((bytes([T.VERSION]), g.version_field.to_bytes(4, "little")))
         proprietary, unknown = tail_records(g.proprietary, g.unknown)
+        if g.generic_signed_message is not None:  # BIP322's; unknown to Core: sorted with those
+            key = bytes([T.GENERIC_SIGNED_MESSAGE])
+            unknown = sorted([*unknown, (key, g.generic_signed_message)])
         return out + proprietary + unknown
 
     def serialize(self) -> bytes:
@@ -634,6 +640,8 @@ def _parse_globals(
                     if len(value) != 1:
                         raise PsbtError(f"value is {len(value)} bytes, the flags are 1 byte")
                     g.tx_modifiable = value[0]
+                elif key_type == T.GENERIC_SIGNED_MESSAGE:
+                    g.generic_signed_message = value
                 else:  # VERSION
                     g.version_field = u32(value)
             else:
@@ -676,6 +684,7 @@ _GLOBAL_SCALARS = frozenset(
         GlobalType.INPUT_COUNT,
         GlobalType.OUTPUT_COUNT,
         GlobalType.TX_MODIFIABLE,
+        GlobalType.GENERIC_SIGNED_MESSAGE,
         GlobalType.VERSION,
     }
 )

@@ -40,6 +40,7 @@ class GlobalType(IntEnum):
     INPUT_COUNT = 0x04
     OUTPUT_COUNT = 0x05
     TX_MODIFIABLE = 0x06
+    GENERIC_SIGNED_MESSAGE = 0x09  # BIP322: the message a BIP322 to_sign PSBT signs
     VERSION = 0xFB
     PROPRIETARY = 0xFC
 

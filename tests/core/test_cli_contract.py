@@ -4,10 +4,13 @@ the line), a cheap start-up, and config discovery after --config and ANYHSM_CONF
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from importlib.metadata import version as dist_version
 from pathlib import Path
 
@@ -290,3 +293,112 @@ def test_tpm_status_text_renders_through_text_value() -> None:
     line = tpm_cmds._text({"enrolled": True, "tpm": {"reachable": False, "counter": None}})
     assert line == "enrolled=yes, tpm=(reachable=no, counter=none)"
     assert "{" not in line and "True" not in line and "None" not in line
+
+
+# --- help shows every default -------------------------------------------------------------
+
+
+def _parsers(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, (*path, name))
+
+
+def test_help_shows_the_default_of_every_option_that_has_one() -> None:
+    from anyhsm.cli.main import HelpFormatter
+
+    missing = []
+    for path, parser in _parsers(build_parser()):
+        formatter = HelpFormatter(prog="anyhsm")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+                continue
+            if action.help == argparse.SUPPRESS:
+                continue
+            if action.default in (None, False, argparse.SUPPRESS):
+                continue
+            text = formatter._get_help_string(action) or ""
+            shown = "default" in text and bool(action.help and action.help.strip())
+            if not shown:
+                missing.append((" ".join(path), action.dest))
+    assert not missing, missing
+
+
+def test_help_renders_the_defaults(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # no line wrapped inside "(default: X)"
+    code, out, _ = run(capsys, "init", "--help")
+    assert code == 0
+    assert "(default: regtest)" in out and "(default: development)" in out
+    code, out, _ = run(capsys, "descriptor", "--help")
+    assert "(default: wpkh)" in out and "(default: 0)" in out
+
+
+# --- shell completion -----------------------------------------------------------------------
+
+
+def _tree() -> dict[str, list[str]]:
+    """Every command path and its sub-commands, from the parser itself."""
+    out: dict[str, list[str]] = {}
+    for path, parser in _parsers(build_parser()):
+        subs = [
+            name
+            for a in parser._actions
+            if isinstance(a, argparse._SubParsersAction)
+            for name in a.choices
+        ]
+        out[" ".join(path)] = subs
+    return out
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_script_lists_every_command(
+    shell: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "completion", shell)
+    assert code == 0 and out.endswith("\n")
+    tree = _tree()
+    assert len(tree) > 30  # every level, not just the top
+    for path, subs in tree.items():
+        for sub in subs:
+            assert sub in out, (path, sub)
+    for opt in ("config", "json", "passphrase-file", "label", "network", "out"):
+        assert (f"--{opt}" if shell != "fish" else f"-l {opt}") in out
+    assert "--mnemonic " not in out and "--mnemonic'" not in out  # refused forms not offered
+    code, out, _ = run(capsys, "completion", shell, "--json")
+    assert json.loads(out)["shell"] == shell
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_bash_completion_completes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The script really completes in bash: every sub-command at every level, options,
+    and the choices of an option."""
+    code, out, _ = run(capsys, "completion", "bash")
+    assert code == 0
+    script = tmp_path / "anyhsm.bash"
+    script.write_text(out)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    probe = [
+        f"source {script}",
+        't() { COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=(); '
+        '_anyhsm; echo "${COMPREPLY[*]}"; }',
+    ]
+    cases = [(path, subs) for path, subs in _tree().items() if subs]
+    for path, _ in cases:
+        probe.append(f"t anyhsm {path} ''")
+    probe += ["t anyhsm --json key cr", "t anyhsm init --network ''", "t anyhsm psbt sign --o"]
+    r = subprocess.run(["bash", "-c", "\n".join(probe)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    answers = r.stdout.split("\n")
+    for (_path, subs), got in zip(cases, answers, strict=False):
+        assert got.split() == subs
+    assert answers[len(cases) :][:3] == [
+        "create",
+        "mainnet testnet testnet4 signet regtest",
+        "--out",
+    ]

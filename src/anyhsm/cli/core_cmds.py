@@ -515,8 +515,18 @@ def cmd_audit_recover(args: argparse.Namespace, app: App) -> Result:
 def register(sub: SubParsers) -> None:
     p = sub.add_parser("init", help="create a software keystore, config file and audit log")
     p.add_argument("--dir", required=True, help="directory to create them in")
-    p.add_argument("--network", default="regtest", choices=[n.value for n in Network])
-    p.add_argument("--environment", default="development", choices=[e.value for e in Environment])
+    p.add_argument(
+        "--network",
+        default="regtest",
+        choices=[n.value for n in Network],
+        help="the Bitcoin network of the deployment",
+    )
+    p.add_argument(
+        "--environment",
+        default="development",
+        choices=[e.value for e in Environment],
+        help="whose rules apply: the security floor, secret files, the KDF",
+    )
     p.add_argument("--insecure-fast-kdf", action="store_true", help="cheap KDF for tests and demos")
     p.add_argument(
         "--chain",
@@ -564,7 +574,7 @@ def register(sub: SubParsers) -> None:
         help="show the new mnemonic once, as a backup; an export: needs --exportable and "
         "[policy] allow_export = true, and is audited",
     )
-    c.add_argument("--exportable", action="store_true")
+    c.add_argument("--exportable", action="store_true", help="allow 'key export' of it later")
     c.set_defaults(func=cmd_key_create)
     i = ks.add_parser(
         "import",
@@ -585,8 +595,10 @@ def register(sub: SubParsers) -> None:
     # as "unrecognized arguments".
     for name in ("--mnemonic", "--xprv", "--wif"):
         i.add_argument(name, nargs="*", help=argparse.SUPPRESS)
-    i.add_argument("--type", default="secp256k1")
-    i.add_argument("--exportable", action="store_true")
+    i.add_argument(
+        "--type", default="secp256k1", help="with --secret-file: secp256k1 | bip32 (a seed)"
+    )
+    i.add_argument("--exportable", action="store_true", help="allow 'key export' of it later")
     i.set_defaults(func=cmd_key_import)
     ks.add_parser("list", help="list keys").set_defaults(func=cmd_key_list)
     s = ks.add_parser("show", help="show one key")
@@ -604,13 +616,17 @@ def register(sub: SubParsers) -> None:
     sg = sub.add_parser("sign", help="sign a 32-byte digest")
     sg.add_argument("--key", required=True)
     sg.add_argument("--digest", required=True, help="32 bytes, hex")
-    sg.add_argument("--scheme", default="ecdsa", choices=["ecdsa", "schnorr"])
+    sg.add_argument(
+        "--scheme", default="ecdsa", choices=["ecdsa", "schnorr"], help="signature scheme"
+    )
     sg.set_defaults(func=cmd_sign)
     v = sub.add_parser("verify", help="verify a signature of a digest")
     v.add_argument("--key", required=True)
     v.add_argument("--digest", required=True)
     v.add_argument("--signature", required=True)
-    v.add_argument("--scheme", default="ecdsa", choices=["ecdsa", "schnorr"])
+    v.add_argument(
+        "--scheme", default="ecdsa", choices=["ecdsa", "schnorr"], help="signature scheme"
+    )
     v.set_defaults(func=cmd_verify)
 
     sub.add_parser("health", help="which provider is active and how each fared").set_defaults(

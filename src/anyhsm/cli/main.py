@@ -29,8 +29,9 @@ COMMAND_MODULES = (
     "anyhsm.cli.bitcoin_cmds",
     "anyhsm.cli.tpm_cmds",
     "anyhsm.cli.pkcs11_cmds",
+    "anyhsm.cli.completion_cmds",
 )
-_CORE, _BITCOIN, _TPM, _PKCS11 = COMMAND_MODULES
+_CORE, _BITCOIN, _TPM, _PKCS11, _COMPLETION = COMMAND_MODULES
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module that registers it, one-line help shown by "anyhsm --help").
     # A hint only: a command missing here is still found (every module is then
@@ -50,6 +51,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "message": (_BITCOIN, "sign and verify messages (BIP137, BIP322)"),
     "tpm": (_TPM, "seal the keystore master key to a TPM 2.0"),
     "pkcs11": (_PKCS11, "PKCS#11 token administration"),
+    "completion": (_COMPLETION, "print a shell completion script (bash, zsh, fish)"),
 }
 EXIT_INTERNAL = 70  # an unexpected exception (a bug); not an HsmError, so no class has it
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
@@ -68,7 +70,28 @@ class UsageFailure(Exception):
         self.message = message
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option that has a default shows it, as ``(default: X)``, unless its help
+    already says (ArgumentDefaultsHelpFormatter would also print "default: None" for
+    options without one and "default: False" for every flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.help == argparse.SUPPRESS:
+            return action.help
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS:
+            return action.help
+        if isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
     def error(self, message: str) -> NoReturn:
         raise UsageFailure(self, message)
 
@@ -240,7 +263,7 @@ def _parser_with(common: argparse.ArgumentParser) -> type[argparse.ArgumentParse
         def __init__(self, **kwargs: object) -> None:
             parents = list(kwargs.pop("parents", []) or [])  # type: ignore[call-overload]
             kwargs["allow_abbrev"] = False
-            super().__init__(parents=[*parents, common], **kwargs)  # type: ignore[arg-type]
+            super().__init__(parents=[*parents, common], **kwargs)
 
     return _SubParser
 

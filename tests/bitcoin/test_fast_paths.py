@@ -1,6 +1,7 @@
 """The shortcuts the signer's hot path takes give the answers of the general code: the
 byte-shape tests for P2WPKH and P2TR in describe_input and the size estimate agree with
-classify(), and key_in_script's key-hash comparison with building the P2PKH script."""
+classify(), key_in_script's key-hash comparison with building the P2PKH script, and the
+input-path rule's remembered prefixes with the rule itself."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import random
 
 import pytest
 
+from anyhsm.bitcoin.bip32 import HARDENED
 from anyhsm.bitcoin.encoding import hash160
+from anyhsm.bitcoin.paths import PathRules
 from anyhsm.bitcoin.psbt import PsbtInput
 from anyhsm.bitcoin.script import ScriptType, classify, p2pkh
 from anyhsm.bitcoin.size import input_size, witness_len
 from anyhsm.bitcoin.spend import SpendKind, describe_input, key_in_script
 from anyhsm.bitcoin.tx import TxOut
+from anyhsm.config import PolicyConfig
 from anyhsm.crypto import secp256k1 as ec
+from anyhsm.types import Network
 
 _KIND = {ScriptType.P2WPKH: SpendKind.P2WPKH, ScriptType.P2TR: SpendKind.P2TR}
 
@@ -59,3 +64,27 @@ def test_key_in_script_compares_key_hashes() -> None:
         info = describe_input(inp)
         for pub in pubs:
             assert key_in_script(pub, info) is (p2pkh(hash160(pub)) == info.script_code)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_remembered_allowed_prefixes_give_the_rule_s_answers(seed: int) -> None:
+    """PathRules remembers allowed account prefixes; in any order, over paths near the
+    patterns' edges, its answers are those of the rule computed afresh."""
+    rng = random.Random(seed)
+    policy = PolicyConfig(
+        allowed_input_paths=("m/84'/1'/*'", "m/86'/1'/0'/0", "m/0'/*"),
+        key_input_paths={"narrow": ("m/48'/1'/0'/2'",), "none": ()},
+    )
+    steps = [0, 1, 2, 0 | HARDENED, 1 | HARDENED, 2 | HARDENED, 48 | HARDENED, 84 | HARDENED]
+    steps += [86 | HARDENED]
+    paths = [tuple(rng.choice(steps) for _ in range(rng.randrange(0, 7))) for _ in range(400)]
+    for network in (Network.REGTEST, Network.MAINNET):
+        for configured in (policy, PolicyConfig()):
+            rules = PathRules(network, configured)
+            for path in paths:
+                for label in ("w", "narrow", "none"):
+                    fresh = PathRules(network, configured).for_key(label)
+                    assert rules.input_problem(label, path) == fresh.input_problem(path, network), (
+                        label,
+                        path,
+                    )

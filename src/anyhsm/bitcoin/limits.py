@@ -65,34 +65,34 @@ def _origins(m: PsbtInput | PsbtOutput) -> list[KeyOrigin]:
     return [*m.bip32_derivations.values(), *(t.origin for t in m.tap_bip32_derivations.values())]
 
 
-def check_structure(psbt: Psbt, policy: PolicyConfig) -> None:
-    """Counts, derivations, path depth, size and unsigned weight; linear in the PSBT."""
+def check_structure(psbt: Psbt, policy: PolicyConfig, *, unsigned_size: int | None = None) -> None:
+    """Counts, derivations, path depth, size and unsigned weight; linear in the PSBT.
+    ``unsigned_size``: the unsigned transaction's serialised size, when the caller has it
+    (the signer serialises it once, for its txid too)."""
     n_in, n_out = len(psbt.inputs), len(psbt.outputs)
     if n_in > policy.max_inputs:
         raise _refuse("max_inputs", f"{n_in} inputs, more than {policy.max_inputs}")
     if n_out > policy.max_outputs:
         raise _refuse("max_outputs", f"{n_out} outputs, more than {policy.max_outputs}")
-    maps: list[tuple[str, PsbtInput | PsbtOutput]] = [
-        (f"input {i}", m) for i, m in enumerate(psbt.inputs)
-    ]
-    maps += [(f"output {i}", m) for i, m in enumerate(psbt.outputs)]
-    for where, m in maps:
+    maps: list[PsbtInput | PsbtOutput] = [*psbt.inputs, *psbt.outputs]
+    max_maps, max_depth = policy.max_derivations_per_map, policy.max_path_depth
+    for n, m in enumerate(maps):
         origins = _origins(m)
-        if len(origins) > policy.max_derivations_per_map:
+        if len(origins) > max_maps:
             raise _refuse(
                 "max_derivations_per_map",
-                f"{where} has {len(origins)} key derivations, more than "
-                f"{policy.max_derivations_per_map}",
+                f"{_where(n, n_in)} has {len(origins)} key derivations, more than {max_maps}",
             )
         for o in origins:
-            if len(o.path) > policy.max_path_depth:
+            if len(o.path) > max_depth:
                 raise _refuse(
                     "max_path_depth",
-                    f"{where} names a key at a path of {len(o.path)} steps, deeper than "
-                    f"{policy.max_path_depth}",
+                    f"{_where(n, n_in)} names a key at a path of {len(o.path)} steps, deeper "
+                    f"than {max_depth}",
                 )
-    unsigned = psbt.unsigned_tx()
-    weight = 4 * len(unsigned.serialize(include_witness=False))
+    if unsigned_size is None:
+        unsigned_size = len(psbt.unsigned_tx().serialize(include_witness=False))
+    weight = 4 * unsigned_size
     if weight > policy.max_tx_weight:
         raise _refuse(
             "max_tx_weight",
@@ -103,6 +103,10 @@ def check_structure(psbt: Psbt, policy: PolicyConfig) -> None:
         raise _refuse(
             "max_psbt_bytes", f"the PSBT is {size} bytes, more than {policy.max_psbt_bytes}"
         )
+
+
+def _where(n: int, n_in: int) -> str:
+    return f"input {n}" if n < n_in else f"output {n - n_in}"
 
 
 def check_derivation_work(psbt: Psbt, fingerprints: Iterable[bytes], policy: PolicyConfig) -> int:

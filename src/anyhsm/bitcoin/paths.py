@@ -161,6 +161,8 @@ class PathRules:
         self.network = network
         self.max_change_index = policy.max_change_index
         self._by_key = dict(policy.key_input_paths)
+        self._keys: dict[str, KeyPaths] = {}
+        self._allowed: set[tuple[str, tuple[int, ...]]] = set()  # (label, allowed prefix)
         configured = _parse_all(policy.allowed_input_paths, "policy.allowed_input_paths")
         if configured:
             self._default = KeyPaths(configured, False, "policy.allowed_input_paths")
@@ -172,14 +174,34 @@ class PathRules:
             )
 
     def for_key(self, label: str) -> KeyPaths:
+        known = self._keys.get(label)
+        if known is not None:
+            return known
         patterns = self._by_key.get(label)
         if patterns is None:
-            return self._default
-        setting = f"policy.key_input_paths.{label}"
-        return KeyPaths(_parse_all(patterns, setting), False, setting)
+            kp = self._default
+        else:
+            setting = f"policy.key_input_paths.{label}"
+            kp = KeyPaths(_parse_all(patterns, setting), False, setting)
+        self._keys[label] = kp
+        return kp
 
     def input_problem(self, label: str, path: Sequence[int]) -> str | None:
-        return self.for_key(label).input_problem(path, self.network)
+        """Why key ``label`` must not sign at ``path``. Whether a path is allowed depends
+        only on its first D steps once it has D, D the longest pattern's length (a
+        pattern matches a prefix; the other-layouts rule looks at the first step), so
+        an allowed prefix is remembered: the inputs of one account are judged once."""
+        kp = self.for_key(label)
+        depth = max((len(p) for p in kp.patterns), default=1) or 1
+        if len(path) < depth:
+            return kp.input_problem(path, self.network)
+        head = (label, tuple(path[:depth]))
+        if head in self._allowed:
+            return None
+        why = kp.input_problem(path, self.network)
+        if why is None:
+            self._allowed.add(head)
+        return why
 
     def change_problem(
         self,

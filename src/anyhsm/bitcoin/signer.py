@@ -55,7 +55,7 @@ from anyhsm.bitcoin import limits
 from anyhsm.bitcoin.address import bip86_output_key
 from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, format_path
 from anyhsm.bitcoin.capability import signing_refusal
-from anyhsm.bitcoin.encoding import hash160
+from anyhsm.bitcoin.encoding import hash160, sha256d
 from anyhsm.bitcoin.policy import OutputReport, PolicyReport, check_policy
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput
 from anyhsm.bitcoin.script import p2pkh, p2sh, p2tr, p2wpkh
@@ -620,10 +620,12 @@ def sign_psbt(
         # the relaxation is for test set-ups only: 'config check' reports it as an error,
         # and production signs as if it were not there
         policy = dataclasses.replace(policy, require_previous_tx_segwit_v0=True)
-    unsigned: Transaction | None
+    unsigned: tuple[Transaction, int] | None
     try:
-        unsigned = psbt.unsigned_tx()  # built once: the txid, and the sighashes' transaction
-        txid = unsigned.txid_hex()
+        tx = psbt.unsigned_tx()  # built and serialised once: txid, weight limit, sighashes
+        raw = tx.serialize(include_witness=False)
+        txid = sha256d(raw)[::-1].hex()
+        unsigned = tx, len(raw)
     except HsmError:  # no v0 transaction can be made (a v2 PSBT without a lock time)
         unsigned, txid = None, "unknown"
     key_id: str | None = None
@@ -677,7 +679,7 @@ def _rules(e: HsmError) -> str:
 def _sign(
     backend: SigningBackend,
     psbt: Psbt,
-    unsigned: Transaction | None,
+    unsigned: tuple[Transaction, int] | None,
     keys: list[_Key],
     key: KeyRef | None,
     rules: PolicyConfig,
@@ -685,7 +687,8 @@ def _sign(
     grind_low_r: bool,
     txid: str,
 ) -> SignResult:
-    limits.check_structure(psbt, rules)  # before any copy, derivation or signature
+    size = None if unsigned is None else unsigned[1]
+    limits.check_structure(psbt, rules, unsigned_size=size)  # before any copy or signature
     limits.check_derivation_work(psbt, {k.fingerprint for k in keys if k.hd}, rules)
     keyset = _KeySet.of(keys)
     work = psbt.copy()
@@ -777,7 +780,7 @@ def _sign(
         raise _nothing_signed(key, keys, work, infos, plans)
     aux = schnorr_aux(rules)
     # the copy's transaction is the original's (nothing that builds it has changed)
-    tx = unsigned if unsigned is not None else work.unsigned_tx()
+    tx = unsigned[0] if unsigned is not None else work.unsigned_tx()
     cache = SighashCache(tx, [i.spent for i in infos])
     placed = _sign_all(backend, cache, work, infos, plans, to_sign, aux, grind_low_r, deriv, txid)
     if not any(placed):

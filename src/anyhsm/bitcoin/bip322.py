@@ -45,17 +45,14 @@ from dataclasses import dataclass, field
 
 from anyhsm.bitcoin.address import script_from_address
 from anyhsm.bitcoin.encoding import (
-    as_stream,
-    compact_size,
     hash160,
-    read_compact_size,
-    read_var_bytes,
     sha256,
     sha256d,
     tagged_hash,
-    var_bytes,
 )
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput
+from anyhsm.bitcoin.psbt_fields import decode_witness as _decode_witness
+from anyhsm.bitcoin.psbt_fields import encode_witness
 from anyhsm.bitcoin.script import (
     OP_1,
     OP_1NEGATE,
@@ -92,7 +89,7 @@ from anyhsm.bitcoin.taproot import (
 )
 from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn, TxOut
 from anyhsm.crypto import secp256k1 as ec
-from anyhsm.errors import EncodingError, HsmError, MessageError, PsbtError, ScriptError
+from anyhsm.errors import HsmError, MessageError, PsbtError, ScriptError
 from anyhsm.types import Network
 
 SignDigest = Callable[[bytes], bytes]
@@ -211,24 +208,12 @@ def bip322_to_sign(
     )
 
 
-def encode_witness(stack: Sequence[bytes]) -> bytes:
-    """Consensus encoding of a witness stack (the body of a BIP322 simple signature)."""
-    return compact_size(len(stack)) + b"".join(var_bytes(item) for item in stack)
-
-
 def decode_witness(data: bytes) -> list[bytes]:
     """A consensus-encoded witness stack; anything else raises MessageError."""
-    stream = as_stream(data)
     try:
-        count = read_compact_size(stream, "witness item count")
-        if count > len(data):
-            raise MessageError("the signature declares more witness items than it has bytes")
-        items = [read_var_bytes(stream, "witness item", limit=len(data)) for _ in range(count)]
-    except EncodingError as exc:
+        return _decode_witness(data)
+    except PsbtError as exc:
         raise MessageError(f"the signature is not a witness stack: {exc.message}") from None
-    if stream.read(1):
-        raise MessageError("the signature has bytes after its witness stack")
-    return items
 
 
 # --- decoding signatures ------------------------------------------------------------------------

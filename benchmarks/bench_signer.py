@@ -58,12 +58,19 @@ def _anyhsm() -> list[str]:
 
 
 def best(fn: Callable[[], object], rounds: int) -> float:
-    times = []
+    return interleaved([fn], rounds)[0]
+
+
+def interleaved(fns: list[Callable[[], object]], rounds: int) -> list[float]:
+    """Best time of each of ``fns``, run in turn round after round, so that what is
+    compared saw the same machine (other load moves both, not one)."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for fn, out in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return [min(t) for t in times]
 
 
 def run(argv: list[str], env: dict[str, str], stdin: bytes = b"") -> bytes:
@@ -107,27 +114,29 @@ def main() -> int:
             return run([*signer, "enumerate"], env)
 
         load = "from anyhsm.config import Config, find_config; Config.load(find_config())"
-        rows: list[tuple[str, float]] = [
-            ("python -c pass", best(lambda: run([sys.executable, "-c", "pass"], env), args.rounds)),
-            (
-                "Config.load in a new process",
-                best(lambda: run([sys.executable, "-c", load], env), args.rounds),
-            ),
-            ("enumerate, no index (opens the keystore)", best(no_index, args.rounds)),
-        ]
+        no_index_t = best(no_index, args.rounds)
         run([*signer, "enumerate"], env)  # writes the index
-        rows.append(
-            (
-                "enumerate from the index, no passphrase",
-                best(lambda: run([*signer, "enumerate"], locked), args.rounds),
-            )
+        start, config_t, enum_t = interleaved(
+            [
+                lambda: run([sys.executable, "-c", "pass"], env),
+                lambda: run([sys.executable, "-c", load], env),
+                lambda: run([*signer, "enumerate"], locked),
+            ],
+            args.rounds,
         )
-        rows.append(("signtx, 1 input", best(tx(one.to_base64()), args.rounds)))
-        rows.append((f"signtx, {args.inputs} inputs", best(tx(big.to_base64()), args.rounds)))
         cli = [*_anyhsm(), "psbt", "sign", "core", str(psbt_file), "--json"]
-        rows.append(
-            (f"anyhsm psbt sign, {args.inputs} inputs", best(lambda: run(cli, env), args.rounds))
+        one_t, big_t, cli_t = interleaved(
+            [tx(one.to_base64()), tx(big.to_base64()), lambda: run(cli, env)], args.rounds
         )
+        rows: list[tuple[str, float]] = [
+            ("python -c pass", start),
+            ("Config.load in a new process", config_t),
+            ("enumerate, no index (opens the keystore)", no_index_t),
+            ("enumerate from the index, no passphrase", enum_t),
+            ("signtx, 1 input", one_t),
+            (f"signtx, {args.inputs} inputs", big_t),
+            (f"anyhsm psbt sign, {args.inputs} inputs", cli_t),
+        ]
         rows.append((f"in-process sign_psbt, {args.inputs} inputs", inprocess))
     t = dict(rows)
     kdf = "default KDF"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING
 
@@ -112,6 +111,8 @@ def main(
             error = SignerError("interrupted", UNKNOWN_ERROR, 130)
         except Exception as e:
             if os.environ.get("ANYHSM_DEBUG"):
+                import traceback
+
                 traceback.print_exc(file=sys.stderr)
             # The text of an unexpected exception may quote input: only its type is shown.
             error = SignerError(

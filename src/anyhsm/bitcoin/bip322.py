@@ -760,7 +760,8 @@ def _checkmultisig(
         raise _invalid(f"OP_CHECKMULTISIG with {n_sigs} signatures for {n_keys} keys")
     if len(stack) < i + n_sigs + 1:  # the signatures and the dummy element
         raise _invalid("OP_CHECKMULTISIG needs more stack items")
-    keys = [stack[-2 - k] for k in range(n_keys)]  # first key first
+    # Core pairs them from the top of the stack: the last key and the last signature first
+    keys = [stack[-2 - k] for k in range(n_keys)]
     sigs = [stack[-i - 1 - k] for k in range(n_sigs)]
     script = ctx.script_code
     if sigversion is _SigVersion.BASE:

@@ -435,9 +435,10 @@ class PsbtInput:
             one(T.NON_WITNESS_UTXO, self.non_witness_utxo.serialize())
         if self.witness_utxo is not None:
             one(T.WITNESS_UTXO, self.witness_utxo.serialize())
-        if self.partial_sigs:
-            sigs = sorted(self.partial_sigs.items(), key=lambda kv: hash160(kv[0]))
-            out += [(b"\x02" + k, v) for k, v in sigs]
+        sigs = list(self.partial_sigs.items())
+        if len(sigs) > 1:  # Core's std::map<CKeyID, SigPair>: by HASH160 of the key
+            sigs.sort(key=lambda kv: hash160(kv[0]))
+        out += [(b"\x02" + k, v) for k, v in sigs]
         one(T.SIGHASH_TYPE, u32le(self.sighash_type))
         one(T.REDEEM_SCRIPT, self.redeem_script)
         one(T.WITNESS_SCRIPT, self.witness_script)

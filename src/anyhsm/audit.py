@@ -63,6 +63,30 @@ _TAIL_READ = 1 << 16
 _MAC_SUFFIX = re.compile(rb',"mac":"([0-9a-f]{64})"\}\Z')
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+# The same C encoder JSONEncoder.encode builds on every call, built once: identical output
+# (the encoder's own), without its per-call set-up. No circular check: audit values are flat.
+try:
+    from _json import make_encoder as _make_encoder
+except ImportError:  # pragma: no cover - CPython always has the C encoder
+    _C_ENCODE: Callable[[object, int], Sequence[str]] | None = None
+else:
+    _C_ENCODE = _make_encoder(
+        None,
+        _ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        True,
+    )
+_MIDDLES_MAX = 1024
+
+try:
+    from _hashlib import hmac_new as _hmac_new
+except ImportError:  # pragma: no cover - CPython built without OpenSSL
+    _hmac_new = None  # type: ignore[assignment]
 
 principal: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "anyhsm_audit_principal", default=None
@@ -75,7 +99,24 @@ def _canonical(obj: Mapping[str, object]) -> bytes:
     return _ENCODER.encode(obj).encode()
 
 
+def _canonical_str(obj: Mapping[str, object]) -> str:
+    if _C_ENCODE is None:  # pragma: no cover - CPython always has the C encoder
+        return _ENCODER.encode(obj)
+    return "".join(_C_ENCODE(obj, 0))
+
+
 _ts_cache: list[object] = [-1, ""]
+
+_pid = [os.getpid()]
+"""This process's id, read once (a system call per entry otherwise) and again in a
+forked child, so every entry still names the process that wrote it."""
+
+
+def _reset_pid() -> None:
+    _pid[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_reset_pid)
 
 
 def _timestamp() -> str:
@@ -89,9 +130,59 @@ def _timestamp() -> str:
     return f"{_ts_cache[1]}.{us:06d}+00:00"
 
 
+def entry_body(
+    seq: int,
+    ts: str,
+    op: str,
+    outcome: str,
+    pid: int,
+    uid: int,
+    *,
+    who: str | None = None,
+    kid: int = 1,
+    provider: str | None = None,
+    key_id: str | None = None,
+    error: str | None = None,
+    detail: Mapping[str, str] | None = None,
+) -> bytes:
+    """The canonical bytes of one entry (before its MAC): the definition of an entry's
+    members, which :meth:`AuditLog._body` builds faster, byte for byte the same. Empty
+    optional members are left out; ``kid`` only from the second audit key on."""
+    body: dict[str, object] = {
+        "seq": seq,
+        "ts": ts,
+        "op": op,
+        "outcome": outcome,
+        "pid": pid,
+        "uid": uid,
+    }
+    if who:
+        body["principal"] = who
+    if kid > 1:
+        body["kid"] = kid
+    if provider:
+        body["provider"] = provider
+    if key_id:
+        body["key"] = key_id
+    if error:
+        body["error"] = error
+    if detail:
+        body["detail"] = dict(detail)
+    return _canonical(body)
+
+
+def _hmac_sha256(key: bytearray, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data``. OpenSSL's legacy HMAC context made and freed per call (no
+    key state outlives the call), at half the cost of :func:`hmac.digest`, whose one-shot
+    looks the MAC and the digest up in OpenSSL's provider store every time."""
+    if _hmac_new is None:  # pragma: no cover - CPython built without OpenSSL
+        return hmac.digest(key, data, "sha256")
+    return bytes(_hmac_new(key, data, "sha256").digest())
+
+
 def line_mac(key: SecretBytes, prev: bytes, body: bytes) -> bytes:
     """The MAC of one line, over the exact bytes of its body (the line without its mac)."""
-    return hmac.digest(key.buffer, prev + body, "sha256")
+    return _hmac_sha256(key.buffer, prev + body)
 
 
 def split_line(raw: bytes) -> tuple[bytes, bytes] | None:
@@ -377,6 +468,7 @@ class AuditLog:
         self._stop = threading.Event()
         self._failed: str | None = None
         self._uid = os.getuid()
+        self._middles: dict[tuple[object, ...], str] = {}
         self._ring = store.audit_keys()
         try:
             self.state = store.load_audit_state()
@@ -422,7 +514,7 @@ class AuditLog:
 
     def _sync_tail(self) -> None:
         """Re-read the last entry if the file changed under us (another process)."""
-        size = os.fstat(self._fd).st_size
+        size = os.lseek(self._fd, 0, os.SEEK_END)  # the size (writes append: O_APPEND)
         if size == self._end:
             return
         if size < self._end:
@@ -466,7 +558,8 @@ class AuditLog:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
                 try:
-                    self._sync_tail()
+                    if os.lseek(self._fd, 0, os.SEEK_END) != self._end:
+                        self._sync_tail()  # another process wrote since (rare)
                     data = self._write_locked(op, outcome, provider, key_id, error, detail)
                     seq = self._seq
                 finally:
@@ -485,7 +578,8 @@ class AuditLog:
                 mac_now, offset_now = self._mac, self._last_offset
             elif not self._dirty.is_set():
                 self._dirty.set()
-        self._forward(data)
+        if self._forwarder is not None:
+            self._forward(data)
         if self._durability == "fsync":
             self._maybe_checkpoint(seq, mac_now, offset_now, force=False)
         return seq
@@ -501,29 +595,8 @@ class AuditLog:
     ) -> bytes:
         if self._seq >= MAX_SEQ:
             raise AuditWriteFailed("the audit chain reached its last sequence number")
-        body: dict[str, object] = {
-            "seq": self._seq + 1,
-            "ts": _timestamp(),
-            "op": op,
-            "outcome": outcome,
-            "pid": os.getpid(),
-            "uid": self._uid,
-        }
-        who = principal.get()
-        if who:
-            body["principal"] = who
-        if self._kid > 1:
-            body["kid"] = self._kid
-        if provider:
-            body["provider"] = provider
-        if key_id:
-            body["key"] = key_id
-        if error:
-            body["error"] = error
-        if detail:
-            body["detail"] = dict(detail)
-        canon = _canonical(body)
-        mac = hmac.digest(self._keybuf, self._mac + canon, "sha256")
+        canon = self._body(op, outcome, provider, key_id, error, detail)
+        mac = _hmac_sha256(self._keybuf, self._mac + canon)
         data = canon[:-1] + b',"mac":"' + mac.hex().encode() + b'"}\n'
         try:
             written = os.write(self._fd, data)
@@ -541,6 +614,49 @@ class AuditLog:
         self._last_offset = self._end
         self._end += len(data)
         return data
+
+    def _body(
+        self,
+        op: str,
+        outcome: str,
+        provider: str | None,
+        key_id: str | None,
+        error: str | None,
+        detail: Mapping[str, str] | None,
+    ) -> bytes:
+        """The canonical bytes of the next entry (:func:`entry_body`), built from parts:
+        the members that sort between ``detail`` and ``seq`` (error, key, kid, op,
+        outcome, pid, principal, provider) repeat from one entry to the next, so their
+        encoding is kept per combination; ``detail``, ``seq``, ``ts`` and ``uid`` are
+        added around it. Byte for byte :func:`entry_body` of the same entry
+        (tests/core/test_audit_fast.py compares the two on generated entries)."""
+        who = principal.get()
+        pid = _pid[0]
+        kid = self._kid
+        ident = (op, outcome, provider, key_id, error, who, pid, kid)
+        middle = self._middles.get(ident)
+        if middle is None:
+            fields: dict[str, object] = {"op": op, "outcome": outcome, "pid": pid}
+            if who:
+                fields["principal"] = who
+            if kid > 1:
+                fields["kid"] = kid
+            if provider:
+                fields["provider"] = provider
+            if key_id:
+                fields["key"] = key_id
+            if error:
+                fields["error"] = error
+            if len(self._middles) >= _MIDDLES_MAX:
+                self._middles.clear()
+            middle = self._middles[ident] = _canonical_str(fields)[1:-1]
+        if detail:
+            plain = detail if type(detail) is dict else dict(detail)
+            head = '{"detail":' + _canonical_str(plain) + ","
+        else:
+            head = "{"
+        seq = self._seq + 1
+        return f'{head}{middle},"seq":{seq},"ts":"{_timestamp()}","uid":{self._uid}}}'.encode()
 
     def _forward(self, line: bytes) -> None:
         if self._forwarder is None:

@@ -132,7 +132,7 @@ def sign(
     params: SignParams,
 ) -> bytes:
     """Sign with stored material (deriving the BIP32 child at ``params.path`` first)."""
-    if key_type in HD_KEY_TYPES:
+    if key_type is KeyType.BIP32 or key_type is KeyType.BIP32_NODE:  # HD_KEY_TYPES, unhashed
         master, chain = hd_master(key_type, secret)
         try:
             child, _, _, _ = curve.bip32_derive_priv(master, chain, params.path)

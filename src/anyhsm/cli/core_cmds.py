@@ -19,6 +19,7 @@ from anyhsm.errors import (
 )
 from anyhsm.fsutil import STDIN
 from anyhsm.ops import SCHEMA_VERSION
+from anyhsm.ops.admin import Rotation
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment, KeyInfo, KeyType, Network, SigScheme
 
@@ -390,109 +391,75 @@ def cmd_config_check(args: argparse.Namespace, app: App) -> Result:
     return Result(res.to_dict(), lines, ConfigError.exit_code if res.errors else EXIT_OK)
 
 
-def _current_passphrase(app: App) -> SecretBytes:
-    """The current passphrase, checked against the open store: changing or rotating the
-    keystore needs it even where a TPM or token opened the store."""
-    old = app.passphrase(prompt="Current passphrase: ")
-    if old is None:
-        raise HsmError(
-            "this needs the current keystore passphrase",
-            hint="set ANYHSM_PASSPHRASE or pass --passphrase-file",
-        )
-    app.hsm().keystore.check_passphrase(old)
-    return old
+def current_passphrase(app: App) -> SecretBytes | None:
+    """The current passphrase (--passphrase-file, ANYHSM_PASSPHRASE, the configured file or
+    a prompt): changing or rotating the keystore needs it even where a TPM or token
+    opened the store; the handle checks it."""
+    return app.passphrase(prompt="Current passphrase: ")
 
 
-def _rotation_text(summary: dict[str, object], what: str) -> list[str]:
+def rotation_text(res: Rotation, what: str) -> list[str]:
+    s = res.summary
     return [
         what,
-        f"every key ({summary['keys']}) re-encrypted under a fresh master key "
-        f"(epoch {summary['epoch']}, generation {summary['generation']})",
+        f"every key ({text_value(s.get('keys'))}) re-encrypted under a fresh master key "
+        f"(epoch {text_value(s.get('epoch'))}, generation {text_value(s.get('generation'))})",
         "the old master key, the old passphrase and saved copies of the old header or unlock "
         "blobs no longer open this keystore",
     ]
 
 
-def rotate_dropping(app: App, blob: str, op: str) -> dict[str, object] | None:
-    """Unenrol an unlock path by rotating to a fresh master key without its blob: a saved
-    copy of the blob then opens nothing (removing the file alone would revoke nothing).
-    None when ``blob`` was not enrolled."""
-    from anyhsm.unlock_blobs import enrolled_blobs, resealer
-
-    hsm = app.hsm()
-    if blob not in enrolled_blobs(hsm.keystore):
-        return None
-    current = _current_passphrase(app)
-    try:
-        reseal = resealer(app.config(), hsm.keystore, drop={blob})
-        return hsm.rotate_master_key(current, reseal=reseal, op=op)
-    finally:
-        current.wipe()
-
-
-def check_kdf_open_time(kdf: object, timeout_ms: float, allow_slow: bool) -> str | None:
-    """Refuse new KDF parameters that would make every later open time out (the provider's
-    open includes the KDF), unless allowed; returns a progress note when the KDF is slow."""
-    from anyhsm.keystore.kdf import KdfParams, estimate_ms, open_time_problem
-
-    assert isinstance(kdf, KdfParams)
-    why = open_time_problem(kdf, timeout_ms)
-    if why is not None and not allow_slow:
-        raise ConfigError(
-            f"refusing the new KDF parameters: {why}",
-            hint="raise providers.software.timeout_ms first, choose a cheaper "
-            "[providers.software.kdf], or pass --allow-slow-open",
-        )
-    est = estimate_ms(kdf)
-    if est < 1000:
-        return None
-    return f"deriving the new passphrase key takes about {est / 1000:.1f} s (please wait)"
-
-
 def cmd_keystore_passwd(args: argparse.Namespace, app: App) -> Result:
     """Change the passphrase and/or raise the KDF cost: a rotation to a fresh master key,
     so that the old passphrase and old copies of the header revoke nothing they opened."""
-    from anyhsm.deploy import check_passwd
-    from anyhsm.factory import read_secret_file
-    from anyhsm.keystore import KdfParams
-    from anyhsm.unlock_blobs import resealer
+    from anyhsm.fsutil import read_secret_file
+    from anyhsm.ops import admin
 
     cfg = app.config()
-    check_passwd(cfg, args.new_passphrase_file)  # the production rules of init
-    if not args.new_passphrase_file:
-        raise HsmError(
-            "give the new passphrase in a file", hint="--new-passphrase-file FILE (0600)"
-        )
-    kdf = KdfParams.from_settings(cfg.provider_settings("software").get("kdf"))
-    slow = check_kdf_open_time(kdf, cfg.open_timeout_ms("software"), args.allow_slow_open)
-    hsm = app.hsm()
-    old = _current_passphrase(app)
-    new = read_secret_file(Path(args.new_passphrase_file), "new passphrase", cfg.environment)
-    if slow is not None and not app.json:
-        print(slow, file=sys.stderr, flush=True)
+    new = (
+        read_secret_file(Path(args.new_passphrase_file), "new passphrase", cfg.environment)
+        if args.new_passphrase_file
+        else None
+    )
     try:
-        summary = hsm.rotate_master_key(
-            new, kdf=kdf, reseal=resealer(cfg, hsm.keystore), op="keystore_passwd"
-        )
+        # The production rules of init and the KDF's open time, before anything is opened.
+        admin.check_passwd(cfg, new, allow_slow_open=args.allow_slow_open)
+        if new is None:
+            raise HsmError(
+                "give the new passphrase in a file", hint="--new-passphrase-file FILE (0600)"
+            )
+        hsm = app.hsm()
+        current = current_passphrase(app)
+        try:
+            res = admin.change_passphrase(
+                hsm,
+                current,
+                new,
+                allow_slow_open=args.allow_slow_open,
+                on_slow=None if app.json else lambda note: print(note, file=sys.stderr, flush=True),
+            )
+        finally:
+            if current is not None:
+                current.wipe()
     finally:
-        old.wipe()
-        new.wipe()
-    return Result({"changed": True, **summary}, _rotation_text(summary, "passphrase changed"))
+        if new is not None:
+            new.wipe()
+    return Result(res.to_dict(), rotation_text(res, "passphrase changed"))
 
 
 def cmd_keystore_rotate(args: argparse.Namespace, app: App) -> Result:
     """A fresh master key, same passphrase: revokes copies of the old one (a leaked
     keystore backup plus passphrase opens nothing created after this)."""
-    from anyhsm.unlock_blobs import resealer
+    from anyhsm.ops.admin import rotate_master_key
 
     hsm = app.hsm()
-    cfg = app.config()
-    current = _current_passphrase(app)
+    current = current_passphrase(app)
     try:
-        summary = hsm.rotate_master_key(current, reseal=resealer(cfg, hsm.keystore))
+        res = rotate_master_key(hsm, current)
     finally:
-        current.wipe()
-    return Result(summary, _rotation_text(summary, "master key rotated"))
+        if current is not None:
+            current.wipe()
+    return Result(res.to_dict(), rotation_text(res, "master key rotated"))
 
 
 def cmd_audit_recover(args: argparse.Namespace, app: App) -> Result:

@@ -1,32 +1,39 @@
 """``anyhsm tpm enroll|unenroll|status``: seal the keystore's master key to a TPM.
 
-Enrolment needs the passphrase once. Where the chain already opens (a development or
-staging deployment falling back to the passphrase path), the normal handle is used;
-where it cannot reach its floor until the TPM is enrolled (a fresh production mainnet
-deployment), ``enroll`` and ``status`` open the enrolment-only handle
-(:func:`anyhsm.hsm.open_for_enrolment`): the keystore opened with the passphrase,
-audited as such, every key operation refused. Afterwards the TPM path opens the
-keystore with no passphrase. Every enrolment change is written to the audit log.
+Thin shells over :mod:`anyhsm.ops.enrol`. Enrolment needs the passphrase once. Where the
+chain already opens (a development or staging deployment falling back to the passphrase
+path), the normal handle is used; where it cannot reach its floor until the TPM is
+enrolled (a fresh production mainnet deployment), ``enroll`` and ``status`` open the
+enrolment-only handle: the keystore opened with the passphrase, audited as such, every
+key operation refused. Afterwards the TPM path opens the keystore with no passphrase.
+Every enrolment change is written to the audit log.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from anyhsm.cli.app import App, Result, SubParsers
+from anyhsm.cli.app import EXIT_OK, App, Result, SubParsers, text_value
+
+
+def _tpm_configured(app: App) -> None:
+    """A missing [providers.tpm] is reported before any open (no passphrase asked)."""
+    from anyhsm.ops.enrol import TPM, check_configured
+
+    check_configured(app.config(), TPM)
 
 
 def cmd_enroll(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.enrol import enrol_tpm, tpm_settings
+    from anyhsm.ops.enrol import enrol_tpm
 
-    tpm_settings(app.config())  # a missing [providers.tpm] is reported before any open
-    summary = enrol_tpm(app.hsm(enrolment=True), force=args.force)
+    _tpm_configured(app)
+    res = enrol_tpm(app.hsm(enrolment=True), force=args.force)
     return Result(
-        summary,
+        res.to_dict(),
         [
-            f"sealed the keystore master key to the TPM at {summary['tcti']}",
-            f"PCR policy: {_pcrs(summary.get('pcrs'))} ({summary['pcr_bank']})",
-            f"blob: {summary['file']}",
+            f"sealed the keystore master key to the TPM at {text_value(res.get('tcti'))}",
+            f"PCR policy: {_pcrs(res.get('pcrs'))} ({text_value(res.get('pcr_bank'))})",
+            f"blob: {text_value(res.get('file'))}",
             "the passphrase still opens the keystore (recovery)",
         ],
     )
@@ -39,43 +46,44 @@ def _pcrs(value: object) -> str:
 def cmd_unenroll(args: argparse.Namespace, app: App) -> Result:
     """Revoke the TPM unlock path: rotate to a fresh master key without the sealed blob,
     then drop the generation anchor (and its NV counter, when the TPM is configured)."""
-    from anyhsm.cli.core_cmds import rotate_dropping
-    from anyhsm.tpm.enrollment import SIDE_FILE, unenroll
-    from anyhsm.tpm.settings import TpmSettings
+    from anyhsm.cli.core_cmds import current_passphrase
+    from anyhsm.ops.enrol import TPM, needs_passphrase, unenrol_tpm
 
     hsm = app.hsm()
-    summary = rotate_dropping(app, SIDE_FILE, "tpm_unenroll")
-    table = app.config().provider_settings("tpm")
-    settings = TpmSettings.from_mapping(table) if "tcti" in table else None
-    unenroll(hsm.keystore, settings)
-    hsm.record_event("tpm_unenroll", "ok" if summary else "noop")
-    if summary is None:
-        return Result({"unenrolled": False}, ["the keystore was not enrolled"])
+    current = current_passphrase(app) if needs_passphrase(hsm, TPM) else None
+    try:
+        res = unenrol_tpm(hsm, current)
+    finally:
+        if current is not None:
+            current.wipe()
+    if not res.unenrolled:
+        return Result(res.to_dict(), ["the keystore was not enrolled"])
     return Result(
-        {"unenrolled": True, **summary},
+        res.to_dict(),
         [
             "removed the TPM unlock path: every key re-encrypted under a fresh master key "
-            f"(epoch {summary['epoch']}), so a saved copy of the sealed blob opens nothing",
+            f"(epoch {text_value(res.get('epoch'))}), so a saved copy of the sealed blob "
+            "opens nothing",
         ],
     )
 
 
 def cmd_status(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.enrol import tpm_settings, tpm_status
+    from anyhsm.ops.enrol import tpm_status
+    from anyhsm.tpm.errors import TpmNotEnrolled
 
-    tpm_settings(app.config())
-    info = tpm_status(app.hsm(enrolment=True))
+    _tpm_configured(app)
+    res = tpm_status(app.hsm(enrolment=True))
     lines = [
-        f"{k}: {_text(v)}" for k, v in info.items() if k not in ("settings", "tpm_error", "error")
+        f"{k}: {_text(v)}"
+        for k, v in res.data.items()
+        if k not in ("settings", "tpm_error", "error")
     ]
-    ok = bool(info.get("enrolled")) and bool(info.get("opens_keystore"))
-    return Result(info, lines, 0 if ok else 4)
+    return Result(res.to_dict(), lines, EXIT_OK if res.ok else TpmNotEnrolled.exit_code)
 
 
 def _text(value: object) -> str:
     """Text output shows values, not Python reprs (yes/no, none, nested readable)."""
-    from anyhsm.cli.app import text_value
-
     return text_value(value)
 
 

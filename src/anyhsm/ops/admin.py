@@ -1,4 +1,5 @@
-"""Administration: init, health, the audit log (verify, show, export, recover), config check.
+"""Administration: init, health, the audit log (verify, show, export, recover), config check,
+the keystore's passphrase and master key (passwd, rotate).
 
 Operations that must report a failure in their own shape take an *opener* (a callable
 that opens the handle) instead of an open handle: ``health`` prints the health object
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from anyhsm.audit_query import AuditQuery
     from anyhsm.config import Config, Problem
     from anyhsm.hsm import HealthReport, Hsm
+    from anyhsm.keystore.kdf import KdfParams
     from anyhsm.secret import SecretBytes
 
 MIN_RECOVERY_REASON = 8
@@ -280,3 +282,88 @@ def config_check(path: Path, env: Mapping[str, str] | None = None) -> ConfigChec
         cfg = Config.from_mapping(raw, config_dir=path.resolve().parent, source=path, env=environ)
         problems = cfg.check()
     return ConfigCheck(not [p for p in problems if p.severity == "error"], tuple(problems))
+
+
+# --- keystore: passphrase, rotation ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A rotation to a fresh master key: ``epoch``, ``generation``, ``keys`` (how many
+    re-encrypted), ``audit_key``; ``changed`` for a passphrase change."""
+
+    summary: Mapping[str, object]
+    changed: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {"changed": True, **self.summary} if self.changed else dict(self.summary)
+
+
+def passwd_kdf(config: Config) -> KdfParams:
+    """The KDF a new passphrase is derived with: ``[providers.software.kdf]``."""
+    from anyhsm.keystore.kdf import KdfParams
+
+    return KdfParams.from_settings(config.provider_settings("software").get("kdf"))
+
+
+def check_passwd(
+    config: Config, new: SecretBytes | None, *, allow_slow_open: bool = False
+) -> str | None:
+    """The refusals of ``keystore passwd`` that need no open keystore: the production
+    rules of ``init`` for the new passphrase and the KDF, and a KDF that would make every
+    later open time out (unless ``allow_slow_open``). Returns a note for a slow KDF (over
+    a second) for the front end to show, else None."""
+    from anyhsm.deploy import require_keystore_rules
+    from anyhsm.keystore.kdf import estimate_ms, open_time_problem
+
+    kdf = passwd_kdf(config)
+    require_keystore_rules(config.environment, new, kdf, action="re-key")
+    why = open_time_problem(kdf, config.open_timeout_ms("software"))
+    if why is not None and not allow_slow_open:
+        raise ConfigError(
+            f"refusing the new KDF parameters: {why}",
+            hint="raise providers.software.timeout_ms first, choose a cheaper "
+            "[providers.software.kdf], or pass --allow-slow-open",
+        )
+    est = estimate_ms(kdf)
+    if est < 1000:
+        return None
+    return f"deriving the new passphrase key takes about {est / 1000:.1f} s (please wait)"
+
+
+def change_passphrase(
+    hsm: Hsm,
+    current: SecretBytes | None,
+    new: SecretBytes,
+    *,
+    allow_slow_open: bool = False,
+    on_slow: Callable[[str], None] | None = None,
+) -> Rotation:
+    """Change the passphrase and/or raise the KDF cost (``keystore_passwd``): a rotation
+    to a fresh master key wrapped by ``new`` under ``[providers.software.kdf]``, so the
+    old passphrase and old header copies open nothing created after it. ``current`` is
+    checked (AuthenticationFailed when None). ``on_slow`` is told when the KDF takes over
+    a second. The caller keeps (and wipes) both secrets."""
+    note = check_passwd(hsm.config, new, allow_slow_open=allow_slow_open)
+    checked = _current(current)
+    if note is not None and on_slow is not None:
+        on_slow(note)
+    return Rotation(hsm.change_passphrase(checked, new, kdf=passwd_kdf(hsm.config)), True)
+
+
+def rotate_master_key(hsm: Hsm, current: SecretBytes | None) -> Rotation:
+    """A fresh master key, same passphrase (``rotate_master_key``): every key and unlock
+    blob made again, the audit key retired; copies of the old master key (a leaked backup
+    plus the passphrase) open nothing created after it. ``current`` is checked."""
+    return Rotation(hsm.rotate_master_key(_current(current)))
+
+
+def _current(current: SecretBytes | None) -> SecretBytes:
+    if current is None:
+        from anyhsm.errors import AuthenticationFailed
+
+        raise AuthenticationFailed(
+            "this needs the current keystore passphrase",
+            hint="set ANYHSM_PASSPHRASE or pass --passphrase-file",
+        )
+    return current

@@ -268,74 +268,62 @@ def test_many_inputs_of_multi_a(hsm: Hsm, wallet: Wallet) -> None:
 # --- timelocks --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("older", "sequence"),
-    [(144, 144), (144, 1000), (0x400010, 0x400010), (0x400010, 0x400020)],
-)
-def test_relative_timelock_leaf(hsm: Hsm, wallet: Wallet, older: int, sequence: int) -> None:
-    keys = _keys(wallet, 1)
-    script = tapscript_leaf(_xonly(keys), older=older)
-    psbt = leaf_psbt([script], keys, sequence=sequence)
+# (lock, n, nSequence, nLockTime, tx version)
+MET = [
+    ("older", 144, 144, 0, 2),
+    ("older", 144, 1000, 0, 2),
+    ("older", 0x400010, 0x400010, 0, 2),  # 16 x 512 s
+    ("older", 0x400010, 0x400020, 0, 2),
+    ("after", 800_000, 0xFFFFFFFE, 800_000, 2),
+    ("after", 800_000, 0, 800_100, 2),
+    ("after", 1_700_000_000, 0xFFFFFFFD, 1_700_000_500, 2),
+]
+NOT_MET = [  # ... and what the reason says
+    ("older", 144, 143, 0, 2, "nSequence is 0x0000008f"),
+    ("older", 144, 0xFFFFFFFD, 0, 2, "nSequence is 0xfffffffd"),  # the disable flag is set
+    ("older", 144, 0x400090, 0, 2, "in blocks"),  # time-based sequence, height-based lock
+    ("older", 0x400010, 16, 0, 2, "512-second units"),
+    ("older", 144, 144, 0, 1, "the transaction is version 1"),
+    ("after", 800_000, 0xFFFFFFFE, 799_999, 2, "the nLockTime is 799999"),
+    ("after", 800_000, 0xFFFFFFFE, 1_700_000_000, 2, "block height"),  # a time for a height
+    ("after", 1_700_000_000, 0xFFFFFFFE, 800_000, 2, "a time of at least"),
+    ("after", 800_000, 0xFFFFFFFF, 800_000, 2, "nSequence is final"),
+]
+
+
+def _timelocked(
+    w: Wallet, lock: str, n: int, sequence: int, locktime: int, version: int
+) -> tuple[bytes, Psbt]:
+    keys = _keys(w, 1)
+    older, after = (n, None) if lock == "older" else (None, n)
+    script = tapscript_leaf(_xonly(keys), older=older, after=after)
+    return script, leaf_psbt([script], keys, sequence=sequence, locktime=locktime, version=version)
+
+
+@pytest.mark.parametrize(("lock", "n", "sequence", "locktime", "version"), MET)
+def test_timelocked_leaf(
+    hsm: Hsm, wallet: Wallet, lock: str, n: int, sequence: int, locktime: int, version: int
+) -> None:
+    script, psbt = _timelocked(wallet, lock, n, sequence, locktime, version)
     tx = assert_final_spends(finalize_psbt(sign_psbt(hsm, psbt, "w").psbt))
     assert tx.inputs[0].witness[1] == script
 
 
-@pytest.mark.parametrize(
-    ("older", "sequence", "version", "says"),
-    [
-        (144, 143, 2, "nSequence is 0x0000008f"),
-        (144, 0xFFFFFFFD, 2, "nSequence is 0xfffffffd"),  # the disable flag is set
-        (144, 0x400090, 2, "in blocks"),  # time-based sequence for a height-based lock
-        (0x400010, 16, 2, "512-second units"),
-        (144, 144, 1, "the transaction is version 1"),
-    ],
-)
-def test_relative_timelock_not_met_is_incomplete_as_core_judges(
-    hsm: Hsm, wallet: Wallet, older: int, sequence: int, version: int, says: str
+@pytest.mark.parametrize(("lock", "n", "sequence", "locktime", "version", "says"), NOT_MET)
+def test_timelock_not_met_is_incomplete_as_core_judges(
+    hsm: Hsm,
+    wallet: Wallet,
+    lock: str,
+    n: int,
+    sequence: int,
+    locktime: int,
+    version: int,
+    says: str,
 ) -> None:
-    keys = _keys(wallet, 1)
-    script = tapscript_leaf(_xonly(keys), older=older)
-    signed = sign_psbt(hsm, leaf_psbt([script], keys, sequence=sequence, version=version), "w")
+    script, psbt = _timelocked(wallet, lock, n, sequence, locktime, version)
+    signed = sign_psbt(hsm, psbt, "w")
     res = finalize_psbt(signed.psbt)
-    assert not res.complete and f"older({older})" in res.inputs[0].reason
-    assert says in res.inputs[0].reason
-    _core_rejects_the_witness_anyway(signed.psbt, script)
-
-
-@pytest.mark.parametrize(
-    ("after", "locktime", "sequence"),
-    [
-        (800_000, 800_000, 0xFFFFFFFE),
-        (800_000, 800_100, 0),
-        (1_700_000_000, 1_700_000_500, 0xFFFFFFFD),
-    ],
-)
-def test_absolute_timelock_leaf(
-    hsm: Hsm, wallet: Wallet, after: int, locktime: int, sequence: int
-) -> None:
-    keys = _keys(wallet, 1)
-    script = tapscript_leaf(_xonly(keys), after=after)
-    psbt = leaf_psbt([script], keys, locktime=locktime, sequence=sequence)
-    assert_final_spends(finalize_psbt(sign_psbt(hsm, psbt, "w").psbt))
-
-
-@pytest.mark.parametrize(
-    ("after", "locktime", "sequence", "says"),
-    [
-        (800_000, 799_999, 0xFFFFFFFE, "the nLockTime is 799999"),
-        (800_000, 1_700_000_000, 0xFFFFFFFE, "block height"),  # a time for a height
-        (1_700_000_000, 800_000, 0xFFFFFFFE, "a time of at least"),
-        (800_000, 800_000, 0xFFFFFFFF, "nSequence is final"),
-    ],
-)
-def test_absolute_timelock_not_met_is_incomplete_as_core_judges(
-    hsm: Hsm, wallet: Wallet, after: int, locktime: int, sequence: int, says: str
-) -> None:
-    keys = _keys(wallet, 1)
-    script = tapscript_leaf(_xonly(keys), after=after)
-    signed = sign_psbt(hsm, leaf_psbt([script], keys, locktime=locktime, sequence=sequence), "w")
-    res = finalize_psbt(signed.psbt)
-    assert not res.complete and f"after({after})" in res.inputs[0].reason
+    assert not res.complete and f"{lock}({n})" in res.inputs[0].reason
     assert says in res.inputs[0].reason
     _core_rejects_the_witness_anyway(signed.psbt, script)
 

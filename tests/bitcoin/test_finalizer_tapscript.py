@@ -274,6 +274,7 @@ MET = [
     ("older", 144, 1000, 0, 2),
     ("older", 0x400010, 0x400010, 0, 2),  # 16 x 512 s
     ("older", 0x400010, 0x400020, 0, 2),
+    ("older", 10, 10, 0, -1),  # Core reads the version as unsigned: 0xffffffff >= 2
     ("after", 800_000, 0xFFFFFFFE, 800_000, 2),
     ("after", 800_000, 0, 800_100, 2),
     ("after", 1_700_000_000, 0xFFFFFFFD, 1_700_000_500, 2),

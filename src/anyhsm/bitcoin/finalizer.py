@@ -326,7 +326,7 @@ def _timelock_problem(tx: Transaction, index: int, leaf: TapscriptTemplate) -> s
             f"a version 2 transaction and an nSequence of input {index} that is a relative "
             f"lock time in {units} of at least that"
         )
-        if tx.version < 2:
+        if tx.version & 0xFFFFFFFF < 2:  # Core compares the version as unsigned
             return f"{need}; the transaction is version {tx.version}"
         if sequence & SEQUENCE_LOCKTIME_DISABLE_FLAG or (want < SEQUENCE_LOCKTIME_TYPE_FLAG) != (
             have < SEQUENCE_LOCKTIME_TYPE_FLAG

@@ -3,6 +3,7 @@ and embit as an independent builder of the same bytes."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -257,3 +258,20 @@ def test_combine_does_not_modify_its_inputs() -> None:
     before = (a.serialize(), b.serialize())
     combine_psbts([a, b])
     assert (a.serialize(), b.serialize()) == before
+
+
+# --- fuzz: the spec parsers answer or raise the documented errors ------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=90))
+def test_fuzz_specs(text: str) -> None:
+    for parse in (
+        InputSpec.parse,
+        lambda t: OutputSpec.parse(t, Network.TESTNET),
+        parse_amount,
+        lambda t: OutputSpec.parse(f"{_ADDRESSES[0]}={t}", Network.TESTNET),
+        lambda t: InputSpec.parse("00" * 32 + ":" + t),
+    ):
+        with contextlib.suppress(PsbtError, AddressError):
+            parse(text)

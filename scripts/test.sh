@@ -5,7 +5,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 export DEBIAN_FRONTEND=noninteractive
-"$repo/scripts/bootstrap.sh" dev,pkcs11
+"$repo/scripts/bootstrap.sh" dev,pkcs11,server
 py="$repo/.venv/bin/python"
 if [ -x "$repo/scripts/install-softhsm.sh" ] || [ -f "$repo/scripts/install-softhsm.sh" ]; then
     bash "$repo/scripts/install-softhsm.sh"

@@ -1,0 +1,651 @@
+"""A typed Python client for the signing service (``anyhsm serve``, docs/service.md).
+
+Standard library only (``http.client``): no extra is needed to call a service. One
+:class:`Client` holds one keep-alive connection (use one per thread). Every failure is
+raised as the :class:`~anyhsm.errors.HsmError` class the service named by its stable
+code (:func:`anyhsm.errors.error_class_for_code`), so code written against the library
+(``except KeyNotFound``) works unchanged against a service; transport failures are
+:class:`~anyhsm.errors.ServiceUnreachable`.
+
+    from anyhsm.client import Client
+    with Client("http://127.0.0.1:8420", token) as c:
+        sig = c.sign("hot-1", digest)
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from anyhsm.errors import (
+    HsmError,
+    ServiceError,
+    ServiceUnreachable,
+    error_class_for_code,
+)
+from anyhsm.types import KeyInfo, KeyType, Network, SecurityLevel, SigScheme
+
+if TYPE_CHECKING:
+    from anyhsm.audit import VerifyResult
+    from anyhsm.bitcoin.psbt import Psbt
+    from anyhsm.hsm import HealthReport
+    from anyhsm.ops.bitcoin import (
+        AddressResult,
+        DescriptorResult,
+        MessageSignature,
+        MessageVerification,
+        WalletDescriptors,
+        XpubResult,
+    )
+
+JsonObject = Mapping[str, object]
+DEFAULT_ADDR = "http://127.0.0.1:8420"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reasons: tuple[str, ...]
+    active_provider: str
+    security_level: str
+
+
+@dataclass(frozen=True)
+class SignedPsbt:
+    """What ``POST /v1/psbt/sign`` answered: the signed PSBT and the signer's report
+    (``report`` is the whole object ``anyhsm psbt sign --json`` prints)."""
+
+    psbt: Psbt
+    signed_inputs: int
+    signatures: int
+    unsigned_inputs: int
+    fee: int
+    vsize: int
+    fee_rate: float
+    warnings: tuple[str, ...]
+    report: JsonObject
+    replayed: bool = False  # the stored answer to an earlier request with this Idempotency-Key
+
+
+@dataclass(frozen=True)
+class FinalizedPsbt:
+    psbt: Psbt
+    complete: bool
+    tx: bytes | None
+    txid: str | None
+    report: JsonObject
+
+
+@dataclass(frozen=True)
+class AuditTail:
+    verified: bool
+    verify: VerifyResult
+    entries: tuple[JsonObject, ...]
+
+
+def raise_error(status: int, body: bytes, retry_after: str | None = None) -> None:
+    """Raise the error a service answered with, as its library class."""
+    try:
+        obj = json.loads(body)
+        err = obj["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        raise ServiceUnreachable(
+            f"the service answered HTTP {status} without an anyhsm error object",
+            hint="is the address that of an anyhsm service (and not a proxy's error page)?",
+        ) from None
+    cls = error_class_for_code(code)
+    exc = cls.__new__(cls)
+    hint = err.get("hint")
+    HsmError.__init__(exc, message, hint=hint if isinstance(hint, str) else None)
+    details = err.get("details")
+    if isinstance(details, list):
+        exc.details = [d for d in details if isinstance(d, dict)]
+    if isinstance(exc, ServiceError):
+        exc.retry_after = _float(retry_after)
+    raise exc
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def key_info(obj: JsonObject) -> KeyInfo:
+    """A :class:`KeyInfo` from the service's JSON for a key."""
+    chain = obj.get("chain_code")
+    return KeyInfo(
+        id=_s(obj, "id"),
+        label=_s(obj, "label"),
+        provider=_s(obj, "provider"),
+        public_key=bytes.fromhex(_s(obj, "public_key")),
+        key_type=KeyType(_s(obj, "key_type")),
+        store=str(obj.get("store") or ""),
+        exportable=bool(obj.get("exportable", False)),
+        created_at=str(obj.get("created_at") or ""),
+        chain_code=bytes.fromhex(chain) if isinstance(chain, str) else None,
+        available=bool(obj.get("available", True)),
+    )
+
+
+def _s(obj: JsonObject, name: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise ServiceUnreachable(f"the service's answer lacks the string {name!r}")
+    return value
+
+
+def _ns(obj: JsonObject, name: str) -> str | None:
+    value = obj.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _i(obj: JsonObject, name: str) -> int:
+    value = obj.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ServiceUnreachable(f"the service's answer lacks the integer {name!r}")
+    return value
+
+
+def _obj(value: object) -> JsonObject:
+    if not isinstance(value, dict):
+        raise ServiceUnreachable("the service's answer is not a JSON object")
+    return value
+
+
+def _psbt_text(psbt: Psbt | bytes | str) -> str:
+    if isinstance(psbt, str):
+        return psbt.strip()
+    if isinstance(psbt, bytes):
+        return base64.b64encode(psbt).decode()
+    return psbt.to_base64()
+
+
+class Client:
+    """One connection to a signing service at ``url`` (``http://`` or ``https://``),
+    authenticating with ``token`` (default ``ANYHSM_TOKEN``). For https: ``cafile`` (the
+    service's CA), and for mutual TLS ``certfile``/``keyfile``; or a whole ``ssl_context``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        cafile: str | Path | None = None,
+        certfile: str | Path | None = None,
+        keyfile: str | Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        url = url or os.environ.get("ANYHSM_ADDR") or DEFAULT_ADDR
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ServiceUnreachable(f"not a service address: {url!r}", hint="http://HOST:PORT")
+        self.url = url
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._prefix = parts.path.rstrip("/")
+        self._token = token if token is not None else os.environ.get("ANYHSM_TOKEN")
+        self._timeout = timeout
+        if self._https and ssl_context is None:
+            ssl_context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+            if certfile is not None:
+                ssl_context.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+        self._ssl = ssl_context
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __repr__(self) -> str:  # never the token
+        return f"<anyhsm.client.Client {self.url}>"
+
+    # --- transport ---------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._https:
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout, context=self._ssl
+                )
+            else:
+                self._conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self._timeout
+                )
+        return self._conn
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: JsonObject | None = None,
+        *,
+        query: Mapping[str, str | int | None] | None = None,
+        headers: Mapping[str, str] | None = None,
+        accept: tuple[int, ...] = (),
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        """One request; (status, body, headers). Raises the service's error for any
+        status >= 400 but those in ``accept``, ServiceUnreachable when there is no answer.
+        A keep-alive connection the server closed meanwhile is reopened once, for a
+        request it had not answered."""
+        q = {k: str(v) for k, v in (query or {}).items() if v is not None}
+        target = self._prefix + path + (("?" + urllib.parse.urlencode(q)) if q else "")
+        h = {"Accept": "application/json", **(headers or {})}
+        if self._token:
+            h["Authorization"] = f"Bearer {self._token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
+            h["Content-Type"] = "application/json"
+        with self._lock:
+            for attempt in (0, 1):
+                reused = self._conn is not None
+                conn = self._connection()
+                try:
+                    conn.request(method, target, body=data, headers=h)
+                except (ConnectionError, http.client.HTTPException, OSError) as e:
+                    self._drop()
+                    if reused and attempt == 0:
+                        continue
+                    raise ServiceUnreachable(f"cannot reach {self.url}: {e}") from None
+                try:
+                    resp = conn.getresponse()
+                    payload = resp.read()
+                except http.client.RemoteDisconnected:
+                    # closed before answering: on a reused keep-alive connection, the
+                    # server closed it while idle and never read the request: once more
+                    self._drop()
+                    if reused and attempt == 0:
+                        continue
+                    raise ServiceUnreachable(f"{self.url} closed the connection") from None
+                except (ConnectionError, http.client.HTTPException, OSError) as e:
+                    self._drop()
+                    raise ServiceUnreachable(f"no answer from {self.url}: {e}") from None
+                if resp.getheader("Connection", "").lower() == "close":
+                    self._drop()
+                break
+        headers_out = {k.lower(): v for k, v in resp.getheaders()}
+        if resp.status >= 400 and resp.status not in accept:
+            raise_error(resp.status, payload, headers_out.get("retry-after"))
+        return resp.status, payload, headers_out
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _json(
+        self,
+        method: str,
+        path: str,
+        body: JsonObject | None = None,
+        *,
+        query: Mapping[str, str | int | None] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> JsonObject:
+        _, payload, _ = self.request(method, path, body, query=query, headers=headers)
+        try:
+            return _obj(json.loads(payload))
+        except ValueError:
+            raise ServiceUnreachable("the service's answer is not JSON") from None
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return urllib.parse.quote(key, safe="")
+
+    # --- public and read ------------------------------------------------------------------
+
+    def ready(self) -> Readiness:
+        """Readiness; a service that is not ready answers 503 with the same object."""
+        _, payload, _ = self.request("GET", "/v1/ready", accept=(503,))
+        try:
+            obj = _obj(json.loads(payload))
+        except ValueError:
+            raise ServiceUnreachable("the service's answer is not JSON") from None
+        reasons = obj.get("reasons")
+        return Readiness(
+            bool(obj.get("ready")),
+            tuple(str(r) for r in reasons) if isinstance(reasons, list) else (),
+            _s(obj, "active_provider"),
+            _s(obj, "security_level"),
+        )
+
+    def health(self) -> HealthReport:
+        """The health report (``anyhsm health --json``), as the library's HealthReport."""
+        from anyhsm.hsm import HealthReport
+
+        obj = self._json("GET", "/v1/health")
+        level, minimum = _ns(obj, "security_level"), _ns(obj, "min_security_level")
+        providers = obj.get("providers")
+        reasons = obj.get("degraded_reasons")
+        error = obj.get("error")
+        return HealthReport(
+            ok=bool(obj.get("ok")),
+            active_provider=_ns(obj, "active_provider"),
+            security_level=SecurityLevel.parse(level) if level else None,
+            min_security_level=SecurityLevel.parse(minimum) if minimum else None,
+            environment=_ns(obj, "environment"),
+            network=_ns(obj, "network"),
+            providers=[dict(p) for p in providers if isinstance(p, dict)]
+            if isinstance(providers, list)
+            else [],
+            audit=dict(_obj(obj.get("audit", {}))),
+            process=dict(_obj(obj.get("process", {}))),
+            degraded_reasons=[
+                {str(k): str(v) for k, v in r.items()} for r in reasons if isinstance(r, dict)
+            ]
+            if isinstance(reasons, list)
+            else [],
+            error=dict(error) if isinstance(error, dict) else None,
+        )
+
+    def list_keys(self) -> list[KeyInfo]:
+        keys = self._json("GET", "/v1/keys").get("keys")
+        return [key_info(_obj(k)) for k in keys] if isinstance(keys, list) else []
+
+    def get_key(self, key: str) -> KeyInfo:
+        return key_info(self._json("GET", f"/v1/keys/{self._key(key)}"))
+
+    def public_key(self, key: str) -> bytes:
+        return self.get_key(key).public_key
+
+    def xpub(self, key: str, path: str | None = None, *, slip132: str | None = None) -> XpubResult:
+        from anyhsm.ops.bitcoin import XpubResult
+
+        obj = self._json(
+            "GET", f"/v1/keys/{self._key(key)}/xpub", query={"path": path, "slip132": slip132}
+        )
+        return XpubResult(
+            xpub=_s(obj, "xpub"),
+            key=_s(obj, "key"),
+            path=_s(obj, "path"),
+            master_fingerprint=_s(obj, "master_fingerprint"),
+            origin=_s(obj, "origin"),
+            network=Network(_s(obj, "network")),
+        )
+
+    def address(self, key: str, path: str | None = None, *, kind: str = "p2wpkh") -> AddressResult:
+        from anyhsm.bitcoin.address import AddressKind
+        from anyhsm.ops.bitcoin import AddressResult
+
+        obj = self._json(
+            "GET", f"/v1/keys/{self._key(key)}/address", query={"path": path, "type": kind}
+        )
+        return AddressResult(
+            address=_s(obj, "address"),
+            type=AddressKind(_s(obj, "type")),
+            key=_s(obj, "key"),
+            path=_ns(obj, "path"),
+            public_key=bytes.fromhex(_s(obj, "public_key")),
+            script_pubkey=bytes.fromhex(_s(obj, "script_pubkey")),
+            network=Network(_s(obj, "network")),
+        )
+
+    def descriptor(
+        self, key: str, descriptor_type: str = "wpkh", *, account: int = 0
+    ) -> DescriptorResult:
+        obj = self._json(
+            "GET",
+            f"/v1/keys/{self._key(key)}/descriptor",
+            query={"type": descriptor_type, "account": account},
+        )
+        return _descriptor(obj)
+
+    def wallet_descriptors(self, key: str, *, account: int = 0) -> WalletDescriptors:
+        from anyhsm.ops.bitcoin import DescriptorType, RefusedType, WalletDescriptors
+
+        obj = self._json(
+            "GET", f"/v1/keys/{self._key(key)}/descriptors", query={"account": account}
+        )
+        made = obj.get("descriptors")
+        refused = obj.get("refused")
+        return WalletDescriptors(
+            key=_s(obj, "key"),
+            account=_i(obj, "account"),
+            master_fingerprint=_ns(obj, "master_fingerprint"),
+            descriptors=tuple(_descriptor(_obj(d)) for d in made) if isinstance(made, list) else (),
+            refused=tuple(
+                RefusedType(DescriptorType(_s(_obj(r), "type")), _s(_obj(r), "reason"))
+                for r in refused
+            )
+            if isinstance(refused, list)
+            else (),
+        )
+
+    def verify(
+        self, key: str, digest: bytes, signature: bytes, scheme: SigScheme = SigScheme.ECDSA
+    ) -> bool:
+        obj = self._json(
+            "POST",
+            f"/v1/keys/{self._key(key)}/verify",
+            {"digest": digest.hex(), "signature": signature.hex(), "scheme": scheme.value},
+        )
+        return obj.get("valid") is True
+
+    # --- signing ---------------------------------------------------------------------------
+
+    def sign(self, key: str, digest: bytes, scheme: SigScheme = SigScheme.ECDSA) -> bytes:
+        """Strict DER low-S ECDSA, or a 64-byte BIP340 signature, of a 32-byte digest."""
+        obj = self._json(
+            "POST",
+            f"/v1/keys/{self._key(key)}/sign",
+            {"digest": digest.hex(), "scheme": scheme.value},
+        )
+        return bytes.fromhex(_s(obj, "signature"))
+
+    def sign_batch(
+        self,
+        key: str,
+        digests: Sequence[bytes],
+        scheme: SigScheme = SigScheme.ECDSA,
+        *,
+        idempotency_key: str | None = None,
+    ) -> list[bytes | HsmError]:
+        """One result per digest, in order: its signature, or the error for that item."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        obj = self._json(
+            "POST",
+            f"/v1/keys/{self._key(key)}/sign-batch",
+            {"digests": [d.hex() for d in digests], "scheme": scheme.value},
+            headers=headers,
+        )
+        results = obj.get("results")
+        if not isinstance(results, list) or len(results) != len(digests):
+            raise ServiceUnreachable("the service's batch answer has the wrong number of results")
+        out: list[bytes | HsmError] = []
+        for item in results:
+            item = _obj(item)
+            sig = item.get("signature")
+            if isinstance(sig, str):
+                out.append(bytes.fromhex(sig))
+                continue
+            try:
+                raise_error(200, json.dumps({"error": item.get("error")}).encode())
+            except HsmError as e:
+                out.append(e)
+        return out
+
+    def sign_many(
+        self, key: str, digests: Sequence[bytes], scheme: SigScheme = SigScheme.ECDSA
+    ) -> list[bytes]:
+        """Like :meth:`Hsm.sign_many`: every signature, or the first item's error raised."""
+        out: list[bytes] = []
+        for r in self.sign_batch(key, digests, scheme):
+            if isinstance(r, HsmError):
+                raise r
+            out.append(r)
+        return out
+
+    def sign_psbt(
+        self, key: str, psbt: Psbt | bytes | str, *, idempotency_key: str | None = None
+    ) -> SignedPsbt:
+        """Sign under the service's signing policy (what ``anyhsm psbt sign`` does)."""
+        from anyhsm.bitcoin.psbt import Psbt
+
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        _, payload, h = self.request(
+            "POST", "/v1/psbt/sign", {"key": key, "psbt": _psbt_text(psbt)}, headers=headers
+        )
+        obj = _obj(json.loads(payload))
+        warnings = obj.get("warnings")
+        fee_rate = obj.get("fee_rate")
+        return SignedPsbt(
+            psbt=Psbt.parse(_s(obj, "psbt")),
+            signed_inputs=_i(obj, "signed_inputs"),
+            signatures=_i(obj, "signatures"),
+            unsigned_inputs=_i(obj, "unsigned_inputs"),
+            fee=_i(obj, "fee"),
+            vsize=_i(obj, "vsize"),
+            fee_rate=float(fee_rate) if isinstance(fee_rate, int | float) else 0.0,
+            warnings=tuple(str(w) for w in warnings) if isinstance(warnings, list) else (),
+            report=obj,
+            replayed=h.get("idempotent-replayed") == "true",
+        )
+
+    def finalize_psbt(self, psbt: Psbt | bytes | str) -> FinalizedPsbt:
+        from anyhsm.bitcoin.psbt import Psbt
+
+        obj = self._json("POST", "/v1/psbt/finalize", {"psbt": _psbt_text(psbt)})
+        tx = _ns(obj, "tx")
+        return FinalizedPsbt(
+            psbt=Psbt.parse(_s(obj, "psbt")),
+            complete=obj.get("complete") is True,
+            tx=bytes.fromhex(tx) if tx else None,
+            txid=_ns(obj, "txid"),
+            report=obj,
+        )
+
+    def inspect_psbt(self, psbt: Psbt | bytes | str) -> JsonObject:
+        """What ``anyhsm psbt inspect --json`` prints."""
+        return self._json("POST", "/v1/psbt/inspect", {"psbt": _psbt_text(psbt)})
+
+    def sign_message(
+        self,
+        key: str,
+        message: str,
+        path: str | None = None,
+        *,
+        kind: str | None = None,
+        bip322: bool = False,
+    ) -> MessageSignature:
+        from anyhsm.bitcoin.address import AddressKind
+        from anyhsm.ops.bitcoin import MessageSignature
+
+        obj = self._json(
+            "POST",
+            "/v1/message/sign",
+            {"key": key, "message": message, "path": path, "type": kind, "bip322": bip322},
+        )
+        return MessageSignature(
+            signature=_s(obj, "signature"),
+            address=_s(obj, "address"),
+            type=AddressKind(_s(obj, "type")),
+            format=_s(obj, "format"),
+            key=_s(obj, "key"),
+            path=_ns(obj, "path"),
+        )
+
+    def verify_message(self, address: str, message: str, signature: str) -> MessageVerification:
+        from anyhsm.ops.bitcoin import MessageVerification
+
+        obj = self._json(
+            "POST",
+            "/v1/message/verify",
+            {"address": address, "message": message, "signature": signature},
+        )
+        return MessageVerification(
+            valid=obj.get("valid") is True,
+            address=_s(obj, "address"),
+            network=Network(_s(obj, "network")),
+        )
+
+    # --- admin -----------------------------------------------------------------------------
+
+    def verify_audit(self) -> VerifyResult:
+        return _verify_result(self._json("GET", "/v1/audit/verify"))
+
+    def audit_tail(
+        self,
+        limit: int = 100,
+        *,
+        op: str | None = None,
+        key: str | None = None,
+        outcome: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> AuditTail:
+        obj = self._json(
+            "GET",
+            "/v1/audit",
+            query={
+                "limit": limit,
+                "op": op,
+                "key": key,
+                "outcome": outcome,
+                "since": since,
+                "until": until,
+            },
+        )
+        entries = obj.get("entries")
+        return AuditTail(
+            verified=obj.get("verified") is True,
+            verify=_verify_result(_obj(obj.get("verify"))),
+            entries=tuple(_obj(e) for e in entries) if isinstance(entries, list) else (),
+        )
+
+    def metrics(self) -> str:
+        """The Prometheus text of ``/metrics``."""
+        _, payload, _ = self.request("GET", "/metrics")
+        return payload.decode()
+
+
+def _descriptor(obj: JsonObject) -> DescriptorResult:
+    from anyhsm.ops.bitcoin import DescriptorResult, DescriptorType
+
+    account = obj.get("account")
+    return DescriptorResult(
+        descriptor=_s(obj, "descriptor"),
+        type=DescriptorType(_s(obj, "type")),
+        key=_s(obj, "key"),
+        account=account if isinstance(account, int) else None,
+        receive=_ns(obj, "receive"),
+        change=_ns(obj, "change"),
+        origin=_ns(obj, "origin"),
+        master_fingerprint=_ns(obj, "master_fingerprint"),
+    )
+
+
+def _verify_result(obj: JsonObject) -> VerifyResult:
+    from anyhsm.audit import VerifyResult
+
+    bad, cp = obj.get("first_bad_line"), obj.get("checkpoint_seq")
+    return VerifyResult(
+        ok=obj.get("ok") is True,
+        entries=_i(obj, "entries"),
+        first_bad_line=bad if isinstance(bad, int) else None,
+        reason=str(obj.get("reason") or ""),
+        checkpoint_seq=cp if isinstance(cp, int) else None,
+        chain=_i(obj, "chain"),
+    )

@@ -1,0 +1,135 @@
+"""Prometheus metrics of the service (``GET /metrics``), in a registry of its own.
+
+Names follow Prometheus' rules: ``anyhsm_`` prefix, base units (seconds), ``_total`` on
+counters (added by prometheus-client), ``_info`` for info metrics. Label values come from
+small fixed sets (route templates, never raw paths; providers; schemes; outcomes; error
+codes), except ``key``, which exists only while the deployment has fewer keys than
+``metrics_max_keys``: an unbounded label would break the Prometheus server.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, version: str, max_keys: int) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.max_keys = max_keys
+        self.key_series = False  # set by the service while the key count is under the bound
+        self.requests = Counter(
+            "anyhsm_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "anyhsm_http_request_duration_seconds",
+            "Time from receiving a request to answering it",
+            ["route"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "anyhsm_http_requests_in_flight", "Requests being answered now", registry=r
+        )
+        self.signatures = Counter(
+            "anyhsm_signatures",
+            "Signing operations (one digest, a batch's digests, a PSBT's signatures), by "
+            "provider, scheme and outcome (ok, refused, error)",
+            ["provider", "scheme", "outcome"],
+            registry=r,
+        )
+        self.key_signatures = Counter(
+            "anyhsm_key_signatures",
+            "Signatures by key id (only while the deployment has fewer keys than "
+            "service.metrics_max_keys)",
+            ["key"],
+            registry=r,
+        )
+        self.signing_seconds = Histogram(
+            "anyhsm_signing_duration_seconds",
+            "Time the handle took to sign, by operation (sign, sign-batch, psbt-sign, "
+            "message-sign)",
+            ["operation"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.policy = Counter(
+            "anyhsm_policy_decisions",
+            "PSBT signing policy decisions, by rule and outcome (allowed, refused)",
+            ["rule", "outcome"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "anyhsm_auth_failures",
+            "Requests refused before any work: unauthenticated, forbidden, rate_limited",
+            ["reason"],
+            registry=r,
+        )
+        self.provider_up = Gauge(
+            "anyhsm_provider_up",
+            "1 when the provider passed its last check (the active one) or opened, else 0",
+            ["provider"],
+            registry=r,
+        )
+        self.active = Info(
+            "anyhsm_active_provider", "The active provider and its security level", registry=r
+        )
+        self.fallback_active = Gauge(
+            "anyhsm_fallback_active",
+            "1 while the active provider is not the first of the fallback chain",
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "anyhsm_fallbacks",
+            "Opens and reloads of the handle that fell back past the first provider",
+            registry=r,
+        )
+        self.audit_failures = Counter(
+            "anyhsm_audit_append_failures",
+            "Requests that failed because their audit entry could not be written",
+            registry=r,
+        )
+        self.audit_seq = Gauge(
+            "anyhsm_audit_last_sequence",
+            "Sequence number of the last audit entry this process knows of",
+            registry=r,
+        )
+        self.ready = Gauge("anyhsm_ready", "1 while the service is ready", registry=r)
+        self.reloads = Counter(
+            "anyhsm_reloads", "Configuration reloads (SIGHUP), by outcome", ["outcome"], registry=r
+        )
+        build = Info("anyhsm_build", "anyhsm version and Python", registry=r)
+        build.info({"version": version, "python": platform.python_version()})
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def chain(self, active: str, level: str, first: str, attempts: list[tuple[str, bool]]) -> None:
+        """The handle as opened or reloaded: active provider, level, fallback, providers."""
+        self.active.info({"provider": active, "security_level": level})
+        fell_back = active != first
+        self.fallback_active.set(1 if fell_back else 0)
+        if fell_back:
+            self.fallbacks.inc()
+        for name, up in attempts:
+            self.provider_up.labels(name).set(1 if up else 0)
+
+    def signed(self, key_id: str, provider: str, scheme: str, outcome: str, n: int = 1) -> None:
+        self.signatures.labels(provider, scheme, outcome).inc(n)
+        if self.key_series and outcome == "ok":
+            self.key_signatures.labels(key_id).inc(n)

@@ -1,0 +1,536 @@
+"""The endpoints: each parses its request, checks who may call it, calls one operation of
+:mod:`anyhsm.ops` in a worker thread and sends what that returns (its ``to_dict``, the
+object the CLI prints under ``--json``).
+
+:data:`ENDPOINTS` is the one list of them: the application's routes are made from it, and
+tests/service/test_openapi.py keeps it equal to the committed OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from anyhsm.errors import (
+    HsmError,
+    InvalidDigest,
+    InvalidRequest,
+    RequestTooLarge,
+    SigningPolicyError,
+)
+from anyhsm.ops.data import hex_bytes
+from anyhsm.service.app import (
+    CLIENT_KEY,
+    Caller,
+    Service,
+    json_response,
+    service_of,
+)
+from anyhsm.service.metrics import CONTENT_TYPE
+from anyhsm.service.settings import Op
+from anyhsm.types import KeyInfo, SigScheme
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    op: Op | None  # None: public (no token)
+    handler: Handler
+    idempotent: bool = False  # honours Idempotency-Key
+
+
+# --- request parsing ------------------------------------------------------------------------
+
+
+async def _body(request: web.Request) -> tuple[bytes, dict[str, object]]:
+    """The raw body and its JSON object; InvalidRequest for anything else."""
+    raw = await request.read()
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the request body is not JSON", hint="send a JSON object") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return raw, obj
+
+
+def _str(body: dict[str, object], name: str, *, max_len: int = 1 << 24) -> str:
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"member {name!r} is required and must be a string")
+    if len(value) > max_len:
+        raise RequestTooLarge(f"member {name!r} is longer than {max_len} characters")
+    return value
+
+
+def _opt_str(body: dict[str, object], name: str, *, max_len: int = 4096) -> str | None:
+    if body.get(name) is None:
+        return None
+    return _str(body, name, max_len=max_len)
+
+
+def _opt_bool(body: dict[str, object], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"member {name!r} must be true or false")
+    return value
+
+
+def _scheme(body: dict[str, object]) -> SigScheme:
+    text = body.get("scheme", "ecdsa")
+    try:
+        return SigScheme(text)
+    except ValueError:
+        raise InvalidRequest('member \'scheme\' must be "ecdsa" or "schnorr"') from None
+
+
+def _digest(text: object, what: str = "digest") -> bytes:
+    if not isinstance(text, str) or len(text) != 64:
+        raise InvalidDigest(f"{what} must be 64 hexadecimal digits (32 bytes)")
+    return hex_bytes(text, what)
+
+
+def _query(request: web.Request, name: str, *, max_len: int = 256) -> str | None:
+    value = request.query.get(name)
+    if value is not None and len(value) > max_len:
+        raise InvalidRequest(f"query parameter {name!r} is too long")
+    return value
+
+
+def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    text = _query(request, name, max_len=12)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidRequest(f"query parameter {name!r} must be an integer") from None
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"query parameter {name!r} must be {lo} to {hi}")
+    return value
+
+
+def _psbt_text(svc: Service, body: dict[str, object]) -> str:
+    """The ``psbt`` member (base64, or hex): parsed by the operation under
+    policy.max_psbt_bytes (PsbtLimitExceeded, 413, past it)."""
+    limit = svc.hsm.config.policy.max_psbt_bytes
+    return _str(body, "psbt", max_len=2 * limit + 4)
+
+
+def _key_name(request: web.Request) -> str:
+    name = request.match_info["key"]
+    if not name or len(name) > 128:
+        raise InvalidRequest("a key is named by a label or id of 1 to 128 characters")
+    return name
+
+
+async def _caller(request: web.Request, op: Op | None) -> tuple[Service, Caller]:
+    svc = service_of(request)
+    caller = await svc.authenticate(request, op)
+    if caller.client is not None:
+        request[CLIENT_KEY] = caller.client.name
+    return svc, caller
+
+
+# --- public -------------------------------------------------------------------------------
+
+
+async def ready(request: web.Request) -> web.StreamResponse:
+    svc, _ = await _caller(request, None)
+    ok, reasons = await svc.readiness()
+    hsm = svc.hsm
+    body = {
+        "ready": ok,
+        "reasons": reasons,
+        "active_provider": hsm.active_provider,
+        "security_level": hsm.security_level.label,
+    }
+    resp = json_response(body, 200 if ok else 503)
+    if not ok:
+        resp.headers["Retry-After"] = "1"
+    return resp
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    from anyhsm.service.openapi import document_bytes
+
+    return web.Response(body=document_bytes(), content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    svc = service_of(request)
+    await _caller(request, None if svc.settings.public_metrics else Op.READ)
+    resp = web.Response(body=svc.metrics.render())
+    resp.headers["Content-Type"] = CONTENT_TYPE
+    return resp
+
+
+# --- read ----------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    svc, caller = await _caller(request, Op.READ)
+    report = await svc.run(caller, svc.hsm.health)
+    data = report.to_dict()
+    svc.observe_health(data)
+    return json_response(data)
+
+
+async def count_keys(svc: Service) -> int:
+    """How many keys the deployment has: per-key metric series only below the bound."""
+    from anyhsm.ops.keys import list_keys
+
+    n = len((await svc.run(None, lambda: list_keys(svc.hsm))).keys)
+    svc.metrics.key_series = n < svc.metrics.max_keys
+    return n
+
+
+async def keys(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.keys import list_keys
+
+    svc, caller = await _caller(request, Op.READ)
+    found = await svc.run(caller, lambda: list_keys(svc.hsm))
+    client = caller.client
+    assert client is not None
+    svc.metrics.key_series = len(found.keys) < svc.metrics.max_keys
+    mine = [key_json(k) for k in found.keys if client.may_use(k.id, k.label)]
+    return json_response({"keys": mine})
+
+
+async def key_show(request: web.Request) -> web.StreamResponse:
+    svc, caller = await _caller(request, Op.READ)
+    name = _key_name(request)
+    info = await svc.run(caller, lambda: svc.authorized_key(caller, name))
+    return json_response(key_json(info))
+
+
+def key_json(info: KeyInfo) -> dict[str, object]:
+    """``key show --json``'s object, and the chain code of an HD key (public: what makes
+    the master public key an xpub), so that a client rebuilds the same KeyInfo."""
+    chain = info.chain_code
+    return {**info.to_dict(), "chain_code": None if chain is None else chain.hex()}
+
+
+async def xpub(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops import bitcoin
+
+    svc, caller = await _caller(request, Op.READ)
+    name = _key_name(request)
+    path = _query(request, "path")
+    slip132 = _query(request, "slip132", max_len=16)
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        return bitcoin.xpub(svc.hsm, info.id, path, slip132=slip132).to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
+async def address(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops import bitcoin
+
+    svc, caller = await _caller(request, Op.READ)
+    name = _key_name(request)
+    path = _query(request, "path")
+    kind = _query(request, "type", max_len=16) or "p2wpkh"
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        return bitcoin.address(svc.hsm, info.id, path, kind=kind).to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
+async def descriptor(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops import bitcoin
+
+    svc, caller = await _caller(request, Op.READ)
+    name = _key_name(request)
+    dtype = _query(request, "type", max_len=16) or "wpkh"
+    account = _query_int(request, "account", 0, 0, 2**31 - 1)
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        return bitcoin.descriptor(svc.hsm, info.id, dtype, account=account).to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
+async def descriptors(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops import bitcoin
+
+    svc, caller = await _caller(request, Op.READ)
+    name = _key_name(request)
+    account = _query_int(request, "account", 0, 0, 2**31 - 1)
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        return bitcoin.wallet_descriptors(svc.hsm, info.id, account=account).to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
+async def verify(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.signing import verify_digest
+
+    svc, caller = await _caller(request, Op.READ)
+    name = _key_name(request)
+    _, body = await _body(request)
+    digest = _digest(body.get("digest"))
+    signature = hex_bytes(_str(body, "signature", max_len=256), "signature")
+    scheme = _scheme(body)
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        return verify_digest(svc.hsm, info.id, digest, signature, scheme).to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
+async def psbt_finalize(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.psbt import finalize_psbt, parse_psbt
+
+    svc, caller = await _caller(request, Op.READ)
+    _, body = await _body(request)
+    data = _psbt_text(svc, body)
+    limit = svc.hsm.config.policy.max_psbt_bytes
+
+    def work() -> dict[str, object]:
+        return finalize_psbt(parse_psbt(data, max_bytes=limit)).to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
+async def psbt_inspect(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.psbt import inspect_psbt, parse_psbt
+
+    svc, caller = await _caller(request, Op.READ)
+    _, body = await _body(request)
+    data = _psbt_text(svc, body)
+    limit = svc.hsm.config.policy.max_psbt_bytes
+
+    def work() -> dict[str, object]:
+        return inspect_psbt(parse_psbt(data, max_bytes=limit), svc.hsm.network).to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
+async def message_verify(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.bitcoin import verify_message
+
+    svc, caller = await _caller(request, Op.READ)
+    _, body = await _body(request)
+    addr = _str(body, "address", max_len=128)
+    message = _str(body, "message", max_len=1 << 20)
+    signature = _str(body, "signature", max_len=1 << 16)
+    network = svc.hsm.network
+    return json_response(
+        await svc.run(caller, lambda: verify_message(addr, message, signature, network).to_dict())
+    )
+
+
+# --- signing ---------------------------------------------------------------------------------
+
+
+async def sign(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.signing import sign_digest
+
+    svc, caller = await _caller(request, Op.SIGN_DIGEST)
+    name = _key_name(request)
+    _, body = await _body(request)
+    digest = _digest(body.get("digest"))
+    scheme = _scheme(body)
+    m = svc.metrics
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        t0 = time.perf_counter()
+        try:
+            res = sign_digest(svc.hsm, info.id, digest, scheme)
+        except HsmError:
+            m.signed(info.id, info.provider, scheme.value, "error")
+            raise
+        m.signing_seconds.labels("sign").observe(time.perf_counter() - t0)
+        m.signed(info.id, info.provider, scheme.value, "ok")
+        return {**res.to_dict(), "key": name, "key_id": info.id}
+
+    return json_response(await svc.run(caller, work))
+
+
+async def sign_batch(request: web.Request) -> web.StreamResponse:
+    svc, caller = await _caller(request, Op.SIGN_DIGEST)
+    name = _key_name(request)
+    raw, body = await _body(request)
+    digests = body.get("digests")
+    if not isinstance(digests, list) or not digests:
+        raise InvalidRequest("member 'digests' is required: a non-empty list of 64-hex strings")
+    if len(digests) > svc.settings.max_batch:
+        raise RequestTooLarge(
+            f"a batch holds at most {svc.settings.max_batch} digests, not {len(digests)}",
+            hint="split it, or raise service.max_batch",
+        )
+    scheme = _scheme(body)
+    results: list[dict[str, object]] = []
+    valid: list[tuple[int, bytes]] = []
+    for i, item in enumerate(digests):
+        try:
+            valid.append((i, _digest(item, f"digest {i}")))
+            results.append({})
+        except HsmError as e:
+            results.append({"error": e.to_dict()})
+    m = svc.metrics
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        if valid:
+            reqs = [(d, scheme, None) for _, d in valid]
+            t0 = time.perf_counter()
+            try:
+                sigs = svc.hsm.sign_many(info.id, reqs, context={"via": "sign-batch"})
+            except HsmError:
+                m.signed(info.id, info.provider, scheme.value, "error", len(reqs))
+                raise
+            m.signing_seconds.labels("sign-batch").observe(time.perf_counter() - t0)
+            m.signed(info.id, info.provider, scheme.value, "ok", len(reqs))
+            for (i, _), sig in zip(valid, sigs, strict=True):
+                results[i] = {"signature": sig.hex()}
+        return {"results": results, "scheme": scheme.value, "key": name, "key_id": info.id}
+
+    async def compute() -> web.Response:
+        return json_response(await svc.run(caller, work, timeout=None))
+
+    return await svc.idempotent(request, caller, raw, compute)
+
+
+async def psbt_sign(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.psbt import parse_psbt, sign_psbt
+
+    svc, caller = await _caller(request, Op.SIGN_PSBT)
+    raw, body = await _body(request)
+    name = _str(body, "key", max_len=128)
+    data = _psbt_text(svc, body)
+    limit = svc.hsm.config.policy.max_psbt_bytes
+    m = svc.metrics
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        psbt = parse_psbt(data, max_bytes=limit)
+        t0 = time.perf_counter()
+        try:
+            res = sign_psbt(svc.hsm, psbt, info.id)
+        except SigningPolicyError as e:
+            rules = sorted({str(d["rule"]) for d in e.details if "rule" in d}) or ["policy"]
+            for rule in rules:
+                m.policy.labels(rule, "refused").inc()
+            m.signed(info.id, info.provider, "psbt", "refused")
+            raise
+        except HsmError:
+            m.signed(info.id, info.provider, "psbt", "error")
+            raise
+        m.signing_seconds.labels("psbt-sign").observe(time.perf_counter() - t0)
+        m.policy.labels("all", "allowed").inc()
+        m.signed(info.id, info.provider, "psbt", "ok", max(res.signatures, 1))
+        return res.to_dict()
+
+    async def compute() -> web.Response:
+        return json_response(await svc.run(caller, work, timeout=None))
+
+    return await svc.idempotent(request, caller, raw, compute)
+
+
+async def message_sign(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.bitcoin import sign_message
+
+    svc, caller = await _caller(request, Op.SIGN_MESSAGE)
+    _, body = await _body(request)
+    name = _str(body, "key", max_len=128)
+    message = _str(body, "message", max_len=1 << 20)
+    path = _opt_str(body, "path", max_len=256)
+    kind = _opt_str(body, "type", max_len=16)
+    bip322 = _opt_bool(body, "bip322")
+    m = svc.metrics
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        t0 = time.perf_counter()
+        res = sign_message(svc.hsm, info.id, message, path, kind=kind, bip322=bip322)
+        m.signing_seconds.labels("message-sign").observe(time.perf_counter() - t0)
+        m.signed(info.id, info.provider, "message", "ok")
+        return res.to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
+# --- admin -----------------------------------------------------------------------------------
+
+
+async def audit_tail(request: web.Request) -> web.StreamResponse:
+    from anyhsm.audit_query import AuditQuery, parse_time, select
+
+    svc, caller = await _caller(request, Op.ADMIN)
+    since, until = _query(request, "since", max_len=40), _query(request, "until", max_len=40)
+    query = AuditQuery(
+        op=_query(request, "op", max_len=64),
+        key=_query(request, "key", max_len=128),
+        outcome=_query(request, "outcome", max_len=32),
+        since=parse_time(since, "since") if since else None,
+        until=parse_time(until, "until") if until else None,
+        limit=_query_int(request, "limit", 100, 1, 10_000),
+    )
+
+    def work() -> dict[str, object]:
+        hsm = svc.hsm
+        res = hsm.verify_audit()
+        found = select(hsm.audit_path, query)
+        return {
+            "verified": res.ok,
+            "verify": res.to_dict(),
+            "entries": found.entries,
+            "matched": len(found.entries),
+            "scanned": found.scanned,
+            "unreadable_lines": found.unreadable_lines,
+        }
+
+    return json_response(await svc.run(caller, work))
+
+
+async def audit_verify(request: web.Request) -> web.StreamResponse:
+    svc, caller = await _caller(request, Op.ADMIN)
+    res = await svc.run(caller, svc.hsm.verify_audit)
+    return json_response(res.to_dict())
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("GET", "/v1/health", Op.READ, health),
+    Endpoint("GET", "/v1/ready", None, ready),
+    Endpoint("GET", "/v1/keys", Op.READ, keys),
+    Endpoint("GET", "/v1/keys/{key}", Op.READ, key_show),
+    Endpoint("GET", "/v1/keys/{key}/xpub", Op.READ, xpub),
+    Endpoint("GET", "/v1/keys/{key}/address", Op.READ, address),
+    Endpoint("GET", "/v1/keys/{key}/descriptor", Op.READ, descriptor),
+    Endpoint("GET", "/v1/keys/{key}/descriptors", Op.READ, descriptors),
+    Endpoint("POST", "/v1/keys/{key}/sign", Op.SIGN_DIGEST, sign),
+    Endpoint("POST", "/v1/keys/{key}/sign-batch", Op.SIGN_DIGEST, sign_batch, idempotent=True),
+    Endpoint("POST", "/v1/keys/{key}/verify", Op.READ, verify),
+    Endpoint("POST", "/v1/psbt/sign", Op.SIGN_PSBT, psbt_sign, idempotent=True),
+    Endpoint("POST", "/v1/psbt/finalize", Op.READ, psbt_finalize),
+    Endpoint("POST", "/v1/psbt/inspect", Op.READ, psbt_inspect),
+    Endpoint("POST", "/v1/message/sign", Op.SIGN_MESSAGE, message_sign),
+    Endpoint("POST", "/v1/message/verify", Op.READ, message_verify),
+    Endpoint("GET", "/v1/audit", Op.ADMIN, audit_tail),
+    Endpoint("GET", "/v1/audit/verify", Op.ADMIN, audit_verify),
+    Endpoint("GET", "/metrics", Op.READ, metrics),
+    Endpoint("GET", "/openapi.json", None, openapi),
+)
+
+
+def add_routes(app: web.Application) -> None:
+    for e in ENDPOINTS:
+        app.router.add_route(e.method, e.path, e.handler)

@@ -145,30 +145,40 @@ def entry_body(
     error: str | None = None,
     detail: Mapping[str, str] | None = None,
 ) -> bytes:
-    """The canonical bytes of one entry (before its MAC): the definition of an entry's
-    members, which :meth:`AuditLog._body` builds faster, byte for byte the same. Empty
-    optional members are left out; ``kid`` only from the second audit key on."""
-    body: dict[str, object] = {
-        "seq": seq,
-        "ts": ts,
-        "op": op,
-        "outcome": outcome,
-        "pid": pid,
-        "uid": uid,
-    }
-    if who:
-        body["principal"] = who
-    if kid > 1:
-        body["kid"] = kid
-    if provider:
-        body["provider"] = provider
-    if key_id:
-        body["key"] = key_id
-    if error:
-        body["error"] = error
+    """The canonical bytes of one entry (before its MAC): the definition that
+    :meth:`AuditLog._body` builds faster, byte for byte the same. Empty optional members
+    are left out; ``kid`` only from the second audit key on."""
+    body = _members(op, outcome, pid, who, kid, provider, key_id, error)
+    body.update(seq=seq, ts=ts, uid=uid)
     if detail:
         body["detail"] = dict(detail)
     return _canonical(body)
+
+
+def _members(
+    op: str,
+    outcome: str,
+    pid: int,
+    who: str | None,
+    kid: int,
+    provider: str | None,
+    key_id: str | None,
+    error: str | None,
+) -> dict[str, object]:
+    """The members of an entry besides detail, seq, ts and uid (all of which sort
+    between ``detail`` and ``seq``)."""
+    out: dict[str, object] = {"op": op, "outcome": outcome, "pid": pid}
+    if who:
+        out["principal"] = who
+    if kid > 1:
+        out["kid"] = kid
+    if provider:
+        out["provider"] = provider
+    if key_id:
+        out["key"] = key_id
+    if error:
+        out["error"] = error
+    return out
 
 
 def _hmac_sha256(key: bytearray, data: bytes) -> bytes:
@@ -636,17 +646,7 @@ class AuditLog:
         ident = (op, outcome, provider, key_id, error, who, pid, kid)
         middle = self._middles.get(ident)
         if middle is None:
-            fields: dict[str, object] = {"op": op, "outcome": outcome, "pid": pid}
-            if who:
-                fields["principal"] = who
-            if kid > 1:
-                fields["kid"] = kid
-            if provider:
-                fields["provider"] = provider
-            if key_id:
-                fields["key"] = key_id
-            if error:
-                fields["error"] = error
+            fields = _members(op, outcome, pid, who, kid, provider, key_id, error)
             if len(self._middles) >= _MIDDLES_MAX:
                 self._middles.clear()
             middle = self._middles[ident] = _canonical_str(fields)[1:-1]

@@ -118,16 +118,10 @@ def _digest_bytes(digest: object) -> bytes:
     return bytes(digest)
 
 
-def _audit_failed_sign(
-    audit: AuditLog,
-    error: Exception,
-    provider: str | None,
-    key_id: str | None,
-    detail: dict[str, str],
-) -> None:
-    code = error.code if isinstance(error, HsmError) else type(error).__name__
-    outcome = failure_outcome(error, detail)
-    audit.append("sign", outcome, provider=provider, key_id=key_id, error=code, detail=detail)
+def error_code(error: BaseException) -> str:
+    """What the audit log records of a failure: the error's stable code, or the class name
+    of an exception that is not an HsmError."""
+    return error.code if isinstance(error, HsmError) else type(error).__name__
 
 
 def digests_detail(digests: Sequence[bytes]) -> dict[str, str]:
@@ -638,12 +632,15 @@ class Hsm:
         try:
             result = fn()
         except (ProviderUnavailable, ProviderError) as e:
-            if not isinstance(e, UnsupportedOperation):
-                self._unhealthy[provider.name] = e.message
+            self._mark_unhealthy(provider, e)
             raise
         if self._unhealthy:
             self._unhealthy.pop(provider.name, None)
         return result
+
+    def _mark_unhealthy(self, provider: Provider, error: ProviderError) -> None:
+        if not isinstance(error, UnsupportedOperation):
+            self._unhealthy[provider.name] = error.message
 
     def _check_level(self, provider: Provider, info: KeyInfo) -> None:
         level = self._levels.get(provider.name)
@@ -686,7 +683,7 @@ class Hsm:
             detail = entry.detail
             if entry.key_id is None and entry.ref is not None:
                 detail["key_ref"] = str(entry.ref)[:128]
-            code = e.code if isinstance(e, HsmError) else type(e).__name__
+            code = error_code(e)
             outcome = failure_outcome(e, detail)
             audit.append(
                 op, outcome, provider=entry.provider, key_id=entry.key_id, error=code, detail=detail
@@ -994,8 +991,7 @@ class Hsm:
                 return provider.sign_batch(key_id, reqs)
             return [provider.sign_digest(key_id, d, s, p) for d, s, p in reqs]
         except (ProviderUnavailable, ProviderError) as e:
-            if not isinstance(e, UnsupportedOperation):
-                self._unhealthy[provider.name] = e.message
+            self._mark_unhealthy(provider, e)
             raise
 
     def verify(
@@ -1197,17 +1193,18 @@ class Hsm:
         return {"unenrolled": True, **summary}
 
     def change_passphrase(
-        self, current: SecretBytes, new: SecretBytes, *, kdf: KdfParams | None = None
+        self, current: SecretBytes | None, new: SecretBytes, *, kdf: KdfParams | None = None
     ) -> dict[str, object]:
         """Change the keystore passphrase and/or its KDF cost (``keystore_passwd``): a
         rotation to a fresh master key wrapped by ``new``, so the old passphrase and old
         copies of the header open nothing that exists after it. ``current`` is checked
-        first. Every enrolled unlock blob is made again for the new master key."""
+        first (None: AuthenticationFailed, exit 5). Every enrolled unlock blob is made again
+        for the new master key."""
         return self._rotate("keystore_passwd", new, self._require_current(current), kdf=kdf)
 
     def rotate_master_key(
         self,
-        passphrase: SecretBytes,
+        passphrase: SecretBytes | None,
         *,
         kdf: KdfParams | None = None,
         reseal: Callable[[SecretBytes], Mapping[str, bytes]] | None = None,
@@ -1218,14 +1215,15 @@ class Hsm:
         re-encrypted (see :meth:`Keystore.rotate`), every enrolled unlock blob made again,
         the audit key retired with the old master key; copies of the old one (a leaked
         backup plus passphrase) open nothing created after it. ``passphrase`` is the
-        current passphrase, checked first.
+        current passphrase, checked first (None: AuthenticationFailed, exit 5).
 
         Deprecated keywords, kept until every caller has moved to :meth:`change_passphrase`
         and the ``unenrol_*`` methods: ``reseal``/``op``/``detail``/``kdf`` (then
         ``passphrase`` wraps the new master key unchecked, as before)."""
+        current = self._require_current(passphrase)
         if reseal is None and kdf is None and op == "rotate_master_key" and detail is None:
-            return self._rotate(op, passphrase, self._require_current(passphrase))
-        return self._rotate(op, passphrase, None, kdf=kdf, reseal=reseal, detail=detail)
+            return self._rotate(op, current, current)
+        return self._rotate(op, current, None, kdf=kdf, reseal=reseal, detail=detail)
 
     @staticmethod
     def _require_current(current: SecretBytes | None) -> SecretBytes:
@@ -1265,7 +1263,7 @@ class Hsm:
                     self._anchor.check_passphrase(current)
                 make = reseal or self._anchor.resealer(self._config, self._pin, drop=drop)
             except Exception as e:
-                code = e.code if isinstance(e, HsmError) else type(e).__name__
+                code = error_code(e)
                 said = dict(before)
                 outcome = failure_outcome(e, said)
                 audit.append(op, outcome, provider=self._active.name, error=code, detail=said)
@@ -1275,7 +1273,7 @@ class Hsm:
                 try:
                     self._anchor.rotate(passphrase, make, audit.position(), kdf=kdf)
                 except Exception as e:
-                    code = e.code if isinstance(e, HsmError) else type(e).__name__
+                    code = error_code(e)
                     append(op, "error", {**before, "error": code})
                     raise
                 audit.switch_key()
@@ -1283,7 +1281,7 @@ class Hsm:
                 try:
                     extra = after() if after is not None else {}
                 except Exception as e:
-                    code = e.code if isinstance(e, HsmError) else type(e).__name__
+                    code = error_code(e)
                     append(op, "error", {**done, "error": code})
                     raise
                 append(op, "ok", {**done, **extra})
@@ -1471,7 +1469,7 @@ class Hsm:
                 chain.provider.close()
                 self._config, self._attempts, self._probe_pub = old_cfg, old_attempts, old_probe
                 self._active, self._anchor, self._audit = old_active, old_anchor, old_audit
-                code = e.code if isinstance(e, HsmError) else type(e).__name__
+                code = error_code(e)
                 old_audit.append("reload", "error", provider=old_active.name, error=code)
                 raise
             old_audit.close()

@@ -73,9 +73,16 @@ class MasterKeySealer(Protocol):
 
 def read_blob(keystore: Keystore, sealer: MasterKeySealer) -> bytes:
     """The sealer's blob beside the keystore, or its "not enrolled" error."""
-    raw = keystore.read_side_file(sealer.blob_file)
+    return read_named(keystore, sealer.blob_file, sealer.not_enrolled)
+
+
+def read_named(
+    keystore: Keystore, blob_file: str, not_enrolled: Callable[[Keystore], HsmError]
+) -> bytes:
+    """The blob ``blob_file`` beside the keystore, or the error ``not_enrolled`` makes."""
+    raw = keystore.read_side_file(blob_file)
     if raw is None:
-        raise sealer.not_enrolled(keystore)
+        raise not_enrolled(keystore)
     return raw
 
 
@@ -221,6 +228,7 @@ __all__ = [
     "health",
     "opens_keystore",
     "read_blob",
+    "read_named",
     "resealer",
     "resealer_for",
     "seal_checked",

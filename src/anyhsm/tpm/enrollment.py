@@ -101,10 +101,7 @@ def unenroll(keystore: Keystore, settings: TpmSettings | None = None) -> bool:
 
 def read_blob(keystore: Keystore) -> bytes:
     """The sealed blob beside the keystore, or TpmNotEnrolled."""
-    raw = keystore.read_side_file(SIDE_FILE)
-    if raw is None:
-        raise not_enrolled(keystore)
-    return raw
+    return unlock_blobs.read_named(keystore, SIDE_FILE, not_enrolled)
 
 
 def status(keystore: Keystore, settings: TpmSettings) -> dict[str, object]:

@@ -34,7 +34,4 @@ def unenroll(keystore: Keystore) -> bool:
 
 def read_blob(keystore: Keystore) -> bytes:
     """The wrapped blob beside the keystore, or ProviderUnavailable (not enrolled)."""
-    raw = keystore.read_side_file(SIDE_FILE)
-    if raw is None:
-        raise not_enrolled(keystore)
-    return raw
+    return unlock_blobs.read_named(keystore, SIDE_FILE, not_enrolled)

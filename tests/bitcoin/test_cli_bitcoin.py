@@ -398,3 +398,64 @@ def test_importing_a_seed_already_present_warns(run: Run, tmp_path: Path) -> Non
     code, out, _ = run("key", "import", "--label", "w3", "--mnemonic-file", str(words))
     line = next(x for x in out.splitlines() if x.startswith("warning: the same key"))
     assert code == 0 and sorted(line.rsplit(" as ", 1)[1].split(", ")) == ["w", "w2"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "fmt", "prefix"),
+    [
+        ("p2wpkh", "m/84'/1'/0'/0/0", "simple", "smp"),
+        ("p2wpkh", "m/84'/1'/0'/0/0", "full", "ful"),
+        ("p2pkh", "m/44'/1'/0'/0/0", None, "ful"),  # full is the default for legacy
+        ("p2tr", "m/86'/1'/0'/0/0", None, "smp"),
+    ],
+)
+def test_message_bip322_formats_and_nonce(
+    run: Run, kind: str, path: str, fmt: str | None, prefix: str
+) -> None:
+    args = ["message", "sign", "w", path, "hi", "--type", kind, "--bip322", "--json"]
+    code, out, err = run(*args, *(["--format", fmt] if fmt else []))
+    assert code == 0, err
+    data = _json(out)
+    assert str(data["signature"]).startswith(prefix)
+    assert data["bip322_format"] == (fmt or ("full" if kind == "p2pkh" else "simple"))
+    assert data["nonce"] == (None if kind == "p2tr" else "low-r")
+    code, out, _ = run("message", "verify", str(data["address"]), "hi", str(data["signature"]))
+    assert code == 0 and out.strip() == "valid"
+    if kind != "p2tr":  # plain RFC 6979: deterministic, the same signature twice
+        plain = [*args, "--nonce", "rfc6979", "--no-prefix"]
+        first, second = (_json(run(*plain)[1]) for _ in range(2))
+        assert first["signature"] == second["signature"] and first["nonce"] == "rfc6979"
+        assert not str(first["signature"]).startswith(("smp", "ful"))
+    code, _, err = run("message", "sign", "w", path, "hi", "--type", kind, "--format", "full")
+    assert code == 2 and "--bip322" in err
+
+
+def test_psbt_create_then_combine(run: Run, tmp_path: Path) -> None:
+    """Core's createpsbt and combinepsbt, no keys needed; a signed copy combined with the
+    unsigned one keeps the signature."""
+    txid = "aa" * 32
+    dest = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
+    code, out, err = run(
+        "psbt", "create", "--input", f"{txid}:1", "--output", f"{dest}=0.0001",
+        "--output", "data=cafe", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    data = _json(out)
+    psbt = Psbt.parse(str(data["psbt"]))
+    tx = psbt.unsigned_tx()
+    assert tx.inputs[0].sequence == 0xFFFFFFFD and tx.outputs[0].value == 10_000
+    assert data["unsigned_txid"] == tx.txid_hex()
+    code, _, err = run(
+        "psbt", "create", "--input", f"{txid}:1", "--output", "1BoatSLRHtKNngkdXEeobR76b53LETtpyT=1"
+    )
+    assert code == 7 and "network" in err.lower()  # a mainnet address on regtest
+    w = _wallet()
+    one = _psbt_file(tmp_path, [Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")])], "one.psbt")
+    signed = tmp_path / "signed.psbt"
+    assert run("psbt", "sign", "w", str(one), "--out", str(signed))[0] == 0
+    combined = tmp_path / "combined.psbt"
+    code, out, _ = run("psbt", "combine", str(one), str(signed), "--out", str(combined), "--json")
+    assert code == 0 and _json(out)["out"] == str(combined)
+    assert len(Psbt.parse(combined.read_text()).inputs[0].partial_sigs) == 1
+    code, _, err = run("psbt", "combine", "-", "-")
+    assert code == 2 and "only one" in err

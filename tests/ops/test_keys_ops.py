@@ -137,3 +137,21 @@ def test_sign_and_verify_a_digest(hsm: Hsm) -> None:
         assert sig.to_dict() == want
         assert verify_digest(hsm, "k", digest, sig.signature, scheme).valid
         assert not verify_digest(hsm, "k", bytes(32), sig.signature, scheme).valid
+
+
+def test_sign_digests_in_one_batch_with_per_item_errors(hsm: Hsm) -> None:
+    from anyhsm.ops.signing import sign_digests
+
+    made = ops.create_key(hsm, "b")
+    good = [bytes([i]) * 32 for i in range(3)]
+    res = sign_digests(hsm, "b", [good[0], b"short", good[1], good[2]])
+    assert [r.index for r in res.results] == [0, 1, 2, 3]
+    assert res.results[1].signature is None and res.results[1].error is not None
+    assert res.results[1].to_dict()["error"]["code"] == "invalid_digest"  # type: ignore[index]
+    for r, d in zip([res.results[0], res.results[2], res.results[3]], good, strict=True):
+        assert r.signature is not None and curve.ecdsa_verify(made.info.public_key, d, r.signature)
+    d = res.to_dict()
+    json.dumps(d)
+    assert d["scheme"] == "ecdsa" and len(d["results"]) == 4  # type: ignore[arg-type]
+    signs = [e for e in hsm.audit_path.read_text().splitlines() if '"op":"sign"' in e]
+    assert len(signs) == 1 and '"signatures":"3"' in signs[0]  # one entry for the batch

@@ -157,6 +157,43 @@ def cmd_psbt_sign(args: argparse.Namespace, app: App) -> Result:
     return Result(data, [f"wrote {args.out}"] if args.out else [res.psbt.to_base64()])
 
 
+def _write_or_print(app: App, psbt: Psbt, args: argparse.Namespace) -> list[str]:
+    if args.out:
+        _write_psbt(psbt, args.out, args.binary)
+        return [f"wrote {args.out}"]
+    return [psbt.to_base64()]
+
+
+def cmd_psbt_create(args: argparse.Namespace, app: App) -> Result:
+    from anyhsm.ops.psbt import create_psbt
+
+    res = create_psbt(
+        args.input or [],
+        args.output or [],
+        _network_hint(app) or Network.MAINNET,
+        locktime=args.locktime,
+        replaceable=args.replaceable,
+        tx_version=args.tx_version,
+        psbt_version=args.psbt_version,
+    )
+    return Result(_with_out(res.to_dict(), args), _write_or_print(app, res.psbt, args))
+
+
+def cmd_psbt_combine(args: argparse.Namespace, app: App) -> Result:
+    from anyhsm.ops.psbt import combine_psbts
+
+    if [f for f in args.files if f == "-"][1:]:
+        raise PsbtError("standard input (-) can give only one of the PSBTs")
+    cfg = app.loaded_config()
+    limit = cfg.policy.max_psbt_bytes if cfg else None
+    res = combine_psbts([_read_psbt(f, limit) for f in args.files])
+    return Result(_with_out(res.to_dict(), args), _write_or_print(app, res.psbt, args))
+
+
+def _with_out(data: dict[str, object], args: argparse.Namespace) -> dict[str, object]:
+    return {**data, "out": args.out} if args.out else data
+
+
 def cmd_psbt_finalize(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.psbt import finalize_psbt
 
@@ -183,7 +220,15 @@ def cmd_message_sign(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.bitcoin import sign_message
 
     res = sign_message(
-        app.hsm(), args.key, args.message, args.path, kind=args.type, bip322=args.bip322
+        app.hsm(),
+        args.key,
+        args.message,
+        args.path,
+        kind=args.type,
+        bip322=args.bip322,
+        bip322_format=args.bip322_format,
+        prefix=not args.no_prefix,
+        nonce=args.nonce,
     )
     return Result(res.to_dict(), [res.signature])
 
@@ -232,7 +277,7 @@ def register(sub: SubParsers) -> None:
     )
     d.set_defaults(func=cmd_descriptor)
 
-    p = sub.add_parser("psbt", help="inspect, sign and finalize PSBTs")
+    p = sub.add_parser("psbt", help="inspect, sign, finalize, create and combine PSBTs")
     ps = p.add_subparsers(dest="psbt_cmd", required=True)
     i = ps.add_parser("inspect", help="show a PSBT's inputs, outputs and fee (no keys needed)")
     i.add_argument("file", help="PSBT file (base64, hex or binary), or - for stdin")
@@ -256,6 +301,55 @@ def register(sub: SubParsers) -> None:
     )
     f.add_argument("--binary", action="store_true", help="with --out: raw bytes, not base64")
     f.set_defaults(func=cmd_psbt_finalize)
+    cr = ps.add_parser(
+        "create", help="create an unsigned PSBT, as Bitcoin Core's createpsbt (no keys needed)"
+    )
+    cr.add_argument(
+        "--input",
+        action="append",
+        metavar="TXID:VOUT[:SEQ]",
+        help="a previous output to spend; repeat for each input",
+    )
+    cr.add_argument(
+        "--output",
+        action="append",
+        metavar="ADDR=AMOUNT|data=HEX",
+        help="an output: amount in BTC (up to 8 decimals) or 'N sat'; repeat for each",
+    )
+    cr.add_argument("--locktime", type=int, default=0, help="nLockTime")
+    rbf = cr.add_mutually_exclusive_group()
+    rbf.add_argument(
+        "--replaceable",
+        action="store_true",
+        default=None,
+        help="signal BIP125 replacement on every input (default: Core's: signal unless a "
+        "sequence is given)",
+    )
+    rbf.add_argument(
+        "--no-replaceable",
+        dest="replaceable",
+        action="store_false",
+        default=None,
+        help="final sequences (0xfffffffe with a lock time)",
+    )
+    cr.add_argument("--tx-version", type=int, default=2, help="the transaction's version")
+    cr.add_argument(
+        "--psbt-version", type=int, choices=(0, 2), default=0, help="BIP174 (0) or BIP370 (2)"
+    )
+    cr.add_argument(
+        "--network",
+        choices=NETWORKS,
+        help="for addresses (default: the configured network with --config/ANYHSM_CONFIG, "
+        "else mainnet)",
+    )
+    cr.add_argument("--out", help="write the PSBT to this file (default: stdout, base64)")
+    cr.add_argument("--binary", action="store_true", help="with --out: raw bytes, not base64")
+    cr.set_defaults(func=cmd_psbt_create)
+    cb = ps.add_parser("combine", help="combine PSBTs of one transaction (Core's combinepsbt)")
+    cb.add_argument("files", nargs="+", metavar="FILE", help="PSBT files, or - for stdin (once)")
+    cb.add_argument("--out", help="write the combined PSBT to this file (default: stdout, base64)")
+    cb.add_argument("--binary", action="store_true", help="with --out: raw bytes, not base64")
+    cb.set_defaults(func=cmd_psbt_combine)
 
     m = sub.add_parser("message", help="sign and verify messages (BIP137, BIP322)")
     ms = m.add_subparsers(dest="message_cmd", required=True)
@@ -269,7 +363,28 @@ def register(sub: SubParsers) -> None:
         default=None,
         help="address type signed for (default: p2pkh, or p2wpkh with --bip322)",
     )
-    sg.add_argument("--bip322", action="store_true", help="BIP322 simple signature")
+    sg.add_argument(
+        "--bip322",
+        action="store_true",
+        help="a BIP322 signature (simple for p2wpkh/p2tr, full for p2pkh/p2sh-p2wpkh)",
+    )
+    sg.add_argument(
+        "--format",
+        dest="bip322_format",
+        choices=("simple", "full"),
+        help="with --bip322: the BIP322 format (default: by the address type, as above)",
+    )
+    sg.add_argument(
+        "--no-prefix",
+        action="store_true",
+        help="with --bip322: leave out the smp/ful prefix (the older unprefixed form)",
+    )
+    sg.add_argument(
+        "--nonce",
+        choices=("low-r", "rfc6979"),
+        default="low-r",
+        help="ECDSA nonce: RFC 6979 ground to a low R as Bitcoin Core does, or plain RFC 6979",
+    )
     sg.set_defaults(func=cmd_message_sign)
     v = ms.add_parser("verify", help="verify a BIP137 or BIP322 signature")
     v.add_argument("address")

@@ -47,7 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "xpub": (_BITCOIN, "extended public key of an HD key at a path"),
     "address": (_BITCOIN, "address of a key (HD keys: at a path)"),
     "descriptor": (_BITCOIN, "output descriptor for watch-only wallets"),
-    "psbt": (_BITCOIN, "inspect, sign and finalize PSBTs"),
+    "psbt": (_BITCOIN, "inspect, sign, finalize, create and combine PSBTs"),
     "message": (_BITCOIN, "sign and verify messages (BIP137, BIP322)"),
     "tpm": (_TPM, "seal the keystore master key to a TPM 2.0"),
     "pkcs11": (_PKCS11, "PKCS#11 token administration"),

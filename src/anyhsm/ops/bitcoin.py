@@ -15,13 +15,17 @@ from typing import TYPE_CHECKING
 
 from anyhsm.bitcoin.address import AddressKind, address_for_pubkey, script_for_pubkey
 from anyhsm.bitcoin.bip32 import ExtendedKey, KeyOrigin, format_path, parse_path
+from anyhsm.bitcoin.bip322 import Bip322Format
 from anyhsm.bitcoin.capability import require_spendable, signing_refusal
+from anyhsm.bitcoin.message import EcdsaNonce
 from anyhsm.bitcoin.presets import OutputType, Purpose, account_path, address_path, purpose_for
 from anyhsm.errors import HsmError, MessageError, UnsupportedOperation
 from anyhsm.ops.data import Data
 from anyhsm.types import KeyInfo, KeyRef, Network, SignParams, SigScheme
 
 if TYPE_CHECKING:
+    from anyhsm.bitcoin.bip322 import Bip322Format
+    from anyhsm.bitcoin.message import EcdsaNonce
     from anyhsm.hsm import Hsm
 
 SLIP132_FORMS = ("ypub", "zpub", "Ypub", "Zpub", "upub", "vpub", "Upub", "Vpub")
@@ -128,6 +132,8 @@ class MessageSignature(Data):
     format: str  # "bip137" | "bip322"
     key: str
     path: str | None
+    bip322_format: Bip322Format | None = None  # simple | full (None: BIP137, or unprefixed)
+    nonce: EcdsaNonce | None = None  # the ECDSA nonce rule (None for taproot: BIP340)
 
 
 @dataclass(frozen=True)
@@ -348,12 +354,6 @@ def wallet_descriptors(hsm: Hsm, key: KeyRef, *, account: int = 0) -> WalletDesc
 # --- messages --------------------------------------------------------------------------------
 
 
-def _schnorr_aux(hsm: Hsm) -> bytes | None:
-    """BIP340 aux randomness: fresh, or 32 zero bytes under ``policy.deterministic_schnorr``
-    (the rule the PSBT signer applies)."""
-    return bytes(32) if hsm.config.policy.deterministic_schnorr else None
-
-
 def sign_message(
     hsm: Hsm,
     key: KeyRef,
@@ -362,13 +362,26 @@ def sign_message(
     *,
     kind: AddressKind | str | None = None,
     bip322: bool = False,
+    bip322_format: Bip322Format | str | None = None,
+    prefix: bool = True,
+    nonce: EcdsaNonce | str = "low-r",
 ) -> MessageSignature:
     """Sign a message for the key's address of ``kind`` (default p2pkh for BIP137, p2wpkh
-    for BIP322): a BIP137 compact signature, or a BIP322 simple one (needed for taproot).
-    ECDSA nonces are ground to low R, as the PSBT signer does."""
-    from anyhsm.bitcoin.message import sign_message_bip137, sign_message_bip322
+    for BIP322): a BIP137 compact signature, or a BIP322 one (needed for taproot): simple
+    for p2wpkh/p2tr and full for p2pkh/p2sh-p2wpkh unless ``bip322_format`` says,
+    prefixed (``smp``/``ful``) unless ``prefix`` is false. ECDSA nonces are ground to low
+    R by default, as the PSBT signer does (``nonce="rfc6979"``: plain RFC 6979, as most
+    wallets and the BIP322 vectors); BIP340 aux randomness follows the signer's rule
+    (:func:`anyhsm.bitcoin.signer.schnorr_aux`)."""
+    from anyhsm.bitcoin.bip322 import Bip322Format, split_signature
+    from anyhsm.bitcoin.message import EcdsaNonce, sign_message_bip137, sign_message_bip322
+    from anyhsm.bitcoin.signer import schnorr_aux
 
     akind = AddressKind.parse(kind or ("p2wpkh" if bip322 else "p2pkh"))
+    ecdsa_nonce = EcdsaNonce(nonce)
+    fmt = None if bip322_format is None else Bip322Format(bip322_format)
+    if fmt is not None and not bip322:
+        raise MessageError("a BIP322 format needs --bip322", hint="add --bip322")
     if akind is AddressKind.P2TR and not bip322:
         raise MessageError(
             "BIP137 cannot sign for taproot addresses", hint="add --bip322 for a BIP322 signature"
@@ -380,7 +393,7 @@ def sign_message(
     otype = OutputType(akind.value)
 
     def ecdsa(digest: bytes) -> bytes:
-        params = SignParams(path=sign_path, grind_low_r=True)
+        params = SignParams(path=sign_path, grind_low_r=ecdsa_nonce.grind_low_r)
         return hsm.sign(info.id, digest, SigScheme.ECDSA, params=params)
 
     if bip322 and akind is AddressKind.P2TR:
@@ -388,17 +401,20 @@ def sign_message(
         from anyhsm.crypto.secp256k1 import xonly
 
         tweak = taproot_tweak(xonly(pub), None)
-        aux = _schnorr_aux(hsm)
+        aux = schnorr_aux(hsm.config.policy)
 
         def schnorr(digest: bytes) -> bytes:
             params = SignParams(path=sign_path, tweak=tweak, aux_rand=aux)
             return hsm.sign(info.id, digest, SigScheme.SCHNORR, params=params)
 
-        sig = sign_message_bip322(schnorr, pub, message, otype)
+        sig = sign_message_bip322(schnorr, pub, message, otype, fmt=fmt, prefix=prefix)
     elif bip322:
-        sig = sign_message_bip322(ecdsa, pub, message, otype)
+        sig = sign_message_bip322(ecdsa, pub, message, otype, fmt=fmt, prefix=prefix)
     else:
         sig = sign_message_bip137(ecdsa, pub, message, otype)
+    made: Bip322Format | None = fmt
+    if bip322 and prefix:
+        made = split_signature(sig)[0]
     return MessageSignature(
         signature=sig,
         address=address_for_pubkey(pub, akind, hsm.network),
@@ -406,6 +422,8 @@ def sign_message(
         format="bip322" if bip322 else "bip137",
         key=info.label,
         path=format_path(at) if hd and at is not None else None,
+        bip322_format=made,
+        nonce=ecdsa_nonce if akind is not AddressKind.P2TR else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""PSBT operations: parse, inspect (with the fee), sign, finalize.
+"""PSBT operations: parse, inspect (with the fee), sign, finalize, create, combine.
 
 ``inspect`` needs no keys and no handle: what an input spends
 (:func:`anyhsm.bitcoin.spend.describe_input`), where each output goes
@@ -10,6 +10,7 @@ named in the one vocabulary of :class:`anyhsm.bitcoin.script_kind.ScriptKind`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -214,3 +215,49 @@ def finalize_psbt(psbt: Psbt) -> FinalizeResult:
     from anyhsm.bitcoin.finalizer import finalize_psbt as finalize
 
     return finalize(psbt)
+
+
+@dataclass(frozen=True)
+class PsbtData:
+    """A PSBT an operation made (``create``, ``combine``): base64 in JSON."""
+
+    psbt: Psbt
+
+    def to_dict(self) -> dict[str, object]:
+        return {"psbt": self.psbt.to_base64(), "unsigned_txid": self.psbt.unique_id()[::-1].hex()}
+
+
+def create_psbt(
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    network: Network,
+    *,
+    locktime: int = 0,
+    replaceable: bool | None = None,
+    tx_version: int = 2,
+    psbt_version: int = 0,
+) -> PsbtData:
+    """An unsigned PSBT as Bitcoin Core's ``createpsbt`` builds it (no keys, no handle):
+    inputs ``txid:vout[:sequence]``, outputs ``address=amount`` (BTC, or ``N sat``) or
+    ``data=hex``, addresses checked against ``network``; ``replaceable`` None is Core's
+    default sequence (:func:`anyhsm.bitcoin.psbt_tools.create_psbt`)."""
+    from anyhsm.bitcoin.psbt_tools import create_psbt as create
+
+    return PsbtData(
+        create(
+            list(inputs),
+            list(outputs),
+            network,
+            locktime=locktime,
+            replaceable=replaceable,
+            tx_version=tx_version,
+            psbt_version=psbt_version,
+        )
+    )
+
+
+def combine_psbts(psbts: Sequence[Psbt]) -> PsbtData:
+    """BIP174's Combiner, as Core's ``combinepsbt``: left to right, the first value kept."""
+    from anyhsm.bitcoin.psbt_tools import combine_psbts as combine
+
+    return PsbtData(combine(list(psbts)))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from anyhsm.errors import HsmError, InvalidDigest
 from anyhsm.ops.data import Data
 from anyhsm.types import KeyRef, SigScheme
 
 if TYPE_CHECKING:
     from anyhsm.hsm import Hsm
+
+DIGEST_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -36,3 +40,59 @@ def verify_digest(
     hsm: Hsm, key: KeyRef, digest: bytes, signature: bytes, scheme: SigScheme = SigScheme.ECDSA
 ) -> Verification:
     return Verification(hsm.verify(key, digest, signature, scheme))
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One digest of a batch, in request order: its signature, or the error that item
+    alone failed with (a malformed digest), as the error's JSON object."""
+
+    index: int
+    signature: bytes | None = None
+    error: HsmError | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "signature": None if self.signature is None else self.signature.hex(),
+            "error": None if self.error is None else self.error.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class BatchSignatures(Data):
+    """Ordered per-item results (Vault transit's ``batch_input`` shape)."""
+
+    key: KeyRef
+    scheme: SigScheme
+    results: tuple[BatchItem, ...]
+
+
+def sign_digests(
+    hsm: Hsm, key: KeyRef, digests: Sequence[bytes], scheme: SigScheme = SigScheme.ECDSA
+) -> BatchSignatures:
+    """Sign several digests with one key: each digest is checked first (a malformed one
+    fails alone, as its item's error), then every valid one is signed in ONE call of
+    :meth:`Hsm.sign_many` (one audit entry for the batch). A failure of the signing
+    itself (the key, the provider, the policy) is raised for the whole batch."""
+    items: list[BatchItem | None] = []
+    valid: list[tuple[int, bytes]] = []
+    for n, digest in enumerate(digests):
+        if isinstance(digest, bytes | bytearray) and len(digest) == DIGEST_BYTES:
+            valid.append((n, bytes(digest)))
+            items.append(None)
+        else:
+            items.append(
+                BatchItem(
+                    n,
+                    error=InvalidDigest(
+                        f"item {n}: a digest must be exactly {DIGEST_BYTES} bytes",
+                        hint="hash the message first (for Bitcoin, the sighash)",
+                    ),
+                )
+            )
+    if valid:
+        sigs = hsm.sign_many(key, [(d, scheme, None) for _, d in valid])
+        for (n, _), sig in zip(valid, sigs, strict=True):
+            items[n] = BatchItem(n, signature=sig)
+    return BatchSignatures(key, scheme, tuple(i for i in items if i is not None))

@@ -378,16 +378,31 @@ class _Input:
     annex: bytes | None = None
     weight_left: int = 0
     script_code: bytes = b""  # the script being run: what its signature checks commit to
-    legacy_digests: dict[bytes, bytes] = field(default_factory=dict)
+    digests: dict[tuple[bytes, _SigVersion], bytes] = field(default_factory=dict)
+    pushes: dict[bytes, frozenset[bytes]] = field(default_factory=dict)
 
     def ecdsa_digest(self, script_code: bytes, sigversion: _SigVersion) -> bytes:
-        if sigversion is _SigVersion.BASE:
-            digest = self.legacy_digests.get(script_code)  # SIGHASH_ALL only: one per script
-            if digest is None:
+        """SIGHASH_ALL only: one digest per script, however many signature checks."""
+        digest = self.digests.get((script_code, sigversion))
+        if digest is None:
+            if sigversion is _SigVersion.BASE:
                 digest = self.cache.legacy(self.index, script_code, SIGHASH_ALL)
-                self.legacy_digests[script_code] = digest
-            return digest
-        return self.cache.bip143(self.index, script_code, self.spent.value, SIGHASH_ALL)
+            else:
+                digest = self.cache.bip143(self.index, script_code, self.spent.value, SIGHASH_ALL)
+            self.digests[(script_code, sigversion)] = digest
+        return digest
+
+    def find_and_delete_check(self, sig: bytes, script: bytes) -> None:
+        """BIP322 forbids FindAndDelete (Core's CONST_SCRIPTCODE): a legacy script may not
+        hold the signature checked, pushed as ``CScript() << sig`` writes it (an empty one
+        is OP_0)."""
+        pushes = self.pushes.get(script)
+        if pushes is None:
+            pushes = self.pushes[script] = frozenset(
+                encode_op(op) for op in _ops(script) if op.data is not None
+            )
+        if push_bytes(sig) in pushes:
+            raise _invalid("the script contains the signature (FindAndDelete is forbidden)")
 
     def schnorr_ok(self, sig: bytes, xonly: bytes) -> bool:
         """BIP340 check of a key-path or tapscript signature; a bad encoding is invalid."""
@@ -707,14 +722,6 @@ def _arith(o: int, stack: list[bytes], need: Callable[[int], None]) -> None:
     stack.append(script_num(r))
 
 
-def _find_and_delete_check(sig: bytes, script: bytes) -> None:
-    """BIP322 forbids FindAndDelete (Core's CONST_SCRIPTCODE): a legacy script may not hold
-    the signature checked, pushed as ``CScript() << sig`` writes it (an empty one is OP_0)."""
-    pushed = push_bytes(sig)
-    if any(encode_op(op) == pushed for op in _ops(script)):
-        raise _invalid("the script contains the signature (FindAndDelete is forbidden)")
-
-
 def _checksig(sig: bytes, pub: bytes, sigversion: _SigVersion, ctx: _Input, op: ScriptOp) -> bool:
     if sigversion is _SigVersion.TAPSCRIPT:
         success = bool(sig)
@@ -737,7 +744,7 @@ def _checksig(sig: bytes, pub: bytes, sigversion: _SigVersion, ctx: _Input, op: 
     _check_pubkey_encoding(pub)
     script = ctx.script_code
     if sigversion is _SigVersion.BASE:
-        _find_and_delete_check(sig, script)
+        ctx.find_and_delete_check(sig, script)
     ok = bool(sig) and ec.ecdsa_verify(pub, ctx.ecdsa_digest(script, sigversion), sig[:-1])
     if not ok and sig:
         raise _invalid("a signature does not verify (NULLFAIL)")
@@ -766,7 +773,7 @@ def _checkmultisig(
     script = ctx.script_code
     if sigversion is _SigVersion.BASE:
         for sig in sigs:
-            _find_and_delete_check(sig, script)
+            ctx.find_and_delete_check(sig, script)
     success = True
     ki = si = 0
     keys_left, sigs_left = n_keys, n_sigs

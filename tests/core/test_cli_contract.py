@@ -402,3 +402,18 @@ def test_bash_completion_completes(tmp_path: Path, capsys: pytest.CaptureFixture
         "mainnet testnet testnet4 signet regtest",
         "--out",
     ]
+
+
+def test_a_closed_stdout_is_not_an_error(tmp_path: Path) -> None:
+    """``anyhsm ... | head -1``: no 'Broken pipe' error line, the SIGPIPE status."""
+    code = (
+        "import subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'anyhsm.cli.main', 'completion', 'bash'],"
+        " stdout=subprocess.PIPE, stderr=subprocess.PIPE)\n"
+        "p.stdout.close()\n"  # before the child (still importing) writes anything
+        "err = p.stderr.read(); rc = p.wait()\n"
+        "print(rc, repr(err))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    rc, err = r.stdout.split(" ", 1)
+    assert int(rc) == 141 and err.strip() == "b''", r.stdout

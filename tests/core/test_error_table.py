@@ -199,10 +199,11 @@ def test_the_doc_explains_every_exit_status() -> None:
     meanings = {int(s) for s in re.findall(r"^\| (\d+) \| (?!`)", _section_8(), re.M)}
     used = {status for _, status in GOLDEN.values()}
     assert used <= meanings
-    from anyhsm.cli.main import EXIT_INTERNAL
+    from anyhsm.cli.main import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED
 
-    assert {0, EXIT_INTERNAL, 130} <= meanings
-    assert meanings - used <= {0, EXIT_INTERNAL, 130}  # no status documented but unused
+    cli_only = {0, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE}
+    assert cli_only <= meanings
+    assert meanings - used <= cli_only  # no status documented but unused
 
 
 # --- authentication failures exit 5 on real deployments --------------------------------

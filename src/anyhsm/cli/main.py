@@ -55,6 +55,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 EXIT_INTERNAL = 70  # an unexpected exception (a bug); not an HsmError, so no class has it
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (| head), as shells report SIGPIPE
 EXIT_USAGE = 2  # UsageError.exit_code, known without importing anyhsm.errors (start-up)
 EXIT_OS_ERROR = 2  # an OSError: bad input, as a usage error (operator guide, section 8)
 _VALUE_OPTIONS = ("--config", "--passphrase-file", "--log-format")
@@ -337,6 +338,18 @@ def _emit(app: App, result: Result) -> None:
             print(line)
 
 
+def _stdout_gone() -> int:
+    """A closed stdout (``anyhsm audit show | head``) is normal for a command line tool:
+    no error line, nothing more written (stdout pointed at /dev/null, so the flush at
+    exit cannot fail again), the status a shell gives a process ended by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (captured in a test)
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command, want_json, want_version = _scan(argv)
@@ -373,10 +386,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: Result = args.func(args, app)
         _emit(app, result)
         return result.exit_code
+    except BrokenPipeError:
+        return _stdout_gone()
     except HsmError as e:
-        if app.json:
-            print(_dump({"error": e.to_dict()}))
-        print(f"anyhsm: error: {e}", file=sys.stderr)
+        try:
+            if app.json:
+                print(_dump({"error": e.to_dict()}))
+            print(f"anyhsm: error: {e}", file=sys.stderr)
+        except BrokenPipeError:
+            return _stdout_gone()
         return e.exit_code
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""

@@ -275,3 +275,13 @@ def test_fuzz_specs(text: str) -> None:
     ):
         with contextlib.suppress(PsbtError, AddressError):
             parse(text)
+
+
+def test_only_ascii_digits() -> None:
+    txid = "00" * 32
+    for bad in ("\u0661", "1\u0663", "\x1f0", "１"):  # Arabic-Indic, fullwidth digits
+        with pytest.raises(PsbtError):
+            InputSpec.parse(f"{txid}:{bad}")
+        with pytest.raises(PsbtError):
+            parse_amount(bad)
+    assert InputSpec.parse(f" {txid}:1 ").prevout.vout == 1

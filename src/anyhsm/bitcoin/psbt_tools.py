@@ -41,6 +41,7 @@ TX_MIN_VERSION, TX_MAX_VERSION = 1, 3  # Core's TX_MIN/MAX_STANDARD_VERSION
 DEFAULT_TX_VERSION = 2
 _COIN = 100_000_000
 _MAX_PSBT_INPUTS = 100_000  # far beyond any standard transaction; bounds the work
+_SPACE = " \t\r\n"  # what may surround a spec (str.strip() would take any Unicode space)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class InputSpec:
     @classmethod
     def parse(cls, text: str) -> InputSpec:
         """``txid:vout`` or ``txid:vout:sequence`` (txid as displayed, 64 hex digits)."""
-        parts = text.strip().split(":")
+        parts = text.strip(_SPACE).split(":")
         if len(parts) not in (2, 3):
             raise _input_error(text, "expected txid:vout or txid:vout:sequence")
         txid_hex, vout_text = parts[0], parts[1]
@@ -76,8 +77,8 @@ class OutputSpec:
     @classmethod
     def parse(cls, text: str, network: Network) -> OutputSpec:
         """``address=amount`` (BTC with up to 8 decimals, or ``N sat``) or ``data=hex``."""
-        name, sep, value = text.strip().partition("=")
-        name, value = name.strip(), value.strip()
+        name, sep, value = text.strip(_SPACE).partition("=")
+        name, value = name.strip(_SPACE), value.strip(_SPACE)
         if not sep or not name:
             raise _output_error(text, "expected address=amount or data=hex")
         if name == "data":
@@ -94,12 +95,12 @@ class OutputSpec:
 def parse_amount(text: str) -> int:
     """Satoshis from ``"0.5"`` / ``"1"`` (BTC, at most 8 decimals, as Core's
     ``AmountFromValue``) or ``"1500 sat"`` / ``"1500sat"``; 0 to 21,000,000 BTC."""
-    t = text.strip().lower()
-    m = re.fullmatch(r"(\d{1,16})\s*(?:sat|sats)", t)
+    t = text.strip(_SPACE).lower()
+    m = re.fullmatch(r"([0-9]{1,16}) *(?:sat|sats)", t)
     if m:
         sats = int(m.group(1))
     else:
-        m = re.fullmatch(r"(\d{1,8})(?:\.(\d{0,8}))?", t)
+        m = re.fullmatch(r"([0-9]{1,8})(?:\.([0-9]{0,8}))?", t)
         if not m:
             raise PsbtError(
                 f"invalid amount {text!r}",
@@ -203,9 +204,10 @@ def _check_outputs(outs: Sequence[OutputSpec]) -> None:
 
 
 def _uint(text: str, what: str, spec: str) -> int:
-    if not re.fullmatch(r"\d{1,10}", text.strip()):
+    digits = text.strip(_SPACE)
+    if not re.fullmatch(r"[0-9]{1,10}", digits):  # ASCII digits only (\d takes any script's)
         raise _input_error(spec, f"the {what} must be a number")
-    n = int(text)
+    n = int(digits)
     if n > 0xFFFFFFFF:
         raise _input_error(spec, f"the {what} is out of range (0 to 4294967295)")
     return n

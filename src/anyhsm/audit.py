@@ -187,7 +187,7 @@ def _hmac_sha256(key: bytearray, data: bytes) -> bytes:
     looks the MAC and the digest up in OpenSSL's provider store every time."""
     if _hmac_new is None:  # pragma: no cover - CPython built without OpenSSL
         return hmac.digest(key, data, "sha256")
-    return bytes(_hmac_new(key, data, "sha256").digest())
+    return _hmac_new(key, data, "sha256").digest()
 
 
 def line_mac(key: SecretBytes, prev: bytes, body: bytes) -> bytes:

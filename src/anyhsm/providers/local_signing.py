@@ -148,7 +148,9 @@ def sign(
             "BIP32 derivation on a single (non-HD) key",
             hint="sign without a path, or use a key of type bip32",
         )
-    return _sign_scalar(secret, digest, scheme, params)
+    if scheme is SigScheme.ECDSA:  # _sign_scalar, one call less on the hot path
+        return curve.ecdsa_sign(secret, digest, grind_low_r=params.grind_low_r)
+    return curve.schnorr_sign(secret, digest, params.aux_rand, params.tweak)
 
 
 def _sign_scalar(secret: SecretView, digest: bytes, scheme: SigScheme, params: SignParams) -> bytes:

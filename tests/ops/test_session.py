@@ -55,3 +55,18 @@ def test_prompt_and_file_and_given(
 
 def test_a_software_chain_is_not_unattended(deployment: Path) -> None:
     assert not unattended(Config.load(deployment))
+
+
+def test_the_docs_name_only_operations_that_exist() -> None:
+    """docs/cli.md's table of the operations layer names real functions."""
+    import importlib
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    table = doc[doc.index("## Python: the operations layer") :]
+    rows = re.findall(r"^\| `(anyhsm\.[a-z_.]+)` \| (.+) \|$", table, re.M)
+    assert len(rows) >= 8
+    for module_name, ops in rows:
+        module = importlib.import_module(module_name)
+        for name in re.findall(r"`([a-z_]+)[`(]", ops):
+            assert callable(getattr(module, name)), (module_name, name)

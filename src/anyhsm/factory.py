@@ -45,7 +45,6 @@ from anyhsm.types import (
     HEALTH_PROBE_LABEL,
     Environment,
     KeySpec,
-    Network,
     SecurityLevel,
     SigScheme,
 )
@@ -248,12 +247,12 @@ def provider_context(
 
 
 def refusal(config: Config, name: str) -> str | None:
-    """Why policy forbids a provider outright in this deployment, or None."""
+    """Why policy forbids a provider outright in this deployment, or None (the one rule:
+    :func:`anyhsm.providers.simulator_settings.refusal`)."""
     if name == "simulator":
-        if config.environment is Environment.PRODUCTION:
-            return "the simulator is refused in production"
-        if config.network is Network.MAINNET:
-            return "the simulator is refused on mainnet"
+        from anyhsm.providers.simulator_settings import refusal as simulator_refusal
+
+        return simulator_refusal(config.environment, config.network)
     return None
 
 

@@ -345,25 +345,13 @@ def change_passphrase(
     checked (AuthenticationFailed when None). ``on_slow`` is told when the KDF takes over
     a second. The caller keeps (and wipes) both secrets."""
     note = check_passwd(hsm.config, new, allow_slow_open=allow_slow_open)
-    checked = _current(current)
-    if note is not None and on_slow is not None:
-        on_slow(note)
-    return Rotation(hsm.change_passphrase(checked, new, kdf=passwd_kdf(hsm.config)), True)
+    if note is not None and on_slow is not None and current is not None:
+        on_slow(note)  # (without the current passphrase the handle refuses at once)
+    return Rotation(hsm.change_passphrase(current, new, kdf=passwd_kdf(hsm.config)), True)
 
 
 def rotate_master_key(hsm: Hsm, current: SecretBytes | None) -> Rotation:
     """A fresh master key, same passphrase (``rotate_master_key``): every key and unlock
     blob made again, the audit key retired; copies of the old master key (a leaked backup
     plus the passphrase) open nothing created after it. ``current`` is checked."""
-    return Rotation(hsm.rotate_master_key(_current(current)))
-
-
-def _current(current: SecretBytes | None) -> SecretBytes:
-    if current is None:
-        from anyhsm.errors import AuthenticationFailed
-
-        raise AuthenticationFailed(
-            "this needs the current keystore passphrase",
-            hint="set ANYHSM_PASSPHRASE or pass --passphrase-file",
-        )
-    return current
+    return Rotation(hsm.rotate_master_key(current))

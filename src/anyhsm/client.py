@@ -259,12 +259,21 @@ class Client:
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode()
             h["Content-Type"] = "application/json"
+        status, payload, headers_out = self._send(method, target, data, h)
+        if status >= 400 and status not in accept:
+            raise_error(status, payload, headers_out.get("retry-after"))
+        return status, payload, headers_out
+
+    def _send(
+        self, method: str, target: str, data: bytes | None, headers: Mapping[str, str]
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """The exchange itself: (status, body, headers with lower-case names)."""
         with self._lock:
             for attempt in (0, 1):
                 reused = self._conn is not None
                 conn = self._connection()
                 try:
-                    conn.request(method, target, body=data, headers=h)
+                    conn.request(method, target, body=data, headers=dict(headers))
                 except (ConnectionError, http.client.HTTPException, OSError) as e:
                     self._drop()
                     if reused and attempt == 0:
@@ -285,11 +294,8 @@ class Client:
                     raise ServiceUnreachable(f"no answer from {self.url}: {e}") from None
                 if resp.getheader("Connection", "").lower() == "close":
                     self._drop()
-                break
-        headers_out = {k.lower(): v for k, v in resp.getheaders()}
-        if resp.status >= 400 and resp.status not in accept:
-            raise_error(resp.status, payload, headers_out.get("retry-after"))
-        return resp.status, payload, headers_out
+                return resp.status, payload, {k.lower(): v for k, v in resp.getheaders()}
+        raise ServiceUnreachable(f"cannot reach {self.url}")  # pragma: no cover
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -609,9 +615,10 @@ class Client:
             },
         )
         entries = obj.get("entries")
+        summary = _obj(obj.get("summary"))
         return AuditTail(
-            verified=obj.get("verified") is True,
-            verify=_verify_result(_obj(obj.get("verify"))),
+            verified=summary.get("verified") is True,
+            verify=_verify_result(_obj(summary.get("verify"))),
             entries=tuple(_obj(e) for e in entries) if isinstance(entries, list) else (),
         )
 

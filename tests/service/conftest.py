@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -132,13 +132,40 @@ def new_deployment(directory: Path) -> Hsm:
     return open_hsm(cfg, passphrase=PASSPHRASE)
 
 
+@pytest.fixture(autouse=True)
+def _answers_match_the_openapi_document(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every answer any client in these tests receives is checked against the committed
+    OpenAPI document: its status is declared for the operation and its body validates."""
+    from tests.service.openapi_check import check_response
+
+    original = Client._send
+
+    def checked(
+        self: Client, method: str, target: str, data: bytes | None, headers: Mapping[str, str]
+    ) -> tuple[int, bytes, dict[str, str]]:
+        status, body, out = original(self, method, target, data, headers)
+        check_response(method, target, status, body, out.get("content-type", ""))
+        return status, body, out
+
+    monkeypatch.setattr(Client, "_send", checked)
+
+
+def simulator(directory: Path, **faults: object) -> Hsm:
+    """The simulator provider (in-memory keys) with injected faults (latency_ms, ...)."""
+    from tests.bitcoin.test_signer import simulator_hsm
+
+    return simulator_hsm(directory, **faults)
+
+
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    """Start a service (keys hot-1, hot-2, cold-1 and the wallet w) with settings overrides."""
+    """Start a service (keys hot-1, hot-2, cold-1 and the wallet w) with settings
+    overrides; ``handle`` makes the handle from a directory (default: a software
+    keystore deployment)."""
     running: list[Running] = []
 
-    def make(**overrides: object) -> Running:
-        hsm = new_deployment(tmp_path / f"dep{len(running)}")
+    def make(handle: Callable[[Path], Hsm] | None = None, **overrides: object) -> Running:
+        hsm = (handle or new_deployment)(tmp_path / f"dep{len(running)}")
         for label in KEYS:
             hsm.generate_key(label)
         wallet = add_wallet(hsm, "w", SEED)

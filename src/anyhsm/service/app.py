@@ -52,7 +52,13 @@ from anyhsm.errors import (
 )
 from anyhsm.service.limits import Gate, IdempotencyStore, Stored, TokenBucket
 from anyhsm.service.metrics import Metrics
-from anyhsm.service.settings import SERVICE_PRINCIPAL, ClientSpec, Op, ServiceSettings
+from anyhsm.service.settings import (
+    SERVICE_PRINCIPAL,
+    UNAUTHENTICATED_PRINCIPAL,
+    ClientSpec,
+    Op,
+    ServiceSettings,
+)
 from anyhsm.service.status import retry_after, status_for
 from anyhsm.service.tokens import TokenVerifier
 
@@ -76,10 +82,15 @@ class Caller:
     client: ClientSpec | None
     request_id: str
     route: str
+    anonymous: str = SERVICE_PRINCIPAL  # the audit principal when there is no client
 
     @property
     def name(self) -> str | None:
         return self.client.name if self.client is not None else None
+
+    @property
+    def principal(self) -> str:
+        return self.client.name if self.client is not None else self.anonymous
 
 
 class Service:
@@ -151,7 +162,7 @@ class Service:
             except TimeoutError:
                 raise RequestTimedOut("the service is reloading its configuration") from None
         self.gate.admit()
-        who = caller.name if caller is not None and caller.name else SERVICE_PRINCIPAL
+        who = caller.principal if caller is not None else SERVICE_PRINCIPAL
         loop = asyncio.get_running_loop()
 
         def work() -> T:
@@ -236,7 +247,7 @@ class Service:
             self.metrics.auth_failures.labels("unauthenticated").inc()
             if self.anonymous.take() is None:  # past the bound: counted, not audited
                 await self.audit_refusal(
-                    Caller(None, rid, route),
+                    Caller(None, rid, route, UNAUTHENTICATED_PRINCIPAL),
                     "unauthenticated",
                     {"reason": reason, "remote": remote_of(request)},
                 )
@@ -311,7 +322,7 @@ class Service:
             ):
                 self._ready_stale = False
                 try:
-                    report = await self.run(None, self.hsm.health)
+                    report = await self.run(None, self.hsm.health, timeout=None)
                     state = (now, report.ok, _unready_reasons(report.to_dict()))
                     self.observe_health(report.to_dict())
                 except HsmError as e:

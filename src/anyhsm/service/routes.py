@@ -13,7 +13,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from anyhsm.errors import (
     HsmError,
@@ -51,7 +52,10 @@ class Endpoint:
 
 async def _body(request: web.Request) -> tuple[bytes, dict[str, object]]:
     """The raw body and its JSON object; InvalidRequest for anything else."""
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except (ConnectionError, ClientPayloadError, HttpProcessingError):
+        raise InvalidRequest("the request body was cut short or is not valid HTTP") from None
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -176,9 +180,12 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.admin import health as health_of
+
     svc, caller = await _caller(request, Op.READ)
-    report = await svc.run(caller, svc.hsm.health)
-    data = report.to_dict()
+    hsm = svc.hsm
+    outcome = await svc.run(caller, lambda: health_of(lambda: hsm, hsm.config))
+    data = outcome.to_dict()
     svc.observe_health(data)
     return json_response(data)
 
@@ -187,7 +194,7 @@ async def count_keys(svc: Service) -> int:
     """How many keys the deployment has: per-key metric series only below the bound."""
     from anyhsm.ops.keys import list_keys
 
-    n = len((await svc.run(None, lambda: list_keys(svc.hsm))).keys)
+    n = len((await svc.run(None, lambda: list_keys(svc.hsm), timeout=None)).keys)
     svc.metrics.key_series = n < svc.metrics.max_keys
     return n
 
@@ -365,48 +372,57 @@ async def sign(request: web.Request) -> web.StreamResponse:
 
 
 async def sign_batch(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.signing import sign_digests
+
     svc, caller = await _caller(request, Op.SIGN_DIGEST)
     name = _key_name(request)
     raw, body = await _body(request)
-    digests = body.get("digests")
-    if not isinstance(digests, list) or not digests:
+    items = body.get("digests")
+    if not isinstance(items, list) or not items:
         raise InvalidRequest("member 'digests' is required: a non-empty list of 64-hex strings")
-    if len(digests) > svc.settings.max_batch:
+    if len(items) > svc.settings.max_batch:
         raise RequestTooLarge(
-            f"a batch holds at most {svc.settings.max_batch} digests, not {len(digests)}",
+            f"a batch holds at most {svc.settings.max_batch} digests, not {len(items)}",
             hint="split it, or raise service.max_batch",
         )
     scheme = _scheme(body)
-    results: list[dict[str, object]] = []
-    valid: list[tuple[int, bytes]] = []
-    for i, item in enumerate(digests):
-        try:
-            valid.append((i, _digest(item, f"digest {i}")))
-            results.append({})
-        except HsmError as e:
-            results.append({"error": e.to_dict()})
+    # an item that is not 64 hex digits is passed as no digest: the operation reports
+    # it as that item's error, as it does a digest of the wrong length
+    digests = [_hex32_or_empty(item) for item in items]
     m = svc.metrics
 
     def work() -> dict[str, object]:
         info = svc.authorized_key(caller, name)
-        if valid:
-            reqs = [(d, scheme, None) for _, d in valid]
-            t0 = time.perf_counter()
-            try:
-                sigs = svc.hsm.sign_many(info.id, reqs, context={"via": "sign-batch"})
-            except HsmError:
-                m.signed(info.id, info.provider, scheme.value, "error", len(reqs))
-                raise
-            m.signing_seconds.labels("sign-batch").observe(time.perf_counter() - t0)
-            m.signed(info.id, info.provider, scheme.value, "ok", len(reqs))
-            for (i, _), sig in zip(valid, sigs, strict=True):
-                results[i] = {"signature": sig.hex()}
+        n = sum(1 for d in digests if len(d) == 32)
+        t0 = time.perf_counter()
+        try:
+            res = sign_digests(svc.hsm, info.id, digests, scheme)
+        except HsmError:
+            m.signed(info.id, info.provider, scheme.value, "error", n)
+            raise
+        m.signing_seconds.labels("sign-batch").observe(time.perf_counter() - t0)
+        m.signed(info.id, info.provider, scheme.value, "ok", n)
+        results: list[dict[str, object]] = [
+            {"index": r.index, "signature": r.signature.hex()}
+            if r.signature is not None
+            else {"index": r.index, "error": r.error.to_dict() if r.error else None}
+            for r in res.results
+        ]
         return {"results": results, "scheme": scheme.value, "key": name, "key_id": info.id}
 
     async def compute() -> web.Response:
         return json_response(await svc.run(caller, work, timeout=None))
 
     return await svc.idempotent(request, caller, raw, compute)
+
+
+def _hex32_or_empty(item: object) -> bytes:
+    if isinstance(item, str) and len(item) == 64:
+        try:
+            return bytes.fromhex(item)
+        except ValueError:
+            pass
+    return b""
 
 
 async def psbt_sign(request: web.Request) -> web.StreamResponse:
@@ -472,7 +488,8 @@ async def message_sign(request: web.Request) -> web.StreamResponse:
 
 
 async def audit_tail(request: web.Request) -> web.StreamResponse:
-    from anyhsm.audit_query import AuditQuery, parse_time, select
+    from anyhsm.audit_query import AuditQuery, parse_time
+    from anyhsm.ops.admin import audit_show
 
     svc, caller = await _caller(request, Op.ADMIN)
     since, until = _query(request, "since", max_len=40), _query(request, "until", max_len=40)
@@ -485,25 +502,14 @@ async def audit_tail(request: web.Request) -> web.StreamResponse:
         limit=_query_int(request, "limit", 100, 1, 10_000),
     )
 
-    def work() -> dict[str, object]:
-        hsm = svc.hsm
-        res = hsm.verify_audit()
-        found = select(hsm.audit_path, query)
-        return {
-            "verified": res.ok,
-            "verify": res.to_dict(),
-            "entries": found.entries,
-            "matched": len(found.entries),
-            "scanned": found.scanned,
-            "unreadable_lines": found.unreadable_lines,
-        }
-
-    return json_response(await svc.run(caller, work))
+    return json_response(await svc.run(caller, lambda: audit_show(svc.hsm, query).to_dict()))
 
 
 async def audit_verify(request: web.Request) -> web.StreamResponse:
+    from anyhsm.ops.admin import audit_verify as verify_chain
+
     svc, caller = await _caller(request, Op.ADMIN)
-    res = await svc.run(caller, svc.hsm.verify_audit)
+    res = await svc.run(caller, lambda: verify_chain(svc.hsm))
     return json_response(res.to_dict())
 
 

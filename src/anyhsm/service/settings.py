@@ -27,6 +27,8 @@ DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 SERVICE_PRINCIPAL = "(service)"
 """The audit principal of the service's own entries (readiness checks, reload, open,
 close): no client name can be it (names are ``[A-Za-z0-9._-]``)."""
+UNAUTHENTICATED_PRINCIPAL = "(unauthenticated)"
+"""The audit principal of a refused request without valid credentials."""
 
 CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}:[0-9a-f]{64}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from anyhsm.audit import VerifyResult
@@ -391,11 +393,17 @@ def cmd_config_check(args: argparse.Namespace, app: App) -> Result:
     return Result(res.to_dict(), lines, ConfigError.exit_code if res.errors else EXIT_OK)
 
 
-def current_passphrase(app: App) -> SecretBytes | None:
+@contextmanager
+def current_passphrase(app: App, needed: bool = True) -> Iterator[SecretBytes | None]:
     """The current passphrase (--passphrase-file, ANYHSM_PASSPHRASE, the configured file or
-    a prompt): changing or rotating the keystore needs it even where a TPM or token
-    opened the store; the handle checks it."""
-    return app.passphrase(prompt="Current passphrase: ")
+    a prompt) when ``needed``, wiped afterwards: changing or rotating the keystore needs
+    it even where a TPM or token opened the store; the handle checks it."""
+    secret = app.passphrase(prompt="Current passphrase: ") if needed else None
+    try:
+        yield secret
+    finally:
+        if secret is not None:
+            secret.wipe()
 
 
 def rotation_text(res: Rotation, what: str) -> list[str]:
@@ -429,8 +437,7 @@ def cmd_keystore_passwd(args: argparse.Namespace, app: App) -> Result:
                 "give the new passphrase in a file", hint="--new-passphrase-file FILE (0600)"
             )
         hsm = app.hsm()
-        current = current_passphrase(app)
-        try:
+        with current_passphrase(app) as current:
             res = admin.change_passphrase(
                 hsm,
                 current,
@@ -438,9 +445,6 @@ def cmd_keystore_passwd(args: argparse.Namespace, app: App) -> Result:
                 allow_slow_open=args.allow_slow_open,
                 on_slow=None if app.json else lambda note: print(note, file=sys.stderr, flush=True),
             )
-        finally:
-            if current is not None:
-                current.wipe()
     finally:
         if new is not None:
             new.wipe()
@@ -453,12 +457,8 @@ def cmd_keystore_rotate(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.admin import rotate_master_key
 
     hsm = app.hsm()
-    current = current_passphrase(app)
-    try:
+    with current_passphrase(app) as current:
         res = rotate_master_key(hsm, current)
-    finally:
-        if current is not None:
-            current.wipe()
     return Result(res.to_dict(), rotation_text(res, "master key rotated"))
 
 

@@ -36,12 +36,8 @@ def cmd_wrap_unenroll(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.enrol import TOKEN_WRAP, needs_passphrase, unenrol_token_wrap
 
     hsm = app.hsm()
-    current = current_passphrase(app) if needs_passphrase(hsm, TOKEN_WRAP) else None
-    try:
+    with current_passphrase(app, needs_passphrase(hsm, TOKEN_WRAP)) as current:
         res = unenrol_token_wrap(hsm, current)
-    finally:
-        if current is not None:
-            current.wipe()
     if not res.unenrolled:
         return Result(res.to_dict(), ["was not enrolled"])
     return Result(

@@ -50,12 +50,8 @@ def cmd_unenroll(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.enrol import TPM, needs_passphrase, unenrol_tpm
 
     hsm = app.hsm()
-    current = current_passphrase(app) if needs_passphrase(hsm, TPM) else None
-    try:
+    with current_passphrase(app, needs_passphrase(hsm, TPM)) as current:
         res = unenrol_tpm(hsm, current)
-    finally:
-        if current is not None:
-            current.wipe()
     if not res.unenrolled:
         return Result(res.to_dict(), ["the keystore was not enrolled"])
     return Result(

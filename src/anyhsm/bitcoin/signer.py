@@ -723,7 +723,9 @@ def _sign(
         leaves = {
             i: {j.leaf_hash for j in plan.jobs if j.leaf_hash is not None and _ours(j, deriv)}
             for i, plan in enumerate(plans)
-            if plan.jobs and all(j.kind is SignatureKind.TAPROOT_SCRIPT for j in plan.jobs)
+            if plan.jobs
+            and plan.jobs[0].kind is SignatureKind.TAPROOT_SCRIPT  # (most jobs are not)
+            and all(j.kind is SignatureKind.TAPROOT_SCRIPT for j in plan.jobs)
         }
 
         def confirmed(label: str, path: tuple[int, ...]) -> bool:

@@ -61,8 +61,8 @@ class Listen:
             )
         host = m.group(1) or m.group(3)
         port = int(m.group(2) or m.group(4))
-        if not 1 <= port <= 65535:
-            raise ConfigError(f"service.listen {text!r}: port must be 1 to 65535")
+        if not 0 <= port <= 65535:  # 0: any free port (the "listening" log line says which)
+            raise ConfigError(f"service.listen {text!r}: port must be 0 to 65535")
         return cls(host, port)
 
     @property

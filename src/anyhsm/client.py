@@ -251,6 +251,7 @@ class Client:
         A keep-alive connection the server closed meanwhile is reopened once, for a
         request it had not answered."""
         q = {k: str(v) for k, v in (query or {}).items() if v is not None}
+        path = urllib.parse.quote(path, safe="/%:@!$&'()*+,;=-._~")  # non-ASCII as UTF-8
         target = self._prefix + path + (("?" + urllib.parse.urlencode(q)) if q else "")
         h = {"Accept": "application/json", **(headers or {})}
         if self._token:

@@ -339,10 +339,30 @@ class SigningFailed(ProviderError):
 
 
 class PolicyViolation(HsmError):
-    """The security policy refused an operation."""
+    """The security policy refused an operation. ``rules``: the names of the rules that
+    refused (in JSON always a list; taken from ``details[*]["rule"]`` when not given)."""
 
     code = "policy_violation"
     exit_code = 7
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, rules: tuple[str, ...] | list[str] = ()
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self._rules = tuple(rules)
+
+    @property
+    def rules(self) -> list[str]:
+        """The refusing rules' names, each once, in order."""
+        if self._rules:
+            return list(dict.fromkeys(self._rules))
+        named = (d.get("rule") for d in self.details)
+        return list(dict.fromkeys(str(r) for r in named if r))
+
+    def to_dict(self) -> dict[str, object]:
+        out = super().to_dict()
+        out["rules"] = self.rules
+        return out
 
 
 class SecurityLevelTooLow(PolicyViolation):
@@ -500,6 +520,29 @@ class SigningPolicyError(PolicyViolation):
     """The Bitcoin signing policy refused to sign (missing UTXO, absurd fee, sighash...)."""
 
     code = "signing_policy"
+
+
+class SpendingPolicyRefused(SigningPolicyError):
+    """The spending policy (``anyhsm policy``) refused a transaction: a rule's limit,
+    allowlist, output shape, time window or approvals, a frozen key, or no rule for the
+    key. ``rules`` names every refusing rule; nothing was signed or debited."""
+
+    code = "spending_policy_refused"
+
+
+class PolicyNotAuthenticated(PolicyViolation):
+    """The spending policy or its state cannot be trusted: the policy file differs from
+    the one ``anyhsm policy set`` recorded, its binding or the velocity state fails
+    authentication or is missing. Nothing is signed until an admin step restores it."""
+
+    code = "policy_not_authenticated"
+
+
+class ApprovalRejected(PolicyViolation):
+    """An approval submitted for the spending policy is not valid: its signature, its
+    approver, its expiry, the transaction or policy version it names, or its reuse."""
+
+    code = "approval_rejected"
 
 
 class NothingSigned(BitcoinError):

@@ -89,6 +89,9 @@ GOLDEN: dict[str, tuple[str, int]] = {
     "PsbtError": ("psbt_error", 2),
     "PsbtLimitExceeded": ("psbt_limit_exceeded", 2),
     "SigningPolicyError": ("signing_policy", 7),
+    "SpendingPolicyRefused": ("spending_policy_refused", 7),
+    "PolicyNotAuthenticated": ("policy_not_authenticated", 7),
+    "ApprovalRejected": ("approval_rejected", 7),
     "NothingSigned": ("nothing_signed", 9),
     # anyhsm.errors: the signing service and its client
     "ServiceError": ("service_error", 11),

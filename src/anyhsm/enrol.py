@@ -72,15 +72,19 @@ def opens_without_passphrase(config: Config) -> bool:
     (a TPM seal with ``[providers.tpm]`` configured or listed, a token wrap with
     ``wrap_key_label``): the CLI then does not prompt for the passphrase. A blob that
     fails to open still falls back to a given passphrase."""
+    in_use = set(config.providers) | set(config.fallback.chain)
+    tpm = "tpm" in in_use
+    wrap = "wrap_key_label" in config.provider_settings("pkcs11")
+    if not (tpm or wrap):
+        return False  # no unlock path this configuration could use: no keystore read
     raw = config.provider_settings("software").get("path", "keystore")
     try:
         ks = Keystore.load(config.resolve(str(raw)))
     except HsmError:
         return False
-    in_use = set(config.providers) | set(config.fallback.chain)
-    tpm = "tpm" in in_use and ks.read_side_file(TPM_BLOB) is not None
-    wrap = "wrap_key_label" in config.provider_settings("pkcs11")
-    return tpm or (wrap and ks.read_side_file(WRAP_BLOB) is not None)
+    return (tpm and ks.read_side_file(TPM_BLOB) is not None) or (
+        wrap and ks.read_side_file(WRAP_BLOB) is not None
+    )
 
 
 __all__ = [

@@ -1202,28 +1202,14 @@ class Hsm:
         for the new master key."""
         return self._rotate("keystore_passwd", new, self._require_current(current), kdf=kdf)
 
-    def rotate_master_key(
-        self,
-        passphrase: SecretBytes | None,
-        *,
-        kdf: KdfParams | None = None,
-        reseal: Callable[[SecretBytes], Mapping[str, bytes]] | None = None,
-        op: str = "rotate_master_key",
-        detail: Mapping[str, str] | None = None,
-    ) -> dict[str, object]:
+    def rotate_master_key(self, passphrase: SecretBytes | None) -> dict[str, object]:
         """A fresh master key, same passphrase (``rotate_master_key``): every key
         re-encrypted (see :meth:`Keystore.rotate`), every enrolled unlock blob made again,
         the audit key retired with the old master key; copies of the old one (a leaked
         backup plus passphrase) open nothing created after it. ``passphrase`` is the
-        current passphrase, checked first (None: AuthenticationFailed, exit 5).
-
-        Deprecated keywords, kept until every caller has moved to :meth:`change_passphrase`
-        and the ``unenrol_*`` methods: ``reseal``/``op``/``detail``/``kdf`` (then
-        ``passphrase`` wraps the new master key unchecked, as before)."""
+        current passphrase, checked first (None: AuthenticationFailed, exit 5)."""
         current = self._require_current(passphrase)
-        if reseal is None and kdf is None and op == "rotate_master_key" and detail is None:
-            return self._rotate(op, current, current)
-        return self._rotate(op, current, None, kdf=kdf, reseal=reseal, detail=detail)
+        return self._rotate("rotate_master_key", current, current)
 
     @staticmethod
     def _require_current(current: SecretBytes | None) -> SecretBytes:
@@ -1243,8 +1229,6 @@ class Hsm:
         kdf: KdfParams | None = None,
         drop: Collection[str] = (),
         after: OnRotated | None = None,
-        reseal: Callable[[SecretBytes], Mapping[str, bytes]] | None = None,
-        detail: Mapping[str, str] | None = None,
     ) -> dict[str, object]:
         """One audited rotation of the master key, which no other writer of the log can
         interleave with: the "started" entry is the last one under the old audit key, the
@@ -1256,12 +1240,12 @@ class Hsm:
         self._key_operations("rotating the master key")
         ks = self._anchor.require()
         audit = self._writer()
-        before = {"epoch": str(ks.epoch), **(detail or {})}
+        before = {"epoch": str(ks.epoch)}
         with self._lock:
             try:
                 if current is not None:
                     self._anchor.check_passphrase(current)
-                make = reseal or self._anchor.resealer(self._config, self._pin, drop=drop)
+                make = self._anchor.resealer(self._config, self._pin, drop=drop)
             except Exception as e:
                 code = error_code(e)
                 said = dict(before)

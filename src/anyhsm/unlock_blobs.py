@@ -5,7 +5,7 @@ wherever that device is.
 One small protocol, :class:`MasterKeySealer`, and one path for everything done with a
 sealed master key, whatever the device: enrol (seal, unseal again and compare, store),
 unenrol, read the blob, check that it still opens the keystore (health), and make every
-blob again for a new master key during a rotation (:func:`resealer`). The two sealers are
+blob again for a new master key during a rotation (:func:`resealer_for`). The two sealers are
 :class:`anyhsm.tpm.sealing.TpmSealer` and
 :class:`anyhsm.providers.pkcs11.wrap_token.TokenWrapSealer`; the provider that opens the
 keystore through either is :class:`anyhsm.providers.sealed.SealedKeystoreProvider`.
@@ -24,7 +24,6 @@ from anyhsm.secret import SecretBytes
 from anyhsm.types import SecurityLevel
 
 if TYPE_CHECKING:
-    from anyhsm.config import Config
     from anyhsm.keystore import Keystore
 
 TPM_BLOB = "tpm-sealed.json"
@@ -207,16 +206,6 @@ def resealer_for(
     return make
 
 
-def resealer(config: Config, keystore: Keystore, *, drop: Collection[str] = ()) -> Resealer:
-    """:func:`resealer_for` with the sealers ``config`` reaches (no PIN given: the token
-    reads its pin_file or ANYHSM_PKCS11_PIN). Deprecated: the handle's audited
-    operations (:meth:`anyhsm.hsm.Hsm.rotate_master_key`, ``change_passphrase``,
-    ``unenrol_*``) reseal by themselves."""
-    from anyhsm.anchor import Anchor
-
-    return resealer_for(keystore, Anchor(keystore, None).sealers(config), drop=drop)
-
-
 __all__ = [
     "BLOB_FILES",
     "TPM_BLOB",
@@ -229,7 +218,6 @@ __all__ = [
     "opens_keystore",
     "read_blob",
     "read_named",
-    "resealer",
     "resealer_for",
     "seal_checked",
     "unenrol",

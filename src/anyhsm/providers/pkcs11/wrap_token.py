@@ -39,8 +39,6 @@ from anyhsm.errors import (
     UnsupportedOperation,
 )
 from anyhsm.provider import ProviderContext
-from anyhsm.providers.pkcs11.conn import Connection
-from anyhsm.providers.pkcs11.errors import ckr_name
 from anyhsm.providers.pkcs11.settings import Pkcs11Settings
 from anyhsm.providers.pkcs11.wrap_blob import SIDE_FILE, WrapMechanism, WrappedBlob
 from anyhsm.secret import SecretBytes
@@ -52,6 +50,7 @@ if TYPE_CHECKING:
     from pkcs11 import Attribute, DecryptMixin, EncryptMixin, SecretKey, UnwrapMixin, WrapMixin
 
     from anyhsm.keystore import Keystore
+    from anyhsm.providers.pkcs11.conn import Connection
     from anyhsm.providers.pkcs11.pool import PooledSession
 
 __all__ = [
@@ -87,7 +86,11 @@ def wrap_settings(context: ProviderContext) -> Pkcs11Settings:
 
 
 def _connect(context: ProviderContext) -> Connection:
-    conn = Connection(wrap_settings(context), context.environment, context.timeout_s, PROVIDER_NAME)
+    settings = wrap_settings(context)
+    settings.require_module()  # before importing the token layer: a fallback stays cheap
+    from anyhsm.providers.pkcs11.conn import Connection
+
+    conn = Connection(settings, context.environment, context.timeout_s, PROVIDER_NAME)
     conn.open()
     return conn
 
@@ -235,10 +238,16 @@ def _authenticated_decrypt(
         conn.verify_presence(ps)  # raises (and the connection reconnects) if it left
         raise KeystoreTampered(
             f"the PKCS#11-wrapped master key does not authenticate under the token's wrap key "
-            f"({ckr_name(exc)})",
+            f"({_ckr_name(exc)})",
             hint="the side file was altered or wrapped by another key; open the keystore with "
             "the recovery passphrase and enrol again",
         ) from None
+
+
+def _ckr_name(exc: Exception) -> str:
+    from anyhsm.providers.pkcs11.errors import ckr_name
+
+    return ckr_name(exc)
 
 
 def _now() -> str:

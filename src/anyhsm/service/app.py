@@ -576,7 +576,7 @@ async def pipeline(
     resp.headers[REQUEST_ID_HEADER] = rid
     svc.metrics.requests.labels(route, request.method, str(resp.status)).inc()
     svc.metrics.request_seconds.labels(route).observe(elapsed)
-    if log.isEnabledFor(logging.INFO):
+    if svc.settings.access_log and log.isEnabledFor(logging.INFO):
         fields: dict[str, object] = {
             "request_id": rid,
             "method": request.method,

@@ -145,6 +145,7 @@ class ServiceSettings:
     ready_interval_s: float = 2.0  # readiness re-checks the provider at most this often
     unauthenticated_per_s: float = 20.0  # audited 401s per second (more: 429, not audited)
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    access_log: bool = True  # one JSON log line per request
     clients: tuple[ClientSpec, ...] = ()
 
     def __post_init__(self) -> None:

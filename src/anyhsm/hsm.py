@@ -732,7 +732,14 @@ class Hsm:
             and provider.capabilities().persistent
         ):
             store = provider.store_id()
-            rec = ks.add_reference(info.id, info.label, info.public_key, provider.name, store)
+            rec = ks.add_reference(
+                info.id,
+                info.label,
+                info.public_key,
+                provider.name,
+                store,
+                created_at=info.created_at or None,  # one creation time, the store's own
+            )
             if rec.id != info.id:  # ids of stores anyhsm supports are 32 hex digits
                 ks.delete(rec.id)
                 raise ProviderError(

@@ -823,16 +823,24 @@ class Keystore:
         return self._persist(rec.label, seal)
 
     def add_reference(
-        self, key_id: str, label: str, public_key: bytes, provider: str, store: str
+        self,
+        key_id: str,
+        label: str,
+        public_key: bytes,
+        provider: str,
+        store: str,
+        *,
+        created_at: str | None = None,
     ) -> KeyRecord:
         """Record that a key lives in another store, so that routing can say
-        which provider is needed when that store is unreachable."""
+        which provider is needed when that store is unreachable. ``created_at``: the
+        creation time that store reports (now when it reports none)."""
         rec = KeyRecord(
             id=key_id if _ID_RE.match(key_id) else hashlib.sha256(key_id.encode()).hexdigest()[:32],
             label=label,
             key_type=KeyType.SECP256K1,
             public_key=public_key,
-            created_at=now_iso(),
+            created_at=created_at or now_iso(),
             kind="reference",
             provider=provider,
             store=store,

@@ -87,7 +87,10 @@ def make_settings(tokens: dict[str, str], **overrides: object) -> ServiceSetting
 
 def serve(hsm: Hsm, settings: ServiceSettings) -> tuple[str, Service, Callable[[], None]]:
     """Serve the app over ``hsm`` on a free loopback port in a thread; (url, state, stop)."""
+    from anyhsm.service.server import tls_context
+
     app = create_app(hsm, settings, version="test")
+    ctx = tls_context(settings)
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     started = threading.Event()
@@ -98,7 +101,7 @@ def serve(hsm: Hsm, settings: ServiceSettings) -> tuple[str, Service, Callable[[
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
             loop.run_until_complete(site.start())
             server = site._server
             assert server is not None
@@ -122,7 +125,8 @@ def serve(hsm: Hsm, settings: ServiceSettings) -> tuple[str, Service, Callable[[
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
 
-    return f"http://127.0.0.1:{port[0]}", app[SERVICE], stop
+    scheme = "https" if ctx is not None else "http"
+    return f"{scheme}://127.0.0.1:{port[0]}", app[SERVICE], stop
 
 
 def new_deployment(directory: Path) -> Hsm:

@@ -130,7 +130,7 @@ POST = b"POST /v1/keys/hot-1/sign HTTP/1.1\r\nHost: x\r\n"
     "request_bytes",
     [
         POST + b"Authorization: Bearer TOKEN\r\nContent-Length: 100\r\n\r\n" + b'{"digest":',
-        POST + b"Authorization: Bearer TOKEN\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"dig\r\n",
+        POST + b'Authorization: Bearer TOKEN\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"dig\r\n',
         b"POST /v1/keys/hot-1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
         b"GARBAGE\r\n\r\n",
         b"GET /v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \x00\x01\xff\r\n\r\n",

@@ -188,13 +188,20 @@ class Anchor:
 
     # --- unlock paths -------------------------------------------------------------------------
 
-    def sealers(self, config: Config, pin: SecretBytes | None = None) -> dict[str, MasterKeySealer]:
-        """The sealer of each unlock path this configuration can reach (by blob file): the
-        TPM with ``[providers.tpm] tcti``, the token wrap with ``wrap_key_label``."""
+    def sealers(
+        self,
+        config: Config,
+        pin: SecretBytes | None = None,
+        blobs: Collection[str] = unlock_blobs.BLOB_FILES,
+    ) -> dict[str, MasterKeySealer]:
+        """The sealer of each unlock path in ``blobs`` this configuration can reach (by
+        blob file): the TPM with ``[providers.tpm] tcti``, the token wrap with
+        ``wrap_key_label``. Only those asked for are built (a token's settings are not
+        even parsed for a rotation that keeps no token blob)."""
         out: dict[str, MasterKeySealer] = {}
-        if "tcti" in config.provider_settings("tpm"):
+        if TPM_BLOB in blobs and "tcti" in config.provider_settings("tpm"):
             out[TPM_BLOB] = tpm_sealer(config)
-        if "wrap_key_label" in config.provider_settings("pkcs11"):
+        if WRAPPED_BLOB in blobs and "wrap_key_label" in config.provider_settings("pkcs11"):
             out[WRAPPED_BLOB] = token_sealer(config, pin)
         return out
 
@@ -218,7 +225,9 @@ class Anchor:
         self, config: Config, pin: SecretBytes | None, *, drop: Collection[str] = ()
     ) -> unlock_blobs.Resealer:
         """Makes every enrolled blob but ``drop`` again for a new master key."""
-        return unlock_blobs.resealer_for(self.require(), self.sealers(config, pin), drop=drop)
+        ks = self.require()
+        keep = [b for b in unlock_blobs.enrolled_blobs(ks) if b not in drop]
+        return unlock_blobs.resealer_for(ks, self.sealers(config, pin, keep), drop=drop)
 
 
 def tpm_sealer(config: Config) -> MasterKeySealer:

@@ -232,3 +232,14 @@ def test_enrol_unlock_health_and_unenrol_through_one_sealer(
     assert unlock_blobs.unenrol(keystore, sealer)
     details, problem = unlock_blobs.health(keystore, sealer)
     assert details["unlock_blob"] == "absent" and "unenrolled" in problem
+
+
+def test_a_rotation_builds_no_sealer_for_a_path_that_is_not_enrolled(deployment: Path) -> None:
+    """A token wrap named in the configuration but never enrolled (here: no module even
+    configured) plays no part in a rotation: only the enrolled paths' sealers are built."""
+    deployment.write_text(
+        deployment.read_text() + '\n[providers.pkcs11]\nwrap_key_label = "never-enrolled"\n'
+    )
+    with open_hsm(deployment) as hsm:
+        assert hsm.anchor.enrolled() == []
+        assert hsm.rotate_master_key(SecretBytes(PASSPHRASE.encode()))["epoch"] == 2

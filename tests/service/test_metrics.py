@@ -46,7 +46,7 @@ def test_the_series_the_issue_names(service: Running) -> None:
     assert sig[("software", "ecdsa", "ok")] == 4
     assert sig[("software", "psbt", "ok")] == 1
     assert any(s["operation"] == "sign" for s, _ in m["anyhsm_signing_duration_seconds_count"])
-    assert [v for s, v in m["anyhsm_policy_decisions_total"] if s["outcome"] == "allowed"] == [1]
+    assert [v for s, v in m["anyhsm_policy_decisions_total"] if s["decision"] == "allow"] == [1]
     assert m["anyhsm_provider_up"] == [({"provider": "software"}, 1.0)]
     assert m["anyhsm_active_provider_info"] == [
         ({"provider": "software", "security_level": "software"}, 1.0)

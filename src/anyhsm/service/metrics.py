@@ -70,8 +70,8 @@ class Metrics:
         )
         self.policy = Counter(
             "anyhsm_policy_decisions",
-            "PSBT signing policy decisions, by rule and outcome (allowed, refused)",
-            ["rule", "outcome"],
+            "PSBT signing policy decisions, by rule and decision (allow, refuse)",
+            ["rule", "decision"],
             registry=r,
         )
         self.auth_failures = Counter(

@@ -20,8 +20,8 @@ from anyhsm.errors import (
     HsmError,
     InvalidDigest,
     InvalidRequest,
+    PolicyViolation,
     RequestTooLarge,
-    SigningPolicyError,
 )
 from anyhsm.ops.data import hex_bytes
 from anyhsm.service.app import (
@@ -441,17 +441,17 @@ async def psbt_sign(request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
         try:
             res = sign_psbt(svc.hsm, psbt, info.id)
-        except SigningPolicyError as e:
-            rules = sorted({str(d["rule"]) for d in e.details if "rule" in d}) or ["policy"]
+        except PolicyViolation as e:
+            rules = sorted({str(d["rule"]) for d in e.details if "rule" in d}) or [e.code]
             for rule in rules:
-                m.policy.labels(rule, "refused").inc()
+                m.policy.labels(rule, "refuse").inc()
             m.signed(info.id, info.provider, "psbt", "refused")
             raise
         except HsmError:
             m.signed(info.id, info.provider, "psbt", "error")
             raise
         m.signing_seconds.labels("psbt-sign").observe(time.perf_counter() - t0)
-        m.policy.labels("all", "allowed").inc()
+        m.policy.labels("all", "allow").inc()
         m.signed(info.id, info.provider, "psbt", "ok", max(res.signatures, 1))
         return res.to_dict()
 

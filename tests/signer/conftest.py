@@ -59,6 +59,11 @@ def make_deployment(
     cfg = init_deployment(
         directory, SecretBytes(PASSPHRASE.encode()), kdf=FAST_DEV_KDF, network=network
     )
+    # a generous bound on each provider's open: on a loaded test machine the default 2 s
+    # can pass, and the signer would then (rightly) answer provider_timeout
+    text = cfg.read_text()
+    assert "[fallback]\n" in text
+    cfg.write_text(text.replace("[fallback]\n", "[fallback]\ntimeout_ms = 60000\n", 1))
     dep = Deployment(directory, cfg, network)
     hsm = dep.open()
     try:

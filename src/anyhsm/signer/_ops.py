@@ -1,12 +1,12 @@
 """The one place the signer calls the library below the operations layer.
 
 Everything else in this package calls :mod:`anyhsm.ops` (or the protocol helpers). What
-is here is what ops does not offer yet, kept small so it can move there (requests in
-/work/notes/handoff.md):
+is here is the signer's glue to it, and what ops does not offer yet (the descriptor
+check), kept small so it can move there:
 
-- opening the handle without a terminal, by the same rules as ``anyhsm`` (config from
-  ``--config``/``ANYHSM_CONFIG``/discovery; passphrase and PIN through
-  :mod:`anyhsm.credentials`; a TPM- or token-unlocked chain needs none);
+- loading the config (``--config``/``ANYHSM_CONFIG``/discovery) and opening the handle
+  through :func:`anyhsm.ops.session.open_handle` with no prompt (a terminal prompt only
+  for the operator's ``setup``);
 - the ``[signer]`` table of the config (``key``, ``public_file``) read with its default;
 - the HD keys of a handle;
 - the address of a one-address descriptor, after checking that its key is this key.
@@ -48,21 +48,13 @@ def index_path(cfg: Config) -> Path:
 
 
 def open_handle(cfg: Config, *, interactive: bool = False) -> Hsm:
-    """The handle, as ``anyhsm`` opens it (:mod:`anyhsm.credentials`); a passphrase or
-    PIN prompt only when ``interactive`` and on a terminal (bitcoind's child has none,
-    and must never hang on one)."""
-    from anyhsm.credentials import prompt_pin, resolve_passphrase
-    from anyhsm.hsm import open_hsm
+    """The handle, as ``anyhsm`` opens it (:func:`anyhsm.ops.session.open_handle`); a
+    passphrase or PIN prompt only when ``interactive`` and on a terminal (bitcoind's
+    child has none, and must never hang on one)."""
+    from anyhsm.ops.session import open_handle as open_session
 
     prompt = _terminal_prompt if interactive and _on_terminal() else None
-    pw = resolve_passphrase(cfg, prompt=prompt)
-    pin = prompt_pin(cfg, prompt)
-    try:
-        return open_hsm(cfg, passphrase=pw, pin=pin)
-    finally:
-        for secret in (pw, pin):
-            if secret is not None:
-                secret.wipe()
+    return open_session(cfg, prompt=prompt)
 
 
 def _on_terminal() -> bool:

@@ -22,6 +22,7 @@ from anyhsm.errors import (
     PsbtError,
     UnsupportedOperation,
 )
+from anyhsm.ops import SCHEMA_VERSION
 from anyhsm.ops import bitcoin as obtc
 from anyhsm.ops import psbt as opsbt
 from anyhsm.types import SigScheme
@@ -35,6 +36,8 @@ def test_ready_and_health(service: Running) -> None:
     report = service.client("reader").health()
     assert report.ok and report.active_provider == "software"
     assert set(service.hsm.health().to_dict()) == set(report.to_dict())
+    _, body, _ = service.client("reader").request("GET", "/v1/health")
+    assert json.loads(body)["schema_version"] == SCHEMA_VERSION
 
 
 def test_keys_are_those_the_client_may_use(service: Running) -> None:
@@ -97,12 +100,16 @@ def test_psbt_sign_is_what_psbt_sign_json_prints(service: Running) -> None:
     expected = opsbt.sign_psbt(service.hsm, psbt, "w").to_dict()
     assert got.signed_inputs == expected["signed_inputs"] == 1
     report = dict(got.report)
+    assert report.pop("schema_version") == SCHEMA_VERSION  # as the CLI prints it
     # the signature itself differs (fresh nonce grinding is deterministic: RFC 6979 + low R)
     assert report == expected
     fin = service.client("reader").finalize_psbt(got.psbt)
     assert fin.complete and fin.tx is not None
-    assert fin.report == opsbt.finalize_psbt(got.psbt).to_dict()
-    inspected = service.client("reader").inspect_psbt(psbt)
+    finalized = dict(fin.report)
+    del finalized["schema_version"]
+    assert finalized == opsbt.finalize_psbt(got.psbt).to_dict()
+    inspected = dict(service.client("reader").inspect_psbt(psbt))
+    del inspected["schema_version"]
     assert inspected == opsbt.inspect_psbt(psbt, service.hsm.network).to_dict()
 
 

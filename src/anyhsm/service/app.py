@@ -50,6 +50,7 @@ from anyhsm.errors import (
     RequestTooLarge,
     Unauthenticated,
 )
+from anyhsm.ops import SCHEMA_VERSION
 from anyhsm.service.limits import Gate, IdempotencyStore, Stored, TokenBucket
 from anyhsm.service.metrics import Metrics
 from anyhsm.service.settings import (
@@ -484,6 +485,10 @@ def peer_cert_sha256(request: web.Request) -> str | None:
 
 
 def dumps(obj: object) -> bytes:
+    """A JSON object as the CLI prints it under --json: with the top-level
+    ``schema_version`` (anyhsm.ops.SCHEMA_VERSION, docs/cli.md)."""
+    if isinstance(obj, dict):
+        obj = {"schema_version": SCHEMA_VERSION, **obj}
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 

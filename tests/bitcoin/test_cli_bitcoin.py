@@ -459,3 +459,26 @@ def test_psbt_create_then_combine(run: Run, tmp_path: Path) -> None:
     assert len(Psbt.parse(combined.read_text()).inputs[0].partial_sigs) == 1
     code, _, err = run("psbt", "combine", "-", "-")
     assert code == 2 and "only one" in err
+
+
+def test_sign_and_verify_a_digest_at_a_path_and_tweaked(run: Run) -> None:
+    from anyhsm.crypto import secp256k1 as curve
+
+    w = _wallet()
+    digest = "11" * 32
+    path = "m/84'/1'/0'/0/3"
+    code, out, err = run("sign", "--key", "w", "--digest", digest, "--path", path, "--json")
+    assert code == 0, err
+    sig = str(_json(out)["signature"])
+    assert curve.ecdsa_verify(w.pub(path), bytes.fromhex(digest), bytes.fromhex(sig))
+    args = ["verify", "--key", "w", "--digest", digest, "--signature", sig]
+    assert run(*args, "--path", path)[0] == 0
+    assert run(*args)[0] == 1  # the master key did not sign it
+    tweak = "22" * 32
+    code, out, _ = run(
+        "sign", "--key", "w", "--digest", digest, "--scheme", "schnorr", "--tweak", tweak, "--json"
+    )
+    assert code == 0
+    sig = str(_json(out)["signature"])
+    v = ["verify", "--key", "w", "--digest", digest, "--signature", sig, "--scheme", "schnorr"]
+    assert run(*v, "--tweak", tweak)[0] == 0 and run(*v)[0] == 1

@@ -252,12 +252,24 @@ def cmd_key_export(args: argparse.Namespace, app: App) -> Result:
 # --- sign / verify -----------------------------------------------------------------------
 
 
+def _sign_options(args: argparse.Namespace) -> tuple[tuple[int, ...], bytes | None]:
+    from anyhsm.bitcoin.bip32 import parse_path
+    from anyhsm.ops.data import hex_bytes
+
+    path = parse_path(args.path) if args.path else ()
+    tweak = hex_bytes(args.tweak, "tweak") if args.tweak else None
+    return path, tweak
+
+
 def cmd_sign(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.data import hex_bytes
     from anyhsm.ops.signing import sign_digest
 
     digest = hex_bytes(args.digest, "digest")
-    res = sign_digest(app.hsm(), args.key, digest, SigScheme.parse(args.scheme))
+    path, tweak = _sign_options(args)
+    res = sign_digest(
+        app.hsm(), args.key, digest, SigScheme.parse(args.scheme), path=path, tweak=tweak
+    )
     return Result(res.to_dict(), [res.signature.hex()])
 
 
@@ -267,7 +279,10 @@ def cmd_verify(args: argparse.Namespace, app: App) -> Result:
 
     digest = hex_bytes(args.digest, "digest")
     sig = hex_bytes(args.signature, "signature")
-    res = verify_digest(app.hsm(), args.key, digest, sig, SigScheme.parse(args.scheme))
+    path, tweak = _sign_options(args)
+    res = verify_digest(
+        app.hsm(), args.key, digest, sig, SigScheme.parse(args.scheme), path=path, tweak=tweak
+    )
     code = EXIT_OK if res.valid else EXIT_NEGATIVE
     return Result(res.to_dict(), ["valid" if res.valid else "INVALID"], code)
 
@@ -586,6 +601,10 @@ def register(sub: SubParsers) -> None:
     sg.add_argument(
         "--scheme", default="ecdsa", choices=["ecdsa", "schnorr"], help="signature scheme"
     )
+    sg.add_argument(
+        "--path", help="HD keys: the child at this BIP32 path signs (default: the key itself)"
+    )
+    sg.add_argument("--tweak", metavar="HEX", help="a 32-byte BIP341 tweak (schnorr)")
     sg.set_defaults(func=cmd_sign)
     v = sub.add_parser("verify", help="verify a signature of a digest")
     v.add_argument("--key", required=True)
@@ -594,6 +613,10 @@ def register(sub: SubParsers) -> None:
     v.add_argument(
         "--scheme", default="ecdsa", choices=["ecdsa", "schnorr"], help="signature scheme"
     )
+    v.add_argument(
+        "--path", help="HD keys: the child at this BIP32 path signs (default: the key itself)"
+    )
+    v.add_argument("--tweak", metavar="HEX", help="a 32-byte BIP341 tweak (schnorr)")
     v.set_defaults(func=cmd_verify)
 
     sub.add_parser("health", help="which provider is active and how each fared").set_defaults(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from anyhsm.errors import HsmError, InvalidDigest
 from anyhsm.ops.data import Data
-from anyhsm.types import KeyRef, SigScheme
+from anyhsm.types import KeyRef, SignParams, SigScheme
 
 if TYPE_CHECKING:
     from anyhsm.hsm import Hsm
@@ -31,15 +31,33 @@ class Verification(Data):
 
 
 def sign_digest(
-    hsm: Hsm, key: KeyRef, digest: bytes, scheme: SigScheme = SigScheme.ECDSA
+    hsm: Hsm,
+    key: KeyRef,
+    digest: bytes,
+    scheme: SigScheme = SigScheme.ECDSA,
+    *,
+    path: Sequence[int] = (),
+    tweak: bytes | None = None,
 ) -> DigestSignature:
-    return DigestSignature(hsm.sign(key, digest, scheme), scheme, key)
+    """One signature of a 32-byte digest, by the key itself or (HD keys) its child at
+    ``path``; ``tweak``: a 32-byte BIP341 tweak applied to the key first (Schnorr)."""
+    params = SignParams(path=tuple(path), tweak=tweak) if path or tweak is not None else None
+    return DigestSignature(hsm.sign(key, digest, scheme, params=params), scheme, key)
 
 
 def verify_digest(
-    hsm: Hsm, key: KeyRef, digest: bytes, signature: bytes, scheme: SigScheme = SigScheme.ECDSA
+    hsm: Hsm,
+    key: KeyRef,
+    digest: bytes,
+    signature: bytes,
+    scheme: SigScheme = SigScheme.ECDSA,
+    *,
+    path: Sequence[int] = (),
+    tweak: bytes | None = None,
 ) -> Verification:
-    return Verification(hsm.verify(key, digest, signature, scheme))
+    """Whether ``signature`` verifies under the key (or its child at ``path``, tweaked by
+    ``tweak``); no private operation."""
+    return Verification(hsm.verify(key, digest, signature, scheme, path=tuple(path), tweak=tweak))
 
 
 @dataclass(frozen=True)

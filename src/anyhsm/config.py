@@ -70,6 +70,8 @@ _POLICY_KEYS = {
     "max_tx_weight": (int,),
     "max_key_derivations": (int,),
     "max_legacy_sighash_bytes": (int,),
+    "spending_policy": (str,),
+    "spending_state_dir": (str,),
 }
 _POLICY_LIMITS = (
     "max_change_index",
@@ -210,6 +212,12 @@ class PolicyConfig:
     max_tx_weight: int = 400_000
     max_key_derivations: int = 5_000
     max_legacy_sighash_bytes: int = 20_000_000
+    # the spending policy (docs/policy.md): when set, signing needs an active policy (made
+    # so by 'anyhsm policy set') equal to this file; None: only a policy set by that step
+    spending_policy: Path | None = None
+    # where the active policy, its binding and the velocity counters are kept; None:
+    # beside the keystore (``<keystore>.policy``)
+    spending_state_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -492,6 +500,14 @@ def _limit(po: Mapping[str, object], name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+def _path_in(config_dir: Path, value: object) -> Path | None:
+    """A path setting resolved against the config's directory; None when unset or empty."""
+    if not isinstance(value, str) or not value:
+        return None
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else config_dir / p
+
+
 def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> Config:
     fb = raw.get("fallback", {})
     au = raw.get("audit", {})
@@ -542,6 +558,8 @@ def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> 
             max_tx_weight=_limit(po, "max_tx_weight"),
             max_key_derivations=_limit(po, "max_key_derivations"),
             max_legacy_sighash_bytes=_limit(po, "max_legacy_sighash_bytes"),
+            spending_policy=_path_in(config_dir, po.get("spending_policy")),
+            spending_state_dir=_path_in(config_dir, po.get("spending_state_dir")),
         ),
         signer=SignerConfig(key=si["key"] if isinstance(si.get("key"), str) else None),
         config_dir=config_dir,
@@ -582,6 +600,15 @@ def _policy_problems(cfg: Config, prod: bool) -> list[Problem]:
         value = getattr(po, name)
         if value < 1:
             out.append(Problem(f"policy.{name}", str(value), "must be at least 1", "raise it"))
+    if po.spending_policy is not None and not po.spending_policy.is_file():
+        out.append(
+            Problem(
+                "policy.spending_policy",
+                str(po.spending_policy),
+                "the spending policy file does not exist: every signing is refused",
+                "write it (docs/policy.md) and run 'anyhsm policy set' once",
+            )
+        )
     tables = [("policy.allowed_input_paths", po.allowed_input_paths)]
     tables += [(f"policy.key_input_paths.{k}", v) for k, v in po.key_input_paths.items()]
     for setting, patterns in tables:

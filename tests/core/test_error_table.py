@@ -7,7 +7,6 @@ has its own status (10, tested with two processes in tests/reliability/test_lock
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import re
@@ -17,6 +16,7 @@ from types import ModuleType
 
 import pytest
 from tests.conftest import PASSPHRASE
+from tests.support.softhsm import SoftHsmToken
 
 import anyhsm.bitcoin.sighash
 import anyhsm.errors
@@ -266,36 +266,24 @@ def test_mixed_reasons_stay_all_providers_failed(
 # --- PKCS#11 (real SoftHSM2 token) ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def token(tmp_path_factory: pytest.TempPathFactory) -> object:
-    from tests.support.softhsm import find_softhsm_module, init_softhsm
-
-    if find_softhsm_module() is None or importlib.util.find_spec("pkcs11") is None:
-        pytest.skip("SoftHSM2 / python-pkcs11 not installed (scripts/test.sh installs them)")
-    return init_softhsm(tmp_path_factory.mktemp("softhsm-error-table"), label="error-table")
-
-
-def with_token(deployment: Path, token: object, chain: str, top: str = "") -> Path:
+def with_token(deployment: Path, token: SoftHsmToken, chain: str, top: str = "") -> Path:
     text = deployment.read_text().replace('chain = ["software"]', f"chain = {chain}")
     text = top + text
-    text += (
-        f'\n[providers.pkcs11]\nmodule = "{token.module}"\n'  # type: ignore[attr-defined]
-        f'token_label = "{token.label}"\n'  # type: ignore[attr-defined]
-    )
+    text += f'\n[providers.pkcs11]\nmodule = "{token.module}"\ntoken_label = "{token.label}"\n'
     deployment.write_text(text)
     return deployment
 
 
 def test_wrong_passphrase_behind_a_pkcs11_provider(
     deployment: Path,
-    token: object,
+    token: SoftHsmToken,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The token opens; the keystore that holds the audit key does not (it was exit 8,
     'damaged or tampered')."""
     with_token(deployment, token, '["pkcs11", "software"]')
-    monkeypatch.setenv("ANYHSM_PKCS11_PIN", token.pin)  # type: ignore[attr-defined]
+    monkeypatch.setenv("ANYHSM_PKCS11_PIN", token.pin)
     monkeypatch.setenv("ANYHSM_PASSPHRASE", "not the passphrase at all")
     code, out, err = run(capsys, "--config", str(deployment), "key", "list")
     assert code == 5, err
@@ -306,7 +294,7 @@ def test_wrong_passphrase_behind_a_pkcs11_provider(
 
 def test_wrong_pin_when_the_floor_skips_the_rest_of_the_chain(
     deployment: Path,
-    token: object,
+    token: SoftHsmToken,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -323,7 +311,7 @@ def test_wrong_pin_when_the_floor_skips_the_rest_of_the_chain(
 
 def test_wrong_pin_on_a_token_only_chain(
     deployment: Path,
-    token: object,
+    token: SoftHsmToken,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

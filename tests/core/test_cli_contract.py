@@ -91,7 +91,10 @@ def test_commands_table_matches_the_registered_commands() -> None:
     assert helps == {name: text for name, (_, text) in COMMANDS.items()}
 
 
-def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+def test_top_level_help_lists_every_command(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # no help line wrapped
     code, out, _ = run(capsys, "--help")
     assert code == 0
     for name, (_, text) in COMMANDS.items():

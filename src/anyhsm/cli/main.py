@@ -29,9 +29,10 @@ COMMAND_MODULES = (
     "anyhsm.cli.bitcoin_cmds",
     "anyhsm.cli.tpm_cmds",
     "anyhsm.cli.pkcs11_cmds",
+    "anyhsm.cli.service_cmds",
     "anyhsm.cli.completion_cmds",
 )
-_CORE, _BITCOIN, _TPM, _PKCS11, _COMPLETION = COMMAND_MODULES
+_CORE, _BITCOIN, _TPM, _PKCS11, _SERVICE, _COMPLETION = COMMAND_MODULES
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module that registers it, one-line help shown by "anyhsm --help").
     # A hint only: a command missing here is still found (every module is then
@@ -51,6 +52,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "message": (_BITCOIN, "sign and verify messages (BIP137, BIP322)"),
     "tpm": (_TPM, "seal the keystore master key to a TPM 2.0"),
     "pkcs11": (_PKCS11, "PKCS#11 token administration"),
+    "serve": (_SERVICE, "run the HTTP signing service (foreground, until SIGTERM)"),
+    "service": (_SERVICE, "signing service clients"),
     "completion": (_COMPLETION, "print a shell completion script (bash, zsh, fish)"),
 }
 EXIT_INTERNAL = 70  # an unexpected exception (a bug); not an HsmError, so no class has it

@@ -482,3 +482,18 @@ def test_sign_and_verify_a_digest_at_a_path_and_tweaked(run: Run) -> None:
     sig = str(_json(out)["signature"])
     v = ["verify", "--key", "w", "--digest", digest, "--signature", sig, "--scheme", "schnorr"]
     assert run(*v, "--tweak", tweak)[0] == 0 and run(*v)[0] == 1
+
+
+def test_message_verify_reports_the_bip322_verdict(run: Run) -> None:
+    """An inconclusive BIP322 verdict (a witness version 2 address: rules not known yet)
+    is neither valid nor invalid: the verdict object with an error member, exit 2."""
+    from anyhsm.bitcoin.address import address_from_script
+
+    v2 = address_from_script(b"\x52\x20" + b"\x11" * 32, Network.REGTEST)
+    assert v2 is not None
+    code, out, err = run("message", "verify", v2, "m", "smpAA==", "--json")
+    data = _json(out)
+    assert code == 2 and data["state"] == "inconclusive" and data["valid"] is False
+    assert data["error"]["code"] == "message_error" and "inconclusive" in err  # type: ignore[index]
+    code, out, _ = run("message", "verify", v2, "m", "smpAA==")
+    assert code == 2 and out.startswith("INCONCLUSIVE")

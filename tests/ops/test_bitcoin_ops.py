@@ -97,12 +97,16 @@ def test_message_sign_then_verify(hsm: Hsm, kind: str, bip322: bool, path: str) 
     sig = ops.sign_message(hsm, "w", "hello anyhsm", path, kind=kind, bip322=bip322)
     assert sig.format == ("bip322" if bip322 else "bip137") and sig.path == path
     ok = ops.verify_message(sig.address, "hello anyhsm", sig.signature, Network.REGTEST)
-    assert ok.valid and ok.to_dict() == {
-        "valid": True,
-        "address": sig.address,
-        "network": "regtest",
-    }
-    assert not ops.verify_message(sig.address, "other", sig.signature, Network.REGTEST).valid
+    d = ok.to_dict()
+    assert ok.valid and d["valid"] is True and d["state"] == "valid"
+    assert d["address"] == sig.address and d["network"] == "regtest" and "error" not in d
+    assert d["format"] == sig.format
+    if bip322:
+        assert d["bip322_format"] == sig.bip322_format and d["locktime"] == 0
+    else:
+        assert d["bip322_format"] is None and d["locktime"] is None
+    bad = ops.verify_message(sig.address, "other", sig.signature, Network.REGTEST)
+    assert not bad.valid and bad.state == "invalid" and bad.reason
 
 
 def test_message_taproot_needs_bip322(hsm: Hsm) -> None:

@@ -237,6 +237,9 @@ def cmd_message_verify(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.bitcoin import verify_message
 
     res = verify_message(args.address, args.message, args.signature, _network_hint(app))
+    if res.error is not None:  # inconclusive: neither valid nor invalid
+        print(f"anyhsm: error: {res.error}", file=sys.stderr)
+        return Result(res.to_dict(), [f"INCONCLUSIVE: {res.reason}"], res.error.exit_code)
     code = EXIT_OK if res.valid else EXIT_NEGATIVE
     return Result(res.to_dict(), ["valid" if res.valid else "INVALID"], code)
 

@@ -138,9 +138,37 @@ class MessageSignature(Data):
 
 @dataclass(frozen=True)
 class MessageVerification(Data):
+    """The verdict on a message signature. ``state``: valid, invalid or (BIP322 only)
+    inconclusive (the signature uses rules the verifier does not know; then ``error``
+    says so). For a valid BIP322 signature ``locktime`` and ``sequence`` say from when it
+    is valid, and a proof of funds lists the outputs it claims (``proven``: whether they
+    exist unspent is for the chain to say)."""
+
     valid: bool
     address: str
     network: Network
+    format: str  # "bip137" | "bip322"
+    state: str  # "valid" | "invalid" | "inconclusive"
+    reason: str | None = None
+    bip322_format: str | None = None  # simple | full | proof-of-funds
+    locktime: int | None = None
+    sequence: int | None = None
+    proven: tuple[ProvenOutput, ...] = ()
+    error: HsmError | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        out = super().to_dict()
+        if self.error is None:
+            del out["error"]
+        return out
+
+
+@dataclass(frozen=True)
+class ProvenOutput(Data):
+    txid: str
+    vout: int
+    amount: int
+    script_pubkey: bytes
 
 
 # --- keys and paths --------------------------------------------------------------------------
@@ -430,11 +458,61 @@ def sign_message(
 def verify_message(
     address: str, message: str | bytes, signature: str, network: Network | None = None
 ) -> MessageVerification:
-    """Check a BIP137 or BIP322 signature for ``address``; without a network, the
-    address's own (the first of its family) decides. Needs no keys and no handle."""
+    """The verdict on a BIP137 or BIP322 signature for ``address``; without a network,
+    the address's own (the first of its family) decides. Needs no keys and no handle. A
+    BIP322 prefix (smp, ful, pof) is BIP322; a 65-byte signature with a 27..42 header is
+    BIP137; anything else an unprefixed BIP322 simple signature (as
+    :func:`anyhsm.bitcoin.message.verify_message`). A signature that cannot be decoded
+    raises MessageError."""
     from anyhsm.bitcoin.address import parse_address
-    from anyhsm.bitcoin.message import verify_message as verify
+    from anyhsm.bitcoin.bip322 import Bip322State, verify_bip322
+    from anyhsm.bitcoin.message import verify_message_bip137
+    from anyhsm.errors import MessageError as Inconclusive
 
     if network is None:
         network = sorted(parse_address(address).networks, key=lambda n: n.value)[0]
-    return MessageVerification(verify(address, message, signature, network), address, network)
+    if _bip137_shaped(signature):
+        ok = verify_message_bip137(address, message, signature, network)
+        return MessageVerification(
+            ok, address, network, "bip137", "valid" if ok else "invalid",
+            None if ok else "the signature is not by this address's key",
+        )  # fmt: skip
+    res = verify_bip322(address, message, signature, network)
+    valid = res.state is Bip322State.VALID
+    error = None
+    if res.state is Bip322State.INCONCLUSIVE:
+        error = Inconclusive(
+            f"BIP322 verification is inconclusive: {res.reason}",
+            hint="the signature uses rules this verifier does not know; it is neither "
+            "valid nor invalid here",
+        )
+    return MessageVerification(
+        valid=valid,
+        address=address,
+        network=network,
+        format="bip322",
+        state=res.state.value,
+        reason=res.reason,
+        bip322_format=res.format.value,
+        locktime=res.locktime if valid else None,
+        sequence=res.sequence if valid else None,
+        proven=tuple(
+            ProvenOutput(p.outpoint.txid[::-1].hex(), p.outpoint.vout, p.amount, p.script_pubkey)
+            for p in res.proven
+        ),
+        error=error,
+    )
+
+
+def _bip137_shaped(signature: str) -> bool:
+    import base64
+    import binascii
+
+    text = signature.strip()
+    if text[:3] in ("smp", "ful", "pof") or len(text) > 100:
+        return False
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return len(raw) == 65 and 27 <= raw[0] <= 42

@@ -230,7 +230,7 @@ async def xpub(request: web.Request) -> web.StreamResponse:
 
     svc, caller = await _caller(request, Op.READ)
     name = _key_name(request)
-    path = _query(request, "path")
+    path = _query(request, "path", max_len=4096)
     slip132 = _query(request, "slip132", max_len=16)
 
     def work() -> dict[str, object]:
@@ -245,7 +245,7 @@ async def address(request: web.Request) -> web.StreamResponse:
 
     svc, caller = await _caller(request, Op.READ)
     name = _key_name(request)
-    path = _query(request, "path")
+    path = _query(request, "path", max_len=4096)
     kind = _query(request, "type", max_len=16) or "p2wpkh"
 
     def work() -> dict[str, object]:

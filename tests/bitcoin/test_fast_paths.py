@@ -1,7 +1,8 @@
 """The shortcuts the signer's hot path takes give the answers of the general code: the
 byte-shape tests for P2WPKH and P2TR in describe_input and the size estimate agree with
-classify(), key_in_script's key-hash comparison with building the P2PKH script, and the
-input-path rule's remembered prefixes with the rule itself."""
+classify(), key_in_script's key-hash comparison with building the P2PKH script, the
+input-path rule's remembered prefixes with the rule itself, and the inlined transaction
+serialisation with its parts'."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import random
 import pytest
 
 from anyhsm.bitcoin.bip32 import HARDENED
-from anyhsm.bitcoin.encoding import hash160
+from anyhsm.bitcoin.encoding import compact_size, hash160, var_bytes
 from anyhsm.bitcoin.paths import PathRules
 from anyhsm.bitcoin.psbt import PsbtInput
 from anyhsm.bitcoin.script import ScriptType, classify, p2pkh
 from anyhsm.bitcoin.size import input_size, witness_len
 from anyhsm.bitcoin.spend import SpendKind, describe_input, key_in_script
-from anyhsm.bitcoin.tx import TxOut
+from anyhsm.bitcoin.tx import OutPoint, Transaction, TxIn, TxOut
 from anyhsm.config import PolicyConfig
 from anyhsm.crypto import secp256k1 as ec
 from anyhsm.types import Network
@@ -88,3 +89,44 @@ def test_remembered_allowed_prefixes_give_the_rule_s_answers(seed: int) -> None:
                         label,
                         path,
                     )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_transaction_serialisation_is_its_parts(seed: int) -> None:
+    """Transaction.serialize inlines TxIn/TxOut.serialize: the same bytes, with and
+    without witnesses, and a parse gives the transaction back."""
+    rng = random.Random(seed)
+    for _ in range(50):
+        inputs = [
+            TxIn(
+                OutPoint(rng.randbytes(32), rng.randrange(2**32)),
+                rng.randbytes(rng.choice([0, 1, 75, 253, 300])),
+                rng.randrange(2**32),
+                [rng.randbytes(rng.choice([0, 33, 72, 260])) for _ in range(rng.randrange(4))],
+            )
+            for _ in range(rng.randrange(1, 5))
+        ]
+        outputs = [
+            TxOut(rng.randrange(21_000_000 * 100_000_000), rng.randbytes(rng.randrange(60)))
+            for _ in range(rng.randrange(0, 4))
+        ]
+        tx = Transaction(rng.randrange(-(2**31), 2**31), inputs, outputs, rng.randrange(2**32))
+        base = b"".join(
+            [
+                tx.version.to_bytes(4, "little", signed=True),
+                compact_size(len(inputs)),
+                *(i.serialize() for i in inputs),
+                compact_size(len(outputs)),
+                *(o.serialize() for o in outputs),
+            ]
+        )
+        lock = tx.locktime.to_bytes(4, "little")
+        assert tx.serialize(include_witness=False) == base + lock
+        if tx.has_witness:
+            stacks = b"".join(
+                compact_size(len(i.witness)) + b"".join(var_bytes(w) for w in i.witness)
+                for i in inputs
+            )
+            full = base[:4] + b"\x00\x01" + base[4:] + stacks + lock
+            assert tx.serialize() == full
+            assert Transaction.parse(full) == tx

@@ -228,3 +228,49 @@ def test_sighup_reloads_and_the_chain_goes_on(child: Child) -> None:
     child.proc.send_signal(signal.SIGTERM)
     assert child.proc.wait(60) == 0
     verify_log(child.config)
+
+
+def test_anyhsm_serve_runs_until_sigterm(deployment_config: Path) -> None:
+    env = {**os.environ, "ANYHSM_PASSPHRASE": PASSPHRASE}
+    argv = [sys.executable, "-m", "anyhsm.cli.main", "--config", str(deployment_config)]
+    proc = subprocess.Popen(
+        [*argv, "serve", "--listen", "127.0.0.1:0"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    c = Child(proc, "", "", deployment_config)
+    reader = threading.Thread(target=_read_log, args=(c,), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not c.events("listening"):
+            assert proc.poll() is None and time.monotonic() < deadline, c.log
+            time.sleep(0.05)
+        event = c.events("listening")[0]
+        assert event["clients"] == 0 and event["tls"] is False
+        url = f"http://{event['address']}"
+        assert Client(url).ready().ready
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+    assert audit_entries(deployment_config)[-1]["op"] == "close"
+
+
+def test_anyhsm_serve_refuses_another_address_without_tls(deployment_config: Path) -> None:
+    env = {**os.environ, "ANYHSM_PASSPHRASE": PASSPHRASE}
+    argv = [sys.executable, "-m", "anyhsm.cli.main", "--config", str(deployment_config)]
+    proc = subprocess.run(
+        [*argv, "--json", "serve", "--listen", "0.0.0.0:0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stderr
+    err = json.loads(proc.stdout)["error"]
+    assert err["code"] == "config_error" and "loopback" in err["message"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -541,11 +542,17 @@ def _from_http(exc: web.HTTPException, max_body: int) -> HsmError:
     return InvalidRequest(exc.reason or "the request is not valid HTTP")
 
 
+_ID_PREFIX = secrets.token_hex(4)  # per process: ids of two processes never collide
+_ids = itertools.count(1)
+
+
 def _request_id(request: web.Request) -> str:
+    """The caller's ``X-Request-Id`` when it is sane, else ``<process>-<counter>`` (no
+    system call per request)."""
     given = request.headers.get(REQUEST_ID_HEADER)
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return secrets.token_hex(8)
+    return f"{_ID_PREFIX}-{next(_ids):x}"
 
 
 @web.middleware

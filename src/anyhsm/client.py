@@ -556,15 +556,30 @@ class Client:
         *,
         kind: str | None = None,
         bip322: bool = False,
+        bip322_format: str | None = None,
+        prefix: bool = True,
+        nonce: str = "low-r",
     ) -> MessageSignature:
         from anyhsm.bitcoin.address import AddressKind
+        from anyhsm.bitcoin.bip322 import Bip322Format
+        from anyhsm.bitcoin.message import EcdsaNonce
         from anyhsm.ops.bitcoin import MessageSignature
 
         obj = self._json(
             "POST",
             "/v1/message/sign",
-            {"key": key, "message": message, "path": path, "type": kind, "bip322": bip322},
+            {
+                "key": key,
+                "message": message,
+                "path": path,
+                "type": kind,
+                "bip322": bip322,
+                "bip322_format": bip322_format,
+                "prefix": prefix,
+                "nonce": nonce,
+            },
         )
+        fmt, used = _ns(obj, "bip322_format"), _ns(obj, "nonce")
         return MessageSignature(
             signature=_s(obj, "signature"),
             address=_s(obj, "address"),
@@ -572,20 +587,49 @@ class Client:
             format=_s(obj, "format"),
             key=_s(obj, "key"),
             path=_ns(obj, "path"),
+            bip322_format=Bip322Format(fmt) if fmt else None,
+            nonce=EcdsaNonce(used) if used else None,
         )
 
     def verify_message(self, address: str, message: str, signature: str) -> MessageVerification:
-        from anyhsm.ops.bitcoin import MessageVerification
+        from anyhsm.ops.bitcoin import MessageVerification, ProvenOutput
 
         obj = self._json(
             "POST",
             "/v1/message/verify",
             {"address": address, "message": message, "signature": signature},
         )
+        proven = obj.get("proven")
+        err = obj.get("error")
+        error: HsmError | None = None
+        if isinstance(err, dict):
+            try:
+                raise_error(200, json.dumps({"error": err}).encode())
+            except HsmError as e:
+                error = e
+        lock, seq = obj.get("locktime"), obj.get("sequence")
         return MessageVerification(
             valid=obj.get("valid") is True,
             address=_s(obj, "address"),
             network=Network(_s(obj, "network")),
+            format=_s(obj, "format"),
+            state=_s(obj, "state"),
+            reason=_ns(obj, "reason"),
+            bip322_format=_ns(obj, "bip322_format"),
+            locktime=lock if isinstance(lock, int) else None,
+            sequence=seq if isinstance(seq, int) else None,
+            proven=tuple(
+                ProvenOutput(
+                    _s(_obj(p), "txid"),
+                    _i(_obj(p), "vout"),
+                    _i(_obj(p), "amount"),
+                    bytes.fromhex(_s(_obj(p), "script_pubkey")),
+                )
+                for p in proven
+            )
+            if isinstance(proven, list)
+            else (),
+            error=error,
         )
 
     # --- admin -----------------------------------------------------------------------------

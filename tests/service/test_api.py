@@ -142,6 +142,7 @@ def test_messages(service: Running) -> None:
         assert verify_message(sig.address, "hello", sig.signature, service.hsm.network)
         v = service.client("reader").verify_message(sig.address, "hello", sig.signature)
         assert v.valid
+        assert v == obtc.verify_message(sig.address, "hello", sig.signature, service.hsm.network)
         assert not service.client("reader").verify_message(sig.address, "bye", sig.signature).valid
 
 

@@ -471,12 +471,27 @@ async def message_sign(request: web.Request) -> web.StreamResponse:
     path = _opt_str(body, "path", max_len=256)
     kind = _opt_str(body, "type", max_len=16)
     bip322 = _opt_bool(body, "bip322")
+    fmt = _opt_str(body, "bip322_format", max_len=16)
+    prefix = body.get("prefix", True)
+    if not isinstance(prefix, bool):
+        raise InvalidRequest("member 'prefix' must be true or false")
+    nonce = _opt_str(body, "nonce", max_len=16) or "low-r"
     m = svc.metrics
 
     def work() -> dict[str, object]:
         info = svc.authorized_key(caller, name)
         t0 = time.perf_counter()
-        res = sign_message(svc.hsm, info.id, message, path, kind=kind, bip322=bip322)
+        res = sign_message(
+            svc.hsm,
+            info.id,
+            message,
+            path,
+            kind=kind,
+            bip322=bip322,
+            bip322_format=fmt,
+            prefix=prefix,
+            nonce=nonce,
+        )
         m.signing_seconds.labels("message-sign").observe(time.perf_counter() - t0)
         m.signed(info.id, info.provider, "message", "ok")
         return res.to_dict()

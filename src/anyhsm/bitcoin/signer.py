@@ -1,10 +1,13 @@
-"""PSBT signer: sign every input that a key in the HSM can sign, through the HSM handle only.
+"""PSBT signer: sign every input that a key of the signing backend can sign.
 
-The signer never sees a private key. It matches inputs to keys from public data
+The signer never sees a private key. It works through a
+:class:`~anyhsm.bitcoin.backend.SigningBackend` (the HSM handle is one), as Bitcoin
+Core's signer works through a ``SigningProvider``, and takes the signing policy, the
+network and the environment as arguments. It matches inputs to keys from public data
 (PSBT_IN_BIP32_DERIVATION and PSBT_IN_TAP_BIP32_DERIVATION against the master
 fingerprint of each HD key; single keys by their public key in the input's
 script), runs the signing policy (:mod:`anyhsm.bitcoin.policy`), computes each
-sighash once with a per-transaction cache, and asks the HSM for signatures of
+sighash once with a per-transaction cache, and asks the backend for signatures of
 32-byte digests.
 
 Every signature is verified, against the key the PSBT names, before it goes into

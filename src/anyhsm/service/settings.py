@@ -12,9 +12,10 @@ import enum
 import fnmatch
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from anyhsm.errors import ConfigError
 
@@ -202,14 +203,77 @@ class ServiceSettings:
         return None
 
 
+class _ClientTable(Protocol):
+    name: str
+    token_hash: str
+    keys: tuple[str, ...]
+    ops: tuple[str, ...]
+    cert_sha256: str | None
+    rate_limit_per_s: float | None
+    rate_limit_burst: int | None
+
+
+class _ServiceTable(Protocol):
+    """``Config.service`` (anyhsm.config.ServiceConfig), as read here."""
+
+    listen: str
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_client_ca: Path | None
+    max_body_bytes: int
+    max_batch: int
+    max_concurrency: int
+    max_pending: int
+    request_timeout_ms: int
+    rate_limit_per_s: float
+    rate_limit_burst: int
+    idempotency_entries: int
+    idempotency_ttl_s: int
+    metrics_max_keys: int
+    public_metrics: bool
+
+    @property
+    def clients(self) -> Sequence[_ClientTable]: ...
+
+
 def from_config(cfg: Config, listen: str | None = None) -> ServiceSettings:
     """The service's settings from the configuration's ``[service]`` table (defaults when
-    it has none); ``listen`` (``--listen``) overrides ``service.listen``.
-
-    Until config.py types ``[service]`` (asked of its owner), only the defaults and
-    ``--listen``: a configuration with a ``[service]`` table does not load yet."""
-    del cfg
-    return ServiceSettings(listen=Listen.parse(listen or DEFAULT_LISTEN))
+    it has none); ``listen`` (``--listen``) overrides ``service.listen``."""
+    # Config.service is being added to config.py by its owner (H3); until then a
+    # configuration has no [service] table (config.py refuses one) and the defaults apply.
+    sc: _ServiceTable | None = getattr(cfg, "service", None)
+    if sc is None:
+        return ServiceSettings(listen=Listen.parse(listen or DEFAULT_LISTEN))
+    clients = tuple(
+        ClientSpec(
+            name=c.name,
+            token_hash=c.token_hash,
+            keys=tuple(c.keys),
+            ops=frozenset(_op(c.name, o) for o in c.ops),
+            cert_sha256=c.cert_sha256,
+            rate_limit_per_s=c.rate_limit_per_s,
+            rate_limit_burst=c.rate_limit_burst,
+        )
+        for c in sc.clients
+    )
+    return ServiceSettings(
+        listen=Listen.parse(listen or sc.listen),
+        tls_cert=sc.tls_cert,
+        tls_key=sc.tls_key,
+        tls_client_ca=sc.tls_client_ca,
+        max_body_bytes=sc.max_body_bytes,
+        max_batch=sc.max_batch,
+        max_concurrency=sc.max_concurrency,
+        max_pending=sc.max_pending,
+        request_timeout_ms=sc.request_timeout_ms,
+        rate_limit_per_s=float(sc.rate_limit_per_s),
+        rate_limit_burst=sc.rate_limit_burst,
+        idempotency_entries=sc.idempotency_entries,
+        idempotency_ttl_s=sc.idempotency_ttl_s,
+        metrics_max_keys=sc.metrics_max_keys,
+        public_metrics=sc.public_metrics,
+        clients=clients,
+    )
 
 
 def _op(client: str, text: str) -> Op:

@@ -110,3 +110,10 @@ def test_add_client_then_serve_two_clients_of_different_rights(tmp_path: Path) -
         reader.join(10)
     for line in child.log:  # no token in any log line
         assert treasury not in json.dumps(line) and monitor_token not in json.dumps(line)
+
+
+def test_the_op_vocabulary_is_config_s() -> None:
+    import anyhsm.config
+    from anyhsm.service.settings import Op
+
+    assert tuple(o.value for o in Op) == anyhsm.config.SERVICE_OPS  # type: ignore[attr-defined]

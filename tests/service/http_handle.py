@@ -8,16 +8,19 @@ exporting and deleting keys go through the served handle itself, in this process
 simulator's keys live in that handle's memory); everything else is HTTP. The client is
 an admin client (every key, every op).
 
-Plug-in: ``OPENERS["http"] = open_http`` in tests/conformance/interfaces.py and an
-``"http": [...]`` entry in tests/conformance/conftest.py's INTERFACE_BACKENDS.
+Plug-in: ``OPENERS["http"] = open_http`` in tests/conformance/interfaces.py (imported
+at the end of that module, or lazily: this one imports it) and an ``"http": [...]`` entry
+in tests/conformance/conftest.py's INTERFACE_BACKENDS. The derived-key and health
+results are the CLI adapter's shapes.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from tests.conformance.interfaces import FEATURES, CliDerived, CliHealth, _path_text
 
 from anyhsm import Hsm, open_hsm
 from anyhsm.audit import VerifyResult
@@ -25,29 +28,6 @@ from anyhsm.client import Client
 from anyhsm.service.settings import ClientSpec, Op, ServiceSettings
 from anyhsm.service.tokens import hash_token, new_token
 from anyhsm.types import Capabilities, KeyInfo, KeyType, SecurityLevel, SignParams, SigScheme
-
-FEATURES = frozenset({"sign_path", "tweak", "sign_many"})
-
-
-@dataclass(frozen=True)
-class HttpDerived:
-    public_key: bytes
-    chain_code: bytes
-    depth: int
-    child_number: int
-
-
-@dataclass(frozen=True)
-class HttpHealth:
-    ok: bool
-    active_provider: str | None
-    providers: list[dict[str, object]]
-    raw: dict[str, object]
-
-
-def _path_text(path: Sequence[int]) -> str:
-    steps = [f"{i - 0x80000000}'" if 0x80000000 <= i <= 0xFFFFFFFF else str(i) for i in path]
-    return "/".join(["m", *steps])
 
 
 class HttpHandle:
@@ -109,11 +89,11 @@ class HttpHandle:
     def delete_key(self, key: str) -> None:
         self._admin.delete_key(key)
 
-    def derive_public(self, key: str, path: Sequence[int]) -> HttpDerived:
+    def derive_public(self, key: str, path: Sequence[int]) -> CliDerived:
         from anyhsm.bitcoin.bip32 import ExtendedKey
 
         xpub = ExtendedKey.parse(self.client.xpub(key, _path_text(path)).xpub)
-        return HttpDerived(xpub.public_key, xpub.chain_code, xpub.depth, xpub.child_number)
+        return CliDerived(xpub.public_key, xpub.chain_code, xpub.depth, xpub.child_number)
 
     def sign(
         self,
@@ -143,10 +123,10 @@ class HttpHandle:
         assert path == (), "the service verifies against the key itself"
         return self.client.verify(key, digest, signature, scheme)
 
-    def health(self) -> HttpHealth:
+    def health(self) -> CliHealth:
         report = self.client.health()
         raw = report.to_dict()
-        return HttpHealth(report.ok, report.active_provider, report.providers, raw)
+        return CliHealth(report.ok, report.active_provider, report.providers, raw)
 
     def verify_audit(self) -> VerifyResult:
         return self.client.verify_audit()

@@ -11,13 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from tests.service.conftest import PASSPHRASE
-from tests.service.test_lifecycle import Child, _read_log
+from tests.service.test_lifecycle import serve_command, spawn
 
 from anyhsm import open_hsm
 from anyhsm.client import Client
@@ -65,32 +64,10 @@ def test_add_client_then_serve_two_clients_of_different_rights(tmp_path: Path) -
     assert [c["name"] for c in listed["clients"]] == ["treasury", "monitor"]
     assert "token" not in json.dumps(listed)
 
-    env = {**os.environ, "ANYHSM_PASSPHRASE": PASSPHRASE}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "anyhsm.cli.main",
-            "--config",
-            str(cfg),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    child = Child(proc, "", treasury, cfg)
-    reader = threading.Thread(target=_read_log, args=(child,), daemon=True)
-    reader.start()
+    child = spawn(serve_command(cfg), cfg, treasury)
+    proc, url = child.proc, child.url
+    deadline = time.monotonic() + 60
     try:
-        deadline = time.monotonic() + 60
-        while not child.events("listening"):
-            assert proc.poll() is None and time.monotonic() < deadline, child.log
-            time.sleep(0.05)
-        url = f"http://{child.events('listening')[0]['address']}"
         assert Client(url, treasury).sign("hot-1", DIGEST)
         with pytest.raises(Forbidden):
             Client(url, monitor_token).sign("hot-1", DIGEST)
@@ -107,7 +84,7 @@ def test_add_client_then_serve_two_clients_of_different_rights(tmp_path: Path) -
     finally:
         if proc.poll() is None:
             proc.kill()
-        reader.join(10)
+        child.reader.join(10)
     for line in child.log:  # no token in any log line
         assert treasury not in json.dumps(line) and monitor_token not in json.dumps(line)
 

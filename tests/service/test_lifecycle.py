@@ -43,6 +43,7 @@ class Child:
     token: str
     config: Path
     log: list[dict[str, object]] = field(default_factory=list)
+    reader: threading.Thread = field(init=False)
 
     def client(self) -> Client:
         return Client(self.url, self.token, timeout=30)
@@ -58,6 +59,36 @@ def _read_log(child: Child) -> None:
             child.log.append(json.loads(raw))
         except ValueError:
             child.log.append({"event": "text", "line": raw.decode(errors="replace")})
+
+
+def spawn(args: list[str], config: Path, token: str = "") -> Child:
+    """A service child (``python ARGS``) with its JSON log read in a thread; returns once
+    it logs "listening" (its ``url`` set from the address)."""
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    env = {**os.environ, "ANYHSM_PASSPHRASE": PASSPHRASE, "PYTHONPATH": path}
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    c = Child(proc, "", token, config)
+    c.reader = threading.Thread(target=_read_log, args=(c,), daemon=True)
+    c.reader.start()
+    deadline = time.monotonic() + 60
+    while not c.events("listening"):
+        assert proc.poll() is None, c.log
+        assert time.monotonic() < deadline, c.log
+        time.sleep(0.05)
+    c.url = f"http://{c.events('listening')[0]['address']}"
+    return c
+
+
+def serve_command(config: Path) -> list[str]:
+    """``anyhsm --config CONFIG serve --listen 127.0.0.1:0`` (as python -m arguments)."""
+    return ["-m", "anyhsm.cli.main", "--config", str(config), "serve", "--listen", "127.0.0.1:0"]
 
 
 @pytest.fixture
@@ -88,29 +119,17 @@ def child(deployment_config: Path, tmp_path: Path) -> Iterator[Child]:
             }
         )
     )
-    env = {**os.environ, "ANYHSM_PASSPHRASE": PASSPHRASE, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.service.serve_child", str(deployment_config), str(settings)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    c = spawn(
+        ["-m", "tests.service.serve_child", str(deployment_config), str(settings)],
+        deployment_config,
+        token,
     )
-    c = Child(proc, "", token, deployment_config)
-    reader = threading.Thread(target=_read_log, args=(c,), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 60
-    while not c.events("listening"):
-        assert proc.poll() is None, c.log
-        assert time.monotonic() < deadline, c.log
-        time.sleep(0.05)
-    c.url = f"http://{c.events('listening')[0]['address']}"
+    proc = c.proc
     yield c
     if proc.poll() is None:
         proc.kill()
     proc.wait(30)
-    reader.join(10)
+    c.reader.join(10)
 
 
 def audit_entries(cfg: Path) -> list[dict[str, object]]:
@@ -231,33 +250,17 @@ def test_sighup_reloads_and_the_chain_goes_on(child: Child) -> None:
 
 
 def test_anyhsm_serve_runs_until_sigterm(deployment_config: Path) -> None:
-    env = {**os.environ, "ANYHSM_PASSPHRASE": PASSPHRASE}
-    argv = [sys.executable, "-m", "anyhsm.cli.main", "--config", str(deployment_config)]
-    proc = subprocess.Popen(
-        [*argv, "serve", "--listen", "127.0.0.1:0"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    c = Child(proc, "", "", deployment_config)
-    reader = threading.Thread(target=_read_log, args=(c,), daemon=True)
-    reader.start()
+    c = spawn(serve_command(deployment_config), deployment_config)
     try:
-        deadline = time.monotonic() + 60
-        while not c.events("listening"):
-            assert proc.poll() is None and time.monotonic() < deadline, c.log
-            time.sleep(0.05)
         event = c.events("listening")[0]
         assert event["clients"] == 0 and event["tls"] is False
-        url = f"http://{event['address']}"
-        assert Client(url).ready().ready
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        assert Client(c.url).ready().ready
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        reader.join(10)
+        if c.proc.poll() is None:
+            c.proc.kill()
+        c.reader.join(10)
     assert audit_entries(deployment_config)[-1]["op"] == "close"
 
 

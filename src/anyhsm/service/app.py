@@ -166,16 +166,8 @@ class Service:
         self.gate.admit()
         who = caller.principal if caller is not None else SERVICE_PRINCIPAL
         loop = asyncio.get_running_loop()
-
-        def work() -> T:
-            token = audit.principal.set(who)
-            try:
-                return fn()
-            finally:
-                audit.principal.reset(token)
-
         try:
-            cfut = self.executor.submit(work)
+            cfut = self.executor.submit(as_principal, who, fn)
         except RuntimeError:  # the pool is shut down
             self.gate.done()
             raise
@@ -215,15 +207,7 @@ class Service:
             while self.gate.admitted:
                 await asyncio.sleep(0.005)
             loop = asyncio.get_running_loop()
-
-            def work() -> T:
-                token = audit.principal.set(SERVICE_PRINCIPAL)
-                try:
-                    return fn()
-                finally:
-                    audit.principal.reset(token)
-
-            return await loop.run_in_executor(self.executor, work)
+            return await loop.run_in_executor(self.executor, as_principal, SERVICE_PRINCIPAL, fn)
         finally:
             self.paused.set()
 
@@ -433,6 +417,15 @@ class Service:
             self.idempotency.forget(client, key, fut)
         if not fut.done():
             fut.set_result(stored)
+
+
+def as_principal(who: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` (in a worker thread) with every audit entry it makes naming ``who``."""
+    token = audit.principal.set(who)
+    try:
+        return fn()
+    finally:
+        audit.principal.reset(token)
 
 
 def _consume(fut: asyncio.Future[T]) -> None:

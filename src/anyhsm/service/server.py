@@ -20,9 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from anyhsm import audit
 from anyhsm.errors import ConfigError
-from anyhsm.service.app import SERVICE, configure_logging, create_app, log_event
+from anyhsm.service.app import SERVICE, as_principal, configure_logging, create_app, log_event
 from anyhsm.service.settings import SERVICE_PRINCIPAL, ServiceSettings, from_config
 from anyhsm.types import Environment
 
@@ -91,11 +90,7 @@ def open_service_handle(cfg: Config) -> Hsm:
     the environment or the configured files), its entries naming ``(service)``."""
     from anyhsm.ops.session import open_handle
 
-    token = audit.principal.set(SERVICE_PRINCIPAL)
-    try:
-        return open_handle(cfg, prompt=None)
-    finally:
-        audit.principal.reset(token)
+    return as_principal(SERVICE_PRINCIPAL, lambda: open_handle(cfg, prompt=None))
 
 
 def serve(config_path: Path, listen: str | None = None) -> int:
@@ -133,11 +128,7 @@ def run(
     try:
         asyncio.run(_serve(hsm, cfg, settings, ctx, reload_settings))
     finally:
-        token = audit.principal.set(SERVICE_PRINCIPAL)
-        try:
-            hsm.close()  # the close entry, the log fsynced, the providers closed
-        finally:
-            audit.principal.reset(token)
+        as_principal(SERVICE_PRINCIPAL, hsm.close)  # close entry, log fsynced, providers closed
     log_event(logging.INFO, "stopped")
     return 0
 

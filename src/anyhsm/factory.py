@@ -161,7 +161,9 @@ class Attempt:
             "status": self.status,
             "reason": self.reason,
             "elapsed_ms": round(self.elapsed_ms, 3),
-            "security_level": self.security_level.label if self.security_level else None,
+            "security_level": (
+                self.security_level.label if self.security_level is not None else None
+            ),
             "error_code": self.error_code,
         }
 

@@ -169,9 +169,11 @@ class HealthReport:
             "degraded": self.degraded,
             "degraded_reasons": self.degraded_reasons,
             "active_provider": self.active_provider,
-            "security_level": self.security_level.label if self.security_level else None,
+            "security_level": (
+                self.security_level.label if self.security_level is not None else None
+            ),
             "min_security_level": (
-                self.min_security_level.label if self.min_security_level else None
+                self.min_security_level.label if self.min_security_level is not None else None
             ),
             "environment": self.environment,
             "network": self.network,

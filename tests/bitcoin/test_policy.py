@@ -289,6 +289,8 @@ def test_taproot_output_with_a_script_tree_is_not_change(hsm: Hsm, wallet: Walle
     res = sign_psbt(hsm, build_psbt([Spend("p2tr", [wallet.key("m/86'/1'/0'/0/0")])], [out]), "w")
     assert not res.outputs[0].change and res.outputs[0].owner is None
     assert any("NOT CHANGE [rule change-taproot-tree]" in w for w in res.warnings)
+    assert res.outputs[0].not_change == "change-taproot-tree"
+    assert res.outputs[0].to_dict()["not_change"] == "change-taproot-tree"
 
 
 def test_scripts_without_address_are_shown_never_refused(hsm: Hsm, wallet: Wallet) -> None:
@@ -331,6 +333,7 @@ def test_change_on_the_mainnet_coin_type_is_not_change(hsm: Hsm, wallet: Wallet)
     res = sign_psbt(hsm, build_psbt([_p2wpkh(wallet)], [out]), "w")
     assert not res.outputs[0].change
     assert any("[rule change-path]" in w and "m/84'/0'/0'/1/0" in w for w in res.warnings)
+    assert res.outputs[0].not_change == "change-path"
 
 
 def test_addresses_use_the_configured_network(tmp_path: Path) -> None:

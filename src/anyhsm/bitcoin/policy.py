@@ -89,6 +89,7 @@ class OutputReport:
     owner: str | None = None
     path: str | None = None
     note: str = ""
+    not_change: str | None = None  # the rule that made a payment to our own key not change
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -101,6 +102,7 @@ class OutputReport:
             "owner": self.owner,
             "path": self.path,
             "note": self.note or None,  # no value is null, never ""
+            "not_change": self.not_change,
         }
 
 
@@ -404,6 +406,7 @@ def describe_output(
         owner=label,
         path=None if path is None else format_path(path),
         note=note,
+        not_change=None if refused is None else refused[0],
     )
 
 

@@ -134,7 +134,7 @@ class ServiceSettings:
     tls_client_ca: Path | None = None
     max_body_bytes: int = 0  # 0: derived from policy.max_psbt_bytes (body_limit)
     max_batch: int = 1000
-    max_concurrency: int = 8
+    max_concurrency: int = 4
     max_pending: int = 64
     request_timeout_ms: int = 30_000
     rate_limit_per_s: float = 1000.0

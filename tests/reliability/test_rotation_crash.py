@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -180,34 +181,77 @@ def check_after_kill(dep: Path, kind: str, out: Output, exp: Expected) -> None:
     check_audit_key_ids(dep.parent / "audit.log", epoch)
 
 
-@pytest.mark.slow
-def test_kill_during_rotation_delete_and_create(deployment: Path, tmp_path: Path) -> None:
-    rng = random.Random(SEED)
-    # 'keystore passwd' re-keys with the configured KDF: keep the cheap one of the tests.
+def with_cheap_passwd_kdf(deployment: Path) -> Path:
+    """'keystore passwd' re-keys with the configured KDF: a config keeping the tests' cheap one."""
     passwd_cfg = deployment.with_name("passwd.toml")
     passwd_cfg.write_text(
         deployment.read_text()
         + '\n[providers.software.kdf]\nname = "argon2id"\nmemory_kib = 1024\niterations = 1\n'
     )
+    return passwd_cfg
+
+
+def round_times(deployment: Path, tmp_path: Path) -> dict[str, float]:
+    """How long one round of each kind takes on this machine now (seconds), measured on a
+    copy of the deployment before the kills, so that the kill delays cover the same
+    fraction of a round whatever the machine's load (fixed delays under load killed
+    mostly before anything was committed)."""
+    copy = tmp_path / "timing"
+    shutil.copytree(deployment.parent, copy)
+    cfg = copy / deployment.name
+    passwd_cfg = with_cheap_passwd_kdf(cfg)
+    secrets = tmp_path / "timing-secrets"
+    secrets.mkdir()
+    runs = {
+        "passwd": ["rotate", str(cfg), "--how", "passwd", "--rounds", "2"],
+        "cli": ["rotate", str(cfg), "--how", "cli", "--rounds", "2"],
+        "cli-passwd": ["rotate", str(passwd_cfg), "--how", "cli-passwd", "--rounds", "2"],
+    }
+    out: dict[str, float] = {}
+    start = 0
+    for kind, args in runs.items():
+        args = [*args, "--start", str(start), "--secret-dir", str(secrets)]
+        worker = Worker(*args)
+        worker.wait_for("READY")
+        t0 = time.monotonic()
+        worker.wait_for("DONE", timeout_s=120)
+        out[kind] = (time.monotonic() - t0) / 2
+        worker.finish()
+        start += 2 if kind in NEW_PASSPHRASE else 0
+    worker = Worker("churn", str(cfg), "timing", "--index", str(start))
+    worker.wait_for("READY")
+    t0 = time.monotonic()
+    worker.wait_for("DELETED")  # two creates and one delete
+    out["churn"] = (time.monotonic() - t0) / 2
+    worker.kill()
+    return out
+
+
+@pytest.mark.slow
+def test_kill_during_rotation_delete_and_create(deployment: Path, tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    passwd_cfg = with_cheap_passwd_kdf(deployment)
     with open_hsm(deployment) as hsm:
         infos = [hsm.generate_key(f"base-{i}") for i in range(N_KEYS)]
     exp = Expected(live={i.id: AckedKey(i.id, i.label, i.public_key) for i in infos})
+    # Each kill lands within three rounds of its kind after READY (a round of 20 keys takes
+    # a few tens of ms on an idle machine, several times that under load): as with the
+    # fixed delays this replaces on an idle machine, most kills fall after a commit, at
+    # any point of a later round.
+    span = {kind: 3.0 * t for kind, t in round_times(deployment, tmp_path).items()}
     kills = 0
     for rnd in range(ROUNDS):
         kind = KINDS[rnd % len(KINDS)]
         if kind == "passwd":
             args = ["rotate", str(deployment), "--start", str(exp.index), "--how", "passwd"]
-            delay = rng.uniform(0.0, 0.15)  # a rotation of 20 keys takes a few tens of ms
         elif kind == "cli":
             args = ["rotate", str(deployment), "--start", str(exp.index), "--how", "cli"]
-            delay = rng.uniform(0.0, 0.25)
         elif kind == "cli-passwd":
             args = ["rotate", str(passwd_cfg), "--start", str(exp.index), "--how", kind]
             args += ["--secret-dir", str(tmp_path)]
-            delay = rng.uniform(0.0, 0.25)
         else:
             args = ["churn", str(deployment), f"c{rnd}", "--index", str(exp.index)]
-            delay = rng.uniform(0.0, 0.06)
+        delay = rng.uniform(0.0, span[kind])
         worker = Worker(*args)
         worker.wait_for("READY")
         time.sleep(delay)
@@ -221,7 +265,7 @@ def test_kill_during_rotation_delete_and_create(deployment: Path, tmp_path: Path
     assert kills == ROUNDS
     # Preconditions: the kills really landed in rotations (some committed without being
     # acknowledged or left a directory behind) and rotations happened at all.
-    assert exp.epoch > ROUNDS // 3, f"only {exp.epoch - 1} rotations committed"
+    assert exp.epoch > ROUNDS // 3, f"only {exp.epoch - 1} rotations committed ({span})"
     assert exp.index > 0, "no passphrase change committed"
     print(
         f"{ROUNDS} kills; epoch {exp.epoch}, passphrase #{exp.index}; "
@@ -242,13 +286,14 @@ def test_kill_a_rotation_while_another_process_signs(deployment: Path, tmp_path:
     with open_hsm(deployment) as hsm:
         keys = {k.id: k for k in (hsm.generate_key(f"busy-{i}") for i in range(N_KEYS))}
     signing = list(keys)[:3]
+    span = 3.0 * round_times(deployment, tmp_path)["cli"]  # as the kills above, load-scaled
     for rnd in range(6):
         stop = tmp_path / f"stop-{rnd}"
         a = Worker("signloop", str(deployment), str(stop), *signing)
         a.wait_for("SIG")
         b = Worker("rotate", str(deployment), "--how", "cli")
         b.wait_for("READY")
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, max(0.3, span)))
         b.kill()
         assert b.proc.returncode == -signal.SIGKILL, b.stderr
         stop.touch()

@@ -40,7 +40,13 @@ def sign_digest(
     tweak: bytes | None = None,
 ) -> DigestSignature:
     """One signature of a 32-byte digest, by the key itself or (HD keys) its child at
-    ``path``; ``tweak``: a 32-byte BIP341 tweak applied to the key first (Schnorr)."""
+    ``path``; ``tweak``: a 32-byte BIP341 tweak applied to the key first (Schnorr).
+    Under an active spending policy that covers the key, refused unless its rules allow
+    raw digests (a digest may be any transaction's sighash:
+    :func:`anyhsm.policy.guard_digest`)."""
+    from anyhsm.policy import guard_digest
+
+    guard_digest(hsm, key)
     params = SignParams(path=tuple(path), tweak=tweak) if path or tweak is not None else None
     return DigestSignature(hsm.sign(key, digest, scheme, params=params), scheme, key)
 
@@ -92,7 +98,11 @@ def sign_digests(
     """Sign several digests with one key: each digest is checked first (a malformed one
     fails alone, as its item's error), then every valid one is signed in ONE call of
     :meth:`Hsm.sign_many` (one audit entry for the batch). A failure of the signing
-    itself (the key, the provider, the policy) is raised for the whole batch."""
+    itself (the key, the provider, the policy; the spending policy's raw-digest rule, as
+    :func:`sign_digest`) is raised for the whole batch."""
+    from anyhsm.policy import guard_digest
+
+    guard_digest(hsm, key)
     items: list[BatchItem | None] = []
     valid: list[tuple[int, bytes]] = []
     for n, digest in enumerate(digests):

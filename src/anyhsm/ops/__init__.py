@@ -16,11 +16,13 @@ sources of :mod:`anyhsm.credentials`), never as command-line text.
 Modules, by area (import the one you need; this package imports none of them, so that a
 front end's start-up loads only what its command uses):
 
+- :mod:`anyhsm.ops.session`: opening the handle as every front end does (the credential
+  rules of :mod:`anyhsm.credentials`; no prompt unless the front end gives one).
 - :mod:`anyhsm.ops.keys`: create, import (mnemonic, xprv, WIF, raw secret), list, show,
   delete, export.
-- :mod:`anyhsm.ops.signing`: sign and verify a 32-byte digest.
+- :mod:`anyhsm.ops.signing`: sign and verify a 32-byte digest; a batch.
 - :mod:`anyhsm.ops.bitcoin`: xpub, address, descriptors, message sign and verify.
-- :mod:`anyhsm.ops.psbt`: read, inspect (with the fee), sign, finalize.
+- :mod:`anyhsm.ops.psbt`: parse, inspect (with the fee), sign, finalize, create, combine.
 - :mod:`anyhsm.ops.admin`: init, health, audit verify/show/export/recover, config check,
   keystore passwd/rotate.
 - :mod:`anyhsm.ops.enrol`: TPM and token-wrap enrolment, unenrolment and status.

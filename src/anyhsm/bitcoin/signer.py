@@ -110,6 +110,7 @@ from anyhsm.types import (
 if TYPE_CHECKING:
     from anyhsm.bitcoin.backend import SigningBackend
     from anyhsm.config import PolicyConfig
+    from anyhsm.policy.gate import SpendGrant, SpendingGate, SpendSummary
 
 SIGNING_KEY_TYPES = frozenset({KeyType.SECP256K1, KeyType.BIP32, KeyType.BIP32_NODE})
 HD_KEY_TYPES = frozenset({KeyType.BIP32, KeyType.BIP32_NODE})
@@ -599,6 +600,7 @@ def sign_psbt(
     network: Network,
     environment: Environment = Environment.PRODUCTION,
     grind_low_r: bool = True,
+    spending: SpendingGate | None = None,
 ) -> SignResult:
     """Sign every input of ``psbt`` that ``key`` (or any key of ``backend``, when None)
     can sign, under the signing ``policy`` for ``network``.
@@ -615,28 +617,24 @@ def sign_psbt(
     per-input reasons). ``grind_low_r=False`` asks for plain RFC 6979 ECDSA nonces, only
     to reproduce signatures of signers that do not grind (such as the BIP174 vectors).
 
+    ``spending`` (the spending policy, :class:`anyhsm.policy.gate.SpendingGate`) is
+    asked after every check above and before any signature; it may refuse (a
+    ``SigningPolicyError`` naming its rules) and is told whether signing then failed.
+
     Every outcome is an event ``psbt_sign`` of the backend (the handle's audit log):
     "ok" with the unsigned txid, the inputs signed and the fee; "refused" with the rules
     that refused; "error" when nothing was signed or signing failed.
     """
-    if environment is Environment.PRODUCTION and not policy.require_previous_tx_segwit_v0:
-        # the relaxation is for test set-ups only: 'config check' reports it as an error,
-        # and production signs as if it were not there
-        policy = dataclasses.replace(policy, require_previous_tx_segwit_v0=True)
-    unsigned: tuple[Transaction, int] | None
-    try:
-        tx = psbt.unsigned_tx()  # built and serialised once: txid, weight limit, sighashes
-        raw = tx.serialize(include_witness=False)
-        txid = sha256d(raw)[::-1].hex()
-        unsigned = tx, len(raw)
-    except HsmError:  # no v0 transaction can be made (a v2 PSBT without a lock time)
-        unsigned, txid = None, "unknown"
+    policy = _effective(policy, environment)
+    unsigned, txid = _unsigned(psbt)
     key_id: str | None = None
     try:
         keys = _signing_keys(backend, key)
         if key is not None and keys:
             key_id = keys[0].info.id
-        result = _sign(backend, psbt, unsigned, keys, key, policy, network, grind_low_r, txid)
+        result = _sign(
+            backend, psbt, unsigned, keys, key, policy, network, grind_low_r, txid, spending
+        )
     except (SigningPolicyError, PsbtLimitExceeded) as e:
         detail = {"txid": txid, "rules": _rules(e), "message": _bounded(e.message, 300)}
         if isinstance(e, PsbtLimitExceeded) and e.field:
@@ -658,6 +656,47 @@ def sign_psbt(
     }
     backend.record_event("psbt_sign", "ok", detail, key_id=key_id)
     return result
+
+
+def analyse_psbt(
+    backend: SigningBackend,
+    psbt: Psbt,
+    key: KeyRef | None = None,
+    *,
+    policy: PolicyConfig,
+    network: Network,
+    environment: Environment = Environment.PRODUCTION,
+) -> SpendSummary:
+    """What :func:`sign_psbt` would hand its spending gate, without signing anything and
+    without an audit entry (``anyhsm policy check``): the same checks, the same
+    refusals (``PsbtLimitExceeded``, ``SigningPolicyError``, ``NothingSigned``)."""
+    policy = _effective(policy, environment)
+    unsigned, txid = _unsigned(psbt)
+    keys = _signing_keys(backend, key)
+    try:
+        _sign(backend, psbt, unsigned, keys, key, policy, network, True, txid, _Collect())
+    except _Analysed as done:
+        return done.summary
+    raise AssertionError("the signer signed without asking its spending gate")  # pragma: no cover
+
+
+def _effective(policy: PolicyConfig, environment: Environment) -> PolicyConfig:
+    if environment is Environment.PRODUCTION and not policy.require_previous_tx_segwit_v0:
+        # the relaxation is for test set-ups only: 'config check' reports it as an error,
+        # and production signs as if it were not there
+        return dataclasses.replace(policy, require_previous_tx_segwit_v0=True)
+    return policy
+
+
+def _unsigned(psbt: Psbt) -> tuple[tuple[Transaction, int] | None, str]:
+    """The unsigned transaction and its serialised size, and its txid ("unknown" when no
+    v0 transaction can be made: a v2 PSBT without a lock time)."""
+    try:
+        tx = psbt.unsigned_tx()  # built and serialised once: txid, weight limit, sighashes
+        raw = tx.serialize(include_witness=False)
+        return (tx, len(raw)), sha256d(raw)[::-1].hex()
+    except HsmError:
+        return None, "unknown"
 
 
 _MAX_LISTED = 64  # input indexes listed in an audit entry before it says "... (+N)"
@@ -689,6 +728,7 @@ def _sign(
     network: Network,
     grind_low_r: bool,
     txid: str,
+    spending: SpendingGate | None = None,
 ) -> SignResult:
     size = None if unsigned is None else unsigned[1]
     limits.check_structure(psbt, rules, unsigned_size=size)  # before any copy or signature
@@ -783,13 +823,27 @@ def _sign(
     report, to_sign = passed if passed is not None else policy()
     if not any(p.jobs for p in plans):
         raise _nothing_signed(key, keys, work, infos, plans)
-    aux = schnorr_aux(rules)
-    # the copy's transaction is the original's (nothing that builds it has changed)
-    tx = unsigned[0] if unsigned is not None else work.unsigned_tx()
-    cache = SighashCache(tx, [i.spent for i in infos])
-    placed = _sign_all(backend, cache, work, infos, plans, to_sign, aux, grind_low_r, deriv, txid)
-    if not any(placed):
-        raise _nothing_signed(key, keys, work, infos, plans)
+    # the spending policy decides (and debits its budgets) after every check above and
+    # before any signature; a failure from here on compensates its debit
+    grant: SpendGrant | None = None
+    if spending is not None:
+        grant = spending.authorize(_spend_summary(txid, plans, work, report))
+    try:
+        aux = schnorr_aux(rules)
+        # the copy's transaction is the original's (nothing that builds it has changed)
+        tx = unsigned[0] if unsigned is not None else work.unsigned_tx()
+        cache = SighashCache(tx, [i.spent for i in infos])
+        placed = _sign_all(
+            backend, cache, work, infos, plans, to_sign, aux, grind_low_r, deriv, txid
+        )
+        if not any(placed):
+            raise _nothing_signed(key, keys, work, infos, plans)
+    except BaseException as e:
+        if grant is not None:
+            grant.failed(e)
+        raise
+    if grant is not None:
+        grant.signed()
     reports: list[InputReport] = []
     for index, (inp, info, plan) in enumerate(zip(work.inputs, infos, plans, strict=True)):
         hash_type = to_sign.get(index, 0)
@@ -818,6 +872,38 @@ def _sign(
         report.outputs_total,
         list(report.warnings),
     )
+
+
+def _spend_summary(txid: str, plans: list[_Plan], work: Psbt, report: PolicyReport) -> SpendSummary:
+    """What the spending policy judges: the keys that would sign, the outputs (change
+    marked), the fee."""
+    from anyhsm.policy.gate import SpendSummary
+
+    keys = {j.key.info.id: j.key.info for p in plans for j in p.jobs}
+    return SpendSummary(
+        txid=txid,
+        keys=tuple(keys.values()),
+        inputs=len(work.inputs),
+        outputs=report.outputs,
+        fee=report.fee,
+        inputs_total=report.inputs_total,
+        outputs_total=report.outputs_total,
+        vsize=report.vsize,
+        warnings=report.warnings,
+    )
+
+
+class _Analysed(Exception):
+    """Raised by analyse_psbt's gate to stop before any signature (never escapes)."""
+
+    def __init__(self, summary: SpendSummary) -> None:
+        super().__init__("analysed")
+        self.summary = summary
+
+
+class _Collect:
+    def authorize(self, spend: SpendSummary) -> SpendGrant:
+        raise _Analysed(spend)
 
 
 def _sign_all(
@@ -1005,6 +1091,7 @@ __all__ = [
     "OutputReport",
     "SignResult",
     "SignatureReport",
+    "analyse_psbt",
     "schnorr_aux",
     "sign_psbt",
 ]

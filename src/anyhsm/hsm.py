@@ -1220,6 +1220,35 @@ class Hsm:
         current = self._require_current(passphrase)
         return self._rotate("rotate_master_key", current, current)
 
+    # --- the spending policy's binding and state keys (for anyhsm.policy) -----------------
+
+    def policy_binding(self) -> tuple[str, int] | None:
+        """(SHA-256 hex of the active spending policy's file, its version) as the keystore
+        manifest records it (authenticated, under the generation anchor), or None when no
+        policy is set. Not audited (it changes nothing)."""
+        return self._anchor.require().policy_binding()
+
+    def set_policy_binding(self, sha256: str | None, detail: Mapping[str, str]) -> int:
+        """Bind the spending policy whose file has SHA-256 ``sha256`` (None: remove it),
+        audited as ``policy_set`` (started, then ok / error, with ``detail``); returns the
+        new version. Refused on the enrolment-only handle."""
+        self._key_operations("setting the spending policy")
+        ks = self._anchor.require()
+
+        def body(entry: _Entry) -> int:
+            version = ks.set_policy_binding(sha256)
+            entry.detail["version"] = str(version)
+            return version
+
+        return self._admin("policy_set", body, {**detail, "policy_sha256": sha256 or "none"})
+
+    def state_key(self, purpose: str) -> SecretBytes:
+        """A 32-byte key for MAC-ing state kept beside the keystore (the spending policy's
+        counters), stable across master-key rotations (see :meth:`Keystore.state_key`);
+        the caller wipes it. Refused on the enrolment-only handle."""
+        self._key_operations("using a state key")
+        return self._anchor.require().state_key(purpose)
+
     @staticmethod
     def _require_current(current: SecretBytes | None) -> SecretBytes:
         if current is None:

@@ -15,7 +15,14 @@ what makes the store's *set* of records authentic, not just each record:
   log cannot be wiped, swapped or cut back without the manifest disagreeing;
 - ``anchor`` names a monotonic counter outside the directory (a TPM NV counter)
   that holds the generation of the last significant change, so that even a
-  rollback of the whole directory is detected where one is enrolled.
+  rollback of the whole directory is detected where one is enrolled;
+- ``policy`` binds the active spending policy (the SHA-256 of its file and a version
+  that grows with each change) and ``state`` holds a random secret sealed under the
+  master key, from which keys for state kept beside the keystore are derived (the
+  spending policy's counters): both live under the same generation and anchor, and
+  the state secret is sealed again by every rotation, so keys derived from it outlive
+  master keys. A manifest holding either is format version 2 (older anyhsm refuses it
+  instead of dropping them when it writes).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from anyhsm.errors import KeystoreCorrupted, KeystoreTampered, UnsupportedFormat
 from anyhsm.secret import SecretBytes
 
 FORMAT = "anyhsm-manifest"
-VERSION = 1
+VERSION = 2  # the newest read and written; 1 is still written while no v2 field is set
+HEADER_VERSION = 1  # what a keystore header records (its presence marks a store with manifests)
 FILE_NAME = "MANIFEST"
 MAC_PURPOSE = "anyhsm/v1/manifest"
 
@@ -69,6 +77,22 @@ class AnchorRef:
 
 
 @dataclass(frozen=True)
+class PolicyBinding:
+    """The active spending policy as the keystore records it."""
+
+    sha256: str  # of the policy file's bytes, hex
+    version: int  # grows by one with every change (set or removal)
+
+
+@dataclass(frozen=True)
+class SealedSecret:
+    """A secret sealed under the master key (AES-GCM, AAD from :func:`state_secret_aad`)."""
+
+    nonce: bytes
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
 class Manifest:
     store_id: str
     epoch: int
@@ -78,6 +102,9 @@ class Manifest:
     audit: AuditState = field(default_factory=AuditState)
     audit_keys: tuple[SealedAuditKey, ...] = ()
     anchor: AnchorRef | None = None
+    policy: PolicyBinding | None = None
+    policy_version: int = 0  # of the last change, kept when the policy is removed
+    state: SealedSecret | None = None
 
     def label_owner(self, label: str) -> str | None:
         for key_id, e in self.keys.items():
@@ -92,9 +119,10 @@ class Manifest:
     # --- bytes ---------------------------------------------------------------------------
 
     def body(self) -> dict[str, object]:
-        return {
+        v2 = self.policy is not None or self.policy_version > 0 or self.state is not None
+        out: dict[str, object] = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": 2 if v2 else 1,
             "store_id": self.store_id,
             "epoch": self.epoch,
             "generation": self.generation,
@@ -118,6 +146,20 @@ class Manifest:
             if self.anchor is None
             else {"kind": self.anchor.kind, "ref": self.anchor.ref, "value": self.anchor.value},
         }
+        if v2:
+            out["policy"] = {
+                "sha256": None if self.policy is None else self.policy.sha256,
+                "version": self.policy_version,
+            }
+            out["state"] = (
+                None
+                if self.state is None
+                else {
+                    "nonce": base64.b64encode(self.state.nonce).decode(),
+                    "ciphertext": base64.b64encode(self.state.ciphertext).decode(),
+                }
+            )
+        return out
 
     def to_bytes(self, mac_key: SecretBytes) -> bytes:
         body = self.body()
@@ -167,6 +209,7 @@ class Manifest:
             generation, epoch = d["generation"], d["epoch"]
             if type(generation) is not int or type(epoch) is not int:
                 raise ValueError("generation and epoch are integers")
+            policy, policy_version, state = _v2_fields(d) if version >= 2 else (None, 0, None)
             return cls(
                 store_id=str(d["store_id"]),
                 epoch=epoch,
@@ -176,9 +219,38 @@ class Manifest:
                 audit=AuditState.from_dict(audit),
                 audit_keys=sealed,
                 anchor=anchor,
+                policy=policy,
+                policy_version=policy_version,
+                state=state,
             )
         except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
             raise KeystoreCorrupted(f"{where} is missing or has a bad field ({e})") from None
+
+
+def _v2_fields(d: dict[str, Any]) -> tuple[PolicyBinding | None, int, SealedSecret | None]:
+    p = d["policy"]
+    version = p["version"]
+    if type(version) is not int or version < 0:
+        raise ValueError("policy version is a non-negative integer")
+    sha = p["sha256"]
+    if sha is not None and (not isinstance(sha, str) or len(bytes.fromhex(sha)) != 32):
+        raise ValueError("policy sha256 is 32 bytes of hex")
+    policy = None if sha is None else PolicyBinding(sha, version)
+    st = d["state"]
+    state = (
+        None
+        if st is None
+        else SealedSecret(
+            base64.b64decode(st["nonce"], validate=True),
+            base64.b64decode(st["ciphertext"], validate=True),
+        )
+    )
+    return policy, version, state
+
+
+def state_secret_aad(store_id: str) -> bytes:
+    """What the state secret's seal binds: its purpose and the store."""
+    return _canonical({"purpose": "anyhsm/v1/state-secret", "store_id": store_id})
 
 
 def file_digest(raw: bytes) -> str:

@@ -80,18 +80,21 @@ from anyhsm.keystore.manifest import (
     FILE_NAME as MANIFEST_FILE,
 )
 from anyhsm.keystore.manifest import (
-    MAC_PURPOSE as MANIFEST_MAC_PURPOSE,
+    HEADER_VERSION as MANIFEST_VERSION,
 )
 from anyhsm.keystore.manifest import (
-    VERSION as MANIFEST_VERSION,
+    MAC_PURPOSE as MANIFEST_MAC_PURPOSE,
 )
 from anyhsm.keystore.manifest import (
     AnchorRef,
     Entry,
     Manifest,
+    PolicyBinding,
     SealedAuditKey,
+    SealedSecret,
     audit_key_aad,
     file_digest,
+    state_secret_aad,
 )
 from anyhsm.secret import SecretBytes
 from anyhsm.types import KeyType
@@ -1176,6 +1179,59 @@ class Keystore:
             out["problem"] = self.anchor_problem
         return out
 
+    # --- the spending policy's binding and the state secret ---------------------------------
+
+    def policy_binding(self) -> tuple[str, int] | None:
+        """(SHA-256 hex of the active spending policy's file, its version), or None."""
+        self._reload_manifest_if_changed()
+        p = self._require_manifest().policy
+        return None if p is None else (p.sha256, p.version)
+
+    def set_policy_binding(self, sha256: str | None) -> int:
+        """Bind the spending policy whose file has this SHA-256 (None: no policy); returns
+        the new version (one more than the last, set or removed). A significant change:
+        the generation anchor moves with it, so a rolled-back policy is caught where a TPM
+        anchors the store."""
+        if sha256 is not None and (
+            not isinstance(sha256, str) or re.fullmatch(r"[0-9a-f]{64}", sha256) is None
+        ):
+            raise KeystoreError("a policy binding is the SHA-256 of the policy file, as hex")
+        with self._write_lock() as m:
+            version = m.policy_version + 1
+            policy = None if sha256 is None else PolicyBinding(sha256, version)
+            self._commit(m.next(policy=policy, policy_version=version), significant=True)
+        return version
+
+    def state_key(self, purpose: str) -> SecretBytes:
+        """A 32-byte key for MAC-ing state kept beside the keystore (``purpose`` names
+        it), derived from the manifest's state secret: random, sealed under the master key,
+        made on first use and sealed again by every rotation, so the key outlives master
+        keys. The caller wipes it."""
+        self._reload_manifest_if_changed()
+        if self._require_manifest().state is None:
+            with self._write_lock() as m:
+                if m.state is None:
+                    with SecretBytes(os.urandom(32)) as fresh:
+                        self._commit(m.next(state=self._seal_state(fresh)), significant=False)
+        with self._open_state(self._require_manifest()) as secret:
+            return aead.subkey(secret, f"anyhsm/v1/state/{purpose}")
+
+    def _seal_state(self, secret: SecretBytes) -> SealedSecret:
+        assert self._record_key is not None
+        nonce, ct = self._record_key.seal(secret.buffer, state_secret_aad(self.store_id))
+        return SealedSecret(nonce, ct)
+
+    def _open_state(self, m: Manifest) -> SecretBytes:
+        assert m.state is not None and self._record_key is not None
+        try:
+            return self._record_key.open(
+                m.state.nonce, m.state.ciphertext, state_secret_aad(self.store_id)
+            )
+        except (aead.OpenFailed, ValueError):
+            raise KeystoreTampered(
+                "the state secret in the keystore manifest fails authentication"
+            ) from None
+
     # --- master-key rotation --------------------------------------------------------------
 
     def rotate(
@@ -1233,6 +1289,10 @@ class Keystore:
                 anchor = m.anchor
                 if anchor is not None:
                     anchor = replace(anchor, value=anchor.value + 1)
+                state = m.state
+                if state is not None:  # the same secret, sealed under the new master key
+                    with self._open_state(m) as secret:
+                        state = successor._seal_state(secret)
                 manifest = replace(
                     m,
                     epoch=new_epoch,
@@ -1241,6 +1301,7 @@ class Keystore:
                     audit=audit,
                     audit_keys=tuple(sealed),
                     anchor=anchor,
+                    state=state,
                 )
                 successor._write_manifest_file(manifest, new_dir)
                 header = {

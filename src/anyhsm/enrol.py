@@ -1,7 +1,9 @@
-"""Enrolling the keystore's unlock paths (a TPM seal, a PKCS#11 token wrap), audited.
+"""Opening a handle to enrol the keystore's unlock paths (a TPM seal, a PKCS#11 token
+wrap), and whether a configuration opens the keystore without its passphrase.
 
-The one library layer under ``anyhsm tpm enroll|status``, ``anyhsm pkcs11 wrap-enroll``
-and ``anyhsm init --chain``. On a fresh production mainnet deployment nothing in the
+The enrolment itself is the handle's (:meth:`anyhsm.hsm.Hsm.enrol_tpm`,
+:meth:`~anyhsm.hsm.Hsm.enrol_token_wrap`, each one audited step); the functions of the
+same names here are one-line wrappers. On a fresh production mainnet deployment nothing in the
 chain reaches the ``tpm`` floor until the TPM (or the token wrap) is enrolled, so
 :func:`open_admin` falls back to the enrolment-only handle
 (:func:`anyhsm.hsm.open_for_enrolment`): the keystore opened with the passphrase,

@@ -32,9 +32,9 @@ def spending_gate(hsm: Hsm) -> PolicyGate | None:
 
 
 def guard_digest(hsm: Hsm, key: KeyRef) -> None:
-    """Refuse raw digest signing with ``key`` when an active spending policy covers it
-    (a digest may be any sighash: signing it would bypass every rule), unless every
-    refusing rule that names the key allows it with ``raw_digests = true``."""
+    """Refuse raw digest signing with ``key`` under an active spending policy (a digest
+    may be any sighash: signing it would bypass every rule), unless a rule names the key
+    and every refusing rule that names it allows it with ``raw_digests = true``."""
     from anyhsm.policy.enforce import guard_digest as guard
 
     guard(hsm, key)

@@ -11,8 +11,9 @@ debit (and mark the approvals used), commit, audit; only then does the signer si
 signing fails the grant compensates, in a second transaction, by an audited entry. A
 process killed after the commit keeps its debit (never lost; the spend may not have
 happened, which errs on the safe side); one killed before it debited nothing and signed
-nothing. Every decision is written to the handle's audit log (``policy_decision``, and
-``policy_debit`` / ``policy_compensate``), with rule names and amounts.
+nothing. Every decision is written to the handle's audit log (``policy_decision``, whose
+``debits`` member is the debit it made; ``policy_compensate``), with rule names and
+amounts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +30,17 @@ from typing import TYPE_CHECKING
 
 from anyhsm.errors import HsmError, PolicyNotAuthenticated, SpendingPolicyRefused
 from anyhsm.policy import events
-from anyhsm.policy.anchor import BINDING_RULE, POLICY_FILE, Binding, KeystoreFileAnchor
+from anyhsm.policy.anchor import (
+    BINDING_FILE,
+    BINDING_RULE,
+    POLICY_FILE,
+    Binding,
+    KeystoreFileAnchor,
+)
 from anyhsm.policy.engine import Decision, apply, compensate, evaluate
 from anyhsm.policy.rules import (
     FROZEN_RULE,
+    NO_RULE,
     RAW_DIGEST_RULE,
     Action,
     SpendingPolicy,
@@ -93,11 +102,64 @@ def _parse_cached(data: bytes, sha: str, cfg: Config) -> SpendingPolicy:
     return found
 
 
+@dataclass
+class _Known:
+    """What a handle last found: the active policy and its store, and the stamps of the
+    files it was found from (with the configuration and keystore epoch they belong to).
+    Another process's ``policy set`` replaces the binding file (a new inode), a file
+    changed in place changes its size or times: the stamp changes and the policy is
+    checked afresh. The store keeps the state it last authenticated."""
+
+    config: Config
+    epoch: int | None
+    directory: Path
+    files: tuple[str, ...]  # binding, active policy, the configured one (if any)
+    stamps: tuple[tuple[int, int, int, int] | None, ...]
+    active: ActivePolicy | None = None
+    store: FileStateStore | None = None
+
+
+_handles: weakref.WeakKeyDictionary[Hsm, _Known] = weakref.WeakKeyDictionary()
+_handles_lock = threading.Lock()
+
+
+def _file_stamp(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _known(hsm: Hsm) -> _Known:
+    cfg = hsm.config
+    epoch = hsm.anchor.epoch  # a master-key rotation changes the keys
+    with _handles_lock:
+        known = _handles.get(hsm)
+    if known is not None and known.config is cfg and known.epoch == epoch:
+        stamps = tuple(_file_stamp(f) for f in known.files)
+        if stamps == known.stamps:
+            return known
+    directory = state_dir(cfg)
+    files = [str(directory / BINDING_FILE), str(directory / POLICY_FILE)]
+    if cfg.policy.spending_policy is not None:
+        files.append(str(cfg.policy.spending_policy))
+    stamps = tuple(_file_stamp(f) for f in files)
+    known = _Known(cfg, epoch, directory, tuple(files), stamps)
+    known.active = _load_active(hsm, directory)
+    with _handles_lock:
+        _handles[hsm] = known
+    return known
+
+
 def load_active(hsm: Hsm) -> ActivePolicy | None:
     """The handle's active spending policy, checked against its binding; None when none
     was ever set and the configuration requires none."""
+    return _known(hsm).active
+
+
+def _load_active(hsm: Hsm, directory: Path) -> ActivePolicy | None:
     cfg = hsm.config
-    directory = state_dir(cfg)
     anchor = KeystoreFileAnchor(hsm, directory)
     required = cfg.policy.spending_policy
     if not anchor.exists():
@@ -150,19 +212,27 @@ def _not_set(required: Path) -> PolicyNotAuthenticated:
     )
 
 
-def state_store(hsm: Hsm, directory: Path) -> StateStore:
+def state_store(hsm: Hsm, directory: Path) -> FileStateStore:
     """The state store of this deployment (the file store, keyed from the keystore)."""
     anchor = KeystoreFileAnchor(hsm, directory)
     durable = hsm.config.audit.durability == "fsync"
     return FileStateStore(directory, anchor.state_key(), durable=durable)
 
 
+def _handle_store(hsm: Hsm, known: _Known) -> FileStateStore:
+    """The store kept with the handle while the policy it was made for stays active (it
+    remembers the state it last authenticated)."""
+    if known.store is None:
+        known.store = state_store(hsm, known.directory)
+    return known.store
+
+
 def spending_gate(hsm: Hsm, *, clock: Clock | None = None) -> PolicyGate | None:
     """The gate the PSBT signer must pass for ``hsm`` (None: no spending policy)."""
-    active = load_active(hsm)
-    if active is None:
+    known = _known(hsm)
+    if known.active is None:
         return None
-    return PolicyGate(hsm, active, state_store(hsm, active.directory), clock=clock)
+    return PolicyGate(hsm, known.active, _handle_store(hsm, known), clock=clock)
 
 
 def guard_digest(hsm: Hsm, key: KeyRef) -> None:
@@ -174,11 +244,15 @@ def guard_digest(hsm: Hsm, key: KeyRef) -> None:
         return
     info = hsm.get_key(key)
     rules = active.policy.rules_for(info.label, info.id)
-    if not rules:
-        return  # as for a PSBT: no rule names the key, so every signing is refused
     name, reason = RAW_DIGEST_RULE, ""
     blocking = [r.name for r in rules if r.action is Action.REFUSE and not r.raw_digests]
-    if blocking:
+    if not rules:  # as for a PSBT: the policy allows only what it declares
+        name = NO_RULE
+        reason = (
+            f"no rule of the policy names key {info.label} (a rule with keys = "
+            f'["{info.label}"] and raw_digests = true allows its raw digests)'
+        )
+    elif blocking:
         reason = (
             f"rule(s) {', '.join(blocking)} name key {info.label} and do not allow raw digest "
             "signing (raw_digests = true): a digest could be any transaction's sighash"
@@ -272,12 +346,12 @@ class PolicyGate:
                 raise refusal(decision)
             new, debits = apply(self.policy, spend, decision, state, now)
             committed = txn.commit(new)
+            detail = decision_detail(decision, who)
+            if debits:  # the debit is part of the decision's entry
+                detail["debits"] = _debits_text(debits)
+            detail["state_seq"] = str(committed.seq)
             try:
-                self._hsm.record_event("policy_decision", "ok", decision_detail(decision, who))
-                if debits:
-                    detail = {"txid": spend.txid, "debits": _debits_text(debits)}
-                    detail["state_seq"] = str(committed.seq)
-                    self._hsm.record_event("policy_debit", "ok", detail)
+                self._hsm.record_event("policy_decision", "ok", detail)
             except BaseException:
                 back, _ = compensate(committed, debits, decision.approvals, now)
                 txn.commit(back)

@@ -50,7 +50,6 @@ from anyhsm.policy.velocity import Counter
 ALLOW = "allow"
 WARN = "warn"
 REFUSE = "refuse"
-_NOT_CHANGE_MARK = "pays our key but is not change"
 
 
 def sat(amount: int) -> str:
@@ -190,19 +189,26 @@ class _Facts:
             ),
             kinds=frozenset(o.script_type for o in outgoing),
             op_return=any(o.script_type == "op-return" for o in spend.outputs),
-            own_not_change=tuple(o.index for o in outgoing if _NOT_CHANGE_MARK in o.note),
+            own_not_change=tuple(o.index for o in outgoing if o.not_change is not None),
             inputs=spend.inputs,
             outputs=len(spend.outputs),
         )
 
 
-def applicable(policy: SpendingPolicy, spend: SpendSummary) -> list[Rule]:
-    """The rules that name any signing key, in file order, each once."""
-    seen: dict[str, Rule] = {}
-    for rule in policy.rules:
-        if any(rule.applies_to(k.label, k.id) for k in spend.keys):
-            seen.setdefault(rule.name, rule)
-    return list(seen.values())
+_applicable: dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[Rule, ...]] = {}
+
+
+def applicable(policy: SpendingPolicy, spend: SpendSummary) -> tuple[Rule, ...]:
+    """The rules that name any signing key, in file order (names are unique)."""
+    keys = tuple((k.label, k.id) for k in spend.keys)
+    ident = (policy.sha256, policy.network.value, keys)
+    found = _applicable.get(ident)
+    if found is None:
+        found = tuple(r for r in policy.rules if any(r.applies_to(lb, i) for lb, i in keys))
+        if len(_applicable) > 256:
+            _applicable.clear()
+        _applicable[ident] = found
+    return found
 
 
 def evaluate(
@@ -237,8 +243,9 @@ def evaluate(
     used_now: list[Approval] = []
     budgets: list[Budget] = []
     when = datetime.fromtimestamp(now, UTC)
+    debited = _debited(state, spend.txid)
     for rule in applicable(policy, spend):
-        result = _judge(rule, facts, spend, policy, state, now, when, own, used_now)
+        result = _judge(rule, facts, spend, policy, state, now, when, own, used_now, debited)
         results.append(result)
         if result.budget is not None:
             budgets.append(result.budget)
@@ -268,6 +275,7 @@ def _judge(
     when: datetime,
     own: frozenset[bytes],
     used_now: list[Approval],
+    debited: set[tuple[str, str]],
 ) -> RuleResult:
     broken: list[str] = []
     held: list[str] = []
@@ -321,7 +329,7 @@ def _judge(
         used = 0
         if counter is not None and counter.fits(rule.period_s, rule.bucket_width_s):
             used = counter.used(now)
-        counted = any(d.txid == spend.txid and d.rule == rule.name for d in state.debits)
+        counted = (spend.txid, rule.name) in debited
         amount = 0 if counted else facts.leaving
         period = format_duration(rule.period_s)
         budget = Budget(rule.name, period, rule.max_per_period_sat, used, amount)
@@ -395,6 +403,11 @@ def _approvals_for(
     return valid, refused_own
 
 
+def _debited(state: PolicyState, txid: str) -> set[tuple[str, str]]:
+    """(txid, rule) of the debits already made for ``txid``."""
+    return {(d.txid, d.rule) for d in state.debits if d.txid == txid}
+
+
 def apply(
     policy: SpendingPolicy, spend: SpendSummary, decision: Decision, state: PolicyState, now: float
 ) -> tuple[PolicyState, tuple[Debit, ...]]:
@@ -404,10 +417,11 @@ def apply(
     assert not decision.refused
     counters = dict(state.counters)
     debits: list[Debit] = []
+    debited = _debited(state, spend.txid)
     for rule in applicable(policy, spend):
         if rule.max_per_period_sat is None or rule.period_s is None:
             continue
-        if any(d.txid == spend.txid and d.rule == rule.name for d in state.debits):
+        if (spend.txid, rule.name) in debited:
             continue
         width = rule.bucket_width_s
         counter = counters.get(rule.name)

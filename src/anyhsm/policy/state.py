@@ -6,10 +6,11 @@ replaces it), so that a deployment across machines can keep it in PostgreSQL (``
 ... FOR UPDATE``, ``UPDATE``, ``COMMIT``). The state is a plain value
 (:class:`PolicyState`); the engine computes the new one.
 
-The file implementation (:class:`FileStateStore`) keeps one JSON file, MAC-ed with
-HMAC-SHA256 under a key derived from the keystore, replaced atomically (temp file, fsync,
-rename, directory fsync) under an exclusive ``flock`` on a lock file beside it. A process
-killed at any point leaves the old state or the new one; the kernel drops its lock.
+The file implementation (:class:`FileStateStore`) keeps the state as JSON in two slot
+files, each record MAC-ed with HMAC-SHA256 under a key derived from the keystore, under an
+exclusive ``flock`` on a lock file beside them; a commit overwrites the older slot, so a
+process killed at any point leaves the old state or the new one (see the class), and the
+kernel drops its lock.
 
 Storage is bounded: one fixed ring of buckets per rule, at most :data:`MAX_DEBITS` recent
 debits (for compensation and for not counting one transaction twice), approvals until
@@ -19,10 +20,13 @@ they expire (at most :data:`MAX_APPROVALS` pending, :data:`MAX_USED` used).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import hmac
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -32,11 +36,11 @@ from typing import Protocol
 from anyhsm.errors import PolicyNotAuthenticated
 from anyhsm.policy.velocity import Counter
 
-FORMAT = "anyhsm-policy-state"
-VERSION = 1
-STATE_FILE = "state.json"
+SLOT_FILES = ("state.0", "state.1")
 LOCK_FILE = "lock"
-MAX_DEBITS = 1024
+_MAGIC = "anyhsm-policy-state/1"
+_HEAD_MAX = 4096  # the header line is about 110 bytes; small states are read at once
+MAX_DEBITS = 64
 MAX_APPROVALS = 1000
 MAX_USED = 10_000
 STATE_RULE = "policy-state"  # the rule a refusal for damaged state names
@@ -51,9 +55,22 @@ class Debit:
     rule: str
     amount: int
     bucket: int
+    text: str = field(default="", compare=False, repr=False)
 
-    def to_json(self) -> dict[str, object]:
-        return {"txid": self.txid, "rule": self.rule, "amount": self.amount, "bucket": self.bucket}
+    def __post_init__(self) -> None:
+        if not self.text:
+            object.__setattr__(self, "text", f"{self.txid}:{self.rule}:{self.amount}:{self.bucket}")
+
+    def to_json(self) -> str:
+        """Compact (``txid:rule:amount:bucket``): up to MAX_DEBITS are read and written
+        with every commit."""
+        return self.text
+
+    @classmethod
+    def from_json(cls, raw: object) -> Debit:
+        text = str(raw)
+        txid, rule, amount, bucket = text.split(":")
+        return cls(txid, rule, int(amount), int(bucket), text)
 
 
 @dataclass(frozen=True)
@@ -145,10 +162,7 @@ class PolicyState:
         return cls(
             seq=seq,
             counters={str(k): Counter.from_json(v) for k, v in counters.items()},
-            debits=tuple(
-                Debit(str(d["txid"]), str(d["rule"]), int(d["amount"]), int(d["bucket"]))
-                for d in debits
-            ),
+            debits=tuple(Debit.from_json(d) for d in debits),
             pending=tuple(
                 Approval(
                     str(a["id"]),
@@ -187,7 +201,8 @@ class StateTransaction(Protocol):
 
     def commit(self, state: PolicyState) -> PolicyState:
         """Replace the state (its ``seq`` set to the previous one + 1) durably before
-        returning it."""
+        returning it. After a read that failed, it replaces the damaged state (the admin
+        reset)."""
         ...
 
 
@@ -201,27 +216,42 @@ def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class _Slot:
+    index: int
+    state: PolicyState | None  # None: empty, torn or failing authentication
+    present: bool
+
+
 class _FileTransaction:
     def __init__(self, store: FileStateStore) -> None:
         self._store = store
         self._seq: int | None = None
+        self._slot = 0  # the slot the next commit writes (never the one holding the latest)
 
     def _load(self, missing_ok: bool) -> PolicyState:
-        path = self._store.path
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            if missing_ok:
-                self._seq = 0
-                return PolicyState()
+        slots = [self._store.read_slot(i) for i in range(len(SLOT_FILES))]
+        valid = [s for s in slots if s.state is not None]
+        if not valid:
+            if not any(s.present for s in slots):
+                if missing_ok:
+                    self._seq, self._slot = 0, 0
+                    return PolicyState()
+                raise _refused(
+                    f"the spending policy's state in {self._store.directory} is missing",
+                    "restore it from a backup, or run 'anyhsm policy set FILE --reset-state' "
+                    "(audited; the velocity counters start again from zero)",
+                )
             raise _refused(
-                f"the spending policy's state file {path} is missing",
-                "restore it from a backup, or run 'anyhsm policy set --reset-state' "
-                "(audited; the velocity counters start again from zero)",
-            ) from None
-        state = self._store.decode(data)
-        self._seq = state.seq
-        return state
+                f"the spending policy's state in {self._store.directory} fails authentication "
+                "(edited, damaged, or written under another keystore key)",
+                "restore it from a backup, or run 'anyhsm policy set FILE --reset-state' (audited)",
+            )
+        latest = max(valid, key=lambda s: s.state.seq if s.state is not None else -1)
+        assert latest.state is not None
+        self._seq = latest.state.seq
+        self._slot = 1 - latest.index
+        return latest.state
 
     def read(self) -> PolicyState:
         return self._load(False)
@@ -230,92 +260,170 @@ class _FileTransaction:
         return self._load(True)
 
     def commit(self, state: PolicyState) -> PolicyState:
-        if self._seq is None:
-            raise RuntimeError("commit without read")
-        state = replace(state, seq=self._seq + 1)
-        self._store.write(state)
-        self._seq = state.seq
+        # after a read that failed (only the admin reset commits then) seq goes on from
+        # the state given
+        base = self._seq if self._seq is not None else state.seq
+        state = replace(state, seq=base + 1)
+        self._store.write_slot(self._slot, state)
+        self._seq, self._slot = state.seq, 1 - self._slot
         return state
 
 
 class FileStateStore:
-    """:class:`StateStore` in one MAC-ed file (see the module doc)."""
+    """:class:`StateStore` in two MAC-ed slot files (see the module doc).
+
+    A commit overwrites, in place, the slot that does not hold the latest state, then the
+    reader takes the valid slot with the higher ``seq``: a process killed mid-write leaves
+    a slot that fails its MAC, and the other still holds the state before that commit
+    (which had not returned, so nothing was signed on it). In place, because replacing a
+    file by rename (or truncating it) makes ext4 flush its data on the spot (its
+    ``auto_da_alloc``), milliseconds per commit; ``durable`` adds an fsync of the slot
+    (``[audit] durability = "fsync"``) against power loss, which a kill does not need."""
 
     def __init__(
         self, directory: Path, mac_key: bytes | bytearray, *, durable: bool = True
     ) -> None:
         self.directory = directory
-        self.path = directory / STATE_FILE
+        self._slots = tuple(str(directory / name) for name in SLOT_FILES)
+        self._lock_path = str(directory / LOCK_FILE)
         self._key = bytes(mac_key)
         self._durable = durable
+        # per slot: the header line of a record this store wrote or authenticated, and its
+        # state; a slot whose header is still that line is not read and decoded again (the
+        # header holds the record's seq and MAC: another record cannot have the same one)
+        self._known: dict[int, tuple[bytes, PolicyState]] = {}
+        self._local = threading.local()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[StateTransaction]:
-        from anyhsm.fsutil import clean_temp_files, file_lock, make_private_dir
+        """The exclusive ``flock`` of the lock file for the block. Uncontended, through a
+        descriptor this thread keeps open (two system calls); contended, through
+        :func:`anyhsm.fsutil.file_lock` (waits with a warning, then LockTimeout)."""
+        from anyhsm.fsutil import file_lock
 
-        make_private_dir(self.directory)
-        with file_lock(self.directory / LOCK_FILE):
-            clean_temp_files(self.directory)
+        fd = self._lock_fd()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            with file_lock(self.directory / LOCK_FILE):
+                yield _FileTransaction(self)
+            return
+        try:
+            if os.fstat(fd).st_ino != _inode(self._lock_path):
+                # the lock file was replaced (the directory removed and made again): this
+                # descriptor locks nothing anyone else locks
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                self._local.fd = None
+                _ensure_dir(self.directory)
+                with file_lock(self.directory / LOCK_FILE):
+                    yield _FileTransaction(self)
+                return
             yield _FileTransaction(self)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def mac(self, body: bytes) -> str:
-        return hmac.new(self._key, b"anyhsm/v1/policy-state\x00" + body, hashlib.sha256).hexdigest()
+    def _lock_fd(self) -> int:
+        """This thread's descriptor of the lock file (opened again after a fork: a child
+        sharing its parent's open file would share its lock)."""
+        pid = os.getpid()
+        fd: int | None = getattr(self._local, "fd", None)
+        if fd is None or getattr(self._local, "pid", None) != pid:
+            _ensure_dir(self.directory)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._local.fd, self._local.pid = fd, pid
+        return fd
+
+    def _mac(self, seq: int, body: bytes) -> str:
+        data = b"anyhsm/v1/policy-state\x00%d\x00" % seq + body
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
 
     def encode(self, state: PolicyState) -> bytes:
         body = _canonical(state.to_json())
-        wrapper = {"format": FORMAT, "version": VERSION, "mac": self.mac(body)}
-        return _canonical(wrapper)[:-1] + b',"state":' + body + b"}\n"
+        head = f"{_MAGIC} {state.seq} {len(body)} {self._mac(state.seq, body)}\n"
+        return head.encode() + body
 
-    def decode(self, data: bytes) -> PolicyState:
+    def decode(self, data: bytes) -> PolicyState | None:
+        """The state in a slot's bytes, or None when they are not a whole, authentic record."""
+        head, sep, rest = data.partition(b"\n")
+        parts = head.decode("ascii", "replace").split(" ")
+        if not sep or len(parts) != 4 or parts[0] != _MAGIC:
+            return None
         try:
-            raw = json.loads(data)
-            body = _canonical(raw["state"])
-            mac = str(raw["mac"])
-            if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-                raise ValueError("format")
-        except (ValueError, KeyError, TypeError):
-            raise _refused(
-                f"the spending policy's state file {self.path} is damaged",
-                "restore it from a backup, or run 'anyhsm policy set --reset-state'",
-            ) from None
-        if not hmac.compare_digest(mac, self.mac(body)):
-            raise _refused(
-                f"the spending policy's state file {self.path} fails authentication (edited, "
-                "or written under another keystore key)",
-                "restore it from a backup, or run 'anyhsm policy set --reset-state' (audited)",
-            )
+            seq, size = int(parts[1]), int(parts[2])
+        except ValueError:
+            return None
+        body = rest[:size]
+        if len(body) != size or not hmac.compare_digest(parts[3], self._mac(seq, body)):
+            return None
         try:
-            return PolicyState.from_json(raw["state"])
+            state = PolicyState.from_json(json.loads(body))
         except (ValueError, KeyError, TypeError):
-            raise _refused(
-                f"the spending policy's state file {self.path} is damaged", None
-            ) from None
+            return None
+        return state if state.seq == seq else None
 
-    def write(self, state: PolicyState) -> None:
-        from anyhsm.fsutil import atomic_write
+    def read_slot(self, index: int) -> _Slot:
+        try:
+            fd = os.open(self._slots[index], os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._known.pop(index, None)
+            return _Slot(index, None, False)
+        try:
+            head = os.pread(fd, _HEAD_MAX, 0)
+            line, sep, _ = head.partition(b"\n")
+            known = self._known.get(index)
+            if sep and known is not None and hmac.compare_digest(known[0], line):
+                return _Slot(index, known[1], True)
+            size = os.fstat(fd).st_size
+            data = head if size <= len(head) else head + _pread_all(fd, size, len(head))
+        finally:
+            os.close(fd)
+        state = self.decode(data)
+        if state is None:
+            self._known.pop(index, None)
+        else:
+            self._known[index] = (data.partition(b"\n")[0], state)
+        return _Slot(index, state, True)
 
+    def write_slot(self, index: int, state: PolicyState) -> None:
         data = self.encode(state)
-        if self._durable:
-            atomic_write(self.path, data)
-            return
-        _replace_quickly(self.path, data)
+        fd = os.open(self._slots[index], os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            offset = 0
+            while offset < len(data):
+                offset += os.pwrite(fd, view[offset:], offset)
+            if self._durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._known[index] = (data.partition(b"\n")[0], state)
 
 
-def _replace_quickly(path: Path, data: bytes) -> None:
-    """Atomic (rename) but not flushed: a killed process loses nothing (the page cache
-    is the kernel's), a power cut may lose the last commits. ``[audit] durability =
-    "batched"`` chooses it, as it does for the audit log."""
-    from anyhsm.fsutil import TEMP_SUFFIX
+def _ensure_dir(directory: Path) -> None:
+    if not directory.is_dir():
+        from anyhsm.fsutil import make_private_dir
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        make_private_dir(directory)
+
+
+def _inode(path: str) -> int | None:
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    parts = []
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
 
 
 def _refused(message: str, hint: str | None) -> PolicyNotAuthenticated:

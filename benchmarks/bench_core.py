@@ -1,6 +1,6 @@
 """Core figures of anyhsm on the software keystore, against references measured in the same run.
 
-    .venv/bin/python benchmarks/bench_core.py [--quick]
+    .venv/bin/python benchmarks/bench_core.py [--quick] [--clock wall|cpu]
 
 Everything runs on real files in a temporary directory (deleted afterwards):
 a deployment made with the production KDF defaults (Argon2id, 64 MiB, 3 passes)
@@ -120,14 +120,20 @@ def absent_primary(directory: Path) -> tuple[Path, str]:
     return cfg, "simulator with offline = true (anyhsm.providers.pkcs11.provider not present yet)"
 
 
+SIGN_CLOCK: list[Callable[[], float]] = [time.perf_counter]
+"""The clock of the signing rows: wall time (default), or with --clock cpu the process's
+CPU time (every thread, the audit flusher's too), for a machine busy with other work."""
+
+
 def sign_throughput(sign: Callable[[bytes], object], digests: list[bytes], repeats: int) -> float:
     """Best-of-``repeats`` signatures per second over ``digests``."""
+    clock = SIGN_CLOCK[0]
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for d in digests:
             sign(d)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return len(digests) / best
 
 
@@ -366,14 +372,24 @@ def print_table(rows: list[Row]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="clock of the signing rows: wall time (default; the figure that counts) or the "
+        "process's CPU time (for a machine busy with other work)",
+    )
     args = parser.parse_args()
     logging.getLogger("anyhsm").setLevel(logging.ERROR)  # the fallback runs warn each time
     tmp = tempfile.gettempdir()
     print(
         f"anyhsm core benchmark — Python {platform.python_version()}, coincurve "
         f"{importlib.metadata.version('coincurve')}, "
-        f"{os.cpu_count()} CPUs, temp dir {tmp} ({'quick' if args.quick else 'full'} run)"
+        f"{os.cpu_count()} CPUs, temp dir {tmp} ({'quick' if args.quick else 'full'} run, "
+        f"signing timed by {args.clock} clock)"
     )
+    if args.clock == "cpu":
+        SIGN_CLOCK[0] = time.process_time
     rows = run(args.quick)
     print()
     print_table(rows)

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from anyhsm.errors import (
     ApprovalRejected,
-    HsmError,
     PolicyNotAuthenticated,
     SigningPolicyError,
     UsageError,
@@ -178,11 +177,13 @@ def set_policy(hsm: Hsm, path: Path | str | None = None, *, reset_state: bool = 
     """Make the policy file ``path`` (default: ``policy.spending_policy``) the active one.
 
     ``reset_state``: start the velocity counters, approvals and freezes afresh; needed
-    when the state cannot be read (missing, damaged, or keyed before a master-key
-    rotation). Audited: ``policy_set`` "started" (old and new SHA-256) before anything
-    is written, then "ok" or the error."""
-    from anyhsm.fsutil import atomic_write
-    from anyhsm.policy.anchor import POLICY_FILE, KeystoreFileAnchor
+    when the state cannot be read (missing or damaged). The binding moves in the keystore
+    manifest, audited by the handle as ``policy_set`` ("started" with the old and new
+    SHA-256 before it changes, then "ok" or the error); the file's copy is written
+    before, under its hash's name, so no signer sees the binding without it, and the
+    state carried over after (counters of rules that keep name, period and buckets)."""
+    from anyhsm.fsutil import atomic_write, make_private_dir
+    from anyhsm.policy.anchor import ManifestAnchor, policy_file
     from anyhsm.policy.enforce import state_dir, state_store
     from anyhsm.policy.engine import keep_counters
     from anyhsm.policy.rules import parse_policy
@@ -200,15 +201,10 @@ def set_policy(hsm: Hsm, path: Path | str | None = None, *, reset_state: bool = 
         raise UsageError(f"cannot read the policy file {file}: {e.strerror}") from None
     policy = parse_policy(data, cfg.network, source=f"policy file {file}")
     directory = state_dir(cfg)
-    anchor = KeystoreFileAnchor(hsm, directory)
+    anchor = ManifestAnchor(hsm)
     store = state_store(hsm, directory)
     with store.transaction() as txn:
-        try:
-            previous = anchor.binding()
-        except PolicyNotAuthenticated:
-            if not reset_state:
-                raise
-            previous = None
+        previous = anchor.binding()
         try:
             # once a policy was set, a missing state is a loss to be reset explicitly
             state = txn.read() if previous is not None else txn.read_or_new()
@@ -225,17 +221,15 @@ def set_policy(hsm: Hsm, path: Path | str | None = None, *, reset_state: bool = 
             "rules": str(len(policy.rules)),
             "reset_state": str(reset_state).lower(),
         }
-        hsm.record_event("policy_set", "started", detail)
-        try:
-            kept = keep_counters(policy, state)
-            atomic_write(directory / POLICY_FILE, data)
-            txn.commit(kept)
-            binding = anchor.bind(policy.sha256)
-        except BaseException as e:
-            code = e.code if isinstance(e, HsmError) else "os_error"
-            hsm.record_event("policy_set", "error", detail, error=code)
-            raise
-        hsm.record_event("policy_set", "ok", detail | {"version": str(binding.version)})
+        kept = keep_counters(policy, state)
+        make_private_dir(directory)
+        copy = policy_file(directory, policy.sha256)
+        atomic_write(copy, data)  # named by no binding yet: nothing reads it
+        binding = anchor.bind(policy.sha256, detail)
+        txn.commit(kept)
+    for old in directory.glob("policy-*.toml"):
+        if old != copy:
+            old.unlink(missing_ok=True)
     return PolicySet(
         sha256=policy.sha256,
         previous=previous.sha256 if previous is not None else None,

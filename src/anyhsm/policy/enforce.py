@@ -30,13 +30,7 @@ from typing import TYPE_CHECKING
 
 from anyhsm.errors import HsmError, PolicyNotAuthenticated, SpendingPolicyRefused
 from anyhsm.policy import events
-from anyhsm.policy.anchor import (
-    BINDING_FILE,
-    BINDING_RULE,
-    POLICY_FILE,
-    Binding,
-    KeystoreFileAnchor,
-)
+from anyhsm.policy.anchor import BINDING_RULE, Binding, ManifestAnchor, policy_file
 from anyhsm.policy.engine import Decision, apply, compensate, evaluate
 from anyhsm.policy.rules import (
     FROZEN_RULE,
@@ -104,16 +98,16 @@ def _parse_cached(data: bytes, sha: str, cfg: Config) -> SpendingPolicy:
 
 @dataclass
 class _Known:
-    """What a handle last found: the active policy and its store, and the stamps of the
-    files it was found from (with the configuration and keystore epoch they belong to).
-    Another process's ``policy set`` replaces the binding file (a new inode), a file
-    changed in place changes its size or times: the stamp changes and the policy is
-    checked afresh. The store keeps the state it last authenticated."""
+    """What a handle last found: the active policy and its store, with the binding and
+    the files' stamps it was found from. The binding is read from the keystore manifest
+    on every signing (another process's ``policy set`` changes it); a policy file changed
+    in place changes its stamp (size, times, inode) and is checked afresh. The store
+    keeps the state it last authenticated."""
 
     config: Config
-    epoch: int | None
+    binding: Binding | None
     directory: Path
-    files: tuple[str, ...]  # binding, active policy, the configured one (if any)
+    files: tuple[str, ...]  # the active policy's copy, the configured file (if any)
     stamps: tuple[tuple[int, int, int, int] | None, ...]
     active: ActivePolicy | None = None
     store: FileStateStore | None = None
@@ -133,20 +127,20 @@ def _file_stamp(path: str) -> tuple[int, int, int, int] | None:
 
 def _known(hsm: Hsm) -> _Known:
     cfg = hsm.config
-    epoch = hsm.anchor.epoch  # a master-key rotation changes the keys
+    binding = ManifestAnchor(hsm).binding()
     with _handles_lock:
         known = _handles.get(hsm)
-    if known is not None and known.config is cfg and known.epoch == epoch:
+    if known is not None and known.config is cfg and known.binding == binding:
         stamps = tuple(_file_stamp(f) for f in known.files)
         if stamps == known.stamps:
             return known
     directory = state_dir(cfg)
-    files = [str(directory / BINDING_FILE), str(directory / POLICY_FILE)]
+    files = [] if binding is None else [str(policy_file(directory, binding.sha256))]
     if cfg.policy.spending_policy is not None:
         files.append(str(cfg.policy.spending_policy))
     stamps = tuple(_file_stamp(f) for f in files)
-    known = _Known(cfg, epoch, directory, tuple(files), stamps)
-    known.active = _load_active(hsm, directory)
+    known = _Known(cfg, binding, directory, tuple(files), stamps)
+    known.active = _load_active(hsm, directory, binding)
     with _handles_lock:
         _handles[hsm] = known
     return known
@@ -154,36 +148,31 @@ def _known(hsm: Hsm) -> _Known:
 
 def load_active(hsm: Hsm) -> ActivePolicy | None:
     """The handle's active spending policy, checked against its binding; None when none
-    was ever set and the configuration requires none."""
+    is set and the configuration requires none."""
     return _known(hsm).active
 
 
-def _load_active(hsm: Hsm, directory: Path) -> ActivePolicy | None:
+def _load_active(hsm: Hsm, directory: Path, binding: Binding | None) -> ActivePolicy | None:
     cfg = hsm.config
-    anchor = KeystoreFileAnchor(hsm, directory)
     required = cfg.policy.spending_policy
-    if not anchor.exists():
+    if binding is None:
         if required is None:
             return None
         raise _not_set(required)
-    binding = anchor.binding()
-    if binding is None:  # removed between the two looks
-        if required is None:
-            return None
-        raise _not_set(required)
+    path = policy_file(directory, binding.sha256)
     try:
-        data = (directory / POLICY_FILE).read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PolicyNotAuthenticated(
-            f"the active spending policy {directory / POLICY_FILE} is missing",
+            f"the active spending policy's copy {path} is missing",
             hint="run 'anyhsm policy set FILE' (audited) to set it again",
             rules=[BINDING_RULE],
         ) from None
     sha = policy_sha256(data)
     if sha != binding.sha256:
         raise PolicyNotAuthenticated(
-            f"the active spending policy {directory / POLICY_FILE} was changed without "
-            "'anyhsm policy set' (its SHA-256 is not the one recorded)",
+            f"the active spending policy {path} was changed without 'anyhsm policy set' "
+            "(its SHA-256 is not the one the keystore recorded)",
             hint="put the set policy back, or review the file and run 'anyhsm policy set FILE'",
             rules=[BINDING_RULE],
         )
@@ -214,9 +203,8 @@ def _not_set(required: Path) -> PolicyNotAuthenticated:
 
 def state_store(hsm: Hsm, directory: Path) -> FileStateStore:
     """The state store of this deployment (the file store, keyed from the keystore)."""
-    anchor = KeystoreFileAnchor(hsm, directory)
     durable = hsm.config.audit.durability == "fsync"
-    return FileStateStore(directory, anchor.state_key(), durable=durable)
+    return FileStateStore(directory, ManifestAnchor(hsm).state_key(), durable=durable)
 
 
 def _handle_store(hsm: Hsm, known: _Known) -> FileStateStore:

@@ -220,7 +220,10 @@ def parse_duration(text: object) -> int | None:
 
 
 def format_duration(seconds: int) -> str:
-    for unit in ("d", "h", "m"):
+    """ "30s", "10m", "1h", "24h", "7d" (days from two on, as people write periods)."""
+    if seconds % _UNITS["d"] == 0 and seconds >= 2 * _UNITS["d"]:
+        return f"{seconds // _UNITS['d']}d"
+    for unit in ("h", "m"):
         if seconds % _UNITS[unit] == 0:
             return f"{seconds // _UNITS[unit]}{unit}"
     return f"{seconds}s"

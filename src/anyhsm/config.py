@@ -12,6 +12,7 @@ passphrase file, the PKCS#11 PIN from ``ANYHSM_PKCS11_PIN`` or a PIN file.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -41,8 +42,50 @@ _TOP_KEYS = {
     "audit": (dict,),
     "policy": (dict,),
     "signer": (dict,),
+    "service": (dict,),
 }
 _SIGNER_KEYS = {"key": (str,), "public_file": (str,)}
+SERVICE_OPS = ("read", "sign-digest", "sign-message", "sign-psbt", "admin")
+"""What a ``[[service.clients]]`` entry may be allowed (``ops``)."""
+DEFAULT_SERVICE_LISTEN = "127.0.0.1:8420"
+_SERVICE_KEYS = {
+    "listen": (str,),
+    "tls_cert": (str,),
+    "tls_key": (str,),
+    "tls_client_ca": (str,),
+    "max_body_bytes": (int,),
+    "max_batch": (int,),
+    "max_concurrency": (int,),
+    "max_pending": (int,),
+    "request_timeout_ms": (int,),
+    "rate_limit_per_s": (int, float),
+    "rate_limit_burst": (int,),
+    "idempotency_entries": (int,),
+    "idempotency_ttl_s": (int,),
+    "metrics_max_keys": (int,),
+    "public_metrics": (bool,),
+    "clients": (list,),
+}
+_SERVICE_CLIENT_KEYS = {
+    "name": (str,),
+    "token_hash": (str,),
+    "keys": (list,),
+    "ops": (list,),
+    "cert_sha256": (str,),
+    "rate_limit_per_s": (int, float),
+    "rate_limit_burst": (int,),
+}
+_SERVICE_MINIMUMS = {
+    "max_batch": 1,
+    "max_concurrency": 1,
+    "request_timeout_ms": 1,
+    "rate_limit_burst": 1,
+    "idempotency_ttl_s": 1,
+    "max_body_bytes": 0,
+    "max_pending": 0,
+    "idempotency_entries": 0,
+    "metrics_max_keys": 0,
+}
 _FALLBACK_KEYS = {"chain": (list,), "allow_below_minimum": (bool,), "timeout_ms": (int,)}
 _AUDIT_KEYS = {
     "path": (str,),
@@ -233,6 +276,43 @@ class SignerConfig:
 
 
 @dataclass(frozen=True)
+class ServiceClient:
+    """One ``[[service.clients]]`` entry: a name, the salted hash of its token (never the
+    token), the keys (ids, labels or fnmatch label patterns) and ops it may use, an
+    optional client-certificate binding and rate limit."""
+
+    name: str
+    token_hash: str
+    keys: tuple[str, ...]
+    ops: tuple[str, ...]
+    cert_sha256: str | None = None
+    rate_limit_per_s: float | None = None
+    rate_limit_burst: int | None = None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """``[service]``: the signing service (``anyhsm serve``, docs/service.md)."""
+
+    listen: str = DEFAULT_SERVICE_LISTEN
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    max_body_bytes: int = 0  # 0: derived from policy.max_psbt_bytes
+    max_batch: int = 1000
+    max_concurrency: int = 4
+    max_pending: int = 64
+    request_timeout_ms: int = 30_000
+    rate_limit_per_s: float = 1000.0
+    rate_limit_burst: int = 2000
+    idempotency_entries: int = 10_000
+    idempotency_ttl_s: int = 86_400
+    metrics_max_keys: int = 100
+    public_metrics: bool = False
+    clients: tuple[ServiceClient, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """Typed configuration. Build with :meth:`load` or :meth:`from_mapping`."""
 
@@ -244,6 +324,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     signer: SignerConfig = field(default_factory=SignerConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     config_dir: Path = field(default_factory=Path.cwd)
     source: Path | None = None
     raw: Mapping[str, object] = field(default_factory=dict, repr=False)
@@ -427,6 +508,9 @@ def structural_problems(raw: Mapping[str, object]) -> list[Problem]:
     policy = raw.get("policy", {})
     if isinstance(policy, dict):
         _check_table(policy, _POLICY_KEYS, "policy.", problems)
+    service = raw.get("service", {})
+    if isinstance(service, dict):
+        problems += _service_problems(service)
     fb = raw.get("fallback", {})
     if isinstance(fb, dict):
         chain = fb.get("chain", ["software"])
@@ -491,6 +575,232 @@ def structural_problems(raw: Mapping[str, object]) -> list[Problem]:
             if isinstance(kdf, dict):
                 _check_table(kdf, _KDF_KEYS, "providers.software.kdf.", problems)
     return problems
+
+
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}:[0-9a-f]{64}")
+_LISTEN = re.compile(r"\[[0-9A-Fa-f:.]+\]:(\d{1,5})|[^:\[\]\s]+:(\d{1,5})")
+
+
+def _service_problems(sv: Mapping[str, object]) -> list[Problem]:
+    """``[service]`` and its ``[[service.clients]]``: keys, types, ranges, the client
+    entries, and the TLS settings that only make sense together."""
+    problems: list[Problem] = []
+    _check_table(sv, _SERVICE_KEYS, "service.", problems)
+    listen = sv.get("listen", DEFAULT_SERVICE_LISTEN)
+    if isinstance(listen, str):
+        m = _LISTEN.fullmatch(listen.strip())
+        if m is None or int(m.group(1) or m.group(2)) > 65535:
+            problems.append(
+                Problem("service.listen", repr(listen), "not HOST:PORT", "e.g. 127.0.0.1:8420")
+            )
+    for name, low in _SERVICE_MINIMUMS.items():
+        value = sv.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < low:
+            problems.append(
+                Problem(f"service.{name}", repr(value), f"must be at least {low}", f"use >= {low}")
+            )
+    rate = sv.get("rate_limit_per_s")
+    if isinstance(rate, int | float) and not isinstance(rate, bool) and rate < 0:
+        problems.append(
+            Problem("service.rate_limit_per_s", repr(rate), "must not be negative", "0: no limit")
+        )
+    if ("tls_cert" in sv) != ("tls_key" in sv):
+        problems.append(
+            Problem(
+                "service.tls_cert",
+                "<set>" if "tls_cert" in sv else "<unset>",
+                "tls_cert and tls_key go together",
+                "set both or neither",
+            )
+        )
+    if "tls_client_ca" in sv and "tls_cert" not in sv:
+        problems.append(
+            Problem(
+                "service.tls_client_ca",
+                repr(sv["tls_client_ca"]),
+                "mutual TLS needs TLS",
+                "set tls_cert and tls_key",
+            )
+        )
+    clients = sv.get("clients", [])
+    if not isinstance(clients, list):
+        return problems
+    names: set[str] = set()
+    for n, c in enumerate(clients):
+        where = f"service.clients[{n}]"
+        if not isinstance(c, dict):
+            problems.append(Problem(where, repr(c), "must be a table", "write [[service.clients]]"))
+            continue
+        _check_table(c, _SERVICE_CLIENT_KEYS, f"{where}.", problems)
+        for req in ("name", "token_hash", "keys", "ops"):
+            if req not in c:
+                problems.append(
+                    Problem(f"{where}.{req}", "<missing>", "required", "anyhsm service add-client")
+                )
+        cname = c.get("name")
+        if isinstance(cname, str):
+            if not _CLIENT_NAME.fullmatch(cname):
+                problems.append(
+                    Problem(
+                        f"{where}.name", repr(cname), "1 to 64 of A-Z a-z 0-9 . _ -", "rename it"
+                    )
+                )
+            elif cname in names:
+                problems.append(Problem(f"{where}.name", repr(cname), "named twice", "rename one"))
+            names.add(cname)
+        th = c.get("token_hash")
+        if isinstance(th, str) and not _TOKEN_HASH.fullmatch(th):
+            problems.append(
+                Problem(
+                    f"{where}.token_hash",
+                    "<hidden>",
+                    "not sha256:<salt>:<hash>",
+                    "anyhsm service add-client",
+                )
+            )
+        keys = c.get("keys")
+        if isinstance(keys, list) and (not keys or not all(isinstance(k, str) and k for k in keys)):
+            problems.append(
+                Problem(
+                    f"{where}.keys",
+                    repr(keys),
+                    "a non-empty list of key ids, labels or patterns",
+                    "list keys",
+                )
+            )
+        ops = c.get("ops")
+        if isinstance(ops, list):
+            bad = [o for o in ops if o not in SERVICE_OPS]
+            if not ops or bad:
+                problems.append(
+                    Problem(
+                        f"{where}.ops",
+                        repr(ops),
+                        "a non-empty list of known ops",
+                        "use " + ", ".join(SERVICE_OPS),
+                    )
+                )
+        cert = c.get("cert_sha256")
+        if isinstance(cert, str):
+            if not re.fullmatch(r"[0-9a-f]{64}", cert.replace(":", "").lower()):
+                problems.append(
+                    Problem(
+                        f"{where}.cert_sha256",
+                        repr(cert),
+                        "not a SHA-256 (64 hex digits)",
+                        "openssl x509 -outform der | sha256sum",
+                    )
+                )
+            elif "tls_client_ca" not in sv:
+                problems.append(
+                    Problem(
+                        f"{where}.cert_sha256",
+                        repr(cert),
+                        "bound to a certificate, but service.tls_client_ca is "
+                        "not set: the binding could never be checked",
+                        "set tls_client_ca (mutual TLS) or remove cert_sha256",
+                    )
+                )
+    return problems
+
+
+def _loopback(listen: str) -> bool:
+    import ipaddress
+
+    host = listen.strip().rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _service_semantics(cfg: Config) -> list[Problem]:
+    """What makes ``anyhsm serve`` refuse to start: another address than loopback without
+    TLS, or without any client; files named that are not there."""
+    sv = cfg.service
+    out: list[Problem] = []
+    if not _loopback(sv.listen) and (sv.tls_cert is None or not sv.clients):
+        out.append(
+            Problem(
+                "service.listen",
+                repr(sv.listen),
+                "not a loopback address, and TLS or a client is missing: the service "
+                "refuses to start",
+                "listen on 127.0.0.1, or set tls_cert, tls_key and [[service.clients]]",
+            )
+        )
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        p = getattr(sv, name)
+        if p is not None and not p.is_file():
+            out.append(Problem(f"service.{name}", str(p), "no such file", "fix the path"))
+    key = sv.tls_key
+    if key is not None and key.is_file() and readable_by_others(key):
+        severity = "error" if cfg.environment is not Environment.DEVELOPMENT else "warning"
+        out.append(
+            Problem(
+                "service.tls_key",
+                str(key),
+                "secret file is accessible to group/others",
+                f"chmod 600 {key}",
+                severity,
+            )
+        )
+    return out
+
+
+def _service(raw: Mapping[str, object], cfg: Config) -> ServiceConfig:
+    sv = raw.get("service", {})
+    assert isinstance(sv, dict)
+    base = ServiceConfig()
+
+    def num(name: str) -> int:
+        v = sv.get(name)
+        return v if isinstance(v, int) and not isinstance(v, bool) else getattr(base, name)
+
+    def path(name: str) -> Path | None:
+        v = sv.get(name)
+        return cfg.resolve(v) if isinstance(v, str) and v else None
+
+    rate = sv.get("rate_limit_per_s", base.rate_limit_per_s)
+    clients: list[ServiceClient] = []
+    for c in sv.get("clients", []):
+        if not isinstance(c, dict):
+            continue
+        cr = c.get("rate_limit_per_s")
+        cb = c.get("rate_limit_burst")
+        cert = c.get("cert_sha256")
+        clients.append(
+            ServiceClient(
+                name=str(c.get("name", "")),
+                token_hash=str(c.get("token_hash", "")),
+                keys=tuple(str(k) for k in c.get("keys", [])),
+                ops=tuple(str(o) for o in c.get("ops", [])),
+                cert_sha256=cert.replace(":", "").lower() if isinstance(cert, str) else None,
+                rate_limit_per_s=float(cr) if isinstance(cr, int | float) else None,
+                rate_limit_burst=cb if isinstance(cb, int) else None,
+            )
+        )
+    return ServiceConfig(
+        listen=str(sv.get("listen", base.listen)),
+        tls_cert=path("tls_cert"),
+        tls_key=path("tls_key"),
+        tls_client_ca=path("tls_client_ca"),
+        max_body_bytes=num("max_body_bytes"),
+        max_batch=num("max_batch"),
+        max_concurrency=num("max_concurrency"),
+        max_pending=num("max_pending"),
+        request_timeout_ms=num("request_timeout_ms"),
+        rate_limit_per_s=float(rate) if isinstance(rate, int | float) else base.rate_limit_per_s,
+        rate_limit_burst=num("rate_limit_burst"),
+        idempotency_entries=num("idempotency_entries"),
+        idempotency_ttl_s=num("idempotency_ttl_s"),
+        metrics_max_keys=num("metrics_max_keys"),
+        public_metrics=bool(sv.get("public_metrics", False)),
+        clients=tuple(clients),
+    )
 
 
 def _limit(po: Mapping[str, object], name: str) -> int:
@@ -571,6 +881,8 @@ def _build(raw: Mapping[str, object], config_dir: Path, source: Path | None) -> 
         cfg = replace(cfg, signer=replace(cfg.signer, public_file=cfg.resolve(public_file)))
     if isinstance(audit_path, str) and audit_path:
         cfg = _replace_audit_path(cfg, cfg.resolve(audit_path))
+    if isinstance(raw.get("service"), dict):
+        cfg = replace(cfg, service=_service(raw, cfg))
     return cfg
 
 
@@ -630,7 +942,7 @@ def semantic_problems(cfg: Config) -> list[Problem]:
     """Rules that depend on the environment and network, and on files on disk: the
     deployment-wide ones here, then each provider's own checks (next to its settings
     parser, named by its registry spec) for every provider the config involves."""
-    out = _deployment_problems(cfg)
+    out = _deployment_problems(cfg) + _service_semantics(cfg)
     tables = list(cfg.providers)
     for spec in registry.SPECS:
         if registry.involved(spec, cfg.fallback.chain, tables):

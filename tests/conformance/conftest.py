@@ -30,6 +30,7 @@ BACKENDS = ["software", "simulator", "pkcs11", "tpm"]
 INTERFACE_BACKENDS: dict[str, list[str]] = {
     "library": BACKENDS,
     "cli": ["software", "pkcs11"],
+    "http": ["software", "pkcs11"],
 }
 PARAMS = [
     pytest.param((interface, backend), id=f"{interface}-{backend}")

@@ -437,7 +437,16 @@ def open_cli(config: Path, env: Mapping[str, str]) -> Iterator[Handle]:
     yield CliHandle(config, env)
 
 
+def open_http(config: Path, env: Mapping[str, str]) -> contextlib.AbstractContextManager[Handle]:
+    """The deployment served by the real service on a free loopback port, reached through
+    anyhsm.client (tests/service/http_handle.py, imported here lazily: it builds on this
+    module's adapters)."""
+    from tests.service.http_handle import open_http as serve
+
+    return serve(config, env)
+
+
 OPENERS: Mapping[
     str, Callable[[Path, Mapping[str, str]], contextlib.AbstractContextManager[Handle]]
 ]
-OPENERS = {"library": open_library, "cli": open_cli}
+OPENERS = {"library": open_library, "cli": open_cli, "http": open_http}

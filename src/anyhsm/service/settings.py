@@ -12,10 +12,9 @@ import enum
 import fnmatch
 import ipaddress
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from anyhsm.errors import ConfigError
 
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8420
-DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 SERVICE_PRINCIPAL = "(service)"
 """The audit principal of the service's own entries (readiness checks, reload, open,
 close): no client name can be it (names are ``[A-Za-z0-9._-]``)."""
@@ -203,47 +201,10 @@ class ServiceSettings:
         return None
 
 
-class _ClientTable(Protocol):
-    name: str
-    token_hash: str
-    keys: tuple[str, ...]
-    ops: tuple[str, ...]
-    cert_sha256: str | None
-    rate_limit_per_s: float | None
-    rate_limit_burst: int | None
-
-
-class _ServiceTable(Protocol):
-    """``Config.service`` (anyhsm.config.ServiceConfig), as read here."""
-
-    listen: str
-    tls_cert: Path | None
-    tls_key: Path | None
-    tls_client_ca: Path | None
-    max_body_bytes: int
-    max_batch: int
-    max_concurrency: int
-    max_pending: int
-    request_timeout_ms: int
-    rate_limit_per_s: float
-    rate_limit_burst: int
-    idempotency_entries: int
-    idempotency_ttl_s: int
-    metrics_max_keys: int
-    public_metrics: bool
-
-    @property
-    def clients(self) -> Sequence[_ClientTable]: ...
-
-
 def from_config(cfg: Config, listen: str | None = None) -> ServiceSettings:
     """The service's settings from the configuration's ``[service]`` table (defaults when
     it has none); ``listen`` (``--listen``) overrides ``service.listen``."""
-    # Config.service is being added to config.py by its owner (H3); until then a
-    # configuration has no [service] table (config.py refuses one) and the defaults apply.
-    sc: _ServiceTable | None = getattr(cfg, "service", None)
-    if sc is None:
-        return ServiceSettings(listen=Listen.parse(listen or DEFAULT_LISTEN))
+    sc = cfg.service
     clients = tuple(
         ClientSpec(
             name=c.name,

@@ -228,7 +228,15 @@ class _Entry:
 
 
 class Hsm:
-    """One handle over the fallback chain. Build it with :func:`open_hsm`."""
+    """One handle over the fallback chain. Build it with :func:`open_hsm`.
+
+    Threads: the key operations (sign, sign_many, verify, get_key, list_keys,
+    derive_public, capabilities, health; generate, import and delete, which the handle
+    serialises itself) may be called from several threads at once. ``reload``, ``close``
+    and the changes of the master key (``rotate_master_key``, ``change_passphrase``,
+    ``unenrol_tpm``, ``unenrol_token_wrap``) must not overlap other operations on the same
+    handle (a front end drains its workers first). Other processes sharing the deployment
+    need nothing: the keystore and the audit log are safe across processes."""
 
     def __init__(
         self,
@@ -390,6 +398,12 @@ class Hsm:
     @property
     def attempts(self) -> list[Attempt]:
         return list(self._attempts)
+
+    @property
+    def audit_last_seq(self) -> int:
+        """The sequence number of the last audit entry this handle wrote or saw (0 for a
+        verify-only handle)."""
+        return self._audit.last_seq if self._audit is not None else 0
 
     @property
     def audit_path(self) -> Path:

@@ -16,3 +16,10 @@ def test_a_simulator_handle_reports_its_level(deployment: Path, make_config: obj
     assert report["security_level"] == "simulator"
     rows = {p["name"]: p for p in report["providers"]}  # type: ignore[union-attr]
     assert rows["simulator"]["security_level"] == "simulator"
+
+
+def test_the_last_audit_sequence_is_live(deployment: Path) -> None:
+    with open_hsm(deployment) as hsm:
+        before = hsm.audit_last_seq
+        hsm.generate_key("counted")
+        assert hsm.audit_last_seq == before + 2  # started, ok

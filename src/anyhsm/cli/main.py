@@ -30,9 +30,10 @@ COMMAND_MODULES = (
     "anyhsm.cli.tpm_cmds",
     "anyhsm.cli.pkcs11_cmds",
     "anyhsm.cli.service_cmds",
+    "anyhsm.cli.policy_cmds",
     "anyhsm.cli.completion_cmds",
 )
-_CORE, _BITCOIN, _TPM, _PKCS11, _SERVICE, _COMPLETION = COMMAND_MODULES
+_CORE, _BITCOIN, _TPM, _PKCS11, _SERVICE, _POLICY, _COMPLETION = COMMAND_MODULES
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module that registers it, one-line help shown by "anyhsm --help").
     # A hint only: a command missing here is still found (every module is then
@@ -54,6 +55,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pkcs11": (_PKCS11, "PKCS#11 token administration"),
     "serve": (_SERVICE, "run the HTTP signing service (foreground, until SIGTERM)"),
     "service": (_SERVICE, "signing service clients"),
+    "policy": (_POLICY, "spending policy: set, show, check, request, approve, freeze"),
     "completion": (_COMPLETION, "print a shell completion script (bash, zsh, fish)"),
 }
 EXIT_INTERNAL = 70  # an unexpected exception (a bug); not an HsmError, so no class has it

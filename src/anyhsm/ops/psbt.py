@@ -193,8 +193,11 @@ def sign_psbt(
     signing policy's checks, under the handle's policy, network and environment; audited
     (``psbt_sign``). A PSBT given as data is parsed under the policy's ``max_psbt_bytes``.
     The PSBT given is not modified: the result holds a signed copy (``result.psbt``).
-    ``grind_low_r=False`` only to reproduce signers that do not grind (test vectors)."""
+    ``grind_low_r=False`` only to reproduce signers that do not grind (test vectors).
+    An active spending policy (:mod:`anyhsm.policy`) decides, and debits its budgets,
+    after the signer's own checks and before any signature."""
     from anyhsm.bitcoin.signer import sign_psbt as sign
+    from anyhsm.policy import spending_gate
 
     cfg = hsm.config
     if not isinstance(psbt, Psbt):
@@ -207,6 +210,7 @@ def sign_psbt(
         network=hsm.network,
         environment=cfg.environment,
         grind_low_r=grind_low_r,
+        spending=spending_gate(hsm),
     )
 
 

@@ -1,0 +1,226 @@
+"""Benchmark: the spending policy's cost per PSBT, as a share of the signing time.
+
+A software-keystore deployment with one HD key and a realistic spending policy: 10 rules
+(a 1,000-address allowlist, per-transaction, per-hour and per-day limits, output shape,
+OP_RETURN, own outputs, a time window, a warn rule, a rule for another key), set with
+``ops.policy.set_policy`` as an operator would. For a 1-input and a 100-input P2WPKH PSBT
+(every signing a new transaction, so each one is really debited), rows timed in turn,
+round after round (load from other processes moves them alike), median of the rounds:
+
+- *signing alone*: the library's signer (``anyhsm.bitcoin.signer.sign_psbt``) with no
+  spending gate: what ``psbt sign`` cost before the policy;
+- *signing + policy*: the same with the gate of the deployment, built per signing as the
+  one signing path (``ops.psbt.sign_psbt``) does: the active policy checked against its
+  binding (file read, SHA-256, MAC), then one state transaction (lock, read and MAC-check
+  the state, evaluate the 10 rules, debit, write, two audit entries);
+- the parts, timed alone: building the gate, evaluating the rules (pure), and one state
+  transaction with its audit entries.
+
+Target (issue 13): the policy adds less than 10% to the signing time.
+
+Run: ``.venv/bin/python benchmarks/bench_policy.py [--rounds 15] [--clock cpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench_psbt import build
+
+from anyhsm.bitcoin.address import address_from_script
+from anyhsm.bitcoin.psbt import Psbt
+from anyhsm.bitcoin.signer import analyse_psbt, sign_psbt
+from anyhsm.config import Config
+from anyhsm.deploy import FAST_DEV_KDF, init_deployment
+from anyhsm.hsm import Hsm, open_hsm
+from anyhsm.ops.policy import set_policy
+from anyhsm.policy.enforce import PolicyGate, load_active, spending_gate, state_store
+from anyhsm.policy.engine import evaluate
+from anyhsm.secret import SecretBytes
+from anyhsm.types import KeyType, Network
+
+PASSPHRASE = "benchmark passphrase, long enough for the keystore"
+SEED = bytes(range(32))
+TARGET = 0.10
+
+
+def policy_text(destinations: list[str], rng: random.Random) -> str:
+    others = [
+        address_from_script(bytes([0, 20]) + rng.randbytes(20), Network.REGTEST)
+        for _ in range(1000 - len(destinations))
+    ]
+    listed = "\n".join(f'  "{a}",' for a in [*others, *destinations])
+    return f"""
+[[rules]]
+name = "allowlist"
+keys = ["hot"]
+destinations = [
+{listed}
+]
+
+[[rules]]
+name = "per-tx"
+keys = ["hot"]
+max_per_tx_sat = 100_000_000_000
+
+[[rules]]
+name = "hourly"
+keys = ["hot"]
+max_per_period_sat = 10_000_000_000_000
+period = "1h"
+buckets = 60
+
+[[rules]]
+name = "daily"
+keys = ["hot"]
+max_per_period_sat = 100_000_000_000_000
+period = "24h"
+
+[[rules]]
+name = "shape"
+keys = ["hot"]
+script_types = ["p2wpkh", "p2tr"]
+max_outputs = 10
+max_inputs = 500
+
+[[rules]]
+name = "no-op-return"
+op_return = false
+
+[[rules]]
+name = "no-self"
+own_outputs = false
+
+[[rules]]
+name = "hours"
+hours = "00:00-24:00"
+days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+[[rules]]
+name = "large"
+max_per_tx_sat = 1_000_000_000_000
+action = "warn"
+
+[[rules]]
+name = "cold"
+keys = ["cold"]
+max_per_tx_sat = 0
+"""
+
+
+def deployment(directory: Path) -> Hsm:
+    cfg_path = init_deployment(
+        directory, SecretBytes(PASSPHRASE.encode()), kdf=FAST_DEV_KDF, network=Network.REGTEST
+    )
+    hsm = open_hsm(Config.load(cfg_path, env={}), passphrase=PASSPHRASE)
+    hsm.import_key("hot", SEED, KeyType.BIP32)
+    return hsm
+
+
+def variants(psbt: Psbt, n: int) -> list[Psbt]:
+    """``n`` copies of ``psbt`` paying 1..n sat less: each a new transaction."""
+    out = []
+    for k in range(n):
+        p = psbt.copy()
+        p.outputs[0].amount -= k + 1
+        out.append(p)
+    return out
+
+
+CLOCK: Callable[[], float] = time.perf_counter
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = CLOCK()
+    fn()
+    return CLOCK() - t
+
+
+def bench(hsm: Hsm, n: int, rounds: int) -> dict[str, float]:
+    cfg = hsm.config
+    base, _ = build("p2wpkh", SEED, n)
+    # warm caches (the parsed policy, imports) outside the timing, as a long-lived process has
+    psbts = variants(base, 2 * rounds + 2)
+    kw = {"policy": cfg.policy, "network": hsm.network, "environment": cfg.environment}
+    sign_psbt(hsm, psbts.pop(), "hot", **kw, spending=spending_gate(hsm))
+    sign_psbt(hsm, psbts.pop(), "hot", **kw)
+    rows: dict[str, list[float]] = {k: [] for k in ("plain", "policy", "gate", "eval", "txn")}
+    active = load_active(hsm)
+    assert active is not None
+    # the parts: each state transaction debits a new transaction too (as signing does)
+    spends = [analyse_psbt(hsm, p, "hot", **kw) for p in variants(base, 3 * rounds + 2)[-rounds:]]
+    for spend in spends:
+        p1, p2 = psbts.pop(), psbts.pop()
+        rows["plain"].append(timed(lambda: sign_psbt(hsm, p1, "hot", **kw)))  # noqa: B023
+        rows["policy"].append(
+            timed(lambda: sign_psbt(hsm, p2, "hot", **kw, spending=spending_gate(hsm)))  # noqa: B023
+        )
+        rows["gate"].append(timed(lambda: spending_gate(hsm)))
+        store = state_store(hsm, active.directory)
+        with store.transaction() as txn:
+            state = txn.read()
+        rows["eval"].append(timed(lambda: evaluate(active.policy, spend, state, time.time())))  # noqa: B023
+        gate = PolicyGate(hsm, active, store)
+        rows["txn"].append(timed(lambda: gate.authorize(spend).signed()))  # noqa: B023
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU time (on a machine busy with other work)",
+    )
+    args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    with tempfile.TemporaryDirectory() as tmp:
+        hsm = deployment(Path(tmp) / "dep")
+        try:
+            dests = []
+            for n in (1, 100):
+                dest = address_from_script(
+                    build("p2wpkh", SEED, n)[0].outputs[0].script, Network.REGTEST
+                )
+                assert dest is not None
+                dests.append(dest)
+            policy = Path(tmp) / "spending.toml"
+            policy.write_text(policy_text(dests, random.Random(1)))
+            set_policy(hsm, policy)
+            print(
+                "spending policy: 10 rules, 1,000-address allowlist; median of",
+                args.rounds,
+                "rounds",
+            )
+            print(
+                f"{'inputs':>6} {'signing':>10} {'+policy':>10} {'share':>7} "
+                f"{'gate':>8} {'eval':>8} {'txn':>8}  target < {TARGET:.0%}"
+            )
+            ok = True
+            for n in (1, 100):
+                r = bench(hsm, n, args.rounds)
+                share = (r["policy"] - r["plain"]) / r["plain"]
+                ok = ok and share < TARGET
+                print(
+                    f"{n:>6} {r['plain'] * 1e3:>8.2f}ms {r['policy'] * 1e3:>8.2f}ms {share:>6.1%} "
+                    f"{r['gate'] * 1e3:>6.2f}ms {r['eval'] * 1e3:>6.3f}ms {r['txn'] * 1e3:>6.2f}ms"
+                    f"  {'PASS' if share < TARGET else 'MISS'}"
+                )
+        finally:
+            hsm.close()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -344,6 +344,7 @@ class PolicyViolation(HsmError):
 
     code = "policy_violation"
     exit_code = 7
+    _rules: tuple[str, ...] = ()  # also for an instance made without __init__ (a client's)
 
     def __init__(
         self, message: str, *, hint: str | None = None, rules: tuple[str, ...] | list[str] = ()

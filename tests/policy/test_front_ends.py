@@ -1,0 +1,83 @@
+"""The spending policy holds for every way of reaching a key: Bitcoin Core's external
+signer (``anyhsm-signer signtx``, a real child process as bitcoind runs it) and the HTTP
+service (403 with the rule names), besides the CLI (test_cli_hot_wallet.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tests.conftest import PASSPHRASE
+from tests.policy.conftest import Deployment, audit_entries
+from tests.policy.embit_psbt import foreign_address, spend_psbt
+
+RNG = random.Random(31)
+POLICY = """
+[[rules]]
+name = "per-tx"
+keys = ["hot"]
+max_per_tx_sat = 10_000_000
+"""
+
+
+def _small_and_large(dep: Deployment) -> tuple[str, str]:
+    small = spend_psbt(dep.wallet, [(foreign_address(RNG), 1_000_000)], rng=RNG)
+    large = spend_psbt(dep.wallet, [(foreign_address(RNG), 20_000_000)], rng=RNG)
+    return small, large
+
+
+def test_bitcoin_core_signer_is_refused_by_the_policy(dep: Deployment) -> None:
+    from tests.signer.core import Core, CoreError
+
+    dep.set(POLICY)
+    with dep.config.open("a") as f:
+        f.write('\n[signer]\nkey = "hot"\n')
+    dep.hsm.close()
+    env = {"ANYHSM_CONFIG": str(dep.config), "ANYHSM_PASSPHRASE": PASSPHRASE}
+    core = Core("v28", "regtest", env, cwd=dep.config.parent)
+    small, large = _small_and_large(dep)
+    assert core.signtx(small) != small  # signed
+    with pytest.raises(CoreError) as e:
+        core.signtx(large)
+    assert "per-tx" in str(e.value) and "max_per_tx_sat" in str(e.value)
+    decisions = [e for e in audit_entries(dep.config) if e["op"] == "policy_decision"]
+    assert [d["outcome"] for d in decisions] == ["ok", "refused"]
+    dep.reopen()
+
+
+def test_the_service_answers_403_with_the_rule_names(dep: Deployment, tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp", reason="the server extra is not installed")
+    from tests.service.conftest import serve
+
+    from anyhsm.client import Client
+    from anyhsm.errors import SpendingPolicyRefused
+    from anyhsm.service.settings import ClientSpec, Op, ServiceSettings
+    from anyhsm.service.tokens import hash_token, new_token
+
+    dep.set(POLICY)
+    token = new_token()
+    spec = ClientSpec("treasury", hash_token(token), ("hot",), frozenset({Op.SIGN_PSBT, Op.READ}))
+    url, _, stop = serve(dep.hsm, ServiceSettings(rate_limit_per_s=0, clients=(spec,)))
+    client = Client(url, token, timeout=30)
+    try:
+        small, large = _small_and_large(dep)
+        assert client.sign_psbt("hot", small).signed_inputs == 1
+        with pytest.raises(SpendingPolicyRefused) as e:
+            client.sign_psbt("hot", large)
+        assert e.value.rules == ["per-tx"]
+        status, body, _ = client.request(
+            "POST", "/v1/psbt/sign", {"key": "hot", "psbt": large}, accept=(403,)
+        )
+        error = json.loads(body)["error"]
+        assert status == 403 and error["rules"] == ["per-tx"]
+        assert error["code"] == "spending_policy_refused"
+        metrics = client.request("GET", "/metrics")[1].decode()
+        assert 'anyhsm_policy_decisions_total{decision="refuse",rule="per-tx"}' in metrics
+    finally:
+        client.close()
+        stop()
+    decisions = [e for e in audit_entries(dep.config) if e["op"] == "policy_decision"]
+    assert [d.get("principal") for d in decisions] == ["treasury"] * 3
+    assert [d["detail"]["requester"] for d in decisions] == ["treasury"] * 3  # type: ignore[index]

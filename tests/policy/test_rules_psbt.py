@@ -115,6 +115,22 @@ def test_destinations_with_a_smaller_limit_elsewhere(dep: Deployment) -> None:
     assert _refused(dep, _pay(dep, 200_000)).rules == ["allowlist"]
 
 
+def test_destination_scripts(dep: Deployment) -> None:
+    from embit import script as escript
+
+    listed = foreign_address(RNG)
+    spk = escript.address_to_scriptpubkey(listed).data.hex()
+    dep.set(
+        f"""
+        [[rules]]
+        name = "scripts"
+        destination_scripts = ["{spk}"]
+        """
+    )
+    assert sign_psbt(dep.hsm, _pay(dep, 50_000, listed), "hot").signed_inputs == 1
+    assert _refused(dep, _pay(dep, 50_000)).rules == ["scripts"]
+
+
 def test_destination_descriptor_with_a_range(dep: Deployment) -> None:
     from embit.bip32 import HDKey
     from embit.networks import NETWORKS

@@ -56,7 +56,20 @@ def test_the_service_answers_403_with_the_rule_names(dep: Deployment, tmp_path: 
     from anyhsm.service.settings import ClientSpec, Op, ServiceSettings
     from anyhsm.service.tokens import hash_token, new_token
 
-    dep.set(POLICY)
+    dep.set(
+        POLICY
+        + """
+[[rules]]
+name = "daily"
+max_per_period_sat = 50_000_000
+period = "24h"
+
+[[rules]]
+name = "large"
+max_per_tx_sat = 500_000
+action = "warn"
+"""
+    )
     token = new_token()
     spec = ClientSpec("treasury", hash_token(token), ("hot",), frozenset({Op.SIGN_PSBT, Op.READ}))
     url, _, stop = serve(dep.hsm, ServiceSettings(rate_limit_per_s=0, clients=(spec,)))
@@ -75,6 +88,10 @@ def test_the_service_answers_403_with_the_rule_names(dep: Deployment, tmp_path: 
         assert error["code"] == "spending_policy_refused"
         metrics = client.request("GET", "/metrics")[1].decode()
         assert 'anyhsm_policy_decisions_total{decision="refuse",rule="per-tx"}' in metrics
+        assert 'anyhsm_policy_budget_used_sat{rule="daily"} 1.001e+06' in metrics
+        assert 'anyhsm_policy_budget_limit_sat{rule="daily"} 5e+07' in metrics
+        # a rule's verdict counts in every decision, the refused ones too
+        assert 'anyhsm_policy_decisions_total{decision="warn",rule="large"} 3.0' in metrics
     finally:
         client.close()
         stop()

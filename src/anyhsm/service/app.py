@@ -657,7 +657,12 @@ def create_app(
     app[SERVICE] = svc
     add_routes(app)
 
+    from anyhsm.policy import events
+
+    unsubscribe: list[Callable[[], None]] = []
+
     async def startup(app: web.Application) -> None:
+        unsubscribe.append(events.subscribe(svc.metrics.policy_decision))
         svc.observe_chain()
         await svc.readiness()
         from anyhsm.service.routes import count_keys
@@ -665,6 +670,8 @@ def create_app(
         await count_keys(svc)
 
     async def cleanup(app: web.Application) -> None:
+        for stop in unsubscribe:
+            stop()
         svc.stopping = True
         svc.gate.closed = True
         await asyncio.get_running_loop().run_in_executor(None, svc.executor.shutdown, True)

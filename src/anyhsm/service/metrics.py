@@ -10,6 +10,7 @@ codes), except ``key``, which exists only while the deployment has fewer keys th
 from __future__ import annotations
 
 import platform
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +21,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from anyhsm.policy.engine import Decision
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -70,8 +74,22 @@ class Metrics:
         )
         self.policy = Counter(
             "anyhsm_policy_decisions",
-            "PSBT signing policy decisions, by rule and decision (allow, refuse)",
+            "PSBT signing and spending policy decisions, by rule and decision (allow, refuse, "
+            "warn, approved)",
             ["rule", "decision"],
+            registry=r,
+        )
+        self.budget_used = Gauge(
+            "anyhsm_policy_budget_used_sat",
+            "Spending policy: satoshis counted in each period rule's window, as of its last "
+            "decision",
+            ["rule"],
+            registry=r,
+        )
+        self.budget_limit = Gauge(
+            "anyhsm_policy_budget_limit_sat",
+            "Spending policy: each period rule's limit (max_per_period_sat)",
+            ["rule"],
             registry=r,
         )
         self.auth_failures = Counter(
@@ -115,6 +133,19 @@ class Metrics:
         )
         build = Info("anyhsm_build", "anyhsm version and Python", registry=r)
         build.info({"version": version, "python": platform.python_version()})
+
+    def policy_decision(self, decision: Decision) -> None:
+        """A spending policy decision (anyhsm.policy.events): warned and approved rules
+        (refusals and allows are counted around the PSBT signing), and the budgets."""
+        for rule in decision.rules:
+            if rule.decision == "warn":
+                self.policy.labels(rule.name, "warn").inc()
+            elif rule.approved_by:
+                self.policy.labels(rule.name, "approved").inc()
+        for b in decision.budgets:
+            used = b.used + (b.amount if not decision.refused else 0)
+            self.budget_used.labels(b.rule).set(used)
+            self.budget_limit.labels(b.rule).set(b.limit)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -269,7 +269,7 @@ class CliHandle:
     operation, with only the environment the deployment needs (passphrase, PIN)."""
 
     interface = "cli"
-    missing = FEATURES  # `sign` takes one plain digest: no --path, no tweak, no batch
+    missing = frozenset({"sign_many"})  # `sign --path/--tweak`, but one digest per call
 
     def __init__(self, config: Path, env: Mapping[str, str]) -> None:
         self.config = config
@@ -371,8 +371,13 @@ class CliHandle:
         *,
         params: SignParams | None = None,
     ) -> bytes:
-        assert params is None or params == SignParams(), "the CLI signs plain digests only"
-        argv = ("sign", "--key", key, "--digest", digest.hex(), "--scheme", scheme.value)
+        p = params or SignParams()
+        assert p.aux_rand is None and not p.grind_low_r, "the CLI takes --path and --tweak only"
+        argv = ["sign", "--key", key, "--digest", digest.hex(), "--scheme", scheme.value]
+        if p.path:
+            argv += ["--path", _path_text(p.path)]
+        if p.tweak is not None:
+            argv += ["--tweak", p.tweak.hex()]
         out = check_shape("sign", self.run(*argv))
         assert out["scheme"] == scheme.value and out["key"] == key
         return bytes.fromhex(str(out["signature"]))
@@ -391,8 +396,9 @@ class CliHandle:
         *,
         path: tuple[int, ...] = (),
     ) -> bool:
-        assert path == (), "the CLI verifies against the key itself only"
         argv = ["verify", "--key", key, "--digest", digest.hex(), "--signature", signature.hex()]
+        if path:
+            argv += ["--path", _path_text(path)]
         out = check_shape("verify", self.run(*argv, "--scheme", scheme.value, ok_codes=(0, 1)))
         return bool(out["valid"])
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from anyhsm.audit import VerifyResult
 from anyhsm.cli.app import EXIT_NEGATIVE, EXIT_OK, App, Result, SubParsers, text_value
@@ -24,6 +25,9 @@ from anyhsm.ops import SCHEMA_VERSION
 from anyhsm.ops.admin import Rotation
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment, KeyInfo, KeyType, Network, SigScheme
+
+if TYPE_CHECKING:
+    from anyhsm.hsm import Hsm
 
 
 def _hex(text: str, what: str) -> bytes:
@@ -252,11 +256,20 @@ def cmd_key_export(args: argparse.Namespace, app: App) -> Result:
 # --- sign / verify -----------------------------------------------------------------------
 
 
-def _sign_options(args: argparse.Namespace) -> tuple[tuple[int, ...], bytes | None]:
+def _sign_options(args: argparse.Namespace, hsm: Hsm) -> tuple[tuple[int, ...], bytes | None]:
+    """--path and --tweak; a key whose provider cannot derive refuses any --path before
+    it is parsed (unsupported_operation, as the library answers, not bip32_error)."""
     from anyhsm.bitcoin.bip32 import parse_path
     from anyhsm.ops.data import hex_bytes
 
-    path = parse_path(args.path) if args.path else ()
+    path: tuple[int, ...] = ()
+    if args.path:
+        info = hsm.get_key(args.key)
+        if not hsm.capabilities(info.id).can_derive:
+            from anyhsm.errors import UnsupportedOperation
+
+            raise UnsupportedOperation(info.provider, "BIP32 derivation")
+        path = parse_path(args.path)
     tweak = hex_bytes(args.tweak, "tweak") if args.tweak else None
     return path, tweak
 
@@ -266,10 +279,9 @@ def cmd_sign(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.signing import sign_digest
 
     digest = hex_bytes(args.digest, "digest")
-    path, tweak = _sign_options(args)
-    res = sign_digest(
-        app.hsm(), args.key, digest, SigScheme.parse(args.scheme), path=path, tweak=tweak
-    )
+    hsm = app.hsm()
+    path, tweak = _sign_options(args, hsm)
+    res = sign_digest(hsm, args.key, digest, SigScheme.parse(args.scheme), path=path, tweak=tweak)
     return Result(res.to_dict(), [res.signature.hex()])
 
 
@@ -279,9 +291,10 @@ def cmd_verify(args: argparse.Namespace, app: App) -> Result:
 
     digest = hex_bytes(args.digest, "digest")
     sig = hex_bytes(args.signature, "signature")
-    path, tweak = _sign_options(args)
+    hsm = app.hsm()
+    path, tweak = _sign_options(args, hsm)
     res = verify_digest(
-        app.hsm(), args.key, digest, sig, SigScheme.parse(args.scheme), path=path, tweak=tweak
+        hsm, args.key, digest, sig, SigScheme.parse(args.scheme), path=path, tweak=tweak
     )
     code = EXIT_OK if res.valid else EXIT_NEGATIVE
     return Result(res.to_dict(), ["valid" if res.valid else "INVALID"], code)

@@ -45,7 +45,7 @@ _TOP_KEYS = {
     "service": (dict,),
 }
 _SIGNER_KEYS = {"key": (str,), "public_file": (str,)}
-SERVICE_OPS = ("read", "sign-digest", "sign-message", "sign-psbt", "admin")
+SERVICE_OPS = ("read", "sign-digest", "sign-message", "sign-psbt", "admin", "approve")
 """What a ``[[service.clients]]`` entry may be allowed (``ops``)."""
 DEFAULT_SERVICE_LISTEN = "127.0.0.1:8420"
 _SERVICE_KEYS = {

@@ -98,3 +98,63 @@ action = "warn"
     decisions = [e for e in audit_entries(dep.config) if e["op"] == "policy_decision"]
     assert [d.get("principal") for d in decisions] == ["treasury"] * 3
     assert [d["detail"]["requester"] for d in decisions] == ["treasury"] * 3  # type: ignore[index]
+
+
+def test_approvals_and_checks_through_the_service(dep: Deployment) -> None:
+    pytest.importorskip("aiohttp", reason="the server extra is not installed")
+    from tests.policy.conftest import APPROVERS, approvals_table
+    from tests.policy.embit_psbt import approval_text, txid_of
+    from tests.service.conftest import serve
+    from tests.service.openapi_check import check_response
+
+    from anyhsm.client import Client
+    from anyhsm.errors import ApprovalRejected, Forbidden
+    from anyhsm.ops.policy import show_policy
+    from anyhsm.service.settings import ClientSpec, Op, ServiceSettings
+    from anyhsm.service.tokens import hash_token, new_token
+
+    dep.set(POLICY + f"approvals = {approvals_table(2)}\n")
+    sha = show_policy(dep.hsm).sha256
+    tokens = {"treasury": new_token(), "alice": new_token()}
+    specs = (
+        ClientSpec("treasury", hash_token(tokens["treasury"]), ("hot",), frozenset({Op.SIGN_PSBT})),
+        ClientSpec("alice", hash_token(tokens["alice"]), ("hot",), frozenset({Op.APPROVE})),
+    )
+    url, _, stop = serve(dep.hsm, ServiceSettings(rate_limit_per_s=0, clients=specs))
+    treasury, alice = Client(url, tokens["treasury"], timeout=30), Client(url, tokens["alice"])
+    try:
+        _, large = _small_and_large(dep)
+        status, body, h = treasury.request(
+            "POST", "/v1/policy/check", {"key": "hot", "psbt": large}
+        )
+        check_response("POST", "/v1/policy/check", status, body, h.get("content-type", ""))
+        check = json.loads(body)
+        assert check["decision"] == "refuse" and check["rules"][-1]["name"] == "per-tx"
+        txid = txid_of(large)
+        expires = int(__import__("time").time()) + 600
+        text = approval_text(txid, str(sha), expires)
+        with pytest.raises(Forbidden):  # treasury may not approve
+            treasury.request(
+                "POST",
+                "/v1/policy/approvals",
+                {"txid": txid, "pubkey": APPROVERS[0].hex, "signature": "x", "expires": expires},
+            )
+        with pytest.raises(ApprovalRejected):
+            alice.request(
+                "POST",
+                "/v1/policy/approvals",
+                {"txid": txid, "pubkey": APPROVERS[0].hex, "signature": "x", "expires": expires},
+            )
+        for a in APPROVERS[:2]:
+            status, body, h = alice.request(
+                "POST",
+                "/v1/policy/approvals",
+                {"txid": txid, "pubkey": a.hex, "signature": a.sign(text), "expires": expires},
+            )
+            check_response("POST", "/v1/policy/approvals", status, body, h.get("content-type", ""))
+            assert json.loads(body)["rules"] == ["per-tx"]
+        assert treasury.sign_psbt("hot", large).signed_inputs == 1
+    finally:
+        treasury.close()
+        alice.close()
+        stop()

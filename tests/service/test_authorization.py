@@ -40,6 +40,9 @@ def attempt(r: Running, client: str, key: str, op: Op) -> None:
     elif op is Op.SIGN_PSBT:
         psbt = build_psbt([Spend("p2wpkh", [r.wallet.key("m/84h/1h/0h/0/0")])])
         c.sign_psbt(key, psbt)
+    elif op is Op.APPROVE:  # no spending policy is set: refused by the operation, audited
+        body = {"txid": "00" * 32, "pubkey": "02" + "00" * 32, "signature": "", "expires": 1}
+        c.request("POST", "/v1/policy/approvals", body)
     else:
         c.verify_audit()
 
@@ -47,7 +50,7 @@ def attempt(r: Running, client: str, key: str, op: Op) -> None:
 def allowed(client: str, key: str, op: Op) -> bool:
     patterns, ops = CLIENTS[client]
     spec = ClientSpec(client, "sha256:" + "0" * 64 + ":" + "0" * 64, patterns, ops)
-    return op in ops and (op is Op.ADMIN or spec.may_use("-", key))
+    return op in ops and (op in (Op.ADMIN, Op.APPROVE) or spec.may_use("-", key))
 
 
 @pytest.mark.parametrize("client", sorted(CLIENTS))

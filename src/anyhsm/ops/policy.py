@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from anyhsm.errors import (
     ApprovalRejected,
+    HsmError,
     PolicyNotAuthenticated,
     SigningPolicyError,
     UsageError,
@@ -452,12 +453,18 @@ def submit_approval(
     from anyhsm.policy.enforce import requester, state_store
     from anyhsm.policy.state import MAX_APPROVALS, MAX_USED, Approval
 
-    active = _require_active(hsm)
+    detail = {"txid": txid.strip().lower()[:64], "expires": str(expires)}
+    try:  # every submission is audited, also one no policy could take
+        active = _require_active(hsm)
+        pub = pubkey if isinstance(pubkey, bytes) else _hex_key(pubkey)
+    except HsmError as e:
+        reason = {"reason": e.message[:300]}
+        hsm.record_event("policy_approval", "refused", detail | reason, error=e.code)
+        raise
     pol = active.policy
-    pub = pubkey if isinstance(pubkey, bytes) else _hex_key(pubkey)
     txid = txid.strip().lower()
     t = _now(now)
-    detail = {"txid": txid[:64], "pubkey": pub.hex()[:66], "expires": str(expires)}
+    detail["pubkey"] = pub.hex()
 
     def reject(message: str, hint: str | None = None) -> ApprovalRejected:
         hsm.record_event(
@@ -518,7 +525,10 @@ def _hex_key(text: str) -> bytes:
     except ValueError:
         pub = b""
     if len(pub) != 33:
-        raise ApprovalRejected("an approver key is 33 bytes of hex (a compressed public key)")
+        raise ApprovalRejected(
+            "an approver key is 33 bytes of hex (a compressed public key)",
+            rules=["approval"],
+        )
     return pub
 
 

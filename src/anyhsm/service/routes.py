@@ -329,6 +329,45 @@ async def psbt_inspect(request: web.Request) -> web.StreamResponse:
     return json_response(await svc.run(caller, work))
 
 
+async def policy_check(request: web.Request) -> web.StreamResponse:
+    """``anyhsm policy check``: the spending policy's decision on a PSBT, nothing signed."""
+    from anyhsm.ops.policy import check_psbt
+    from anyhsm.ops.psbt import parse_psbt
+
+    svc, caller = await _caller(request, Op.SIGN_PSBT)
+    _, body = await _body(request)
+    name = _str(body, "key", max_len=128)
+    data = _psbt_text(svc, body)
+    limit = svc.hsm.config.policy.max_psbt_bytes
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        return check_psbt(svc.hsm, parse_psbt(data, max_bytes=limit), info.id).to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
+async def policy_approve(request: web.Request) -> web.StreamResponse:
+    """``anyhsm policy approve``: one approver's signature, kept until used or expired."""
+    from anyhsm.ops.policy import submit_approval
+
+    svc, caller = await _caller(request, Op.APPROVE)
+    _, body = await _body(request)
+    txid = _str(body, "txid", max_len=64)
+    pubkey = _str(body, "pubkey", max_len=66)
+    signature = _str(body, "signature", max_len=4096)
+    policy = _opt_str(body, "policy", max_len=64)
+    expires = body.get("expires")
+    if isinstance(expires, bool) or not isinstance(expires, int):
+        raise InvalidRequest("member 'expires' is required and must be an integer (Unix time)")
+
+    def work() -> dict[str, object]:
+        res = submit_approval(svc.hsm, txid, pubkey, signature, expires, policy=policy)
+        return res.to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
 async def message_verify(request: web.Request) -> web.StreamResponse:
     from anyhsm.ops.bitcoin import verify_message
 
@@ -543,6 +582,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/psbt/sign", Op.SIGN_PSBT, psbt_sign, idempotent=True),
     Endpoint("POST", "/v1/psbt/finalize", Op.READ, psbt_finalize),
     Endpoint("POST", "/v1/psbt/inspect", Op.READ, psbt_inspect),
+    Endpoint("POST", "/v1/policy/check", Op.SIGN_PSBT, policy_check),
+    Endpoint("POST", "/v1/policy/approvals", Op.APPROVE, policy_approve),
     Endpoint("POST", "/v1/message/sign", Op.SIGN_MESSAGE, message_sign),
     Endpoint("POST", "/v1/message/verify", Op.READ, message_verify),
     Endpoint("GET", "/v1/audit", Op.ADMIN, audit_tail),

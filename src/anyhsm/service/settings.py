@@ -42,6 +42,7 @@ class Op(enum.StrEnum):
     SIGN_MESSAGE = "sign-message"  # BIP137 / BIP322 messages
     SIGN_PSBT = "sign-psbt"  # PSBTs, under the signing policy
     ADMIN = "admin"  # the audit log's tail and verification
+    APPROVE = "approve"  # submit spending policy approvals (docs/policy.md)
 
 
 @dataclass(frozen=True)

@@ -869,7 +869,7 @@ class VerifyResult:
             "ok": self.ok,
             "entries": self.entries,
             "first_bad_line": self.first_bad_line,
-            "reason": self.reason,
+            "reason": self.reason or None,
             "checkpoint_seq": self.checkpoint_seq,
             "chain": self.chain,
         }

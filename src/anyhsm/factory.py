@@ -159,12 +159,12 @@ class Attempt:
         return {
             "name": self.name,
             "status": self.status,
-            "reason": self.reason,
+            "reason": self.reason or None,
             "elapsed_ms": round(self.elapsed_ms, 3),
             "security_level": (
                 self.security_level.label if self.security_level is not None else None
             ),
-            "error_code": self.error_code,
+            "error_code": self.error_code or None,
         }
 
 

@@ -1348,7 +1348,7 @@ class Hsm:
                     if not h.ok:
                         raise ProviderUnavailable(h.reason or h.status)
                     signing_probe(self._active, self._probe_pub)
-                    row.update(status="ok", reason="", details=h.details)
+                    row.update(status="ok", reason=None, details=h.details)
                     self._unhealthy.pop(a.name, None)
                 except HsmError as e:
                     ok = False

@@ -173,8 +173,8 @@ def test_wrap_enroll_then_pkcs11_chain_opens_through_the_token(
     assert code == 0 and data["provider"] == "pkcs11", data
     code, data = run(capsys, *c, "key", "list", "--json")
     assert code == 0 and [k["label"] for k in data["keys"]] == ["cold-wrapped"]  # type: ignore[attr-defined]
-    from anyhsm.ops.session import unattended
     from anyhsm.config import Config
+    from anyhsm.ops.session import unattended
 
     assert unattended(Config.load(cfg))  # so the CLI does not prompt for the passphrase
     with open_hsm(cfg) as hsm:

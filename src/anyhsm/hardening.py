@@ -129,14 +129,9 @@ class ProcessStatus:
     def to_dict(self) -> dict[str, object]:
         return {
             "hardening": self.hardening,
-            "dumpable": "unknown" if self.dumpable is None else "yes" if self.dumpable else "no",
-            "core_limit": (
-                "unknown"
-                if self.core_limit is None
-                else "unlimited"
-                if self.core_limit[0] < 0
-                else str(self.core_limit[0])
-            ),
+            # JSON conventions (docs/cli.md): booleans and numbers as such, null unknown.
+            "dumpable": self.dumpable,
+            "core_limit": None if self.core_limit is None else self.core_limit[0],
             "dontdump_secrets": self.dontdump,
             "ok": self.ok,
             "failures": list(self.failures),

@@ -116,7 +116,7 @@ def test_open_makes_the_process_non_dumpable(tmp_path: Path, environment: str) -
     assert out["after"]["dumpable"] == 0  # ... the open made it non-dumpable
     assert out["after"]["core"] == [0, 0]  # and no core file, ever (hard limit too)
     process = out["process"]
-    assert process["dumpable"] == "no" and process["core_limit"] == "0"
+    assert process["dumpable"] is False and process["core_limit"] == 0
     assert process["hardening"] == "required" and process["ok"] is True
     assert process["dontdump_secrets"] == "marked"
 

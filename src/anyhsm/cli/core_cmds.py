@@ -303,6 +303,13 @@ def cmd_verify(args: argparse.Namespace, app: App) -> Result:
 # --- health / audit / config -----------------------------------------------------------------
 
 
+def _core_limit_text(limit: object) -> str:
+    """The soft core-size limit as an operator reads it (-1 is RLIM_INFINITY)."""
+    if limit is None:
+        return "unknown"
+    return "unlimited" if limit == -1 else f"{limit} bytes"
+
+
 def cmd_health(args: argparse.Namespace, app: App) -> Result:
     """The health object in every case: when the handle cannot be opened, ``ok`` is false,
     every provider's reason is listed, and the error is its ``error`` member; the exit
@@ -337,7 +344,7 @@ def cmd_health(args: argparse.Namespace, app: App) -> Result:
     if proc:
         lines.append(
             f"process: dumpable {text_value(proc.get('dumpable'))}, core limit "
-            f"{text_value(proc.get('core_limit'))}, secrets dontdump "
+            f"{_core_limit_text(proc.get('core_limit'))}, secrets dontdump "
             f"{text_value(proc.get('dontdump_secrets'))} "
             f"(hardening {text_value(proc.get('hardening'))})"
         )

@@ -134,7 +134,7 @@ def test_development_is_left_alone_and_says_so(tmp_path: Path) -> None:
     out = _child(_deployment(tmp_path, "development"))
     assert out["after"]["dumpable"] == out["before"]["dumpable"] == 1
     process = out["process"]
-    assert process["hardening"] == "not required" and process["dumpable"] == "yes"
+    assert process["hardening"] == "not required" and process["dumpable"] is True
     assert process["ok"] is True
 
 

@@ -497,3 +497,64 @@ def test_message_verify_reports_the_bip322_verdict(run: Run) -> None:
     assert data["error"]["code"] == "message_error" and "inconclusive" in err  # type: ignore[index]
     code, out, _ = run("message", "verify", v2, "m", "smpAA==")
     assert code == 2 and out.startswith("INCONCLUSIVE")
+
+
+MNEMONIC_2 = "legal winner thank year wave sausage worth useful legal winner thank yellow"
+
+
+def _second_wallet(run: Run, tmp_path: Path) -> Wallet:
+    words = tmp_path / "mnemonic-2.txt"
+    words.write_text(MNEMONIC_2 + "\n")
+    words.chmod(0o600)
+    code, _, err = run("key", "import", "--label", "v", "--mnemonic-file", str(words))
+    assert code == 0, err
+    with mnemonic_to_seed(MNEMONIC_2) as seed:
+        return Wallet("v", bytes(seed.buffer))
+
+
+def test_psbt_sign_with_several_keys_and_with_every_key(run: Run, tmp_path: Path) -> None:
+    """Issue 11: one call signs with several keys (KEY plus --key) or with every key that
+    the PSBT names (--all-keys): a 2-of-2 of two HD keys gets both signatures in one
+    signing and finalizes; one audit entry names both keys."""
+    w, v = _wallet(), _second_wallet(run, tmp_path)
+    spends = [
+        Spend("p2wpkh", [w.key("m/84'/1'/0'/0/0")]),
+        Spend("p2wpkh", [v.key("m/84'/1'/0'/0/1")]),
+        Spend("p2wsh", [w.key("m/48'/1'/0'/2'/0/0"), v.key("m/48'/1'/0'/2'/0/0")], m=2),
+    ]
+    f = _psbt_file(tmp_path, spends)
+    # One key alone: the multisig input keeps waiting for the other signature.
+    code, out, _ = run("psbt", "sign", "w", str(f), "--json")
+    assert code == 0 and [i["status"] for i in _json(out)["inputs"]] == [  # type: ignore[union-attr]
+        "signed",
+        "not-signed",
+        "signed",
+    ]
+    for argv in (["w", str(f), "--key", "v"], [str(f), "--all-keys"]):
+        code, out, err = run("psbt", "sign", *argv, "--json")
+        assert code == 0, err
+        data = _json(out)
+        signed = Psbt.parse(str(data["psbt"]))
+        assert [len(i.partial_sigs) for i in signed.inputs] == [1, 1, 2]
+        assert data["signed_inputs"] == 3
+        done = tmp_path / "signed.psbt"
+        done.write_text(str(data["psbt"]))
+        code, out, err = run("psbt", "finalize", str(done), "--json")
+        assert code == 0 and _json(out)["complete"] is True, out + err
+    log = Path(str(json.loads(run("health", "--json")[1])["audit"]["path"]))  # type: ignore[index]
+    entries = [json.loads(x) for x in log.read_text().splitlines()]
+    several = [e for e in entries if e["op"] == "psbt_sign" and "keys" in e.get("detail", {})]
+    assert several and all(len(e["detail"]["keys"].split(",")) == 2 for e in several)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [([], "name the key"), (["w", "--all-keys"], "--all-keys signs with every key")],
+)
+def test_psbt_sign_key_arguments_are_checked(
+    run: Run, tmp_path: Path, argv: list[str], needle: str
+) -> None:
+    f = _psbt_file(tmp_path, [Spend("p2wpkh", [_wallet().key("m/84'/1'/0'/0/0")])])
+    code, out, _ = run("psbt", "sign", *argv[:1], str(f), *argv[1:], "--json")
+    err = _json(out)["error"]
+    assert code == 2 and isinstance(err, dict) and needle in str(err["message"])

@@ -94,6 +94,7 @@ from anyhsm.errors import (
     SigningFailed,
     SigningPolicyError,
     UnsupportedOperation,
+    UsageError,
 )
 from anyhsm.types import (
     MAX_PATH_DEPTH,
@@ -253,8 +254,24 @@ class _Key:
         return signing_refusal(self.caps, self.info.provider, scheme, tweak)
 
 
-def _signing_keys(backend: SigningBackend, key: KeyRef | None) -> list[_Key]:
-    infos = [backend.get_key(key)] if key is not None else backend.list_keys()
+KeySelection = KeyRef | Sequence[KeyRef] | None
+"""Which keys sign a PSBT: one key (id or label), several, or None for every key."""
+
+
+def _key_refs(key: KeySelection) -> tuple[KeyRef, ...] | None:
+    if key is None:
+        return None
+    refs = (key,) if isinstance(key, str) else tuple(key)
+    if not refs:
+        raise UsageError("no key named to sign with", hint="name a key, or sign with every key")
+    return refs
+
+
+def _signing_keys(backend: SigningBackend, key: tuple[KeyRef, ...] | None) -> list[_Key]:
+    if key is None:
+        infos = backend.list_keys()
+    else:  # each named key once, also when named by its id and by its label
+        infos = list({i.id: i for i in (backend.get_key(k) for k in key)}.values())
     out: list[_Key] = []
     for info in infos:
         if not info.available and key is None:
@@ -594,7 +611,7 @@ def _digest(cache: SighashCache, index: int, info: SpendInfo, job: _Job, hash_ty
 def sign_psbt(
     backend: SigningBackend,
     psbt: Psbt,
-    key: KeyRef | None = None,
+    key: KeySelection = None,
     *,
     policy: PolicyConfig,
     network: Network,
@@ -602,8 +619,9 @@ def sign_psbt(
     grind_low_r: bool = True,
     spending: SpendingGate | None = None,
 ) -> SignResult:
-    """Sign every input of ``psbt`` that ``key`` (or any key of ``backend``, when None)
-    can sign, under the signing ``policy`` for ``network``.
+    """Sign every input of ``psbt`` that ``key`` (one key, a sequence of keys, or any key
+    of ``backend`` when None) can sign, under the signing ``policy`` for ``network``: one
+    policy decision and one audit entry for the whole PSBT whatever the number of keys.
 
     ``backend`` is anything with the :class:`~anyhsm.bitcoin.backend.SigningBackend`
     methods, such as :class:`anyhsm.hsm.Hsm` (whose caller passes ``hsm.config.policy``,
@@ -627,22 +645,27 @@ def sign_psbt(
     """
     policy = _effective(policy, environment)
     unsigned, txid = _unsigned(psbt)
+    refs = _key_refs(key)
     key_id: str | None = None
+    named: dict[str, str] = {}
     try:
-        keys = _signing_keys(backend, key)
-        if key is not None and keys:
+        keys = _signing_keys(backend, refs)
+        if refs is not None and len(keys) == 1:
             key_id = keys[0].info.id
+        elif refs is not None:
+            named = {"keys": _bounded(",".join(k.info.id for k in keys), 300)}
         result = _sign(
-            backend, psbt, unsigned, keys, key, policy, network, grind_low_r, txid, spending
+            backend, psbt, unsigned, keys, refs, policy, network, grind_low_r, txid, spending
         )
     except (SigningPolicyError, PsbtLimitExceeded) as e:
         detail = {"txid": txid, "rules": _rules(e), "message": _bounded(e.message, 300)}
+        detail.update(named)
         if isinstance(e, PsbtLimitExceeded) and e.field:
             detail["setting"] = e.field
         backend.record_event("psbt_sign", "refused", detail, key_id=key_id, error=e.code)
         raise
     except HsmError as e:
-        detail = {"txid": txid, "message": _bounded(e.message, 300)}
+        detail = {"txid": txid, "message": _bounded(e.message, 300), **named}
         if isinstance(e, NothingSigned):
             detail["rules"] = "nothing-signed"
         backend.record_event("psbt_sign", "error", detail, key_id=key_id, error=e.code)
@@ -653,6 +676,7 @@ def sign_psbt(
         "inputs": _index_list(signed),
         "signatures": str(result.signatures),
         "fee": str(result.fee),
+        **named,
     }
     backend.record_event("psbt_sign", "ok", detail, key_id=key_id)
     return result
@@ -661,7 +685,7 @@ def sign_psbt(
 def analyse_psbt(
     backend: SigningBackend,
     psbt: Psbt,
-    key: KeyRef | None = None,
+    key: KeySelection = None,
     *,
     policy: PolicyConfig,
     network: Network,
@@ -672,9 +696,10 @@ def analyse_psbt(
     refusals (``PsbtLimitExceeded``, ``SigningPolicyError``, ``NothingSigned``)."""
     policy = _effective(policy, environment)
     unsigned, txid = _unsigned(psbt)
-    keys = _signing_keys(backend, key)
+    refs = _key_refs(key)
+    keys = _signing_keys(backend, refs)
     try:
-        _sign(backend, psbt, unsigned, keys, key, policy, network, True, txid, _Collect())
+        _sign(backend, psbt, unsigned, keys, refs, policy, network, True, txid, _Collect())
     except _Analysed as done:
         return done.summary
     raise AssertionError("the signer signed without asking its spending gate")  # pragma: no cover
@@ -723,7 +748,7 @@ def _sign(
     psbt: Psbt,
     unsigned: tuple[Transaction, int] | None,
     keys: list[_Key],
-    key: KeyRef | None,
+    key: tuple[KeyRef, ...] | None,
     rules: PolicyConfig,
     network: Network,
     grind_low_r: bool,
@@ -1062,7 +1087,7 @@ def _why_not(plan: _Plan) -> str:
 
 
 def _nothing_signed(
-    key: KeyRef | None,
+    key: tuple[KeyRef, ...] | None,
     keys: Sequence[_Key],
     psbt: Psbt,
     infos: Sequence[SpendInfo],
@@ -1072,7 +1097,10 @@ def _nothing_signed(
         _input_report(i, inp, info, plan, [])
         for i, (inp, info, plan) in enumerate(zip(psbt.inputs, infos, plans, strict=True))
     ]
-    who = f"key {key!r}" if key is not None else f"any of the {len(keys)} key(s) in the HSM"
+    if key is None:
+        who = f"any of the {len(keys)} key(s) in the HSM"
+    else:
+        who = ("key " if len(key) == 1 else "keys ") + ", ".join(repr(k) for k in key)
     fps = sorted({k.fingerprint.hex() for k in keys if k.hd})
     shown = "; ".join(f"input {r.index}: {r.reason}" for r in reports[:3])
     more = f" (and {len(reports) - 3} more inputs)" if len(reports) > 3 else ""

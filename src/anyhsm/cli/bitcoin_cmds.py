@@ -143,11 +143,29 @@ def sign_text(res: SignResult) -> list[str]:
     return lines
 
 
+def _psbt_signing_keys(args: argparse.Namespace) -> list[str] | None:
+    """KEY and every --key, or None (every key of the handle) with --all-keys."""
+    from anyhsm.errors import UsageError
+
+    named = ([args.key] if args.key is not None else []) + list(args.keys or [])
+    if args.all_keys:
+        if named:
+            raise UsageError("--all-keys signs with every key: name no key with it")
+        return None
+    if not named:
+        raise UsageError(
+            "name the key to sign with (KEY, --key), or give --all-keys",
+            hint="anyhsm psbt sign KEY FILE",
+        )
+    return named
+
+
 def cmd_psbt_sign(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.psbt import sign_psbt
 
+    keys = _psbt_signing_keys(args)
     psbt = _read_psbt(args.file, app.config().policy.max_psbt_bytes)
-    res = sign_psbt(app.hsm(), psbt, args.key)
+    res = sign_psbt(app.hsm(), psbt, keys)
     if args.out:
         _write_psbt(res.psbt, args.out, args.binary)
     data = res.to_dict()
@@ -292,8 +310,20 @@ def register(sub: SubParsers) -> None:
     )
     i.set_defaults(func=cmd_psbt_inspect)
     s = ps.add_parser("sign", help="sign every input the key can sign, after the policy checks")
-    s.add_argument("key", help="key id or label")
+    s.add_argument("key", nargs="?", help="key id or label")
     s.add_argument("file", help="PSBT file (base64, hex or binary), or - for stdin")
+    s.add_argument(
+        "--key",
+        dest="keys",
+        action="append",
+        metavar="KEY",
+        help="another key to sign with (repeat it; one policy decision for them all)",
+    )
+    s.add_argument(
+        "--all-keys",
+        action="store_true",
+        help="sign with every key of the handle that the PSBT names, instead of KEY",
+    )
     s.add_argument("--out", help="write the signed PSBT to this file (default: stdout, base64)")
     s.add_argument("--binary", action="store_true", help="with --out: raw bytes, not base64")
     s.set_defaults(func=cmd_psbt_sign)

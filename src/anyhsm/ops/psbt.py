@@ -187,9 +187,14 @@ def _output_kind(script: bytes) -> ScriptKind:
 
 
 def sign_psbt(
-    hsm: Hsm, psbt: Psbt | bytes | str, key: KeyRef | None = None, *, grind_low_r: bool = True
+    hsm: Hsm,
+    psbt: Psbt | bytes | str,
+    key: KeyRef | Sequence[KeyRef] | None = None,
+    *,
+    grind_low_r: bool = True,
 ) -> SignResult:
-    """Sign every input ``key`` (or, when None, any key of the handle) can sign, after the
+    """Sign every input ``key`` (one key, several, or, when None, any key of the handle)
+    can sign (one policy decision and one audit entry for them all), after the
     signing policy's checks, under the handle's policy, network and environment; audited
     (``psbt_sign``). A PSBT given as data is parsed under the policy's ``max_psbt_bytes``.
     The PSBT given is not modified: the result holds a signed copy (``result.psbt``).

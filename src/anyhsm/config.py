@@ -346,16 +346,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path, env: Mapping[str, str] | None = None) -> Config:
-        p = Path(path).expanduser().resolve()
-        try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(
-                f"config file {p} does not exist",
-                hint="create one with 'anyhsm init --dir DIR' or pass --config",
-            ) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        p, raw = _read_file(path)
         return cls.from_mapping(raw, config_dir=p.parent, source=p, env=env)
 
     @classmethod
@@ -396,6 +387,33 @@ def _parse_env_value(text: str) -> object:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def _read_file(path: str | Path) -> tuple[Path, dict[str, object]]:
+    """The resolved path and the parsed TOML of a config file (ConfigError otherwise)."""
+    p = Path(path).expanduser().resolve()
+    try:
+        return p, tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {p} does not exist",
+            hint="create one with 'anyhsm init --dir DIR' or pass --config",
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+
+
+def check_file(path: str | Path, env: Mapping[str, str] | None = None) -> list[Problem]:
+    """Every problem of the config file at ``path`` at once (``anyhsm config check``):
+    the structural ones, and when none of them is an error, :meth:`Config.check`'s
+    (which repeats them, with the environment's rules and the KDF's open time). A file
+    that is missing or not TOML is a ConfigError, as for :meth:`Config.load`."""
+    p, raw = _read_file(path)
+    environ = os.environ if env is None else env
+    problems = structural_problems(apply_env_overrides(dict(raw), environ))
+    if any(pr.severity == "error" for pr in problems):
+        return problems
+    return Config.from_mapping(raw, config_dir=p.parent, source=p, env=environ).check()
 
 
 def apply_env_overrides(raw: dict[str, object], env: Mapping[str, str]) -> dict[str, object]:

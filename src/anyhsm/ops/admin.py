@@ -265,22 +265,9 @@ def config_check(path: Path, env: Mapping[str, str] | None = None) -> ConfigChec
     """Every problem of the configuration file at ``path`` at once (structural, then,
     when it builds, the environment's rules and the KDF's open time); a file that is
     missing or not TOML is a ConfigError."""
-    import os
-    import tomllib
+    from anyhsm.config import check_file
 
-    from anyhsm.config import Config, apply_env_overrides, structural_problems
-
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    environ = os.environ if env is None else env
-    problems = structural_problems(apply_env_overrides(raw, environ))
-    if not [p for p in problems if p.severity == "error"]:
-        cfg = Config.from_mapping(raw, config_dir=path.resolve().parent, source=path, env=environ)
-        problems = cfg.check()
+    problems = check_file(path, env)
     return ConfigCheck(not [p for p in problems if p.severity == "error"], tuple(problems))
 
 

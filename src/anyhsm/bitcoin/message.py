@@ -306,22 +306,29 @@ def verify_message_bip322(
     return result.valid
 
 
+def is_bip137_signature(signature_b64: str) -> bool:
+    """The one rule telling the formats apart: a BIP322 prefix (smp, ful, pof) is BIP322;
+    base64 of 65 bytes with a 27..42 header is BIP137; anything else is taken as an
+    unprefixed BIP322 simple signature."""
+    text = signature_b64.strip() if isinstance(signature_b64, str) else ""
+    if text[:3] in ("smp", "ful", "pof") or len(text) > 100:  # 65 bytes are 88 characters
+        return False
+    try:
+        raw = _b64decode(text)
+    except HsmError:
+        return False
+    return len(raw) == 65 and 27 <= raw[0] <= 42
+
+
 def verify_message(
     address: str, message: bytes | str, signature_b64: str, network: Network
 ) -> bool:
-    """Verify either format: a BIP322 prefix (smp, ful, pof) is BIP322; a 65-byte signature
-    with a 27..42 header is BIP137; anything else is taken as an unprefixed BIP322 simple
-    signature. Same answers as the two functions it calls."""
-    text = signature_b64.strip() if isinstance(signature_b64, str) else signature_b64
-    if isinstance(text, str) and text[:3] in ("smp", "ful", "pof"):
-        return verify_message_bip322(address, message, text, network)
-    try:
-        raw = _b64decode(signature_b64)
-    except HsmError:
-        raw = b""
-    if len(raw) == 65 and 27 <= raw[0] <= 42:
+    """Verify either format (:func:`is_bip137_signature` tells which). Same answers as the
+    two functions it calls."""
+    if is_bip137_signature(signature_b64):
         return verify_message_bip137(address, message, signature_b64, network)
-    return verify_message_bip322(address, message, signature_b64, network)
+    text = signature_b64.strip() if isinstance(signature_b64, str) else signature_b64
+    return verify_message_bip322(address, message, text, network)
 
 
 __all__ = [
@@ -333,6 +340,7 @@ __all__ = [
     "bip322_to_spend",
     "decode_witness",
     "encode_witness",
+    "is_bip137_signature",
     "message_hash",
     "recover_bip137",
     "sign_message_bip137",

@@ -466,12 +466,12 @@ def verify_message(
     raises MessageError."""
     from anyhsm.bitcoin.address import parse_address
     from anyhsm.bitcoin.bip322 import Bip322State, verify_bip322
-    from anyhsm.bitcoin.message import verify_message_bip137
+    from anyhsm.bitcoin.message import is_bip137_signature, verify_message_bip137
     from anyhsm.errors import MessageError as Inconclusive
 
     if network is None:
         network = sorted(parse_address(address).networks, key=lambda n: n.value)[0]
-    if _bip137_shaped(signature):
+    if is_bip137_signature(signature):
         ok = verify_message_bip137(address, message, signature, network)
         return MessageVerification(
             ok, address, network, "bip137", "valid" if ok else "invalid",
@@ -502,17 +502,3 @@ def verify_message(
         ),
         error=error,
     )
-
-
-def _bip137_shaped(signature: str) -> bool:
-    import base64
-    import binascii
-
-    text = signature.strip()
-    if text[:3] in ("smp", "ful", "pof") or len(text) > 100:
-        return False
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    return len(raw) == 65 and 27 <= raw[0] <= 42

@@ -558,3 +558,58 @@ def test_psbt_sign_key_arguments_are_checked(
     code, out, _ = run("psbt", "sign", *argv[:1], str(f), *argv[1:], "--json")
     err = _json(out)["error"]
     assert code == 2 and isinstance(err, dict) and needle in str(err["message"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"), [("p2wpkh", "m/84'/1'/0'/0/0"), ("p2tr", "m/86'/1'/0'/0/0")]
+)
+def test_message_sign_proof_of_funds(run: Run, kind: str, path: str) -> None:
+    """Issue 11: a BIP322 proof-of-funds signature from the CLI: it verifies, lists the
+    outputs it claims, and Bitcoin Core's interpreter accepts every input of the to_sign
+    transaction its finalized PSBT holds (the message's to_spend output and each claimed
+    output)."""
+    from tests.bitcoin.kernel import assert_spends
+
+    from anyhsm.bitcoin.address import script_from_address
+    from anyhsm.bitcoin.bip322 import bip322_to_spend, split_signature
+    from anyhsm.bitcoin.tx import TxOut
+
+    funds = [f"{'ab' * 32}:1:150000", f"{'cd' * 32}:0:2500"]
+    args = ["message", "sign", "w", path, "I hold these", "--type", kind, "--bip322", "--json"]
+    code, out, err = run(*args, *[a for f in funds for a in ("--proof-of-funds", f)])
+    assert code == 0, err
+    data = _json(out)
+    assert str(data["signature"]).startswith("pof") and data["bip322_format"] == "proof-of-funds"
+    code, out, _ = run(
+        "message", "verify", str(data["address"]), "I hold these", str(data["signature"]), "--json"
+    )
+    verdict = _json(out)
+    assert code == 0 and verdict["valid"] is True and verdict["bip322_format"] == "proof-of-funds"
+    proven = verdict["proven"]
+    assert isinstance(proven, list)
+    assert [(p["txid"], p["vout"], p["amount"]) for p in proven] == [
+        ("ab" * 32, 1, 150000),
+        ("cd" * 32, 0, 2500),
+    ]
+    challenge = script_from_address(str(data["address"]), Network.REGTEST)
+    _, raw, _ = split_signature(str(data["signature"]))
+    to_sign = Psbt.parse(raw).extract_transaction()  # a proof of funds is a finalized PSBT
+    to_spend = bip322_to_spend("I hold these", challenge)
+    assert_spends(to_sign, [to_spend.outputs[0], TxOut(150000, challenge), TxOut(2500, challenge)])
+    # Another message, or a claimed output removed, does not verify.
+    code, out, _ = run("message", "verify", str(data["address"]), "other", str(data["signature"]))
+    assert code == 1 and out.strip() == "INVALID"
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--proof-of-funds", "ab:1:5", "--bip322"], "TXID:VOUT:SATS"),
+        (["--proof-of-funds", f"{'ab' * 32}:1:5"], "--bip322"),
+        (["--proof-of-funds", f"{'ab' * 32}:1:5", "--bip322", "--type", "p2pkh"], "previous"),
+    ],
+)
+def test_message_proof_of_funds_refusals(run: Run, extra: list[str], needle: str) -> None:
+    code, out, _ = run("message", "sign", "w", "m/84'/1'/0'/0/0", "x", *extra, "--json")
+    err = _json(out)["error"]
+    assert code != 0 and isinstance(err, dict) and needle in str(err["message"]) + str(err["hint"])

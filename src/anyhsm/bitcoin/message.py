@@ -38,7 +38,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from coincurve import PublicKey
 
@@ -47,6 +47,7 @@ from anyhsm.bitcoin.bip322 import (
     Bip322Format,
     Bip322Key,
     Bip322State,
+    Bip322Utxo,
     bip322_message_hash,
     bip322_to_sign,
     bip322_to_spend,
@@ -60,6 +61,7 @@ from anyhsm.bitcoin.bip322 import (
 from anyhsm.bitcoin.encoding import compact_size, hash160, sha256d
 from anyhsm.bitcoin.presets import OutputType
 from anyhsm.bitcoin.script import ScriptType, p2pkh, p2sh, p2wpkh
+from anyhsm.bitcoin.tx import OutPoint, TxOut
 from anyhsm.crypto import secp256k1 as ec
 from anyhsm.errors import HsmError, MessageError
 from anyhsm.types import Network
@@ -258,8 +260,15 @@ def sign_message_bip322(
     *,
     fmt: Bip322Format | None = None,
     prefix: bool = True,
+    proof_of_funds: Sequence[tuple[OutPoint, int]] = (),
 ) -> str:
     """A BIP322 signature for the address of ``address_type`` of ``pubkey33``.
+
+    ``proof_of_funds``: outpoints and amounts (sats) of outputs paying this same
+    address, which the signature then also proves control of (a proof-of-funds
+    signature; segwit address types only, as a P2PKH output would need its whole
+    previous transaction). The amounts are the signer's claims: a verifier checks them
+    against the UTXO set.
 
     ``fmt`` None: simple for P2WPKH and P2TR, full for P2PKH and P2SH-P2WPKH (the simple
     format is for native segwit only). For P2WPKH, P2SH-P2WPKH and P2PKH ``sign_digest``
@@ -285,7 +294,17 @@ def sign_message_bip322(
             OutputType.P2SH_P2WPKH: p2sh(hash160(p2wpkh(h))),
         }[kind]
         key = Bip322Key(pubkey33, ecdsa=sign_digest)
-    signature = sign_bip322(message, challenge, [key], fmt=fmt or _BIP322_SINGLE_KEY[kind])
+    utxos = [Bip322Utxo(outpoint, TxOut(amount, challenge)) for outpoint, amount in proof_of_funds]
+    if utxos:
+        if kind is OutputType.P2PKH:
+            raise MessageError(
+                "a proof of funds for a p2pkh address needs the previous transactions",
+                hint="use anyhsm.bitcoin.bip322.sign_bip322 with Bip322Utxo.prev_tx",
+            )
+        fmt = Bip322Format.PROOF_OF_FUNDS
+    signature = sign_bip322(
+        message, challenge, [key], fmt=fmt or _BIP322_SINGLE_KEY[kind], proof_of_funds=utxos
+    )
     return signature[3:] if not prefix else signature
 
 

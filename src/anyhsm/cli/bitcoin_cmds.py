@@ -247,6 +247,7 @@ def cmd_message_sign(args: argparse.Namespace, app: App) -> Result:
         bip322_format=args.bip322_format,
         prefix=not args.no_prefix,
         nonce=args.nonce,
+        proof_of_funds=args.proof_of_funds or (),
     )
     return Result(res.to_dict(), [res.signature])
 
@@ -411,6 +412,13 @@ def register(sub: SubParsers) -> None:
         "--no-prefix",
         action="store_true",
         help="with --bip322: leave out the smp/ful prefix (the older unprefixed form)",
+    )
+    sg.add_argument(
+        "--proof-of-funds",
+        action="append",
+        metavar="TXID:VOUT:SATS",
+        help="with --bip322: an output paying the same address that the signature also "
+        "proves control of (repeat it; a proof-of-funds signature)",
     )
     sg.add_argument(
         "--nonce",

@@ -26,6 +26,7 @@ from anyhsm.types import KeyInfo, KeyRef, Network, SignParams, SigScheme
 if TYPE_CHECKING:
     from anyhsm.bitcoin.bip322 import Bip322Format
     from anyhsm.bitcoin.message import EcdsaNonce
+    from anyhsm.bitcoin.tx import OutPoint
     from anyhsm.hsm import Hsm
 
 SLIP132_FORMS = ("ypub", "zpub", "Ypub", "Zpub", "upub", "vpub", "Upub", "Vpub")
@@ -393,6 +394,7 @@ def sign_message(
     bip322_format: Bip322Format | str | None = None,
     prefix: bool = True,
     nonce: EcdsaNonce | str = "low-r",
+    proof_of_funds: Sequence[str] = (),
 ) -> MessageSignature:
     """Sign a message for the key's address of ``kind`` (default p2pkh for BIP137, p2wpkh
     for BIP322): a BIP137 compact signature, or a BIP322 one (needed for taproot): simple
@@ -400,12 +402,16 @@ def sign_message(
     prefixed (``smp``/``ful``) unless ``prefix`` is false. ECDSA nonces are ground to low
     R by default, as the PSBT signer does (``nonce="rfc6979"``: plain RFC 6979, as most
     wallets and the BIP322 vectors); BIP340 aux randomness follows the signer's rule
-    (:func:`anyhsm.bitcoin.signer.schnorr_aux`)."""
+    (:func:`anyhsm.bitcoin.signer.schnorr_aux`). ``proof_of_funds``: ``TXID:VOUT:SATS``
+    of outputs paying the same address, for a BIP322 proof-of-funds signature."""
     from anyhsm.bitcoin.bip322 import Bip322Format, split_signature
     from anyhsm.bitcoin.message import EcdsaNonce, sign_message_bip137, sign_message_bip322
     from anyhsm.bitcoin.signer import schnorr_aux
 
     akind = AddressKind.parse(kind or ("p2wpkh" if bip322 else "p2pkh"))
+    funds = [_funds_spec(text) for text in proof_of_funds]
+    if funds and not bip322:
+        raise MessageError("a proof of funds is a BIP322 signature", hint="add --bip322")
     ecdsa_nonce = EcdsaNonce(nonce)
     fmt = None if bip322_format is None else Bip322Format(bip322_format)
     if fmt is not None and not bip322:
@@ -435,9 +441,13 @@ def sign_message(
             params = SignParams(path=sign_path, tweak=tweak, aux_rand=aux)
             return hsm.sign(info.id, digest, SigScheme.SCHNORR, params=params)
 
-        sig = sign_message_bip322(schnorr, pub, message, otype, fmt=fmt, prefix=prefix)
+        sig = sign_message_bip322(
+            schnorr, pub, message, otype, fmt=fmt, prefix=prefix, proof_of_funds=funds
+        )
     elif bip322:
-        sig = sign_message_bip322(ecdsa, pub, message, otype, fmt=fmt, prefix=prefix)
+        sig = sign_message_bip322(
+            ecdsa, pub, message, otype, fmt=fmt, prefix=prefix, proof_of_funds=funds
+        )
     else:
         sig = sign_message_bip137(ecdsa, pub, message, otype)
     made: Bip322Format | None = fmt
@@ -453,6 +463,22 @@ def sign_message(
         bip322_format=made,
         nonce=ecdsa_nonce if akind is not AddressKind.P2TR else None,
     )
+
+
+def _funds_spec(text: str) -> tuple[OutPoint, int]:
+    """``TXID:VOUT:SATS`` (txid as shown, ASCII digits) -> (outpoint, amount)."""
+    from anyhsm.bitcoin.tx import OutPoint
+
+    parts = text.strip().split(":")
+    ok = len(parts) == 3 and len(parts[0]) == 64
+    ok = ok and all(c in "0123456789abcdefABCDEF" for c in parts[0])
+    ok = ok and all(p.isascii() and p.isdigit() for p in parts[1:])
+    if not ok or int(parts[1]) > 0xFFFFFFFF or not 0 < int(parts[2]) <= 21_000_000 * 10**8:
+        raise MessageError(
+            f"proof of funds {text[:80]!r} is not TXID:VOUT:SATS",
+            hint="e.g. 4a5e1e4b...:0:150000 (a 64-hex txid, the output index, the amount in sats)",
+        )
+    return OutPoint(bytes.fromhex(parts[0])[::-1], int(parts[1])), int(parts[2])
 
 
 def verify_message(

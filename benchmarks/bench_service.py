@@ -7,7 +7,9 @@ P2WPKH PSBT (``ops.psbt.sign_psbt``). Then the service's run loop is started in 
 process (the same code as ``anyhsm serve``: TLS off, loopback, one client, audit log on)
 and a load generator in a second child process (asyncio, raw HTTP/1.1 keep-alive
 connections, pre-built requests, so the generator costs little) drives it with 1, 8 and
-32 concurrent clients for each workload, reporting requests/s and p50/p99 latency.
+32 concurrent clients for each workload, reporting requests/s, p50/p99 latency and the
+service process's CPU time per request (``cpu ms``: its own cost, which other load on
+the machine does not change much).
 
 Targets (issue 12, on this 2-core machine): single-digest signing >= 3,000 requests/s
 with 8 clients and p99 < 20 ms; batches of 100 digests >= 0.6x the in-process signing
@@ -188,6 +190,16 @@ def listening_port(server: subprocess.Popen[bytes]) -> int:
     raise SystemExit("the service did not start")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) the process ``pid`` has used so far; None off Linux.
+    Per request, it is the service's own cost, whatever else shares the machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def http_request(path: str, token: str, body: dict[str, object]) -> bytes:
     data = json.dumps(body, separators=(",", ":")).encode()
     head = (
@@ -242,6 +254,7 @@ def main() -> int:
             results: dict[tuple[str, int], dict[str, object]] = {}
             for name, (req, _) in work.items():
                 for n in clients:
+                    cpu0 = cpu_seconds(server.pid)
                     out = subprocess.run(
                         [
                             sys.executable,
@@ -257,6 +270,10 @@ def main() -> int:
                         check=True,
                     ).stdout
                     results[(name, n)] = json.loads(out)
+                    cpu1 = cpu_seconds(server.pid)
+                    answered = sum(results[(name, n)]["statuses"].values())  # type: ignore[attr-defined]
+                    if cpu0 is not None and cpu1 is not None and answered:
+                        results[(name, n)]["cpu_ms"] = (cpu1 - cpu0) * 1000 / answered
         finally:
             server.terminate()
             server.wait(60)
@@ -279,7 +296,7 @@ def report(
     labels = {"sign": "sign 1 digest", "batch": "sign-batch 100", "psbt": "psbt sign 10 in"}
     print(
         f"{'workload':<16} {'clients':>7} {'req/s':>9} {'units/s':>10} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'in-proc/s':>10} {'ratio':>6}  statuses"
+        f"{'p99 ms':>8} {'in-proc/s':>10} {'ratio':>6} {'cpu ms':>7}  statuses"
     )
     for name in ("sign", "batch", "psbt"):
         for n in clients:
@@ -288,7 +305,8 @@ def report(
             units = rps * work_units[name]
             print(
                 f"{labels[name]:<16} {n:>7} {rps:>9.0f} {units:>10.0f} {float(r['p50_ms']):>8.2f} "  # type: ignore[arg-type]
-                f"{float(r['p99_ms']):>8.2f} {ref[name]:>10.0f} {units / ref[name]:>6.2f}  "  # type: ignore[arg-type]
+                f"{float(r['p99_ms']):>8.2f} {ref[name]:>10.0f} {units / ref[name]:>6.2f} "  # type: ignore[arg-type]
+                f"{float(r.get('cpu_ms', 0.0)):>7.3f}  "  # type: ignore[arg-type]
                 f"{r['statuses']}"
             )
     s8, b8, p8 = results[("sign", 8)], results[("batch", 8)], results[("psbt", 8)]

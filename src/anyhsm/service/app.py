@@ -166,23 +166,32 @@ class Service:
         self.gate.admit()
         who = caller.principal if caller is not None else SERVICE_PRINCIPAL
         loop = asyncio.get_running_loop()
+        # One plain future, completed by one call back into the loop (which also releases
+        # the gate), and a timer: what wait_for(shield(wrap_future(...))) did with three
+        # futures, two wake-ups of the loop and a task per request. The operation is
+        # never cancelled once a worker runs it, whatever happens to the request.
+        afut: asyncio.Future[T] = loop.create_future()
+        gate = self.gate
+
+        def finished(cfut: concurrent.futures.Future[T]) -> None:
+            loop.call_soon_threadsafe(_deliver, cfut, afut, gate)
+
         try:
             cfut = self.executor.submit(as_principal, who, fn)
         except RuntimeError:  # the pool is shut down
-            self.gate.done()
+            gate.done()
             raise
-        cfut.add_done_callback(lambda _: loop.call_soon_threadsafe(self.gate.done))
-        afut = asyncio.wrap_future(cfut, loop=loop)
+        cfut.add_done_callback(finished)
+        timer = loop.call_later(bound, _expire, afut) if bound is not None else None
         try:
-            return await asyncio.wait_for(asyncio.shield(afut), bound)
-        except TimeoutError:
+            return await afut
+        except _Expired:
             if cfut.cancel():
                 raise RequestTimedOut(
                     f"no worker was free within {bound:g} s; nothing was done",
                     hint="retry later, or raise service.max_concurrency",
                     retry_after=1.0,
                 ) from None
-            afut.add_done_callback(_consume)
             raise RequestTimedOut(
                 f"the operation did not finish within {bound:g} s; it may still finish "
                 "(the audit log will say)",
@@ -192,6 +201,9 @@ class Service:
         except HsmError as e:
             self._observe_failure(e)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _observe_failure(self, e: HsmError) -> None:
         if isinstance(e, AuditError):
@@ -218,7 +230,7 @@ class Service:
         valid credentials, 403 when the client may not do ``op``: both audited with what
         is known (the client's name for 403) before answering, and neither touches a key."""
         rid = request[REQUEST_ID_KEY]
-        route = route_of(request)
+        route = request.get(ROUTE_KEY) or route_of(request)
         if op is None:
             return Caller(None, rid, route)
         header = request.headers.get("Authorization", "")
@@ -428,10 +440,28 @@ def as_principal(who: str, fn: Callable[[], T]) -> T:
         audit.principal.reset(token)
 
 
-def _consume(fut: asyncio.Future[T]) -> None:
-    """Retrieve the outcome of an operation nobody waits for any more (no warning)."""
-    if not fut.cancelled():
-        fut.exception()
+class _Expired(Exception):
+    """The request timeout of :meth:`Service.run` (never raised by an operation)."""
+
+
+def _expire(afut: asyncio.Future[T]) -> None:
+    if not afut.done():
+        afut.set_exception(_Expired())
+
+
+def _deliver(cfut: concurrent.futures.Future[T], afut: asyncio.Future[T], gate: Gate) -> None:
+    """In the loop: the worker's outcome to the request still waiting for it (if any)."""
+    gate.done()
+    if afut.done():  # timed out, or the request went away: the outcome is the audit log's
+        return
+    if cfut.cancelled():
+        afut.cancel()
+        return
+    exc = cfut.exception()
+    if exc is not None:
+        afut.set_exception(exc)
+    else:
+        afut.set_result(cfut.result())
 
 
 def _unready_reasons(report: Mapping[str, object]) -> list[str]:
@@ -449,6 +479,7 @@ def _unready_reasons(report: Mapping[str, object]) -> list[str]:
 # --- request plumbing -------------------------------------------------------------------------
 
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("anyhsm_request_id", str)
+ROUTE_KEY: web.RequestKey[str] = web.RequestKey("anyhsm_route", str)
 SERVICE: web.AppKey[Service] = web.AppKey("anyhsm_service", Service)
 
 
@@ -483,7 +514,11 @@ def dumps(obj: object) -> bytes:
     ``schema_version`` (anyhsm.ops.SCHEMA_VERSION, docs/cli.md)."""
     if isinstance(obj, dict):
         obj = {"schema_version": SCHEMA_VERSION, **obj}
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode(obj).encode()
+
+
+# json.dumps with arguments builds an encoder per call: one, made once
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def json_response(obj: object, status: int = 200) -> web.Response:
@@ -556,7 +591,7 @@ async def pipeline(
     svc = service_of(request)
     rid = _request_id(request)
     request[REQUEST_ID_KEY] = rid
-    route = route_of(request)
+    route = request[ROUTE_KEY] = route_of(request)
     t0 = time.perf_counter()
     svc.metrics.in_flight.inc()
     code: str | None = None
@@ -579,8 +614,7 @@ async def pipeline(
         svc.metrics.in_flight.dec()
     elapsed = time.perf_counter() - t0
     resp.headers[REQUEST_ID_HEADER] = rid
-    svc.metrics.requests.labels(route, request.method, str(resp.status)).inc()
-    svc.metrics.request_seconds.labels(route).observe(elapsed)
+    svc.metrics.request(route, request.method, resp.status, elapsed)
     if svc.settings.access_log and log.isEnabledFor(logging.INFO):
         fields: dict[str, object] = {
             "request_id": rid,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from anyhsm.policy.engine import Decision
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+_CACHED_SERIES = 256
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -34,6 +35,10 @@ class Metrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.max_keys = max_keys
         self.key_series = False  # set by the service while the key count is under the bound
+        # the label children of the per-request series, looked up once (labels() takes a
+        # lock and builds a tuple each time); never removed from the registry
+        self._per_request: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._per_signature: dict[tuple[str, str, str], Counter] = {}
         self.requests = Counter(
             "anyhsm_http_requests",
             "HTTP requests answered, by route template, method and status",
@@ -160,7 +165,25 @@ class Metrics:
         for name, up in attempts:
             self.provider_up.labels(name).set(1 if up else 0)
 
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One answered request: its count and its duration."""
+        key = (route, method, status)
+        pair = self._per_request.get(key)
+        if pair is None:
+            pair = (
+                self.requests.labels(route, method, str(status)),
+                self.request_seconds.labels(route),
+            )
+            if len(self._per_request) < _CACHED_SERIES:  # methods are the client's text
+                self._per_request[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
+
     def signed(self, key_id: str, provider: str, scheme: str, outcome: str, n: int = 1) -> None:
-        self.signatures.labels(provider, scheme, outcome).inc(n)
+        key = (provider, scheme, outcome)
+        child = self._per_signature.get(key)
+        if child is None:
+            child = self._per_signature[key] = self.signatures.labels(provider, scheme, outcome)
+        child.inc(n)
         if self.key_series and outcome == "ok":
             self.key_signatures.labels(key_id).inc(n)

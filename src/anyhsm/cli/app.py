@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from anyhsm.errors import ConfigError
+from anyhsm.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
+    from anyhsm.cli.backend import Backend, RemoteBackend
+
     # Imported where used: a command module importing this file (and so "anyhsm
     # --help") must not load the handle, the keystore or cryptography.
     from anyhsm.config import Config
@@ -75,6 +78,22 @@ Handler = Callable[[argparse.Namespace, "App"], Result]
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
+REMOTE_HANDLERS: set[Handler] = set()
+"""The handlers that run against a service too (through :meth:`App.backend`)."""
+
+
+def served(handler: Handler) -> Handler:
+    """Mark a handler as offered against a service (``--addr``); others refuse there."""
+    REMOTE_HANDLERS.add(handler)
+    return handler
+
+
+def command_name(handler: Handler) -> str:
+    """A handler's command as typed: ``cmd_psbt_sign`` is ``psbt sign``."""
+    name = getattr(handler, "__name__", "command")
+    return name.removeprefix("cmd_").replace("_", " ")
+
+
 class App:
     """Per-invocation state: lazily loaded config and HSM handle."""
 
@@ -82,6 +101,7 @@ class App:
         self.args = args
         self._config: Config | None = None
         self._hsm: Hsm | None = None
+        self._remote: RemoteBackend | None = None
 
     @property
     def json(self) -> bool:
@@ -169,7 +189,65 @@ class App:
             )
         return self._hsm
 
+    def addr(self) -> str | None:
+        """The service to talk to: --addr, else ANYHSM_ADDR; None for the local path."""
+        addr = getattr(self.args, "addr", None) or os.environ.get("ANYHSM_ADDR")
+        return addr or None
+
+    def backend(self) -> Backend:
+        """Where the served commands run: a service when :meth:`addr` is set, else the
+        local handle (opened on first use)."""
+        from anyhsm.cli.backend import LocalBackend
+
+        if self.addr() is None:
+            return LocalBackend(self.hsm, self.loaded_config)
+        if self._remote is None:
+            self._remote = self._connect()
+        return self._remote
+
+    def _connect(self) -> RemoteBackend:
+        """The client for :meth:`addr`: the token from ANYHSM_TOKEN or --token-file (read
+        under the secret-file rule), never from argv; TLS from --ca-file/ANYHSM_CA_FILE
+        and, for mutual TLS, --client-cert/--client-key."""
+        import ssl
+
+        from anyhsm.cli.backend import RemoteBackend
+        from anyhsm.client import Client
+
+        token = self._token()
+        ca = getattr(self.args, "ca_file", None) or os.environ.get("ANYHSM_CA_FILE") or None
+        cert = getattr(self.args, "client_cert", None)
+        key = getattr(self.args, "client_key", None)
+        if key and not cert:
+            raise UsageError("--client-key needs --client-cert")
+        try:
+            client = Client(self.addr(), token, cafile=ca, certfile=cert, keyfile=key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"cannot load the TLS files: {e.strerror or e}") from None
+        return RemoteBackend(client)
+
+    def _token(self) -> str:
+        from anyhsm.fsutil import read_secret_file
+
+        tf = getattr(self.args, "token_file", None)
+        if tf:
+            with read_secret_file(Path(tf), "service token", self.environment()) as secret:
+                try:
+                    return secret.reveal().decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise ConfigError(f"the service token file {tf} is not UTF-8 text") from None
+        token = os.environ.get("ANYHSM_TOKEN", "").strip()
+        if not token:
+            raise UsageError(
+                "no token for the service",
+                hint="set ANYHSM_TOKEN or pass --token-file FILE (mode 600)",
+            )
+        return token
+
     def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
         if self._hsm is not None:
             self._hsm.close()
             self._hsm = None

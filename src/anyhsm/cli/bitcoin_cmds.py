@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from anyhsm.cli.app import EXIT_NEGATIVE, EXIT_OK, App, Result, SubParsers
+from anyhsm.cli.app import EXIT_NEGATIVE, EXIT_OK, App, Result, SubParsers, served
 from anyhsm.errors import PsbtError
 from anyhsm.types import Network
 
 if TYPE_CHECKING:
     from anyhsm.bitcoin.psbt import Psbt
-    from anyhsm.bitcoin.signer import SignResult
     from anyhsm.ops.psbt import PsbtInspection
 
 ADDRESS_KINDS = ("p2pkh", "p2sh-p2wpkh", "p2wpkh", "p2tr")  # AddressKind's values
@@ -33,24 +33,21 @@ NETWORKS = tuple(n.value for n in Network)
 # --- xpub / address / descriptor --------------------------------------------------------------
 
 
+@served
 def cmd_xpub(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.ops.bitcoin import xpub
-
-    res = xpub(app.hsm(), args.key, args.path, slip132=args.slip132)
+    res = app.backend().xpub(args.key, args.path, args.slip132)
     return Result(res.to_dict(), [res.xpub])
 
 
+@served
 def cmd_address(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.ops.bitcoin import address
-
-    res = address(app.hsm(), args.key, args.path, kind=args.type)
+    res = app.backend().address(args.key, args.path, args.type)
     return Result(res.to_dict(), [res.address])
 
 
+@served
 def cmd_descriptor(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.ops.bitcoin import descriptor
-
-    res = descriptor(app.hsm(), args.key, args.type, account=args.account)
+    res = app.backend().descriptor(args.key, args.type, args.account)
     if res.receive is None:
         return Result(res.to_dict(), [res.descriptor])
     return Result(
@@ -131,16 +128,27 @@ def cmd_psbt_inspect(args: argparse.Namespace, app: App) -> Result:
     return Result(res.to_dict(), inspect_text(res))
 
 
-def sign_text(res: SignResult) -> list[str]:
-    lines = [f"signed {res.signed_inputs} of {len(res.inputs)} input(s), {res.signatures} sig(s)"]
-    for r in res.inputs:
-        lines.append(f"  in  {r.index}: {r.status}: {r.reason}")
-    for o in res.outputs:
-        tag = f" (change, {o.owner} {o.path})" if o.change else ""
-        lines.append(f"  out {o.index}: {o.amount} sat -> {o.address or o.note}{tag}")
-    lines.append(f"fee {res.fee} sat, ~{res.vsize} vB, ~{res.fee_rate:.2f} sat/vB")
-    lines += [f"warning: {w}" for w in res.warnings]
+def sign_text(report: Mapping[str, object], fee_rate: float) -> list[str]:
+    """The human report of ``psbt sign`` from its JSON object (either side's)."""
+    inputs = _items(report.get("inputs"))
+    lines = [
+        f"signed {report.get('signed_inputs')} of {len(inputs)} input(s), "
+        f"{report.get('signatures')} sig(s)"
+    ]
+    for r in inputs:
+        lines.append(f"  in  {r.get('index')}: {r.get('status')}: {r.get('reason')}")
+    for o in _items(report.get("outputs")):
+        tag = f" (change, {o.get('owner')} {o.get('path')})" if o.get("change") else ""
+        where = o.get("address") or o.get("note") or ""
+        lines.append(f"  out {o.get('index')}: {o.get('amount')} sat -> {where}{tag}")
+    lines.append(f"fee {report.get('fee')} sat, ~{report.get('vsize')} vB, ~{fee_rate:.2f} sat/vB")
+    warnings = report.get("warnings")
+    lines += [f"warning: {w}" for w in warnings] if isinstance(warnings, list) else []
     return lines
+
+
+def _items(value: object) -> list[Mapping[str, object]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def _psbt_signing_keys(args: argparse.Namespace) -> list[str] | None:
@@ -160,18 +168,18 @@ def _psbt_signing_keys(args: argparse.Namespace) -> list[str] | None:
     return named
 
 
+@served
 def cmd_psbt_sign(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.ops.psbt import sign_psbt
-
     keys = _psbt_signing_keys(args)
-    psbt = _read_psbt(args.file, app.config().policy.max_psbt_bytes)
-    res = sign_psbt(app.hsm(), psbt, keys)
+    cfg = app.config() if app.addr() is None else app.loaded_config()
+    psbt = _read_psbt(args.file, cfg.policy.max_psbt_bytes if cfg is not None else None)
+    res = app.backend().sign_psbt(psbt, keys)
     if args.out:
         _write_psbt(res.psbt, args.out, args.binary)
-    data = res.to_dict()
+    data = dict(res.report)
     if args.out:
         data["out"] = args.out
-    _stderr(app, sign_text(res))
+    _stderr(app, sign_text(res.report, res.fee_rate))
     return Result(data, [f"wrote {args.out}"] if args.out else [res.psbt.to_base64()])
 
 

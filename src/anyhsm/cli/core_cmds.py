@@ -8,10 +8,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from anyhsm.audit import VerifyResult
-from anyhsm.cli.app import EXIT_NEGATIVE, EXIT_OK, App, Result, SubParsers, text_value
+from anyhsm.cli.app import EXIT_NEGATIVE, EXIT_OK, App, Result, SubParsers, served, text_value
 from anyhsm.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -25,9 +24,6 @@ from anyhsm.ops import SCHEMA_VERSION
 from anyhsm.ops.admin import Rotation
 from anyhsm.secret import SecretBytes
 from anyhsm.types import Environment, KeyInfo, KeyType, Network, SigScheme
-
-if TYPE_CHECKING:
-    from anyhsm.hsm import Hsm
 
 
 def _hex(text: str, what: str) -> bytes:
@@ -213,10 +209,9 @@ def _secret_text(source: str, what: str, environment: Environment, *, strip: boo
     return text.strip() if strip else text
 
 
+@served
 def cmd_key_list(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.ops.keys import list_keys
-
-    res = list_keys(app.hsm())
+    res = app.backend().list_keys()
     lines = [
         f"{k.id}  {k.key_type.value:9}  {k.provider:9}  {k.label}"
         + ("" if k.available else f"  (unavailable: {k.provider} is not open here)")
@@ -225,10 +220,9 @@ def cmd_key_list(args: argparse.Namespace, app: App) -> Result:
     return Result(res.to_dict(), lines)
 
 
+@served
 def cmd_key_show(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.ops.keys import show_key
-
-    info = show_key(app.hsm(), args.key)
+    info = app.backend().show_key(args.key)
     return Result(info.to_dict(), key_text(info))
 
 
@@ -256,46 +250,30 @@ def cmd_key_export(args: argparse.Namespace, app: App) -> Result:
 # --- sign / verify -----------------------------------------------------------------------
 
 
-def _sign_options(args: argparse.Namespace, hsm: Hsm) -> tuple[tuple[int, ...], bytes | None]:
-    """--path and --tweak; a key whose provider cannot derive refuses any --path before
-    it is parsed (unsupported_operation, as the library answers, not bip32_error)."""
-    from anyhsm.bitcoin.bip32 import parse_path
+def _tweak(args: argparse.Namespace) -> bytes | None:
     from anyhsm.ops.data import hex_bytes
 
-    path: tuple[int, ...] = ()
-    if args.path:
-        info = hsm.get_key(args.key)
-        if not hsm.capabilities(info.id).can_derive:
-            from anyhsm.errors import UnsupportedOperation
-
-            raise UnsupportedOperation(info.provider, "BIP32 derivation")
-        path = parse_path(args.path)
-    tweak = hex_bytes(args.tweak, "tweak") if args.tweak else None
-    return path, tweak
+    return hex_bytes(args.tweak, "tweak") if args.tweak else None
 
 
+@served
 def cmd_sign(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.data import hex_bytes
-    from anyhsm.ops.signing import sign_digest
 
     digest = hex_bytes(args.digest, "digest")
-    hsm = app.hsm()
-    path, tweak = _sign_options(args, hsm)
-    res = sign_digest(hsm, args.key, digest, SigScheme.parse(args.scheme), path=path, tweak=tweak)
+    scheme = SigScheme.parse(args.scheme)
+    res = app.backend().sign(args.key, digest, scheme, args.path, _tweak(args))
     return Result(res.to_dict(), [res.signature.hex()])
 
 
+@served
 def cmd_verify(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.ops.data import hex_bytes
-    from anyhsm.ops.signing import verify_digest
 
     digest = hex_bytes(args.digest, "digest")
     sig = hex_bytes(args.signature, "signature")
-    hsm = app.hsm()
-    path, tweak = _sign_options(args, hsm)
-    res = verify_digest(
-        hsm, args.key, digest, sig, SigScheme.parse(args.scheme), path=path, tweak=tweak
-    )
+    scheme = SigScheme.parse(args.scheme)
+    res = app.backend().verify(args.key, digest, sig, scheme, args.path, _tweak(args))
     code = EXIT_OK if res.valid else EXIT_NEGATIVE
     return Result(res.to_dict(), ["valid" if res.valid else "INVALID"], code)
 
@@ -310,14 +288,14 @@ def _core_limit_text(limit: object) -> str:
     return "unlimited" if limit == -1 else f"{limit} bytes"
 
 
+@served
 def cmd_health(args: argparse.Namespace, app: App) -> Result:
     """The health object in every case: when the handle cannot be opened, ``ok`` is false,
     every provider's reason is listed, and the error is its ``error`` member; the exit
     status is then the error's (5 for a credential, 4 when every provider failed...)."""
     from anyhsm.errors import ProviderUnavailable
-    from anyhsm.ops.admin import health
 
-    res = health(app.hsm, app.loaded_config())
+    res = app.backend().health()
     report = res.report
     if res.error is not None:
         print(f"anyhsm: error: {res.error}", file=sys.stderr)

@@ -161,6 +161,28 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
     )
     common.add_argument("--passphrase-file", help="file holding the keystore passphrase", **extra)  # type: ignore[arg-type]
     common.add_argument(
+        "--addr",
+        metavar="URL",
+        help="talk to a signing service at URL (default: $ANYHSM_ADDR; token from "
+        "$ANYHSM_TOKEN or --token-file)",
+        **extra,  # type: ignore[arg-type]
+    )
+    common.add_argument("--token-file", help="file (mode 600) holding the service token", **extra)  # type: ignore[arg-type]
+    common.add_argument(
+        "--ca-file",
+        help="CA bundle for an https service (default: $ANYHSM_CA_FILE)",
+        **extra,  # type: ignore[arg-type]
+    )
+    common.add_argument("--client-cert", help="client certificate for mutual TLS", **extra)  # type: ignore[arg-type]
+    common.add_argument("--client-key", help="its private key file", **extra)  # type: ignore[arg-type]
+    common.add_argument(
+        "--token",
+        nargs="?",
+        const="",
+        help=argparse.SUPPRESS,  # refused: a token on the command line is in argv
+        **extra,  # type: ignore[arg-type]
+    )
+    common.add_argument(
         "-v",
         "--verbose",
         action="count",
@@ -355,6 +377,29 @@ def _stdout_gone() -> int:
     return EXIT_BROKEN_PIPE
 
 
+def _remote_gate(args: argparse.Namespace, app: App) -> None:
+    """Refuse a token in argv, and, with a service address set, every command a service
+    does not serve (``serve`` itself and ``service`` run locally whatever the address)."""
+    from anyhsm.cli.app import REMOTE_HANDLERS, command_name
+    from anyhsm.errors import SecretOnCommandLine, UsageError
+
+    if getattr(args, "token", None) is not None:
+        raise SecretOnCommandLine(
+            "a service token is never taken from the command line (it would be in argv)",
+            hint="set ANYHSM_TOKEN or pass --token-file FILE (mode 600)",
+        )
+    func = args.func
+    if app.addr() is None or func in REMOTE_HANDLERS:
+        return
+    name = command_name(func)
+    if name in ("serve", "add client", "list clients"):
+        return
+    raise UsageError(
+        f"'{name}' is not offered against a service (--addr / ANYHSM_ADDR is set)",
+        hint="run it where the keys are, without --addr and with ANYHSM_ADDR unset",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command, want_json, want_version = _scan(argv)
@@ -388,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     app = App(args)
     try:
+        _remote_gate(args, app)
         result: Result = args.func(args, app)
         _emit(app, result)
         return result.exit_code

@@ -309,3 +309,10 @@ def test_https_with_a_ca_file_and_a_client_certificate(
         cwd=tmp_path,
     )
     assert env_ca.returncode == 0, env_ca.stderr
+
+
+@pytest.mark.parametrize("addr", ["http://10.0.0.1:8420", "http://signer.example:8420"])
+def test_no_token_in_clear_text_beyond_loopback(tmp_path: Path, addr: str) -> None:
+    r = cli("--json", "--addr", addr, "key", "list", env={"ANYHSM_TOKEN": "ahs_x"}, cwd=tmp_path)
+    assert r.returncode == UsageError.exit_code
+    assert "clear text" in str(_json(r)["error"]["message"])  # type: ignore[index]

@@ -214,6 +214,8 @@ class App:
         from anyhsm.cli.backend import RemoteBackend
         from anyhsm.client import Client
 
+        addr = self.addr()
+        _refuse_clear_text(addr)
         token = self._token()
         ca = getattr(self.args, "ca_file", None) or os.environ.get("ANYHSM_CA_FILE") or None
         cert = getattr(self.args, "client_cert", None)
@@ -221,7 +223,7 @@ class App:
         if key and not cert:
             raise UsageError("--client-key needs --client-cert")
         try:
-            client = Client(self.addr(), token, cafile=ca, certfile=cert, keyfile=key)
+            client = Client(addr, token, cafile=ca, certfile=cert, keyfile=key)
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"cannot load the TLS files: {e.strerror or e}") from None
         return RemoteBackend(client)
@@ -251,6 +253,29 @@ class App:
         if self._hsm is not None:
             self._hsm.close()
             self._hsm = None
+
+
+def _refuse_clear_text(addr: str | None) -> None:
+    """The bearer token crosses the network only inside TLS: plain ``http://`` is for a
+    loopback service (the default listen address), refused for any other host."""
+    import ipaddress
+    import urllib.parse
+
+    if not addr:
+        return
+    parts = urllib.parse.urlsplit(addr if "://" in addr else f"http://{addr}")
+    if parts.scheme != "http":
+        return
+    host = (parts.hostname or "").lower()
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise UsageError(
+            f"refusing to send the service token in clear text to {host or addr!r}",
+            hint="use an https:// address (with --ca-file), or http only to a loopback service",
+        )
 
 
 def terminal_prompt(text: str) -> str | None:

@@ -699,8 +699,9 @@ def create_app(
         unsubscribe.append(events.subscribe(svc.metrics.policy_decision))
         svc.observe_chain()
         await svc.readiness()
-        from anyhsm.service.routes import count_keys
+        from anyhsm.service.routes import count_keys, import_operations
 
+        import_operations()
         await count_keys(svc)
 
     async def cleanup(app: web.Application) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from anyhsm.config import ServiceConfig
 from anyhsm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -125,23 +126,27 @@ class ClientSpec:
         return self.may_use(name, name)
 
 
+_DEFAULTS = ServiceConfig()
+"""The ``[service]`` table's defaults: one place for them (anyhsm.config)."""
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     listen: Listen = field(default_factory=lambda: Listen(DEFAULT_HOST, DEFAULT_PORT))
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    max_body_bytes: int = 0  # 0: derived from policy.max_psbt_bytes (body_limit)
-    max_batch: int = 1000
-    max_concurrency: int = 4
-    max_pending: int = 64
-    request_timeout_ms: int = 30_000
-    rate_limit_per_s: float = 1000.0
-    rate_limit_burst: int = 2000
-    idempotency_entries: int = 10_000
-    idempotency_ttl_s: int = 86_400
-    metrics_max_keys: int = 100
-    public_metrics: bool = False
+    max_body_bytes: int = _DEFAULTS.max_body_bytes  # 0: from policy.max_psbt_bytes (body_limit)
+    max_batch: int = _DEFAULTS.max_batch
+    max_concurrency: int = _DEFAULTS.max_concurrency
+    max_pending: int = _DEFAULTS.max_pending
+    request_timeout_ms: int = _DEFAULTS.request_timeout_ms
+    rate_limit_per_s: float = _DEFAULTS.rate_limit_per_s
+    rate_limit_burst: int = _DEFAULTS.rate_limit_burst
+    idempotency_entries: int = _DEFAULTS.idempotency_entries
+    idempotency_ttl_s: int = _DEFAULTS.idempotency_ttl_s
+    metrics_max_keys: int = _DEFAULTS.metrics_max_keys
+    public_metrics: bool = _DEFAULTS.public_metrics
     ready_interval_s: float = 2.0  # readiness re-checks the provider at most this often
     unauthenticated_per_s: float = 20.0  # audited 401s per second (more: 429, not audited)
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish

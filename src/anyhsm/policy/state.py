@@ -30,6 +30,8 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Protocol
 
@@ -56,10 +58,14 @@ class Debit:
     amount: int
     bucket: int
     text: str = field(default="", compare=False, repr=False)
+    json_text: str = field(default="", init=False, compare=False, repr=False)  # text, as JSON
 
     def __post_init__(self) -> None:
         if not self.text:
             object.__setattr__(self, "text", f"{self.txid}:{self.rule}:{self.amount}:{self.bucket}")
+        # made once per debit (a commit writes all MAX_DEBITS of them); json.dumps's own
+        # escaping function, as the canonical encoding uses (ASCII)
+        object.__setattr__(self, "json_text", encode_basestring_ascii(self.text))
 
     def to_json(self) -> str:
         """Compact (``txid:rule:amount:bucket``): up to MAX_DEBITS are read and written
@@ -216,6 +222,55 @@ def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _canonical_text(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+@lru_cache(maxsize=256)
+def _key_text(key: str) -> str:
+    """A rule name as JSON text (the same few names in every commit)."""
+    return encode_basestring_ascii(key)
+
+
+class _Encoder:
+    """The state's record body, byte for byte ``_canonical(state.to_json())``
+    (tests/policy/test_state_fast.py compares them), built from parts: a commit changes a
+    counter or two and adds a debit, so the text of each counter and debit is made once
+    (cached on the value, immutable) and the waiting approvals, which change rarely, are
+    kept as text while the state still holds the same tuple (the engine's new states share
+    it; a tuple of frozen values cannot change under the cache). The used approvals and
+    frozen keys are plain dicts: encoded each time (usually empty or small). Without this,
+    the JSON of the 64 recent debits was most of a commit's cost."""
+
+    def __init__(self) -> None:
+        self._pending_text: tuple[tuple[Approval, ...], str] | None = None
+
+    def _pending(self, pending: tuple[Approval, ...]) -> str:
+        found = self._pending_text
+        if found is not None and found[0] is pending:  # held by the cache: no id reuse
+            return found[1]
+        text = _canonical_text([a.to_json() for a in pending])
+        self._pending_text = (pending, text)
+        return text
+
+    def body(self, state: PolicyState) -> bytes:
+        counters = ",".join(
+            [f"{_key_text(k)}:{c.json_text}" for k, c in sorted(state.counters.items())]
+        )
+        pending = self._pending(state.pending)
+        used = _canonical_text(state.used) if state.used else "{}"
+        frozen = (
+            _canonical_text({k: f.to_json() for k, f in state.frozen.items()})
+            if state.frozen
+            else "{}"
+        )
+        debits = ",".join([d.json_text for d in state.debits])
+        return (
+            f'{{"counters":{{{counters}}},"debits":[{debits}],"frozen":{frozen},'
+            f'"pending":{pending},"seq":{state.seq},"used":{used}}}'
+        ).encode()
+
+
 @dataclass(frozen=True)
 class _Slot:
     index: int
@@ -293,6 +348,7 @@ class FileStateStore:
         # header holds the record's seq and MAC: another record cannot have the same one)
         self._known: dict[int, tuple[bytes, PolicyState]] = {}
         self._local = threading.local()
+        self._encoder = _Encoder()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[StateTransaction]:
@@ -340,7 +396,7 @@ class FileStateStore:
         return hmac.new(self._key, data, hashlib.sha256).hexdigest()
 
     def encode(self, state: PolicyState) -> bytes:
-        body = _canonical(state.to_json())
+        body = self._encoder.body(state)
         head = f"{_MAGIC} {state.seq} {len(body)} {self._mac(state.seq, body)}\n"
         return head.encode() + body
 

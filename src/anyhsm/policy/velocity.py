@@ -68,6 +68,21 @@ class Counter:
         b[pos] = max(0, b[pos] - amount)
         return Counter(c.period_s, c.width_s, c.newest, tuple(b))
 
+    @property
+    def json_text(self) -> str:
+        """:meth:`to_json` as canonical JSON text (sorted keys, no spaces; integers only,
+        so nothing to escape), made once per counter: a commit writes every counter, and
+        one debit changes only the counters it debits."""
+        text: str | None = self.__dict__.get("_json")
+        if text is None:
+            buckets = ",".join(map(str, self.buckets))
+            text = (
+                f'{{"buckets":[{buckets}],"newest":{self.newest},'
+                f'"period":{self.period_s},"width":{self.width_s}}}'
+            )
+            object.__setattr__(self, "_json", text)
+        return text
+
     def to_json(self) -> dict[str, object]:
         return {
             "period": self.period_s,

@@ -16,6 +16,8 @@ Layout of a keystore directory (0700)::
       MANIFEST         the authenticated list of live records, the audit chain's state and
                        the generation (see manifest.py)
     .lock              flock target serialising writers across processes
+    .changes           the change counter every writer bumps (see changes.py), so signers
+                       need no system call beyond one pread to know nothing changed
     <side files>       unlock blobs (tpm-sealed.json, pkcs11-wrapped.json): beside the header
                        in epoch 1, in the epoch's directory after a rotation
 
@@ -41,6 +43,7 @@ import re
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -75,6 +78,7 @@ from anyhsm.fsutil import (
 )
 from anyhsm.keystore import aead
 from anyhsm.keystore.anchor import GenerationAnchor
+from anyhsm.keystore.changes import RECHECK_S, ChangeCounter
 from anyhsm.keystore.kdf import KdfParams, derive_kek
 from anyhsm.keystore.manifest import (
     FILE_NAME as MANIFEST_FILE,
@@ -260,6 +264,8 @@ class Keystore:
         # serialising that in-process keeps the "generation only grows" check exact.
         self._manifest_lock = threading.RLock()
         self._keys_str = f"{self.keys_dir}/"  # the signing path's existence check
+        self._changes = ChangeCounter(path)
+        self._looked: dict[str, tuple[bytes, float]] = {}  # key id -> (counter, when)
         self._scratch = threading.local()
         self.problems: dict[str, HsmError] = {}
         self.unacknowledged: set[str] = set()
@@ -471,6 +477,8 @@ class Keystore:
         self._records.clear()
         self._aads.clear()
         self._files.clear()
+        self._looked.clear()
+        self._changes.close()
         if self._anchor is not None:
             self._anchor.close()
             self._anchor = None
@@ -605,9 +613,12 @@ class Keystore:
                     "another process; this handle holds the retired key",
                     hint="reopen the handle",
                 )
-            self._manifest = self._read_manifest()
-            self._clean_stale()
-            yield self._manifest
+            try:
+                self._manifest = self._read_manifest()
+                self._clean_stale()
+                yield self._manifest
+            finally:
+                self._changes.bump()  # after every effect; readers look at their records again
 
     def _clean_stale(self) -> None:
         """Remove what crashed writers left: temp files and directories of other epochs
@@ -768,7 +779,7 @@ class Keystore:
         is missing or altered raises that problem, never another key's record."""
         self._require_master()
         rec = self._lookup(ref)
-        if rec is not None and not os.path.exists(f"{self._keys_str}{rec.id}.json"):
+        if rec is not None and not self._still_on_disk(rec.id):
             rec = None
         if rec is None:
             self.refresh()
@@ -783,6 +794,27 @@ class Keystore:
                 f"no key {ref!r} in the keystore", hint="list keys with 'anyhsm key list'"
             )
         return rec
+
+    def _still_on_disk(self, key_id: str) -> bool:
+        """Whether ``key_id``'s record file is still there. Without a system call beyond
+        the change counter's one ``pread`` when no anyhsm writer finished a change since
+        the last full look at this record and that look is under ``RECHECK_S`` old;
+        otherwise the full look (the file's existence, the counter file's identity). The
+        counter is read *before* the look, so a change made during it is seen next time."""
+        stamp = self._changes.stamp()
+        now = time.monotonic()
+        looked = self._looked.get(key_id)
+        if looked is not None and looked[0] == stamp and now - looked[1] < RECHECK_S:
+            return True
+        self._changes.reopen_if_replaced()
+        if not os.path.exists(f"{self._keys_str}{key_id}.json"):
+            self._looked.pop(key_id, None)
+            return False
+        if stamp is not None:
+            if len(self._looked) > 4096:
+                self._looked.clear()
+            self._looked[key_id] = (stamp, now)
+        return True
 
     def _lookup(self, ref: str) -> KeyRecord | None:
         rec = self._records.get(ref)
@@ -1343,6 +1375,7 @@ class Keystore:
         self.close()
         self._header = successor._header
         self._keys_str = f"{self.keys_dir}/"
+        self._looked.clear()
         self.kdf = params
         self._master = successor._master
         self._record_key = successor._record_key

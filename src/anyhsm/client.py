@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from anyhsm.errors import (
     HsmError,
+    PolicyViolation,
     ServiceError,
     ServiceUnreachable,
     error_class_for_code,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
         WalletDescriptors,
         XpubResult,
     )
+    from anyhsm.ops.policy import ApprovalAccepted, ApprovalRequest
 
 JsonObject = Mapping[str, object]
 DEFAULT_ADDR = "http://127.0.0.1:8420"
@@ -110,6 +112,9 @@ def raise_error(status: int, body: bytes, retry_after: str | None = None) -> Non
     details = err.get("details")
     if isinstance(details, list):
         exc.details = [d for d in details if isinstance(d, dict)]
+    rules = err.get("rules")
+    if isinstance(exc, PolicyViolation) and isinstance(rules, list):
+        exc._rules = tuple(str(r) for r in rules)  # the refusing rules, as the service named them
     if isinstance(exc, ServiceError):
         exc.retry_after = _float(retry_after)
     raise exc
@@ -170,6 +175,24 @@ def _psbt_text(psbt: Psbt | bytes | str) -> str:
     if isinstance(psbt, bytes):
         return base64.b64encode(psbt).decode()
     return psbt.to_base64()
+
+
+def _derive(body: dict[str, object], path: str | None, tweak: bytes | None) -> dict[str, object]:
+    """A digest request with its optional ``path`` and ``tweak`` members."""
+    if path is not None:
+        body["path"] = path
+    if tweak is not None:
+        body["tweak"] = tweak.hex()
+    return body
+
+
+def _key_selection(key: str | Sequence[str] | None) -> dict[str, object]:
+    """``key``, ``keys`` or ``all_keys`` of ``POST /v1/psbt/sign``."""
+    if key is None:
+        return {"all_keys": True}
+    if isinstance(key, str):
+        return {"key": key}
+    return {"keys": list(key)}
 
 
 class Client:
@@ -441,25 +464,51 @@ class Client:
             else (),
         )
 
-    def verify(
-        self, key: str, digest: bytes, signature: bytes, scheme: SigScheme = SigScheme.ECDSA
-    ) -> bool:
+    def descriptor_address(self, key: str, descriptor: str) -> str:
+        """The address of a one-address descriptor of ``key`` (Core's ``displayaddress``):
+        DescriptorError unless its fingerprint and key are the key's, at a path the
+        service's signing policy signs."""
         obj = self._json(
-            "POST",
-            f"/v1/keys/{self._key(key)}/verify",
-            {"digest": digest.hex(), "signature": signature.hex(), "scheme": scheme.value},
+            "POST", f"/v1/keys/{self._key(key)}/descriptor-address", {"descriptor": descriptor}
         )
+        return _s(obj, "address")
+
+    def verify(
+        self,
+        key: str,
+        digest: bytes,
+        signature: bytes,
+        scheme: SigScheme = SigScheme.ECDSA,
+        *,
+        path: str | None = None,
+        tweak: bytes | None = None,
+    ) -> bool:
+        """Whether ``signature`` verifies under the key (or its child at ``path``,
+        tweaked by ``tweak``)."""
+        body: dict[str, object] = {
+            "digest": digest.hex(),
+            "signature": signature.hex(),
+            "scheme": scheme.value,
+        }
+        obj = self._json("POST", f"/v1/keys/{self._key(key)}/verify", _derive(body, path, tweak))
         return obj.get("valid") is True
 
     # --- signing ---------------------------------------------------------------------------
 
-    def sign(self, key: str, digest: bytes, scheme: SigScheme = SigScheme.ECDSA) -> bytes:
-        """Strict DER low-S ECDSA, or a 64-byte BIP340 signature, of a 32-byte digest."""
-        obj = self._json(
-            "POST",
-            f"/v1/keys/{self._key(key)}/sign",
-            {"digest": digest.hex(), "scheme": scheme.value},
-        )
+    def sign(
+        self,
+        key: str,
+        digest: bytes,
+        scheme: SigScheme = SigScheme.ECDSA,
+        *,
+        path: str | None = None,
+        tweak: bytes | None = None,
+    ) -> bytes:
+        """Strict DER low-S ECDSA, or a 64-byte BIP340 signature, of a 32-byte digest, by
+        the key or (HD keys) its child at ``path`` (``m/84'/1'/0'/0/5``); ``tweak``: a
+        32-byte BIP341 tweak applied first (schnorr)."""
+        body: dict[str, object] = {"digest": digest.hex(), "scheme": scheme.value}
+        obj = self._json("POST", f"/v1/keys/{self._key(key)}/sign", _derive(body, path, tweak))
         return bytes.fromhex(_s(obj, "signature"))
 
     def sign_batch(
@@ -506,15 +555,20 @@ class Client:
         return out
 
     def sign_psbt(
-        self, key: str, psbt: Psbt | bytes | str, *, idempotency_key: str | None = None
+        self,
+        key: str | Sequence[str] | None,
+        psbt: Psbt | bytes | str,
+        *,
+        idempotency_key: str | None = None,
     ) -> SignedPsbt:
-        """Sign under the service's signing policy (what ``anyhsm psbt sign`` does)."""
+        """Sign under the service's signing policy (what ``anyhsm psbt sign`` does) with
+        ``key`` (a label or id), several keys (one policy decision and audit entry for
+        them all), or None: every key this client may use (``--all-keys``)."""
         from anyhsm.bitcoin.psbt import Psbt
 
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        _, payload, h = self.request(
-            "POST", "/v1/psbt/sign", {"key": key, "psbt": _psbt_text(psbt)}, headers=headers
-        )
+        body = {**_key_selection(key), "psbt": _psbt_text(psbt)}
+        _, payload, h = self.request("POST", "/v1/psbt/sign", body, headers=headers)
         obj = _obj(json.loads(payload))
         warnings = obj.get("warnings")
         fee_rate = obj.get("fee_rate")
@@ -630,6 +684,66 @@ class Client:
             if isinstance(proven, list)
             else (),
             error=error,
+        )
+
+    # --- spending policy ---------------------------------------------------------------------
+
+    def check_policy(self, key: str, psbt: Psbt | bytes | str) -> JsonObject:
+        """What ``anyhsm policy check --json`` prints: the spending policy's decision on
+        the PSBT signed by ``key``, nothing signed or debited."""
+        return self._json("POST", "/v1/policy/check", {"key": key, "psbt": _psbt_text(psbt)})
+
+    def approval_request(
+        self, key: str, psbt: Psbt | bytes | str, *, expires_in: int = 3600
+    ) -> ApprovalRequest:
+        """``anyhsm policy request``: the exact message approvers sign for the PSBT under
+        the active policy (valid ``expires_in`` seconds), and the rules that want them."""
+        from anyhsm.ops.policy import ApprovalRequest
+
+        obj = self._json(
+            "POST",
+            "/v1/policy/requests",
+            {"key": key, "psbt": _psbt_text(psbt), "expires_in": expires_in},
+        )
+        rules = obj.get("rules")
+        return ApprovalRequest(
+            txid=_s(obj, "txid"),
+            policy=_s(obj, "policy"),
+            expires=_i(obj, "expires"),
+            message=_s(obj, "message"),
+            rules=tuple(dict(_obj(r)) for r in rules) if isinstance(rules, list) else (),
+        )
+
+    def submit_approval(
+        self,
+        txid: str,
+        pubkey: str,
+        signature: str,
+        expires: int,
+        *,
+        policy: str | None = None,
+    ) -> ApprovalAccepted:
+        """``anyhsm policy approve``: one approver's signature over the request's message
+        (BIP137 or BIP322, base64), kept until used or expired (right ``approve``)."""
+        from anyhsm.ops.policy import ApprovalAccepted
+
+        body: dict[str, object] = {
+            "txid": txid,
+            "pubkey": pubkey,
+            "signature": signature,
+            "expires": expires,
+        }
+        if policy is not None:
+            body["policy"] = policy
+        obj = self._json("POST", "/v1/policy/approvals", body)
+        rules = obj.get("rules")
+        return ApprovalAccepted(
+            id=_s(obj, "id"),
+            txid=_s(obj, "txid"),
+            policy=_s(obj, "policy"),
+            pubkey=bytes.fromhex(_s(obj, "pubkey")),
+            expires=_i(obj, "expires"),
+            rules=tuple(str(r) for r in rules) if isinstance(rules, list) else (),
         )
 
     # --- admin -----------------------------------------------------------------------------

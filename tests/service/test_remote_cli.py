@@ -49,6 +49,7 @@ class Deployment:
     child: Child
     signer: str  # token: read, sign-digest, sign-psbt on every key
     reader: str  # token: read only
+    wallet2: Wallet | None = None
 
     def local(self, *args: str) -> subprocess.CompletedProcess[str]:
         return cli(
@@ -97,11 +98,12 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     with open_hsm(cfg, passphrase=PASSPHRASE) as hsm:
         hsm.generate_key("hot-1")
         wallet = add_wallet(hsm, "w")
+        wallet2 = add_wallet(hsm, "w2")
     signer = _add_client(cfg, directory, "signer", "read,sign-digest,sign-psbt")
     reader = _add_client(cfg, directory, "reader", "read")
     child = spawn(serve_command(cfg), cfg, signer)
     try:
-        yield Deployment(cfg, directory, wallet, child, signer, reader)
+        yield Deployment(cfg, directory, wallet, child, signer, reader, wallet2)
     finally:
         child.proc.send_signal(signal.SIGTERM)
         try:
@@ -129,6 +131,10 @@ SAME = [
     ("descriptor", "w", "--type", "wpkh"),
     ("descriptor", "hot-1", "--type", "pkh"),
     ("sign", "--key", "hot-1", "--digest", DIGEST),  # ECDSA is deterministic (RFC 6979)
+    ("sign", "--key", "w", "--digest", DIGEST, "--path", "m/84'/1'/0'/0/5"),
+    ("sign", "--key", "w", "--digest", DIGEST, "--path", "m/x"),  # bip32_error either way
+    ("sign", "--key", "hot-1", "--digest", DIGEST, "--path", "m/0"),  # unsupported either way
+    ("sign", "--key", "w", "--digest", DIGEST, "--tweak", "11" * 32),  # ECDSA: unsupported
     ("key", "show", "no-such-key"),  # an error: the same object and status
     ("address", "w", "m/x"),
 ]
@@ -199,9 +205,36 @@ def test_psbt_sign_remote_equals_local(dep: Deployment, tmp_path: Path) -> None:
     assert remote_text.returncode == local_text.returncode == 0
     assert (remote_text.stdout, remote_text.stderr) == (local_text.stdout, local_text.stderr)
     assert out.read_text() == local_signed
-    many = dep.remote("--json", "psbt", "sign", "--all-keys", str(f))
-    assert many.returncode == UsageError.exit_code
-    assert _json(many)["error"]["code"] == UsageError.code  # type: ignore[index]
+
+
+def test_psbt_sign_with_several_keys_remote_equals_local(dep: Deployment, tmp_path: Path) -> None:
+    """``--key A --key B`` and ``--all-keys`` (every key the client may use: here all of
+    them) against the service: one request, the same report as locally."""
+    assert dep.wallet2 is not None
+    psbt = build_psbt(
+        [
+            Spend("p2wpkh", [dep.wallet.key("m/84'/1'/0'/0/0")]),
+            Spend("p2tr", [dep.wallet2.key("m/86'/1'/0'/0/1")]),
+        ]
+    )
+    f = tmp_path / "two.psbt"
+    f.write_text(psbt.to_base64())
+    for keys in (("w", str(f), "--key", "w2"), ("--all-keys", str(f))):
+        local = dep.local("--json", "psbt", "sign", *keys)
+        remote = dep.remote("--json", "psbt", "sign", *keys)
+        assert remote.returncode == local.returncode == 0, remote.stderr
+        r, loc = _json(remote), _json(local)
+        assert r["signed_inputs"] == loc["signed_inputs"] == 2
+        # the taproot signature's aux randomness differs per signing: compare all but it
+        for report in (r, loc):
+            report.pop("psbt")
+        assert r == loc
+    one_local = dep.local("--json", "psbt", "sign", "w", str(f))
+    one_remote = dep.remote("--json", "psbt", "sign", "w", str(f))
+    # w alone: w2's taproot input counts in the fee unverified, a refusal either way
+    assert one_remote.returncode == one_local.returncode == 7
+    assert _json(one_remote) == _json(one_local)
+    assert _json(one_remote)["error"]["rules"] == ["unverified-amount"]  # type: ignore[index]
 
 
 def test_health_same_shape_and_status(dep: Deployment) -> None:
@@ -258,8 +291,24 @@ def test_a_command_not_served_refuses_under_addr(dep: Deployment) -> None:
     assert r.returncode == UsageError.exit_code
     err = _json(r)["error"]
     assert isinstance(err, dict) and "key create" in str(err["message"])
-    r = dep.remote("--json", "sign", "--key", "w", "--digest", DIGEST, "--path", "m/0")
-    assert r.returncode == UsageError.exit_code
+
+
+def test_sign_at_a_path_with_a_tweak_remote_verifies_locally(dep: Deployment) -> None:
+    """``sign --path --tweak`` (BIP340 at a child, tweaked, as a taproot key path spend)
+    through the service: the local path verifies it at the same path and tweak, and the
+    service's verify agrees; without the tweak it does not verify."""
+    tweak = "22" * 32
+    args = ("--key", "w", "--digest", DIGEST, "--scheme", "schnorr", "--path", "m/86'/1'/0'/0/2")
+    r = dep.remote("--json", "sign", *args, "--tweak", tweak)
+    assert r.returncode == 0, r.stderr
+    sig = str(_json(r)["signature"])
+    assert len(sig) == 128
+    check = ("verify", *args, "--signature", sig)
+    for run in (dep.local, dep.remote):
+        good = run("--json", *check, "--tweak", tweak)
+        assert good.returncode == 0 and _json(good)["valid"] is True, good.stderr
+        untweaked = run("--json", *check)
+        assert untweaked.returncode == 1 and _json(untweaked)["valid"] is False
 
 
 def test_help_does_not_load_the_client() -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from anyhsm.errors import ConfigError, UsageError
+from anyhsm.errors import ConfigError
 
 if TYPE_CHECKING:
     from anyhsm.cli.backend import Backend, RemoteBackend
@@ -191,8 +190,9 @@ class App:
 
     def addr(self) -> str | None:
         """The service to talk to: --addr, else ANYHSM_ADDR; None for the local path."""
-        addr = getattr(self.args, "addr", None) or os.environ.get("ANYHSM_ADDR")
-        return addr or None
+        from anyhsm.cli.backend import service_address
+
+        return service_address(getattr(self.args, "addr", None))
 
     def backend(self) -> Backend:
         """Where the served commands run: a service when :meth:`addr` is set, else the
@@ -206,45 +206,20 @@ class App:
         return self._remote
 
     def _connect(self) -> RemoteBackend:
-        """The client for :meth:`addr`: the token from ANYHSM_TOKEN or --token-file (read
-        under the secret-file rule), never from argv; TLS from --ca-file/ANYHSM_CA_FILE
-        and, for mutual TLS, --client-cert/--client-key."""
-        import ssl
-
-        from anyhsm.cli.backend import RemoteBackend
-        from anyhsm.client import Client
+        """The client for :meth:`addr` (:func:`anyhsm.cli.backend.connect`, shared with
+        anyhsm-signer): the token from ANYHSM_TOKEN or --token-file, never from argv."""
+        from anyhsm.cli.backend import ServiceOptions, connect
 
         addr = self.addr()
-        _refuse_clear_text(addr)
-        token = self._token()
-        ca = getattr(self.args, "ca_file", None) or os.environ.get("ANYHSM_CA_FILE") or None
-        cert = getattr(self.args, "client_cert", None)
-        key = getattr(self.args, "client_key", None)
-        if key and not cert:
-            raise UsageError("--client-key needs --client-cert")
-        try:
-            client = Client(addr, token, cafile=ca, certfile=cert, keyfile=key)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"cannot load the TLS files: {e.strerror or e}") from None
-        return RemoteBackend(client)
-
-    def _token(self) -> str:
-        from anyhsm.fsutil import read_secret_file
-
-        tf = getattr(self.args, "token_file", None)
-        if tf:
-            with read_secret_file(Path(tf), "service token", self.environment()) as secret:
-                try:
-                    return secret.reveal().decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    raise ConfigError(f"the service token file {tf} is not UTF-8 text") from None
-        token = os.environ.get("ANYHSM_TOKEN", "").strip()
-        if not token:
-            raise UsageError(
-                "no token for the service",
-                hint="set ANYHSM_TOKEN or pass --token-file FILE (mode 600)",
-            )
-        return token
+        assert addr is not None
+        options = ServiceOptions(
+            addr,
+            token_file=getattr(self.args, "token_file", None),
+            ca_file=getattr(self.args, "ca_file", None),
+            client_cert=getattr(self.args, "client_cert", None),
+            client_key=getattr(self.args, "client_key", None),
+        )
+        return connect(options, self.environment)
 
     def close(self) -> None:
         if self._remote is not None:
@@ -253,29 +228,6 @@ class App:
         if self._hsm is not None:
             self._hsm.close()
             self._hsm = None
-
-
-def _refuse_clear_text(addr: str | None) -> None:
-    """The bearer token crosses the network only inside TLS: plain ``http://`` is for a
-    loopback service (the default listen address), refused for any other host."""
-    import ipaddress
-    import urllib.parse
-
-    if not addr:
-        return
-    parts = urllib.parse.urlsplit(addr if "://" in addr else f"http://{addr}")
-    if parts.scheme != "http":
-        return
-    host = (parts.hostname or "").lower()
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
-        raise UsageError(
-            f"refusing to send the service token in clear text to {host or addr!r}",
-            hint="use an https:// address (with --ca-file), or http only to a loopback service",
-        )
 
 
 def terminal_prompt(text: str) -> str | None:

@@ -12,11 +12,13 @@ exit statuses and ``--json`` error objects are those of the local path.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from anyhsm.errors import UsageError
+from anyhsm.errors import ConfigError, UsageError
 from anyhsm.types import SigScheme
 
 if TYPE_CHECKING:
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from anyhsm.ops.bitcoin import AddressResult, DescriptorResult, XpubResult
     from anyhsm.ops.keys import KeyList
     from anyhsm.ops.signing import DigestSignature, Verification
-    from anyhsm.types import KeyInfo
+    from anyhsm.types import Environment, KeyInfo
 
 
 @dataclass(frozen=True)
@@ -161,21 +163,17 @@ class RemoteBackend:
     def show_key(self, key: str) -> KeyInfo:
         return self._client.get_key(key)
 
-    @staticmethod
-    def _no_derivation(path: str | None, tweak: bytes | None) -> None:
-        if path or tweak is not None:
-            raise UsageError(
-                "--path and --tweak are not offered against a service (--addr)",
-                hint="the service signs and verifies with the key itself",
-            )
+    @property
+    def client(self) -> Client:
+        return self._client
 
     def sign(
         self, key: str, digest: bytes, scheme: SigScheme, path: str | None, tweak: bytes | None
     ) -> DigestSignature:
         from anyhsm.ops.signing import DigestSignature
 
-        self._no_derivation(path, tweak)
-        return DigestSignature(self._client.sign(key, digest, scheme), scheme, key)
+        sig = self._client.sign(key, digest, scheme, path=path or None, tweak=tweak)
+        return DigestSignature(sig, scheme, key)
 
     def verify(
         self,
@@ -188,8 +186,8 @@ class RemoteBackend:
     ) -> Verification:
         from anyhsm.ops.signing import Verification
 
-        self._no_derivation(path, tweak)
-        return Verification(self._client.verify(key, digest, signature, scheme))
+        valid = self._client.verify(key, digest, signature, scheme, path=path or None, tweak=tweak)
+        return Verification(valid)
 
     def xpub(self, key: str, path: str | None, slip132: str | None) -> XpubResult:
         return self._client.xpub(key, path, slip132=slip132)
@@ -201,15 +199,101 @@ class RemoteBackend:
         return self._client.descriptor(key, descriptor_type, account=account)
 
     def sign_psbt(self, psbt: Psbt, keys: Sequence[str] | None) -> PsbtSigned:
-        if keys is None or len(keys) != 1:
-            raise UsageError(
-                "against a service (--addr), psbt sign signs with one key",
-                hint="name exactly one KEY; --all-keys and repeated --key are local only",
-            )
-        res = self._client.sign_psbt(keys[0], psbt)
+        """One key, several (one policy decision), or None: every key the client may use
+        (``--all-keys`` against a service)."""
+        selection = keys[0] if keys is not None and len(keys) == 1 else keys
+        res = self._client.sign_psbt(selection, psbt)
         return PsbtSigned(res.psbt, dict(res.report), res.fee_rate)
 
     def health(self) -> HealthOutcome:
         from anyhsm.ops.admin import HealthOutcome
 
         return HealthOutcome(self._client.health())
+
+
+# --- reaching a service: the CLI's --addr and anyhsm-signer's, one implementation ------------
+
+
+def service_address(given: str | None) -> str | None:
+    """The service to talk to: ``given`` (``--addr``), else ``ANYHSM_ADDR``; None for the
+    local path."""
+    return given or os.environ.get("ANYHSM_ADDR") or None
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """How a front end reaches a service: ``--addr``, ``--token-file``, ``--ca-file`` (or
+    ``ANYHSM_CA_FILE``), ``--client-cert``/``--client-key``. The token itself is never
+    an option (it would be in argv): ``ANYHSM_TOKEN`` or the token file."""
+
+    addr: str
+    token_file: str | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+
+def connect(options: ServiceOptions, environment: Callable[[], Environment]) -> RemoteBackend:
+    """The client for ``options.addr``: refused in clear text beyond loopback; the token
+    from ``--token-file`` (read under the secret-file rule of ``environment()``) or
+    ``ANYHSM_TOKEN``; TLS from the CA file and, for mutual TLS, the client certificate."""
+    import ssl
+
+    from anyhsm.client import Client
+
+    refuse_clear_text(options.addr)
+    token = service_token(options.token_file, environment)
+    ca = options.ca_file or os.environ.get("ANYHSM_CA_FILE") or None
+    cert, key = options.client_cert, options.client_key
+    if key and not cert:
+        raise UsageError("--client-key needs --client-cert")
+    try:
+        client = Client(options.addr, token, cafile=ca, certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the TLS files: {e.strerror or e}") from None
+    return RemoteBackend(client)
+
+
+def service_token(token_file: str | None, environment: Callable[[], Environment]) -> str:
+    """The bearer token: the file's content (a regular file, not a symlink, mode 600
+    under production's rule), else ``ANYHSM_TOKEN``; UsageError when neither gives one."""
+    from anyhsm.fsutil import read_secret_file
+
+    if token_file:
+        with read_secret_file(Path(token_file), "service token", environment()) as secret:
+            try:
+                return secret.reveal().decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ConfigError(
+                    f"the service token file {token_file} is not UTF-8 text"
+                ) from None
+    token = os.environ.get("ANYHSM_TOKEN", "").strip()
+    if not token:
+        raise UsageError(
+            "no token for the service",
+            hint="set ANYHSM_TOKEN or pass --token-file FILE (mode 600)",
+        )
+    return token
+
+
+def refuse_clear_text(addr: str | None) -> None:
+    """The bearer token crosses the network only inside TLS: plain ``http://`` is for a
+    loopback service (the default listen address), refused for any other host."""
+    import ipaddress
+    import urllib.parse
+
+    if not addr:
+        return
+    parts = urllib.parse.urlsplit(addr if "://" in addr else f"http://{addr}")
+    if parts.scheme != "http":
+        return
+    host = (parts.hostname or "").lower()
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise UsageError(
+            f"refusing to send the service token in clear text to {host or addr!r}",
+            hint="use an https:// address (with --ca-file), or http only to a loopback service",
+        )

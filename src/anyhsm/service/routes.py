@@ -21,8 +21,10 @@ from anyhsm.errors import (
     HsmError,
     InvalidDigest,
     InvalidRequest,
+    NothingSigned,
     PolicyViolation,
     RequestTooLarge,
+    UnsupportedOperation,
 )
 from anyhsm.ops.data import hex_bytes
 from anyhsm.service.app import (
@@ -100,6 +102,42 @@ def _digest(text: object, what: str = "digest") -> bytes:
     if not isinstance(text, str) or len(text) != 64:
         raise InvalidDigest(f"{what} must be 64 hexadecimal digits (32 bytes)")
     return hex_bytes(text, what)
+
+
+def _path(body: dict[str, object]) -> str | None:
+    """The optional ``path`` member: a BIP32 path as text (``m/84'/1'/0'/0/5``; ``'``,
+    ``h`` or ``H`` for hardened), the form of every other endpoint and of the CLI's
+    ``--path``; parsed by :func:`_steps` once the key is known."""
+    return _opt_str(body, "path", max_len=4096)
+
+
+def _tweak(body: dict[str, object]) -> bytes | None:
+    """The optional ``tweak`` member: a BIP341 tweak, 64 hex digits (32 bytes), a scalar
+    below the curve order."""
+    from anyhsm.crypto.secp256k1 import CURVE_ORDER
+
+    text = body.get("tweak")
+    if text is None:
+        return None
+    if not isinstance(text, str) or len(text) != 64:
+        raise InvalidRequest("member 'tweak' must be 64 hexadecimal digits (32 bytes)")
+    tweak = hex_bytes(text, "tweak")
+    if int.from_bytes(tweak, "big") >= CURVE_ORDER:
+        raise InvalidRequest("member 'tweak' is not below the secp256k1 group order")
+    return tweak
+
+
+def _steps(svc: Service, info: KeyInfo, path: str | None) -> tuple[int, ...]:
+    """The child indexes of ``path`` for the key: a key whose provider cannot derive
+    refuses any path before it is parsed (unsupported_operation), as the CLI's local
+    path answers (cli/backend.LocalBackend), else bip32_error for a malformed path."""
+    from anyhsm.bitcoin.bip32 import parse_path
+
+    if not path:
+        return ()
+    if not svc.hsm.capabilities(info.id).can_derive:
+        raise UnsupportedOperation(info.provider, "BIP32 derivation")
+    return parse_path(path)
 
 
 def _query(request: web.Request, name: str, *, max_len: int = 256) -> str | None:
@@ -202,6 +240,7 @@ _OPERATION_MODULES = (
     "anyhsm.ops.psbt",
     "anyhsm.ops.signing",
     "anyhsm.service.openapi",
+    "anyhsm.signer._ops",
 )
 
 
@@ -304,6 +343,25 @@ async def descriptors(request: web.Request) -> web.StreamResponse:
     return json_response(await svc.run(caller, work))
 
 
+async def descriptor_address(request: web.Request) -> web.StreamResponse:
+    """Core's ``displayaddress``: the address of a one-address descriptor of this key,
+    refused unless its fingerprint and key are this key's at a path the signing policy
+    signs (:func:`anyhsm.signer._ops.descriptor_address`, what ``anyhsm-signer`` checks
+    locally)."""
+    from anyhsm.signer._ops import descriptor_address as address_of
+
+    svc, caller = await _caller(request, Op.READ)
+    name = _key_name(request)
+    _, body = await _body(request)
+    text = _str(body, "descriptor", max_len=4096)
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        return {"address": address_of(svc.hsm, info, text)}
+
+    return json_response(await svc.run(caller, work))
+
+
 async def verify(request: web.Request) -> web.StreamResponse:
     from anyhsm.ops.signing import verify_digest
 
@@ -313,10 +371,13 @@ async def verify(request: web.Request) -> web.StreamResponse:
     digest = _digest(body.get("digest"))
     signature = hex_bytes(_str(body, "signature", max_len=256), "signature")
     scheme = _scheme(body)
+    path, tweak = _path(body), _tweak(body)
 
     def work() -> dict[str, object]:
         info = svc.authorized_key(caller, name)
-        return verify_digest(svc.hsm, info.id, digest, signature, scheme).to_dict()
+        steps = _steps(svc, info, path)
+        res = verify_digest(svc.hsm, info.id, digest, signature, scheme, path=steps, tweak=tweak)
+        return res.to_dict()
 
     return json_response(await svc.run(caller, work))
 
@@ -367,6 +428,41 @@ async def policy_check(request: web.Request) -> web.StreamResponse:
     return json_response(await svc.run(caller, work))
 
 
+MAX_APPROVAL_SECONDS = 31 * 86400
+"""The longest validity ``POST /v1/policy/requests`` gives an approval request."""
+
+
+async def policy_request(request: web.Request) -> web.StreamResponse:
+    """``anyhsm policy request``: the exact message approvers sign for a PSBT under the
+    active policy, and the rules that want approvals; nothing signed, debited or kept.
+    Right ``sign-psbt`` on the key, as ``/v1/policy/check``: asking is the first step of a
+    spend by that key, and the answer shows the policy's verdicts and approvers."""
+    from anyhsm.ops.policy import approval_request
+    from anyhsm.ops.psbt import parse_psbt
+
+    svc, caller = await _caller(request, Op.SIGN_PSBT)
+    _, body = await _body(request)
+    name = _str(body, "key", max_len=128)
+    data = _psbt_text(svc, body)
+    expires_in = body.get("expires_in", 3600)
+    if (
+        isinstance(expires_in, bool)
+        or not isinstance(expires_in, int)
+        or not 1 <= expires_in <= MAX_APPROVAL_SECONDS
+    ):
+        raise InvalidRequest(
+            f"member 'expires_in' must be an integer of seconds, 1 to {MAX_APPROVAL_SECONDS}"
+        )
+    limit = svc.hsm.config.policy.max_psbt_bytes
+
+    def work() -> dict[str, object]:
+        info = svc.authorized_key(caller, name)
+        psbt = parse_psbt(data, max_bytes=limit)
+        return approval_request(svc.hsm, psbt, info.id, expires_in=expires_in).to_dict()
+
+    return json_response(await svc.run(caller, work))
+
+
 async def policy_approve(request: web.Request) -> web.StreamResponse:
     """``anyhsm policy approve``: one approver's signature, kept until used or expired."""
     from anyhsm.ops.policy import submit_approval
@@ -413,13 +509,15 @@ async def sign(request: web.Request) -> web.StreamResponse:
     _, body = await _body(request)
     digest = _digest(body.get("digest"))
     scheme = _scheme(body)
+    path, tweak = _path(body), _tweak(body)
     m = svc.metrics
 
     def work() -> dict[str, object]:
         info = svc.authorized_key(caller, name)
+        steps = _steps(svc, info, path)
         t0 = time.perf_counter()
         try:
-            res = sign_digest(svc.hsm, info.id, digest, scheme)
+            res = sign_digest(svc.hsm, info.id, digest, scheme, path=steps, tweak=tweak)
         except HsmError:
             m.signed(info.id, info.provider, scheme.value, "error")
             raise
@@ -489,35 +587,92 @@ async def psbt_sign(request: web.Request) -> web.StreamResponse:
 
     svc, caller = await _caller(request, Op.SIGN_PSBT)
     raw, body = await _body(request)
-    name = _str(body, "key", max_len=128)
+    names = _signing_key_names(body)
     data = _psbt_text(svc, body)
     limit = svc.hsm.config.policy.max_psbt_bytes
     m = svc.metrics
 
     def work() -> dict[str, object]:
-        info = svc.authorized_key(caller, name)
+        infos = _signing_keys(svc, caller, names)
         psbt = parse_psbt(data, max_bytes=limit)
+        # metrics name one key (the first): per-key series stay one per request
+        first = infos[0] if infos else None
+        key_id, provider = (first.id, first.provider) if first else ("", svc.hsm.active_provider)
         t0 = time.perf_counter()
         try:
-            res = sign_psbt(svc.hsm, psbt, info.id)
+            if not infos:
+                raise NothingSigned(
+                    f"client {caller.name!r} may use no key that signs Bitcoin transactions",
+                    hint="name the keys (key, keys), or widen the client's keys",
+                )
+            res = sign_psbt(svc.hsm, psbt, [i.id for i in infos])
         except PolicyViolation as e:
             rules = sorted({str(d["rule"]) for d in e.details if "rule" in d}) or [e.code]
             for rule in rules:
                 m.policy.labels(rule, "refuse").inc()
-            m.signed(info.id, info.provider, "psbt", "refused")
+            m.signed(key_id, provider, "psbt", "refused")
             raise
         except HsmError:
-            m.signed(info.id, info.provider, "psbt", "error")
+            m.signed(key_id, provider, "psbt", "error")
             raise
         m.signing_seconds.labels("psbt-sign").observe(time.perf_counter() - t0)
         m.policy.labels("all", "allow").inc()
-        m.signed(info.id, info.provider, "psbt", "ok", max(res.signatures, 1))
+        m.signed(key_id, provider, "psbt", "ok", max(res.signatures, 1))
         return res.to_dict()
 
     async def compute() -> web.Response:
         return json_response(await svc.run(caller, work, timeout=None))
 
     return await svc.idempotent(request, caller, raw, compute)
+
+
+MAX_PSBT_KEYS = 64
+"""Keys one ``POST /v1/psbt/sign`` may name (``keys``)."""
+
+
+def _signing_key_names(body: dict[str, object]) -> tuple[str, ...] | None:
+    """Which keys sign a PSBT: exactly one of ``key`` (a label or id), ``keys`` (1 to
+    :data:`MAX_PSBT_KEYS` of them: ``psbt sign --key A --key B``) and ``all_keys: true``
+    (None: every key the client may use, ``psbt sign --all-keys``)."""
+    given = [n for n in ("key", "keys", "all_keys") if body.get(n) is not None]
+    if len(given) != 1:
+        raise InvalidRequest(
+            "name the signing keys with exactly one of 'key', 'keys' and 'all_keys'",
+            hint='{"key": "wallet"}, {"keys": ["a", "b"]} or {"all_keys": true}',
+        )
+    if given[0] == "key":
+        return (_str(body, "key", max_len=128),)
+    if given[0] == "all_keys":
+        if body["all_keys"] is not True:
+            raise InvalidRequest("member 'all_keys' must be true when given")
+        return None
+    items = body["keys"]
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest("member 'keys' must be a non-empty list of key labels or ids")
+    if len(items) > MAX_PSBT_KEYS:
+        raise RequestTooLarge(f"a PSBT is signed by at most {MAX_PSBT_KEYS} named keys")
+    if not all(isinstance(k, str) and 0 < len(k) <= 128 for k in items):
+        raise InvalidRequest("each of 'keys' must be a label or id of 1 to 128 characters")
+    return tuple(str(k) for k in items)
+
+
+def _signing_keys(svc: Service, caller: Caller, names: tuple[str, ...] | None) -> list[KeyInfo]:
+    """The keys named (each checked against the client's list, as every key-naming
+    endpoint does), or with None every key of the client's list that signs Bitcoin
+    transactions here: what ``psbt sign --all-keys`` (any key of the handle) takes
+    locally, limited to the client's keys. In a worker thread."""
+    if names is not None:
+        return [svc.authorized_key(caller, n) for n in names]
+    from anyhsm.bitcoin.signer import SIGNING_KEY_TYPES
+    from anyhsm.ops.keys import list_keys
+
+    client = caller.client
+    assert client is not None
+    return [
+        k
+        for k in list_keys(svc.hsm).keys
+        if client.may_use(k.id, k.label) and k.available and k.key_type in SIGNING_KEY_TYPES
+    ]
 
 
 async def message_sign(request: web.Request) -> web.StreamResponse:
@@ -596,6 +751,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/v1/keys/{key}/address", Op.READ, address),
     Endpoint("GET", "/v1/keys/{key}/descriptor", Op.READ, descriptor),
     Endpoint("GET", "/v1/keys/{key}/descriptors", Op.READ, descriptors),
+    Endpoint("POST", "/v1/keys/{key}/descriptor-address", Op.READ, descriptor_address),
     Endpoint("POST", "/v1/keys/{key}/sign", Op.SIGN_DIGEST, sign),
     Endpoint("POST", "/v1/keys/{key}/sign-batch", Op.SIGN_DIGEST, sign_batch, idempotent=True),
     Endpoint("POST", "/v1/keys/{key}/verify", Op.READ, verify),
@@ -603,6 +759,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/psbt/finalize", Op.READ, psbt_finalize),
     Endpoint("POST", "/v1/psbt/inspect", Op.READ, psbt_inspect),
     Endpoint("POST", "/v1/policy/check", Op.SIGN_PSBT, policy_check),
+    Endpoint("POST", "/v1/policy/requests", Op.SIGN_PSBT, policy_request),
     Endpoint("POST", "/v1/policy/approvals", Op.APPROVE, policy_approve),
     Endpoint("POST", "/v1/message/sign", Op.SIGN_MESSAGE, message_sign),
     Endpoint("POST", "/v1/message/verify", Op.READ, message_verify),

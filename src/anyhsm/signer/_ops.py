@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from anyhsm.errors import DescriptorError, NetworkMismatch
+from anyhsm.errors import DescriptorError, NetworkMismatch, UnsupportedOperation
 
 if TYPE_CHECKING:
     from anyhsm.config import Config
@@ -106,7 +106,12 @@ def descriptor_address(hsm: Hsm, info: KeyInfo, text: str) -> str:
         )
     key = desc.key
     mfp = info.master_fingerprint
-    assert mfp is not None
+    if mfp is None:  # the signer only exposes HD keys; the service may be asked of any
+        raise UnsupportedOperation(
+            info.provider,
+            f"the address of a descriptor for key {info.label!r}, which is not an HD key",
+            hint="name a bip32 key",
+        )
     if key.origin is None:
         raise DescriptorError(
             "the descriptor has no key origin [fingerprint/path]: it cannot be matched to "

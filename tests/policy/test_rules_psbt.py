@@ -57,7 +57,11 @@ def test_max_per_tx(dep: Deployment) -> None:
     check = check_psbt(dep.hsm, _pay(dep, 20_000_000), "hot")
     assert check.decision == "refuse"
     assert {r.name: r.decision for r in check.rules} == {
-        "signing-policy": "allow",
+        "network": "allow",
+        "path": "allow",
+        "sighash": "allow",
+        "change": "allow",
+        "fee": "allow",
         "per-tx": "refuse",
     }
 
@@ -291,7 +295,19 @@ def test_signing_policy_refusals_are_reported_as_rules(dep: Deployment) -> None:
     )
     big_fee = _pay(dep, 50_000, fee=20_000_000)
     res = check_psbt(dep.hsm, big_fee, "hot")
-    assert res.decision == "refuse" and [r.name for r in res.rules] == ["max-fee", "max-fee-rate"]
+    assert res.decision == "refuse"
+    verdicts = {r.name: r.decision for r in res.rules}
+    assert verdicts == {
+        "network": "allow",
+        "path": "allow",
+        "sighash": "allow",
+        "change": "allow",
+        "fee": "refuse",
+        "base": "allow",
+    }
+    fee = next(r for r in res.rules if r.name == "fee")
+    assert "[max-fee]" in fee.reason and "[max-fee-rate]" in fee.reason
+    assert "raise policy.max_fee_sat" in fee.reason
 
 
 def test_a_policy_edited_without_the_admin_step_is_refused(dep: Deployment) -> None:

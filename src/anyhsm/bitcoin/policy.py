@@ -28,12 +28,23 @@ The resource limits (:mod:`anyhsm.bitcoin.limits`) run before all this, in the s
 
 Every refusal raises :class:`anyhsm.errors.SigningPolicyError` naming the input or
 output and the rule; all refusals found are listed in the error's ``details``.
+
+Five of these checks are also the spending policy's **built-in rules** (docs/policy.md,
+"Built-in rules"): ``network``, ``path``, ``sighash``, ``change`` and ``fee``, whose
+implicit settings are today's ``[policy]``. With ``defer=True`` (a spending policy is
+active) a refusal by one of them alone is not raised here: it is returned as that rule's
+:class:`BuiltinVerdict`, for the engine to report like any rule, and the signer still
+refuses to sign whatever the gate answers. The other checks (missing or inconsistent
+previous outputs, the segwit fee attack, a negative fee, the weight, sighash types ECDSA
+cannot use, SIGHASH_SINGLE without its output) say the PSBT is wrong, not that a limit
+was met: they always raise, and nothing can relax them from a policy file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from anyhsm.bitcoin.address import address_from_script
 from anyhsm.bitcoin.bip32 import KeyOrigin, format_path
@@ -68,6 +79,15 @@ UNVERIFIED_AMOUNT_RULE = "unverified-amount"
 CHANGE_TAPROOT_TREE_RULE = "change-taproot-tree"
 TX_WEIGHT_RULE = "tx-weight"
 
+# The built-in rules of the spending policy (their names in a decision), in their order of
+# evaluation, and the checks above that belong to each (the names without a policy)
+NETWORK = "network"
+PATH = "path"
+SIGHASH = "sighash"
+CHANGE = "change"
+FEE = "fee"
+BUILTIN_RULES = (NETWORK, PATH, SIGHASH, CHANGE, FEE)
+
 
 # --- reports -------------------------------------------------------------------------------------
 
@@ -90,6 +110,7 @@ class OutputReport:
     path: str | None = None
     note: str = ""
     not_change: str | None = None  # the rule that made a payment to our own key not change
+    steps: tuple[int, ...] | None = None  # ``path`` as steps (change only; not in to_dict)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -117,28 +138,118 @@ class PolicyReport:
     fee_rate: float
     outputs: tuple[OutputReport, ...]
     warnings: tuple[str, ...] = ()
+    builtin: tuple[BuiltinVerdict, ...] = ()  # with verdicts: the built-in rules' verdicts
+    deferred: tuple[dict[str, object], ...] = ()  # with defer: the refusals not raised
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinVerdict:
+    """A built-in rule's verdict under today's ``[policy]`` settings (``decision``: allow,
+    warn or refuse); ``checks``: the names of the checks that refused or warned
+    (``max-fee``, ``input-path``, ``change-path``, ...), as the signer names them without
+    a spending policy."""
+
+    rule: str
+    decision: str
+    reason: str
+    checks: tuple[str, ...] = ()
+
+    @property
+    def refused(self) -> bool:
+        return self.decision == "refuse"
+
+
+@dataclass(frozen=True, slots=True)
+class SignedInput:
+    """One signature the signer would make: input ``index``, by key ``key_id``
+    (``label``) at ``path`` (None for a single key), with sighash type ``sighash``."""
+
+    index: int
+    key_id: str
+    label: str
+    path: tuple[int, ...] | None
+    sighash: int
+
+
+@dataclass(frozen=True, slots=True)
+class SigningFacts:
+    """What the built-in rules of a policy file judge, as the signer found it: the
+    signatures it would make, the change outputs with their paths, the fee rate, and the
+    verdicts of the built-in rules under ``[policy]`` (which the engine reports as the
+    implicit rules ``network``, ``path``, ``sighash``, ``change``, ``fee``)."""
+
+    network: Network
+    fee_rate: float
+    signing: tuple[SignedInput, ...]
+    change: tuple[OutputReport, ...]  # outputs that are change (with ``steps`` for HD keys)
+    builtin: tuple[BuiltinVerdict, ...]
+
+    @property
+    def refused(self) -> tuple[BuiltinVerdict, ...]:
+        return tuple(v for v in self.builtin if v.refused)
+
+
+def _spend_base() -> type:
+    from anyhsm.policy.gate import SpendSummary
+
+    return SpendSummary
+
+
+if TYPE_CHECKING:
+    from anyhsm.policy.gate import SpendSummary as _SpendBase
+else:
+    _SpendBase = _spend_base()
+
+
+@dataclass(frozen=True)
+class CheckedSpend(_SpendBase):
+    """The :class:`~anyhsm.policy.gate.SpendSummary` the signer hands its gate, with the
+    facts the built-in rules judge (until SpendSummary carries them itself)."""
+
+    facts: SigningFacts | None = None
+
+
+def signing_facts(spend: object) -> SigningFacts | None:
+    """The signer's facts of a spend; None for a summary made elsewhere (a rule that
+    needs them then refuses: fail closed)."""
+    return spend.facts if isinstance(spend, CheckedSpend) else None
 
 
 @dataclass
 class _Findings:
     refusals: list[dict[str, object]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # per built-in rule: (check name, message) of its refusals
+    builtin: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    others: int = 0  # refusals that are not a built-in rule's (always raised)
 
-    def refuse(self, where: str, rule: str, message: str) -> None:
-        self.refusals.append({"where": where, "rule": rule, "message": f"{where}: {message}"})
+    def refuse(self, where: str, rule: str, message: str, builtin: str | None = None) -> None:
+        text = f"{where}: {message}"
+        self.refusals.append({"where": where, "rule": rule, "message": text})
+        if builtin is None:
+            self.others += 1
+        else:
+            self.builtin.setdefault(builtin, []).append((rule, text))
 
-    def raise_if_any(self) -> None:
-        if not self.refusals:
+    def raise_if_any(self, defer: bool = False) -> None:
+        """Raise every refusal found; with ``defer``, only when one of them is not a
+        built-in rule's (those are then returned as verdicts instead)."""
+        if not self.refusals or (defer and not self.others):
             return
-        first = str(self.refusals[0]["message"])
-        more = len(self.refusals) - 1
-        err = SigningPolicyError(
-            f"signing refused: {first} [rule {self.refusals[0]['rule']}]"
-            + (f" (and {more} more refusal{'s' if more > 1 else ''})" if more else ""),
-            hint="see the policy section of docs/bitcoin.md; nothing was signed",
-        )
-        err.details = list(self.refusals)
-        raise err
+        raise refusal_error(self.refusals)
+
+
+def refusal_error(refusals: Sequence[Mapping[str, object]]) -> SigningPolicyError:
+    """The signing policy's error for ``refusals`` (each with where, rule, message)."""
+    first = str(refusals[0]["message"])
+    more = len(refusals) - 1
+    err = SigningPolicyError(
+        f"signing refused: {first} [rule {refusals[0]['rule']}]"
+        + (f" (and {more} more refusal{'s' if more > 1 else ''})" if more else ""),
+        hint="see the policy section of docs/bitcoin.md; nothing was signed",
+    )
+    err.details = [dict(r) for r in refusals]
+    return err
 
 
 Signing = Mapping[int, Sequence[tuple[str, tuple[int, ...]]]]
@@ -158,6 +269,8 @@ def check_policy(
     script_leaves: Mapping[int, Collection[bytes]] | None = None,
     confirmed: Callable[[str, tuple[int, ...]], bool] | None = None,
     amounts_committed: Callable[[], bool] | None = None,
+    defer: bool = False,
+    verdicts: bool | None = None,
 ) -> PolicyReport:
     """Apply the signing policy; raise SigningPolicyError listing every refusal.
 
@@ -171,6 +284,12 @@ def check_policy(
     a decision depends on them (the signer verifies its signatures, so a claim under
     our fingerprint is otherwise only checked once signed). Without them every claim
     is taken as ours.
+
+    ``defer``: a spending policy is active. Refusals by the built-in rules alone
+    (``network``, ``path``, ``sighash``, ``fee``) are then not raised but returned in
+    ``builtin`` (with ``change``, which only warns), one verdict per rule; the caller
+    must not sign when one of them refuses (their details are in ``deferred``).
+    ``verdicts`` (default: ``defer``) asks for the verdicts without deferring.
     """
     f = _Findings()
     signing = signing or {}
@@ -187,7 +306,7 @@ def check_policy(
         for label, path in signing.get(i, ()):
             why = rules.input_problem(label, path)
             if why is not None:
-                f.refuse(where, INPUT_PATH_RULE, f"key {label}: {why}")
+                f.refuse(where, INPUT_PATH_RULE, f"key {label}: {why}", PATH)
         if i in to_sign:
             _check_sighash(where, info.kind, to_sign[i], policy, f)
             if to_sign[i] & 0x1F == 0x03 and i >= len(psbt.outputs):
@@ -232,22 +351,131 @@ def check_policy(
             f"the outputs ({outputs_total} sat) exceed the inputs ({inputs_total} sat)",
         )
     else:
-        if policy.max_fee_sat > 0 and fee > policy.max_fee_sat:
-            f.refuse(
-                "transaction",
-                "max-fee",
-                f"fee {fee} sat is above the limit policy.max_fee_sat = {policy.max_fee_sat}",
-            )
-        if policy.max_fee_rate_sat_vb > 0 and fee_rate > policy.max_fee_rate_sat_vb:
-            f.refuse(
-                "transaction",
-                "max-fee-rate",
-                f"fee rate {fee_rate:.2f} sat/vB (fee {fee} sat over ~{vsize} vB) is above the "
-                f"limit policy.max_fee_rate_sat_vb = {policy.max_fee_rate_sat_vb:g}",
-            )
-    f.raise_if_any()
+        for check, message in fee_problems(
+            fee, vsize, fee_rate, policy.max_fee_sat, policy.max_fee_rate_sat_vb, "policy."
+        ):
+            f.refuse("transaction", check, message, FEE)
+    f.raise_if_any(defer)
+    want = defer if verdicts is None else verdicts
+    builtin = _verdicts(f, psbt, to_sign, signing, outputs, policy, fee, vsize) if want else ()
     return PolicyReport(
-        inputs_total, outputs_total, fee, vsize, fee_rate, outputs, tuple(f.warnings)
+        inputs_total,
+        outputs_total,
+        fee,
+        vsize,
+        fee_rate,
+        outputs,
+        tuple(f.warnings),
+        builtin,
+        tuple(f.refusals),
+    )
+
+
+MAX_FEE_RULE = "max-fee"
+MAX_FEE_RATE_RULE = "max-fee-rate"
+
+
+def fee_problems(
+    fee: int, vsize: int, fee_rate: float, max_fee: int | None, max_rate: float | None, prefix: str
+) -> list[tuple[str, str]]:
+    """(check, message) for a fee above ``max_fee`` sat or a fee rate above ``max_rate``
+    sat/vB (None or 0: no limit); ``prefix`` names where the settings are (``policy.``,
+    ``rules.NAME.``). One wording for the ``[policy]`` limits and a policy file's."""
+    out: list[tuple[str, str]] = []
+    if max_fee is not None and max_fee > 0 and fee > max_fee:
+        out.append(
+            (MAX_FEE_RULE, f"fee {fee} sat is above the limit {prefix}max_fee_sat = {max_fee}")
+        )
+    if max_rate is not None and max_rate > 0 and fee_rate > max_rate:
+        out.append(
+            (
+                MAX_FEE_RATE_RULE,
+                f"fee rate {fee_rate:.2f} sat/vB (fee {fee} sat over ~{vsize} vB) is above the "
+                f"limit {prefix}max_fee_rate_sat_vb = {max_rate:g}",
+            )
+        )
+    return out
+
+
+def fee_text(fee: int, vsize: int, fee_rate: float) -> str:
+    return f"fee {fee} sat ({fee_rate:.2f} sat/vB over ~{vsize} vB)"
+
+
+# what would have to change for each built-in rule's [policy] refusal to pass
+_REMEDY = {
+    NETWORK: "use a PSBT made for this network (nothing can allow another network's)",
+    PATH: "sign under an allowed account, or allow the account in the configuration "
+    "(policy.allowed_input_paths, policy.key_input_paths.<label>)",
+    SIGHASH: "sign with an allowed sighash type, or add it to policy.allowed_sighash_types "
+    "in the configuration",
+    FEE: "lower the fee, or raise policy.max_fee_sat / policy.max_fee_rate_sat_vb in the "
+    "configuration",
+}
+
+
+def _verdicts(
+    f: _Findings,
+    psbt: Psbt,
+    to_sign: Mapping[int, int],
+    signing: Signing,
+    outputs: Sequence[OutputReport],
+    policy: PolicyConfig,
+    fee: int,
+    vsize: int,
+) -> tuple[BuiltinVerdict, ...]:
+    """The built-in rules' verdicts under ``[policy]``, in their order of evaluation."""
+    rate = fee / vsize if vsize else 0.0
+    allowed = ", ".join(sighash_name(t) for t in policy.allowed_sighash_types) or "none"
+    hd = sum(1 for entries in signing.values() if entries)
+    change = [o for o in outputs if o.change]
+    passing = {
+        NETWORK: f"{len(psbt.global_map.xpubs)} global xpub(s), none of another network",
+        PATH: f"{hd} input(s) signed by HD keys, all under an allowed account"
+        + (" (policy.allowed_input_paths)" if policy.allowed_input_paths else ""),
+        SIGHASH: f"{len(to_sign)} input(s) signed with allowed sighash types "
+        f"(policy.allowed_sighash_types: {allowed})",
+        FEE: f"{fee_text(fee, vsize, rate)} within policy.max_fee_sat = "
+        f"{policy.max_fee_sat or 'no limit'} and policy.max_fee_rate_sat_vb = "
+        f"{f'{policy.max_fee_rate_sat_vb:g}' if policy.max_fee_rate_sat_vb else 'no limit'}",
+    }
+    out: list[BuiltinVerdict] = []
+    for rule in BUILTIN_RULES:
+        if rule == CHANGE:
+            out.append(_change_verdict(outputs, change, policy))
+            continue
+        found = f.builtin.get(rule)
+        if not found:
+            out.append(BuiltinVerdict(rule, "allow", passing[rule]))
+            continue
+        reason = "; ".join(f"{m} [{c}]" for c, m in found[:5])
+        if len(found) > 5:
+            reason += f" (and {len(found) - 5} more)"
+        checks = tuple(dict.fromkeys(c for c, _ in found))
+        out.append(BuiltinVerdict(rule, "refuse", f"{reason}; {_REMEDY[rule]}", checks))
+    return tuple(out)
+
+
+def _change_verdict(
+    outputs: Sequence[OutputReport], change: Sequence[OutputReport], policy: PolicyConfig
+) -> BuiltinVerdict:
+    """``change`` warns, as without a policy, when an output pays our key but is not
+    change (it is counted as leaving); it refuses nothing under ``[policy]``."""
+    not_change = [o for o in outputs if o.not_change is not None]
+    if not not_change:
+        shown = ", ".join(str(o.index) for o in change[:10]) or "none"
+        return BuiltinVerdict(
+            CHANGE,
+            "allow",
+            f"change output(s): {shown} (on a signed account's change branch, below "
+            f"policy.max_change_index = {policy.max_change_index})",
+        )
+    shown = ", ".join(f"{o.index} [{o.not_change}]" for o in not_change[:10])
+    return BuiltinVerdict(
+        CHANGE,
+        "warn",
+        f"output(s) {shown} pay our key but are not change: counted as leaving the wallet "
+        "(see the signer's warnings; a rule with own_outputs = false refuses them)",
+        tuple(dict.fromkeys(str(o.not_change) for o in not_change)),
     )
 
 
@@ -325,14 +553,19 @@ def _check_sighash(
             f"sighash type {sighash_name(hash_type)} ({hash_type:#x}) is not valid for an "
             "ECDSA signature",
         )
-    elif hash_type not in policy.allowed_sighash_types:
-        name = sighash_name(hash_type)
-        allowed = ", ".join(sighash_name(t) for t in policy.allowed_sighash_types) or "none"
-        f.refuse(
-            where,
-            "sighash",
-            f"sighash type {name} is not allowed (policy.allowed_sighash_types: {allowed})",
-        )
+    else:
+        allowed = policy.allowed_sighash_types
+        why = sighash_problem(hash_type, allowed, "policy.allowed_sighash_types")
+        if why is not None:
+            f.refuse(where, "sighash", why, SIGHASH)
+
+
+def sighash_problem(hash_type: int, allowed: Collection[int], setting: str) -> str | None:
+    """Why ``hash_type`` is not allowed by ``setting`` (None when it is)."""
+    if hash_type in allowed:
+        return None
+    shown = ", ".join(sighash_name(t) for t in allowed) or "none"
+    return f"sighash type {sighash_name(hash_type)} is not allowed ({setting}: {shown})"
 
 
 def _check_global_xpubs(psbt: Psbt, network: Network, f: _Findings) -> None:
@@ -344,6 +577,7 @@ def _check_global_xpubs(psbt: Psbt, network: Network, f: _Findings) -> None:
                 "network",
                 f"the extended key is for {describe_family(fam)}, not the configured "
                 f"{network.value}",
+                NETWORK,
             )
 
 
@@ -407,6 +641,7 @@ def describe_output(
         path=None if path is None else format_path(path),
         note=note,
         not_change=None if refused is None else refused[0],
+        steps=path,
     )
 
 
@@ -476,10 +711,19 @@ def estimate_vsize(
 
 
 __all__ = [
+    "BUILTIN_RULES",
+    "BuiltinVerdict",
+    "CheckedSpend",
     "OutputReport",
     "Owner",
     "PolicyReport",
+    "SignedInput",
+    "SigningFacts",
     "check_policy",
     "describe_output",
     "estimate_vsize",
+    "fee_problems",
+    "refusal_error",
+    "sighash_problem",
+    "signing_facts",
 ]

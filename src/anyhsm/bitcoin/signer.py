@@ -59,7 +59,15 @@ from anyhsm.bitcoin.address import bip86_output_key
 from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, format_path
 from anyhsm.bitcoin.capability import signing_refusal
 from anyhsm.bitcoin.encoding import hash160, sha256d
-from anyhsm.bitcoin.policy import OutputReport, PolicyReport, check_policy
+from anyhsm.bitcoin.policy import (
+    CheckedSpend,
+    OutputReport,
+    PolicyReport,
+    SignedInput,
+    SigningFacts,
+    check_policy,
+    refusal_error,
+)
 from anyhsm.bitcoin.psbt import Psbt, PsbtInput
 from anyhsm.bitcoin.script import p2pkh, p2sh, p2tr, p2wpkh
 from anyhsm.bitcoin.script_kind import ScriptKind
@@ -638,6 +646,10 @@ def sign_psbt(
     ``spending`` (the spending policy, :class:`anyhsm.policy.gate.SpendingGate`) is
     asked after every check above and before any signature; it may refuse (a
     ``SigningPolicyError`` naming its rules) and is told whether signing then failed.
+    With a gate, a refusal by a built-in rule alone (``network``, ``path``, ``sighash``,
+    ``fee`` under ``[policy]``) is handed to the gate to decide and report with its
+    other rules (it refuses, naming them); whatever the gate answers, nothing is signed
+    then: the signer raises the signing policy's own error after telling the grant.
 
     Every outcome is an event ``psbt_sign`` of the backend (the handle's audit log):
     "ok" with the unsigned txid, the inputs signed and the fee; "refused" with the rules
@@ -655,7 +667,17 @@ def sign_psbt(
         elif refs is not None:
             named = {"keys": _bounded(",".join(k.info.id for k in keys), 300)}
         result = _sign(
-            backend, psbt, unsigned, keys, refs, policy, network, grind_low_r, txid, spending
+            backend,
+            psbt,
+            unsigned,
+            keys,
+            refs,
+            policy,
+            network,
+            grind_low_r,
+            txid,
+            spending,
+            defer=spending is not None,
         )
     except (SigningPolicyError, PsbtLimitExceeded) as e:
         detail = {"txid": txid, "rules": _rules(e), "message": _bounded(e.message, 300)}
@@ -690,16 +712,31 @@ def analyse_psbt(
     policy: PolicyConfig,
     network: Network,
     environment: Environment = Environment.PRODUCTION,
+    builtin_rules: bool = False,
 ) -> SpendSummary:
     """What :func:`sign_psbt` would hand its spending gate, without signing anything and
     without an audit entry (``anyhsm policy check``): the same checks, the same
-    refusals (``PsbtLimitExceeded``, ``SigningPolicyError``, ``NothingSigned``)."""
+    refusals (``PsbtLimitExceeded``, ``SigningPolicyError``, ``NothingSigned``).
+    ``builtin_rules`` (a spending policy is active): as :func:`sign_psbt` with a gate,
+    the built-in rules' refusals are not raised but carried in the summary's facts."""
     policy = _effective(policy, environment)
     unsigned, txid = _unsigned(psbt)
     refs = _key_refs(key)
     keys = _signing_keys(backend, refs)
     try:
-        _sign(backend, psbt, unsigned, keys, refs, policy, network, True, txid, _Collect())
+        _sign(
+            backend,
+            psbt,
+            unsigned,
+            keys,
+            refs,
+            policy,
+            network,
+            True,
+            txid,
+            _Collect(),
+            defer=builtin_rules,
+        )
     except _Analysed as done:
         return done.summary
     raise AssertionError("the signer signed without asking its spending gate")  # pragma: no cover
@@ -754,6 +791,8 @@ def _sign(
     grind_low_r: bool,
     txid: str,
     spending: SpendingGate | None = None,
+    *,
+    defer: bool = False,
 ) -> SignResult:
     size = None if unsigned is None else unsigned[1]
     limits.check_structure(psbt, rules, unsigned_size=size)  # before any copy or signature
@@ -772,7 +811,7 @@ def _sign(
         k = deriv.owner(keys, pubkey, origin)
         return None if k is None else k.label
 
-    def policy() -> tuple[PolicyReport, dict[int, int]]:
+    def policy(deferring: bool) -> tuple[PolicyReport, dict[int, int]]:
         if not any(p.claimed for p in plans):
             raise _nothing_signed(key, keys, work, infos, plans)
         to_sign = {
@@ -831,11 +870,16 @@ def _sign(
             script_leaves=leaves,
             confirmed=confirmed,
             amounts_committed=committed,
+            defer=deferring,
+            verdicts=defer,
         )
         return report, to_sign
 
     try:
-        passed: tuple[PolicyReport, dict[int, int]] | None = policy()
+        # an unconfirmed claim may be another wallet's input: its refusal is raised (and
+        # the claims confirmed below) before any refusal is handed to the gate
+        first = defer and not any(p.unconfirmed for p in plans)
+        passed: tuple[PolicyReport, dict[int, int]] | None = policy(first)
     except SigningPolicyError:
         # An input claimed only through our fingerprint may be another wallet's: check
         # those claims by derivation and ask again, so that it cannot block the others.
@@ -845,14 +889,22 @@ def _sign(
         for i in unconfirmed:
             plans[i] = _plan_input(work.inputs[i], infos[i], keyset, deriv, confirm=True)
         passed = None
-    report, to_sign = passed if passed is not None else policy()
+    report, to_sign = passed if passed is not None else policy(defer)
     if not any(p.jobs for p in plans):
         raise _nothing_signed(key, keys, work, infos, plans)
     # the spending policy decides (and debits its budgets) after every check above and
     # before any signature; a failure from here on compensates its debit
     grant: SpendGrant | None = None
     if spending is not None:
-        grant = spending.authorize(_spend_summary(txid, plans, work, report))
+        facts = _facts(report, plans, to_sign, network) if defer else None
+        grant = spending.authorize(_spend_summary(txid, plans, work, report, facts))
+    if report.deferred:
+        # a built-in rule refused under [policy]: the gate refuses it (naming the rule);
+        # if a gate did not, the signer still signs nothing
+        err = refusal_error(report.deferred)
+        if grant is not None:
+            grant.failed(err)
+        raise err
     try:
         aux = schnorr_aux(rules)
         # the copy's transaction is the original's (nothing that builds it has changed)
@@ -899,13 +951,31 @@ def _sign(
     )
 
 
-def _spend_summary(txid: str, plans: list[_Plan], work: Psbt, report: PolicyReport) -> SpendSummary:
-    """What the spending policy judges: the keys that would sign, the outputs (change
-    marked), the fee."""
-    from anyhsm.policy.gate import SpendSummary
+def _facts(
+    report: PolicyReport, plans: list[_Plan], to_sign: dict[int, int], network: Network
+) -> SigningFacts:
+    """What the built-in rules of a policy file judge (see SigningFacts)."""
+    signing = tuple(
+        SignedInput(i, j.key.info.id, j.key.label, j.path if j.key.hd else None, to_sign[i])
+        for i, plan in enumerate(plans)
+        for j in plan.jobs
+    )
+    change = tuple(o for o in report.outputs if o.change)
+    return SigningFacts(network, report.fee_rate, signing, change, report.builtin)
 
+
+def _spend_summary(
+    txid: str,
+    plans: list[_Plan],
+    work: Psbt,
+    report: PolicyReport,
+    facts: SigningFacts | None = None,
+) -> SpendSummary:
+    """What the spending policy judges: the keys that would sign, the outputs (change
+    marked), the fee, and the facts of the built-in rules."""
     keys = {j.key.info.id: j.key.info for p in plans for j in p.jobs}
-    return SpendSummary(
+    return CheckedSpend(
+        facts=facts,
         txid=txid,
         keys=tuple(keys.values()),
         inputs=len(work.inputs),

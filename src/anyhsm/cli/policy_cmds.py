@@ -51,6 +51,9 @@ def cmd_show(args: argparse.Namespace, app: App) -> Result:
     lines = [f"spending policy {res.sha256} (version {res.version})"]
     if res.description:
         lines.append(res.description)
+    for rule in res.builtin_rules:
+        rest = ", ".join(f"{k}={text_value(v)}" for k, v in rule.items() if k != "name")
+        lines.append(f"  built-in rule {rule['name']} ([policy]): {rest}")
     for rule in res.rules:
         rest = ", ".join(f"{k}={text_value(v)}" for k, v in rule.items() if k != "name")
         lines.append(f"  rule {rule['name']}: {rest}")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from anyhsm.errors import (
     ApprovalRejected,
+    ConfigError,
     HsmError,
     PolicyNotAuthenticated,
     SigningPolicyError,
@@ -29,13 +30,15 @@ from anyhsm.ops.data import Data
 
 if TYPE_CHECKING:
     from anyhsm.bitcoin.psbt import Psbt
+    from anyhsm.config import PolicyConfig
     from anyhsm.hsm import Hsm
     from anyhsm.policy.enforce import ActivePolicy
     from anyhsm.policy.engine import Decision
     from anyhsm.types import KeyRef
 
 SIGNING_POLICY_RULE = "signing-policy"
-"""The name under which ``check`` reports the signer's own checks when they pass."""
+"""The name under which ``check`` reports the signer's own checks when they pass and no
+spending policy is active (under one, each built-in rule is reported by its name)."""
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -96,6 +99,8 @@ class PolicyShow(Data):
     budgets: tuple[BudgetNow, ...]
     frozen: tuple[FrozenKey, ...]
     pending_approvals: tuple[PendingApproval, ...]
+    # the built-in rules, implicit from [policy] (evaluated first, for every key)
+    builtin_rules: tuple[dict[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,10 @@ class RuleVerdict(Data):
 
 @dataclass(frozen=True)
 class PolicyCheck(Data):
-    """``policy check``: the decision signing would reach, every rule's verdict (the
-    signer's own checks first, as rule ``signing-policy`` or the rule that refused), the
-    velocity budgets and what the spend adds to them."""
+    """``policy check``: the decision signing would reach, every rule's verdict (under a
+    spending policy the built-in rules ``network``, ``path``, ``sighash``, ``change``,
+    ``fee`` first; without one the signer's checks as rule ``signing-policy``, or the
+    checks that refused), the velocity budgets and what the spend adds to them."""
 
     decision: str
     txid: str
@@ -187,7 +193,7 @@ def set_policy(hsm: Hsm, path: Path | str | None = None, *, reset_state: bool = 
     from anyhsm.policy.anchor import ManifestAnchor, policy_file
     from anyhsm.policy.enforce import state_dir, state_store
     from anyhsm.policy.engine import keep_counters
-    from anyhsm.policy.rules import parse_policy
+    from anyhsm.policy.rules import looser_than, parse_policy
     from anyhsm.policy.state import PolicyState
 
     cfg = hsm.config
@@ -201,6 +207,14 @@ def set_policy(hsm: Hsm, path: Path | str | None = None, *, reset_state: bool = 
     except OSError as e:
         raise UsageError(f"cannot read the policy file {file}: {e.strerror}") from None
     policy = parse_policy(data, cfg.network, source=f"policy file {file}")
+    looser = looser_than(policy, cfg.policy)
+    if looser:
+        raise ConfigError(
+            f"policy file {file} has {len(looser)} problem(s): " + "; ".join(looser[:5]),
+            hint="a policy file can only tighten the [policy] settings of the configuration; "
+            "to loosen one, change [policy] itself (then 'anyhsm config check')",
+            problems=looser,
+        )
     directory = state_dir(cfg)
     anchor = ManifestAnchor(hsm)
     store = state_store(hsm, directory)
@@ -292,6 +306,32 @@ def show_policy(hsm: Hsm, *, now: float | None = None) -> PolicyShow:
             for a in state.pending
             if a.expires > t and a.policy == policy.sha256
         ),
+        builtin_rules=builtin_rules(cfg.policy),
+    )
+
+
+def builtin_rules(floor: PolicyConfig) -> tuple[dict[str, object], ...]:
+    """The built-in rules as ``[policy]`` sets them, in their order of evaluation."""
+    from anyhsm.bitcoin.sighash import sighash_name
+
+    paths: dict[str, object] = {"allowed_input_paths": list(floor.allowed_input_paths) or None}
+    if floor.key_input_paths:
+        paths["key_input_paths"] = {k: list(v) for k, v in floor.key_input_paths.items()}
+    return (
+        {"name": "network", "action": "refuse", "global_xpubs": "of the configured network"},
+        {"name": "path", "action": "refuse", **paths},
+        {
+            "name": "sighash",
+            "action": "refuse",
+            "allowed_sighash_types": [sighash_name(t) for t in floor.allowed_sighash_types],
+        },
+        {"name": "change", "action": "warn", "max_change_index": floor.max_change_index},
+        {
+            "name": "fee",
+            "action": "refuse",
+            "max_fee_sat": floor.max_fee_sat or None,
+            "max_fee_rate_sat_vb": floor.max_fee_rate_sat_vb or None,
+        },
     )
 
 
@@ -324,7 +364,13 @@ def check_psbt(
     txid = psbt.unique_id()[::-1].hex()
     try:
         spend = analyse_psbt(
-            hsm, psbt, key, policy=cfg.policy, network=hsm.network, environment=cfg.environment
+            hsm,
+            psbt,
+            key,
+            policy=cfg.policy,
+            network=hsm.network,
+            environment=cfg.environment,
+            builtin_rules=active is not None,
         )
     except SigningPolicyError as e:
         verdicts = tuple(
@@ -344,14 +390,14 @@ def check_psbt(
         )
         _audit_check(hsm, res)
         return res
-    builtin = RuleVerdict(
-        SIGNING_POLICY_RULE,
-        "allow",
-        f"fee {spend.fee} sat ({spend.fee / spend.vsize if spend.vsize else 0:.2f} sat/vB over "
-        f"~{spend.vsize} vB) within policy.max_fee_sat / max_fee_rate_sat_vb; sighash types, "
-        "input paths, previous transactions, change and network checked",
-    )
     if active is None:
+        builtin = RuleVerdict(
+            SIGNING_POLICY_RULE,
+            "allow",
+            f"fee {spend.fee} sat ({spend.fee / spend.vsize if spend.vsize else 0:.2f} sat/vB "
+            f"over ~{spend.vsize} vB) within policy.max_fee_sat / max_fee_rate_sat_vb; sighash "
+            "types, input paths, previous transactions, change and network checked",
+        )
         res = PolicyCheck(
             "warn" if spend.warnings else "allow",
             spend.txid,
@@ -374,7 +420,7 @@ def check_psbt(
         decision.keys,
         decision.amount,
         decision.fee,
-        (builtin, *_verdicts(decision)),
+        _verdicts(decision),  # the built-in rules first, each by its name
         tuple(b.to_dict() for b in decision.budgets),
         decision.warnings,
     )
@@ -583,6 +629,7 @@ __all__ = [
     "PolicySet",
     "PolicyShow",
     "approval_request",
+    "builtin_rules",
     "check_psbt",
     "freeze_key",
     "set_policy",

@@ -6,18 +6,24 @@ and a :class:`~anyhsm.policy.state.PolicyState` at a time ``now``; :func:`apply`
 state after an allowed spend (its debits and the approvals it used); :func:`compensate`
 takes them back.
 
-Order of evaluation (docs/policy.md, "Order"), after the signing policy's own checks
-(resource limits, network, previous transactions, paths, sighash, fee, weight, change),
-which the signer runs first and which refuse on their own:
+Order of evaluation (docs/policy.md, "Order"), after the signer's integrity checks
+(resource limits, previous transactions and amounts, negative fee, weight, sighash types
+ECDSA cannot use), which refuse on their own:
 
+0. The built-in rules, implicit from ``[policy]``, as the signer judged them (its
+   :class:`~anyhsm.bitcoin.policy.SigningFacts`): ``network``, ``path``, ``sighash``,
+   ``change`` (warns only), ``fee``; for every key, never approved, never downgraded.
 1. ``frozen``: a signing key frozen by ``anyhsm policy freeze`` refuses.
 2. ``no-rule-matched``: a signing key that no rule names (by label or id, or a rule
    without ``keys``) refuses: the policy allows only what it declares.
 3. Every rule that names a signing key, in file order. Within a rule its conditions in
    this order: time window, output shape (``max_inputs``, ``max_outputs``,
-   ``script_types``, ``op_return``, ``own_outputs``), ``destinations``, ``max_per_tx_sat``,
-   ``max_per_period_sat``. A rule whose conditions all hold allows; a broken rule refuses
-   (``action = "refuse"``, the default) unless it declares ``approvals`` and M valid ones
+   ``script_types``, ``op_return``, ``own_outputs``), the built-in conditions
+   (``coin_type``, ``input_paths``, ``sighash_types``, ``max_change_index``,
+   ``max_fee_sat``, ``max_fee_rate_sat_vb``: they tighten the implicit rules for the
+   rule's keys), ``destinations``, ``max_per_tx_sat``, ``max_per_period_sat``. A rule
+   whose conditions all hold allows; a broken rule refuses (``action = "refuse"``, the
+   default) unless it declares ``approvals`` and M valid ones
    are there (then it allows, "approved"), or only warns (``action = "warn"``).
 
 The transaction is refused if any result refuses (every refusing rule is named), else it
@@ -35,6 +41,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+from anyhsm.bitcoin.bip32 import HARDENED, format_path
+from anyhsm.bitcoin.policy import (
+    SigningFacts,
+    fee_problems,
+    fee_text,
+    sighash_problem,
+    signing_facts,
+)
 from anyhsm.policy.gate import SpendSummary
 from anyhsm.policy.rules import (
     FROZEN_RULE,
@@ -220,7 +234,10 @@ def evaluate(
 ) -> Decision:
     """The decision for ``spend`` at ``now`` (see the module doc for the order)."""
     facts = _Facts.of(spend)
+    signed = signing_facts(spend)
     results: list[RuleResult] = []
+    if signed is not None:  # the implicit built-in rules, as judged under [policy]
+        results.extend(RuleResult(v.rule, v.decision, v.reason) for v in signed.builtin)
     for k in spend.keys:
         frozen = state.frozen.get(k.id)
         if frozen is not None:
@@ -245,7 +262,9 @@ def evaluate(
     when = datetime.fromtimestamp(now, UTC)
     debited = _debited(state, spend.txid)
     for rule in applicable(policy, spend):
-        result = _judge(rule, facts, spend, policy, state, now, when, own, used_now, debited)
+        result = _judge(
+            rule, facts, spend, signed, policy, state, now, when, own, used_now, debited
+        )
         results.append(result)
         if result.budget is not None:
             budgets.append(result.budget)
@@ -269,6 +288,7 @@ def _judge(
     rule: Rule,
     facts: _Facts,
     spend: SpendSummary,
+    signed: SigningFacts | None,
     policy: SpendingPolicy,
     state: PolicyState,
     now: float,
@@ -300,6 +320,8 @@ def _judge(
         broken.append(
             f"output(s) {shown} pay our own key outside the change rules (own_outputs = false)"
         )
+    if rule.signing_checks:
+        _builtin_conditions(rule, spend, signed, broken, held)
     if rule.destinations is not None:
         outside = [(spk, amount) for spk, amount in facts.paid if spk not in rule.destinations]
         total = sum(a for _, a in outside)
@@ -371,6 +393,113 @@ def _judge(
         f"{len(valid)}{own_note}",
         budget=budget,
     )
+
+
+_ACCOUNT_PURPOSES = frozenset(p | HARDENED for p in (44, 49, 84, 86, 48))
+_SHOWN = 3  # findings of one condition shown in a reason before "(and N more)"
+
+
+def _listed(found: list[str]) -> str:
+    more = len(found) - _SHOWN
+    return "; ".join(found[:_SHOWN]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _builtin_conditions(
+    rule: Rule,
+    spend: SpendSummary,
+    signed: SigningFacts | None,
+    broken: list[str],
+    held: list[str],
+) -> None:
+    """The built-in conditions of a file rule, judged for the signatures of the rule's
+    keys (they tighten the implicit rules; the signer has applied ``[policy]``)."""
+    where = f"rules.{rule.name}."
+    needs_facts = (
+        rule.coin_type
+        or rule.input_paths is not None
+        or rule.sighash_types is not None
+        or rule.max_change_index is not None
+    )
+    if needs_facts and signed is None:  # fail closed: nothing to judge them by
+        broken.append(
+            "the signer gave no facts to judge its coin_type / input_paths / sighash_types / "
+            "max_change_index by"
+        )
+    elif signed is not None:
+        mine = [s for s in signed.signing if rule.applies_to(s.label, s.key_id)]
+        ids = {k.label: k.id for k in spend.keys}
+        change = [
+            o
+            for o in signed.change
+            if o.owner is not None and rule.applies_to(o.owner, ids.get(o.owner, ""))
+        ]
+        if rule.coin_type:
+            coin = 0 if signed.network.value == "mainnet" else 1
+            bad = [
+                f"input {s.index}: key {s.label} at {format_path(s.path)}"
+                for s in mine
+                if s.path is not None and _other_coin(s.path, coin)
+            ] + [
+                f"change output {o.index} at {format_path(o.steps)}"
+                for o in change
+                if o.steps is not None and _other_coin(o.steps, coin)
+            ]
+            if bad:
+                broken.append(
+                    f"{_listed(bad)}: a coin type other than {signed.network.value}'s ({coin}) "
+                    "(coin_type = true)"
+                )
+            else:
+                held.append(f"every path has {signed.network.value}'s coin type")
+        if rule.input_paths is not None:
+            kp = rule.input_paths
+            bad = []
+            for s in mine:
+                if s.path is None:
+                    continue
+                why = kp.input_problem(s.path, signed.network)
+                if why is not None:
+                    bad.append(f"input {s.index}: key {s.label}: {why}")
+            if bad:
+                broken.append(_listed(list(dict.fromkeys(bad))))
+            else:
+                held.append("every input path under input_paths")
+        if rule.sighash_types is not None:
+            setting = where + "sighash_types"
+            bad = []
+            for s in mine:
+                why = sighash_problem(s.sighash, rule.sighash_types, setting)
+                if why is not None:
+                    bad.append(f"input {s.index}: {why}")
+            if bad:
+                broken.append(_listed(bad))
+            else:
+                held.append("every sighash type allowed")
+        if rule.max_change_index is not None:
+            limit = rule.max_change_index
+            bad = [
+                f"change output {o.index} at {format_path(o.steps)}"
+                for o in change
+                if o.steps and o.steps[-1] & ~HARDENED >= limit
+            ]
+            if bad:
+                broken.append(f"{_listed(bad)}: index not below {where}max_change_index = {limit}")
+            else:
+                held.append(f"change below index {limit}")
+    if rule.max_fee_sat is not None or rule.max_fee_rate_sat_vb is not None:
+        rate = spend.fee / spend.vsize if spend.vsize else 0.0
+        fee = fee_problems(
+            spend.fee, spend.vsize, rate, rule.max_fee_sat, rule.max_fee_rate_sat_vb, where
+        )
+        if fee:
+            broken.append("; ".join(m for _, m in fee))
+        else:
+            held.append(fee_text(spend.fee, spend.vsize, rate) + " within its fee limits")
+
+
+def _other_coin(path: tuple[int, ...], coin: int) -> bool:
+    """A BIP44/49/84/86/48 path whose coin type is not ``coin``."""
+    return len(path) >= 2 and path[0] in _ACCOUNT_PURPOSES and path[1] != coin | HARDENED
 
 
 def _approvals_for(

@@ -7,6 +7,13 @@ approvers = [33-byte pubkey hex, ...] }`` and ``action = "refuse" | "warn"``. Th
 fields (output shape, time windows, scripts and descriptors as destinations, raw digest
 signing) extend it; docs/policy.md describes every one.
 
+The built-in rules (``network``, ``path``, ``sighash``, ``change``, ``fee``: the signer's
+checks under ``[policy]``, docs/policy.md "Built-in rules") are implicit; a rule of the
+file tightens them with ``max_fee_sat``, ``max_fee_rate_sat_vb``, ``sighash_types``,
+``input_paths``, ``max_change_index`` and ``coin_type`` (scoped by ``keys``, refusing or
+warning). A value looser than ``[policy]`` is refused by :func:`looser_than` when the
+policy is set: loosening is a change of ``[policy]`` itself.
+
 Parsing reports every problem at once (a :class:`~anyhsm.errors.ConfigError` whose
 ``problems`` list them). Addresses are read for the deployment's network; descriptors are
 expanded to their scripts over their range once, when the file is parsed.
@@ -29,6 +36,9 @@ from anyhsm.types import Network
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
 
+    from anyhsm.bitcoin.paths import KeyPaths
+    from anyhsm.config import PolicyConfig
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DURATION_RE = re.compile(r"([1-9][0-9]{0,8})(s|m|h|d)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -45,6 +55,9 @@ MAX_RULES = 1000
 FROZEN_RULE = "frozen"
 NO_RULE = "no-rule-matched"
 RAW_DIGEST_RULE = "raw-digest"
+# the built-in rules, implicit from [policy] (anyhsm.bitcoin.policy.BUILTIN_RULES)
+BUILTIN_RULES = ("network", "path", "sighash", "change", "fee")
+RESERVED_NAMES = frozenset((FROZEN_RULE, NO_RULE, RAW_DIGEST_RULE, *BUILTIN_RULES))
 
 _TOP_KEYS = {"rules", "principals", "description", "approval_max_age"}
 _RULE_KEYS = {
@@ -70,6 +83,13 @@ _RULE_KEYS = {
     "timezone",
     "approvals",
     "raw_digests",
+    # the built-in rules' conditions (tighten [policy])
+    "max_fee_sat",
+    "max_fee_rate_sat_vb",
+    "sighash_types",
+    "input_paths",
+    "max_change_index",
+    "coin_type",
 }
 _APPROVAL_KEYS = {"m", "approvers", "max_age"}
 
@@ -135,6 +155,14 @@ class Rule:
     window: TimeWindow | None = None
     approvals: Approvals | None = None
     raw_digests: bool = False
+    # the built-in rules' conditions (see the module doc)
+    max_fee_sat: int | None = None
+    max_fee_rate_sat_vb: float | None = None
+    sighash_types: tuple[int, ...] | None = None
+    input_paths: KeyPaths | None = None
+    max_change_index: int | None = None
+    coin_type: bool = False
+    signing_checks: bool = False  # any of the above: the signer's facts are needed
 
     def applies_to(self, label: str, key_id: str) -> bool:
         return self.keys is None or label in self.keys or key_id in self.keys
@@ -175,6 +203,20 @@ class Rule:
             }
         if self.raw_digests:
             out["raw_digests"] = True
+        for name in ("max_fee_sat", "max_fee_rate_sat_vb", "max_change_index"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.sighash_types is not None:
+            from anyhsm.bitcoin.sighash import sighash_name
+
+            out["sighash_types"] = [sighash_name(t) for t in self.sighash_types]
+        if self.input_paths is not None:
+            from anyhsm.bitcoin.paths import format_pattern
+
+            out["input_paths"] = [format_pattern(p) for p in self.input_paths.patterns]
+        if self.coin_type:
+            out["coin_type"] = True
         return out
 
 
@@ -364,7 +406,7 @@ def _rule(table: dict[str, object], n: int, network: Network, problems: _Problem
         problems.add(f"{where}.name", "required: 1-64 of A-Z a-z 0-9 . _ - (starting alphanumeric)")
         return None
     where = f"rules.{name}"
-    if name in (FROZEN_RULE, NO_RULE, RAW_DIGEST_RULE):
+    if name in RESERVED_NAMES:
         problems.add(f"{where}.name", f"{name!r} is the name of a rule the engine adds itself")
     keys = _strings(table, "keys", where, problems)
     if keys is not None and not keys:
@@ -399,6 +441,22 @@ def _rule(table: dict[str, object], n: int, network: Network, problems: _Problem
         problems.add(
             f"{where}.approvals", "a warn rule never refuses, so approvals would never be asked"
         )
+    max_fee = _int(table, "max_fee_sat", where, problems, 1)
+    max_rate = _number(table, "max_fee_rate_sat_vb", where, problems)
+    sighash_types = _sighash_types(table, where, problems)
+    input_paths = _input_paths(table, name, where, problems)
+    max_change = _int(table, "max_change_index", where, problems, 1)
+    coin_type = _bool(table, "coin_type", where, problems, False)
+    if coin_type and action == "warn":
+        problems.add(
+            f"{where}.coin_type",
+            'a network check never only warns: coin_type = true needs action = "refuse"',
+        )
+    if coin_type and approvals is not None:
+        problems.add(f"{where}.coin_type", "a network check is never approved past")
+    signing_checks = coin_type or any(
+        v is not None for v in (max_fee, max_rate, sighash_types, input_paths, max_change)
+    )
     return Rule(
         name=name,
         keys=None if keys is None else tuple(keys),
@@ -418,7 +476,108 @@ def _rule(table: dict[str, object], n: int, network: Network, problems: _Problem
         window=window,
         approvals=approvals,
         raw_digests=_bool(table, "raw_digests", where, problems, False),
+        max_fee_sat=max_fee,
+        max_fee_rate_sat_vb=max_rate,
+        sighash_types=sighash_types,
+        input_paths=input_paths,
+        max_change_index=max_change,
+        coin_type=coin_type,
+        signing_checks=signing_checks,
     )
+
+
+def _number(table: Mapping[str, object], key: str, where: str, problems: _Problems) -> float | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        problems.add(f"{where}.{key}", "must be a number > 0")
+        return None
+    return float(value)
+
+
+def _sighash_types(
+    table: Mapping[str, object], where: str, problems: _Problems
+) -> tuple[int, ...] | None:
+    """``sighash_types = ["DEFAULT", "ALL", "ALL|ANYONECANPAY", ...]`` (or the numbers)."""
+    from anyhsm.bitcoin.sighash import TAPROOT_SIGHASH_TYPES, sighash_name
+
+    if "sighash_types" not in table:
+        return None
+    raw = table["sighash_types"]
+    names = {sighash_name(t): t for t in TAPROOT_SIGHASH_TYPES}
+    if not isinstance(raw, list):
+        problems.add(f"{where}.sighash_types", "must be a list of sighash types")
+        return None
+    out: list[int] = []
+    for item in raw:
+        if isinstance(item, str) and item.strip().upper() in names:
+            out.append(names[item.strip().upper()])
+        elif isinstance(item, int) and not isinstance(item, bool) and item in TAPROOT_SIGHASH_TYPES:
+            out.append(item)
+        else:
+            problems.add(
+                f"{where}.sighash_types",
+                f"{item!r} is not one of: " + ", ".join(sorted(names, key=names.__getitem__)),
+            )
+    return tuple(dict.fromkeys(out))
+
+
+def _input_paths(
+    table: Mapping[str, object], name: str, where: str, problems: _Problems
+) -> KeyPaths | None:
+    """``input_paths = ["m/84'/0'/0'", ...]``: the accounts the rule's keys may sign under
+    (path patterns as ``policy.allowed_input_paths``; parsed once, here)."""
+    from anyhsm.bitcoin.paths import KeyPaths, parse_pattern
+
+    texts = _strings(table, "input_paths", where, problems)
+    if texts is None:
+        return None
+    if not texts:
+        problems.add(f"{where}.input_paths", "an empty list allows no path; omit it instead")
+    patterns = []
+    for text in texts:
+        try:
+            patterns.append(parse_pattern(text))
+        except ValueError as e:
+            problems.add(f"{where}.input_paths", f"{text!r}: {e}")
+    return KeyPaths(tuple(patterns), False, f"rules.{name}.input_paths")
+
+
+def looser_than(policy: SpendingPolicy, floor: PolicyConfig) -> list[str]:
+    """The built-in conditions of ``policy`` that are looser than ``[policy]`` (the
+    stricter always applies, so such a value would do nothing but mislead): loosening
+    is a change of ``[policy]`` in the configuration, not of the policy file."""
+    from anyhsm.bitcoin.sighash import sighash_name
+
+    out: list[str] = []
+    for r in policy.rules:
+        where = f"rules.{r.name}"
+        if r.max_fee_sat is not None and 0 < floor.max_fee_sat < r.max_fee_sat:
+            out.append(
+                f"{where}.max_fee_sat = {r.max_fee_sat} is above policy.max_fee_sat = "
+                f"{floor.max_fee_sat}"
+            )
+        rate = floor.max_fee_rate_sat_vb
+        if r.max_fee_rate_sat_vb is not None and 0 < rate < r.max_fee_rate_sat_vb:
+            out.append(
+                f"{where}.max_fee_rate_sat_vb = {r.max_fee_rate_sat_vb:g} is above "
+                f"policy.max_fee_rate_sat_vb = {rate:g}"
+            )
+        if r.sighash_types is not None:
+            extra = [t for t in r.sighash_types if t not in floor.allowed_sighash_types]
+            if extra:
+                out.append(
+                    f"{where}.sighash_types allows "
+                    + ", ".join(sighash_name(t) for t in extra)
+                    + ", which policy.allowed_sighash_types does not"
+                )
+        if r.max_change_index is not None and r.max_change_index > floor.max_change_index:
+            out.append(
+                f"{where}.max_change_index = {r.max_change_index} is above "
+                f"policy.max_change_index = {floor.max_change_index}"
+            )
+    return out
 
 
 def _destinations(
@@ -588,6 +747,7 @@ __all__ = [
     "SpendingPolicy",
     "TimeWindow",
     "format_duration",
+    "looser_than",
     "parse_duration",
     "parse_policy",
     "policy_sha256",

@@ -18,6 +18,9 @@ to it, so signers never see a binding without its file.
 
 from __future__ import annotations
 
+import os
+import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -81,4 +84,82 @@ class ManifestAnchor:
             return bytes(key.buffer)
 
 
-__all__ = ["BINDING_RULE", "Binding", "ManifestAnchor", "PolicyAnchor", "policy_file"]
+STATE_SEQ = "state_seq"  # the detail member of every state commit's audit entry
+_STATE_SEQ = re.compile(rb'"state_seq":"([0-9]{1,19})"')
+_BACK_READ = 1 << 16
+
+
+class AuditStateAnchor:
+    """:class:`~anyhsm.policy.state.StateAnchor` in the audit chain: the newest
+    ``detail.state_seq`` the handle's audit log records. Every state commit's entry
+    carries it (``policy_decision``, ``policy_compensate``, ``policy_approval``,
+    ``policy_freeze``/``unfreeze``, ``policy_state``), written while the state's lock is
+    held, so the last one in the log is the newest commit; the chain is anchored in the
+    keystore manifest (and a TPM where enrolled), so the log cannot be put back with the
+    state directory (up to its last checkpoint, see docs/policy.md section 6).
+
+    Read from the log file: the part appended since the last look (one open, stat and
+    read of the new bytes; the whole tail, backwards, when the file is new to it or was
+    replaced), under the audit writer's shared lock as a reader of the log."""
+
+    def __init__(self, hsm: Hsm) -> None:
+        self._path = str(hsm.audit_path)
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None  # (inode, size) read up to
+        self._newest: int | None = None
+
+    def newest(self) -> int | None:
+        import fcntl
+
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # no log: the audit open refuses a missing log that has a record
+        try:
+            st = os.fstat(fd)
+            with self._lock:
+                seen, newest = self._seen, self._newest
+                if seen is not None and seen[0] == st.st_ino and seen[1] == st.st_size:
+                    return newest
+                fcntl.flock(fd, fcntl.LOCK_SH)  # no half-written line (appenders hold LOCK_EX)
+                size = os.fstat(fd).st_size
+                if seen is not None and seen[0] == st.st_ino and seen[1] <= size:
+                    found = _last_seq(os.pread(fd, size - seen[1], seen[1]))
+                    newest = newest if found is None else max(found, newest or 0)
+                else:
+                    newest = _scan_back(fd, size)
+                self._seen, self._newest = (st.st_ino, size), newest
+                return newest
+        finally:
+            os.close(fd)
+
+
+def _last_seq(data: bytes) -> int | None:
+    found = None
+    for m in _STATE_SEQ.finditer(data):
+        found = max(found or 0, int(m.group(1)))
+    return found
+
+
+def _scan_back(fd: int, size: int) -> int | None:
+    """The newest state_seq in the file, reading backwards from its end."""
+    end = size
+    while end > 0:
+        start = max(0, end - _BACK_READ)
+        chunk = os.pread(fd, end - start + (64 if end < size else 0), start)
+        found = _last_seq(chunk)
+        if found is not None:
+            return found
+        end = start
+    return None
+
+
+__all__ = [
+    "BINDING_RULE",
+    "STATE_SEQ",
+    "AuditStateAnchor",
+    "Binding",
+    "ManifestAnchor",
+    "PolicyAnchor",
+    "policy_file",
+]

@@ -212,6 +212,17 @@ class StateTransaction(Protocol):
         ...
 
 
+class StateAnchor(Protocol):
+    """Where the newest state commit is recorded out of reach of the state's own storage,
+    so that an older authentic copy of the state put back is seen: the audit chain, whose
+    entry after each commit carries ``state_seq``
+    (:class:`anyhsm.policy.anchor.AuditStateAnchor`)."""
+
+    def newest(self) -> int | None:
+        """The ``seq`` of the newest commit recorded (None: none recorded yet)."""
+        ...
+
+
 class StateStore(Protocol):
     def transaction(self) -> AbstractContextManager[StateTransaction]:
         """Lock the scope (exclusively) for the ``with`` block."""
@@ -288,10 +299,12 @@ class _FileTransaction:
         slots = [self._store.read_slot(i) for i in range(len(SLOT_FILES))]
         valid = [s for s in slots if s.state is not None]
         if not valid:
+            # an admin reset after this failed read continues above every recorded commit
+            self._seq = self._store.recorded_newest()
             if not any(s.present for s in slots):
                 if missing_ok:
-                    self._seq, self._slot = 0, 0
-                    return PolicyState()
+                    self._seq, self._slot = self._seq or 0, 0
+                    return PolicyState(seq=self._seq)
                 raise _refused(
                     f"the spending policy's state in {self._store.directory} is missing",
                     "restore it from a backup, or run 'anyhsm policy set FILE --reset-state' "
@@ -306,7 +319,12 @@ class _FileTransaction:
         assert latest.state is not None
         self._seq = latest.state.seq
         self._slot = 1 - latest.index
+        self._store.check_not_rolled_back(latest.state.seq, self)
         return latest.state
+
+    def continue_from(self, seq: int) -> None:
+        """After a refused read: a commit (the admin reset) goes on above ``seq``."""
+        self._seq = max(self._seq or 0, seq)
 
     def read(self) -> PolicyState:
         return self._load(False)
@@ -336,7 +354,12 @@ class FileStateStore:
     (``[audit] durability = "fsync"``) against power loss, which a kill does not need."""
 
     def __init__(
-        self, directory: Path, mac_key: bytes | bytearray, *, durable: bool = True
+        self,
+        directory: Path,
+        mac_key: bytes | bytearray,
+        *,
+        durable: bool = True,
+        anchor: StateAnchor | None = None,
     ) -> None:
         self.directory = directory
         self._slots = tuple(str(directory / name) for name in SLOT_FILES)
@@ -349,6 +372,31 @@ class FileStateStore:
         self._known: dict[int, tuple[bytes, PolicyState]] = {}
         self._local = threading.local()
         self._encoder = _Encoder()
+        self._anchor = anchor
+
+    def recorded_newest(self) -> int | None:
+        """The newest commit the anchor records (None without an anchor or a record)."""
+        return None if self._anchor is None else self._anchor.newest()
+
+    def check_not_rolled_back(self, seq: int, txn: _FileTransaction) -> None:
+        """Refuse (rule ``policy-state``) a state older than the newest commit the anchor
+        records: an older copy of the state put back (the slots cannot tell, both copies
+        are authentic). A commit whose audit entry was never written (the process killed
+        between the two) is newer than every record, never older, so a crash is not
+        taken for a rollback. After the refusal an admin reset (``policy set FILE
+        --reset-state``) commits above the recorded seq."""
+        recorded = self.recorded_newest()
+        if recorded is None or seq >= recorded:
+            return
+        txn.continue_from(recorded)
+        raise _refused(
+            f"the spending policy's state in {self.directory} was rolled back: it is "
+            f"state {seq}, but the audit log records state {recorded} committed after it "
+            "(an older copy of the state directory was put back)",
+            "find out who wrote the state directory; then run 'anyhsm policy set FILE "
+            "--reset-state' (audited: counters, approvals and freezes start afresh) or "
+            "restore the newest state",
+        )
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[StateTransaction]:
@@ -492,6 +540,7 @@ __all__ = [
     "FileStateStore",
     "Frozen",
     "PolicyState",
+    "StateAnchor",
     "StateStore",
     "StateTransaction",
 ]

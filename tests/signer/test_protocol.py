@@ -19,13 +19,19 @@ from tests.signer.test_core_calls import H, _inferred
 
 from anyhsm.errors import (
     AllProvidersFailed,
+    Forbidden,
     HsmError,
+    InvalidRequest,
     KeyNotFound,
     NetworkMismatch,
     NothingSigned,
     PsbtError,
     PsbtLimitExceeded,
+    RateLimited,
+    SecretOnCommandLine,
+    ServiceUnreachable,
     SigningPolicyError,
+    Unauthenticated,
     WrongPassphrase,
 )
 from anyhsm.hsm import Hsm
@@ -176,6 +182,13 @@ def test_error_codes() -> None:
         (AllProvidersFailed("x"), protocol.DEVICE_CONN_ERROR),
         (NothingSigned("x"), protocol.BAD_ARGUMENT),
         (HsmError("x"), protocol.UNKNOWN_ERROR),
+        # a signing service's answers (--addr)
+        (Unauthenticated("x"), protocol.NO_PASSWORD),
+        (Forbidden("x"), protocol.UNAVAILABLE_ACTION),
+        (ServiceUnreachable("x"), protocol.DEVICE_CONN_ERROR),
+        (RateLimited("x"), protocol.DEVICE_BUSY),
+        (InvalidRequest("x"), protocol.BAD_ARGUMENT),
+        (SecretOnCommandLine("x"), protocol.BAD_ARGUMENT),
     ]
     for error, code in cases:
         assert protocol.error_code(error) == code, error

@@ -204,14 +204,17 @@ def write_index(path: Path, index: KeyIndex) -> bool:
     return True
 
 
-def wanted_key(cfg: Config) -> tuple[str | None, str]:
+def wanted_key(cfg: Config | None) -> tuple[str | None, str]:
     """(the key named for Core, where it is named): ``ANYHSM_SIGNER_KEY``, else
-    ``[signer] key`` in the config, else (None, "")."""
+    ``[signer] key`` in the config (a signer using a service may have none), else
+    (None, "")."""
     from anyhsm.signer import _ops
 
     env = os.environ.get(ENV_KEY, "").strip()
     if env:
         return env, ENV_KEY
+    if cfg is None:
+        return None, ""
     configured = _ops.configured_key(cfg)
     if configured:
         return configured, f"[signer] key in {_config_id(cfg)}"

@@ -74,8 +74,9 @@ def _answer(argv: list[str], stdin: IO[bytes], config: _Config) -> tuple[object,
     if request is None:
         return {"version": version()}, EXIT_OK
     from anyhsm.signer.commands import COMMANDS
+    from anyhsm.signer.sources import Context
 
-    return COMMANDS[request.command](request, config.get()), EXIT_OK
+    return COMMANDS[request.command](request, Context(request.service, config)), EXIT_OK
 
 
 def _command_word(argv: Sequence[str]) -> str | None:

@@ -31,14 +31,16 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, NoReturn
 
 from anyhsm.errors import (
     AuthenticationFailed,
     BitcoinError,
     ConfigError,
+    Forbidden,
     HsmError,
+    InvalidRequest,
     KeyNotFound,
     KeystoreNotFound,
     LockTimeout,
@@ -46,8 +48,13 @@ from anyhsm.errors import (
     PolicyViolation,
     ProviderUnavailable,
     PsbtError,
+    RateLimited,
+    SecretOnCommandLine,
     SecurityLevelTooLow,
+    ServiceBusy,
+    ServiceUnreachable,
     TransactionError,
+    Unauthenticated,
     UnsupportedOperation,
     UsageError,
     WrongPassphrase,
@@ -77,6 +84,14 @@ EXIT_USAGE = 2  # argparse's, as HWI's _cli.py exits on a usage error
 # The code of an anyhsm error: its class's nearest entry (in method resolution order).
 _CODES: tuple[tuple[type[HsmError], int], ...] = (
     (UsageError, MISSING_ARGUMENTS),
+    (SecretOnCommandLine, BAD_ARGUMENT),
+    # a signing service (--addr): its answers as a device's
+    (Unauthenticated, NO_PASSWORD),
+    (Forbidden, UNAVAILABLE_ACTION),
+    (ServiceUnreachable, DEVICE_CONN_ERROR),
+    (RateLimited, DEVICE_BUSY),
+    (ServiceBusy, DEVICE_BUSY),
+    (InvalidRequest, BAD_ARGUMENT),
     (WrongPassphrase, NO_PASSWORD),
     (AuthenticationFailed, NO_PASSWORD),
     (LockTimeout, DEVICE_BUSY),
@@ -175,6 +190,20 @@ _SHELL_SPACE = re.compile(r"[ \t\r\n]+")  # shlex's whitespace
 
 
 @dataclass(frozen=True)
+class ServiceArgs:
+    """``--addr``, ``--token-file``, ``--ca-file``, ``--client-cert``, ``--client-key``:
+    a signing service to use instead of a local keystore (``ANYHSM_ADDR`` also selects
+    one). The token is never an argument: Core's ``-signer`` command line is visible to
+    every local user."""
+
+    addr: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+
+@dataclass(frozen=True)
 class Request:
     """One invocation, parsed."""
 
@@ -186,6 +215,7 @@ class Request:
     desc: str | None = None
     psbt: str | None = None
     stdin: bool = False
+    service: ServiceArgs = field(default_factory=lambda: ServiceArgs())  # --addr & co.
 
     def require_fingerprint(self) -> str:
         if self.fingerprint is None:
@@ -231,6 +261,14 @@ def _parser() -> _Parser:
     p.add_argument("--stdin", action="store_true", help="read the command from stdin")
     p.add_argument("--config", help="anyhsm config file (default: $ANYHSM_CONFIG, discovery)")
     p.add_argument("--version", action="store_true", help="print the version")
+    p.add_argument(
+        "--addr", metavar="URL", help="use a signing service (anyhsm serve; default $ANYHSM_ADDR)"
+    )
+    p.add_argument("--token-file", help="file (mode 600) holding the service token")
+    p.add_argument("--ca-file", help="CA certificate(s) for an https service")
+    p.add_argument("--client-cert", help="client certificate for mutual TLS")
+    p.add_argument("--client-key", help="its private key")
+    p.add_argument("--token", help=argparse.SUPPRESS)  # refused: it would be in argv
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.add_parser("enumerate", help="the signer Core may use", add_help=False)
     g = sub.add_parser("getdescriptors", help="descriptors of an account", add_help=False)
@@ -351,6 +389,12 @@ def parse(argv: Sequence[str]) -> Request | None:
             MISSING_ARGUMENTS,
             EXIT_USAGE,
         )
+    if ns.token is not None:
+        raise SecretOnCommandLine(
+            "a service token is never taken from the command line (bitcoind's -signer "
+            "command line is visible to every local user)",
+            hint="set ANYHSM_TOKEN in bitcoind's environment or pass --token-file FILE",
+        )
     fingerprint = ns.fingerprint
     if fingerprint is not None:
         if not _FINGERPRINT.fullmatch(fingerprint):
@@ -368,6 +412,7 @@ def parse(argv: Sequence[str]) -> Request | None:
         desc=getattr(ns, "desc", None),
         psbt=getattr(ns, "psbt", None),
         stdin=ns.stdin,
+        service=ServiceArgs(ns.addr, ns.token_file, ns.ca_file, ns.client_cert, ns.client_key),
     )
 
 
@@ -380,6 +425,7 @@ __all__ = [
     "Chain",
     "HelpRequested",
     "Request",
+    "ServiceArgs",
     "SignerError",
     "check_chain",
     "config_argument",

@@ -1,0 +1,135 @@
+"""``POST /v1/policy/requests`` (``anyhsm policy request`` over HTTP) through a real
+server and the typed client: the exact message approvers sign (checked against the
+message as docs/policy.md writes it, spelled out independently in the test helpers), the
+rules that want approvals, the same answer as the operation the CLI calls; right
+``sign-psbt`` on the key; strict members; then the whole approval flow over HTTP."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.policy.conftest import APPROVERS, Deployment, approvals_table, open_deployment
+from tests.policy.embit_psbt import approval_text, foreign_address, spend_psbt, txid_of
+from tests.service.conftest import serve
+
+from anyhsm.client import Client
+from anyhsm.errors import (
+    Forbidden,
+    InvalidRequest,
+    KeyNotFound,
+    PolicyViolation,
+    SpendingPolicyRefused,
+)
+from anyhsm.ops.policy import approval_request, show_policy
+from anyhsm.service.settings import ClientSpec, Op, ServiceSettings
+from anyhsm.service.tokens import hash_token, new_token
+
+POLICY = f"""
+[[rules]]
+name = "per-tx"
+keys = ["hot"]
+max_per_tx_sat = 10_000_000
+approvals = {approvals_table(2)}
+"""
+CLIENTS = {
+    "treasury": (("hot",), frozenset({Op.SIGN_PSBT})),
+    "alice": (("hot",), frozenset({Op.APPROVE})),
+    "reader": (("*",), frozenset({Op.READ})),
+    "other": (("cold-*",), frozenset({Op.SIGN_PSBT})),
+}
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Deployment, dict[str, Client]]]:
+    dep = open_deployment(tmp_path / "dep")
+    dep.set(POLICY)
+    tokens = {name: new_token() for name in CLIENTS}
+    specs = tuple(
+        ClientSpec(name, hash_token(tokens[name]), keys, ops)
+        for name, (keys, ops) in CLIENTS.items()
+    )
+    url, _, stop = serve(dep.hsm, ServiceSettings(rate_limit_per_s=0, clients=specs))
+    clients = {name: Client(url, tokens[name], timeout=30) for name in CLIENTS}
+    try:
+        yield dep, clients
+    finally:
+        for c in clients.values():
+            c.close()
+        stop()
+        dep.hsm.close()
+
+
+def _large(dep: Deployment) -> str:
+    return spend_psbt(dep.wallet, [(foreign_address(random.Random(5)), 20_000_000)])
+
+
+def test_the_request_is_the_message_approvers_sign(
+    served: tuple[Deployment, dict[str, Client]],
+) -> None:
+    dep, c = served
+    large = _large(dep)
+    before = int(time.time())
+    req = c["treasury"].approval_request("hot", large, expires_in=600)
+    sha = str(show_policy(dep.hsm).sha256)
+    assert req.txid == txid_of(large) and req.policy == sha
+    assert before + 600 <= req.expires <= int(time.time()) + 600
+    assert req.message == approval_text(req.txid, sha, req.expires)
+    assert [r["rule"] for r in req.rules] == ["per-tx"]
+    assert req.rules[0]["m"] == 2 and req.rules[0]["approvers"] == [a.hex for a in APPROVERS]
+    local = approval_request(dep.hsm, large, "hot", expires_in=600, now=float(req.expires - 600))
+    assert local.to_dict() == req.to_dict()  # the CLI's operation, the same answer
+    small = spend_psbt(dep.wallet, [(foreign_address(random.Random(6)), 1_000_000)])
+    assert c["treasury"].approval_request("hot", small).rules == ()  # nothing to approve
+
+
+def test_rights_and_members(served: tuple[Deployment, dict[str, Client]]) -> None:
+    dep, c = served
+    large = _large(dep)
+    for name in ("alice", "reader"):  # approve or read alone may not ask
+        with pytest.raises(Forbidden):
+            c[name].approval_request("hot", large)
+    with pytest.raises(Forbidden):  # not its key (and it learns nothing of it)
+        c["other"].approval_request("hot", large)
+    with pytest.raises(KeyNotFound):  # a name it could have used
+        c["other"].approval_request("cold-9", large)
+    for expires_in in (0, -5, 31 * 86400 + 1, True, "1h", 1.5):
+        with pytest.raises(InvalidRequest):
+            c["treasury"].request(
+                "POST",
+                "/v1/policy/requests",
+                {"key": "hot", "psbt": large, "expires_in": expires_in},
+            )
+    with pytest.raises(InvalidRequest):
+        c["treasury"].request("POST", "/v1/policy/requests", {"psbt": large})
+
+
+def test_the_approval_flow_over_http(served: tuple[Deployment, dict[str, Client]]) -> None:
+    dep, c = served
+    large = _large(dep)
+    with pytest.raises(SpendingPolicyRefused) as refused:
+        c["treasury"].sign_psbt("hot", large)
+    assert refused.value.rules == ["per-tx"]
+    req = c["treasury"].approval_request("hot", large, expires_in=900)
+    for approver in APPROVERS[:2]:
+        accepted = c["alice"].submit_approval(
+            req.txid, approver.hex, approver.sign(req.message), req.expires, policy=req.policy
+        )
+        assert accepted.rules == ("per-tx",) and accepted.pubkey.hex() == approver.hex
+    assert c["treasury"].sign_psbt("hot", large).signed_inputs == 1
+
+
+def test_no_active_policy(tmp_path: Path) -> None:
+    dep = open_deployment(tmp_path / "bare")
+    token = new_token()
+    spec = ClientSpec("treasury", hash_token(token), ("hot",), frozenset({Op.SIGN_PSBT}))
+    url, _, stop = serve(dep.hsm, ServiceSettings(rate_limit_per_s=0, clients=(spec,)))
+    try:
+        with Client(url, token) as c, pytest.raises(PolicyViolation):
+            c.approval_request("hot", _large(dep))
+    finally:
+        stop()
+        dep.hsm.close()

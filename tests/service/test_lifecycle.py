@@ -86,6 +86,17 @@ def spawn(args: list[str], config: Path, token: str = "") -> Child:
     return c
 
 
+def stop_child(child: Child) -> None:
+    """SIGTERM, then kill if it has not stopped within a minute."""
+    child.proc.send_signal(signal.SIGTERM)
+    try:
+        child.proc.wait(60)
+    finally:
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.reader.join(10)
+
+
 def serve_command(config: Path) -> list[str]:
     """``anyhsm --config CONFIG serve --listen 127.0.0.1:0`` (as python -m arguments)."""
     return ["-m", "anyhsm.cli.main", "--config", str(config), "serve", "--listen", "127.0.0.1:0"]

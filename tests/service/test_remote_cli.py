@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 from cryptography import x509
 from tests.bitcoin.test_signer import Spend, Wallet, add_wallet, build_psbt
 from tests.service.conftest import PASSPHRASE, Running
-from tests.service.test_lifecycle import Child, serve_command, spawn
+from tests.service.test_lifecycle import Child, serve_command, spawn, stop_child
 from tests.service.test_tls import fingerprint, pki  # noqa: F401 (pki: a fixture)
 from tests.support.cli import cli
 
@@ -68,7 +67,8 @@ class Deployment:
         return cli(*args, env=env, cwd=self.directory)
 
 
-def _add_client(cfg: Path, directory: Path, name: str, ops: str) -> str:
+def add_client(cfg: Path, directory: Path, name: str, ops: str, keys: str = "*") -> str:
+    """``anyhsm service add-client`` (the real command); the token it prints last."""
     r = cli(
         "--config",
         str(cfg),
@@ -76,7 +76,7 @@ def _add_client(cfg: Path, directory: Path, name: str, ops: str) -> str:
         "add-client",
         name,
         "--keys",
-        "*",
+        keys,
         "--ops",
         ops,
         env={"ANYHSM_PASSPHRASE": PASSPHRASE},
@@ -99,19 +99,13 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         hsm.generate_key("hot-1")
         wallet = add_wallet(hsm, "w")
         wallet2 = add_wallet(hsm, "w2")
-    signer = _add_client(cfg, directory, "signer", "read,sign-digest,sign-psbt")
-    reader = _add_client(cfg, directory, "reader", "read")
+    signer = add_client(cfg, directory, "signer", "read,sign-digest,sign-psbt")
+    reader = add_client(cfg, directory, "reader", "read")
     child = spawn(serve_command(cfg), cfg, signer)
     try:
         yield Deployment(cfg, directory, wallet, child, signer, reader, wallet2)
     finally:
-        child.proc.send_signal(signal.SIGTERM)
-        try:
-            child.proc.wait(60)
-        finally:
-            if child.proc.poll() is None:
-                child.proc.kill()
-            child.reader.join(10)
+        stop_child(child)
 
 
 def _json(r: subprocess.CompletedProcess[str]) -> dict[str, object]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from tests.bitcoin.kernel import assert_spends
 from tests.signer.conftest import ABANDON, ABANDON_FP
 from tests.signer.core import Core, CoreError, Reply, signer_command
 from tests.signer.test_core_calls import H, _inferred, _wallet_psbt
-from tests.support.cli import cli
 
 from anyhsm.bitcoin.psbt import Psbt
 from anyhsm.ops.psbt import finalize_psbt
@@ -28,7 +26,8 @@ from anyhsm.ops.psbt import finalize_psbt
 pytest.importorskip("aiohttp", reason="the server extra is not installed")
 
 from tests.service.conftest import PASSPHRASE
-from tests.service.test_lifecycle import Child, serve_command, spawn
+from tests.service.test_lifecycle import Child, serve_command, spawn, stop_child
+from tests.service.test_remote_cli import add_client
 
 from anyhsm import open_hsm
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
@@ -60,23 +59,6 @@ class Remote:
         return Core(style, chain, {**base, **env}, cwd=self.directory)
 
 
-def _add_client(cfg: Path, name: str, keys: str, ops: str) -> str:
-    r = cli(
-        "--config",
-        str(cfg),
-        "service",
-        "add-client",
-        name,
-        "--keys",
-        keys,
-        "--ops",
-        ops,
-        env={"ANYHSM_PASSPHRASE": PASSPHRASE},
-    )
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
     directory = tmp_path_factory.mktemp("remote-signer")
@@ -95,21 +77,15 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
         hsm.generate_key("hot-1")
         set_policy(hsm, policy)
     tokens = {
-        "core-node": _add_client(cfg, "core-node", "core", "read,sign-psbt"),
-        "reader": _add_client(cfg, "reader", "*", "read"),
-        "stranger": _add_client(cfg, "stranger", "hot-*", "read,sign-psbt"),
+        "core-node": add_client(cfg, directory, "core-node", "read,sign-psbt", "core"),
+        "reader": add_client(cfg, directory, "reader", "read"),
+        "stranger": add_client(cfg, directory, "stranger", "read,sign-psbt", "hot-*"),
     }
     child = spawn(serve_command(cfg), cfg)
     try:
         yield Remote(directory, cfg, child, tokens)
     finally:
-        child.proc.send_signal(signal.SIGTERM)
-        try:
-            child.proc.wait(60)
-        finally:
-            if child.proc.poll() is None:
-                child.proc.kill()
-            child.reader.join(10)
+        stop_child(child)
 
 
 def _same(local: Reply, remote: Reply) -> object:

@@ -241,7 +241,18 @@ def set_policy(hsm: Hsm, path: Path | str | None = None, *, reset_state: bool = 
         copy = policy_file(directory, policy.sha256)
         atomic_write(copy, data)  # named by no binding yet: nothing reads it
         binding = anchor.bind(policy.sha256, detail)
-        txn.commit(kept)
+        committed = txn.commit(kept)
+        # the binding's policy_set entries precede the commit: this one carries its
+        # state_seq, under the lock (the rollback check reads the newest from the log)
+        hsm.record_event(
+            "policy_state",
+            "ok",
+            {
+                "state_seq": str(committed.seq),
+                "reason": "policy_set",
+                "reset_state": str(reset_state).lower(),
+            },
+        )
     for old in directory.glob("policy-*.toml"):
         if old != copy:
             old.unlink(missing_ok=True)
@@ -558,10 +569,9 @@ def submit_approval(
 
             new = Approval(ident, txid, pol.sha256, pub, expires, requester())
             state = replace(state, pending=(*state.pending, new))
-        txn.commit(state)
-    hsm.record_event(
-        "policy_approval", "ok", detail | {"id": ident, "rules": ",".join(rules)[:300]}
-    )
+        committed = txn.commit(state)
+        ok = {"id": ident, "rules": ",".join(rules)[:300], "state_seq": str(committed.seq)}
+        hsm.record_event("policy_approval", "ok", detail | ok)  # under the lock
     return ApprovalAccepted(ident, txid, pol.sha256, pub, expires, rules)
 
 
@@ -604,20 +614,24 @@ def _set_frozen(
     active = _require_active(hsm)
     info = hsm.get_key(key)
     op = "policy_freeze" if frozen else "policy_unfreeze"
+    detail = {"label": info.label}
+    if reason:
+        detail["reason"] = reason[:200]
     with state_store(hsm, active.directory).transaction() as txn:
         state = txn.read()
         was = info.id in state.frozen
+        detail["changed"] = str(frozen != was).lower()
         if frozen != was:
             table = dict(state.frozen)
             if frozen:
                 table[info.id] = Frozen(info.label, reason[:200], int(_now(now)), requester())
             else:
                 del table[info.id]
-            txn.commit(replace(state, frozen=table))
-    detail = {"label": info.label, "changed": str(frozen != was).lower()}
-    if reason:
-        detail["reason"] = reason[:200]
-    hsm.record_event(op, "ok" if frozen != was else "noop", detail, key_id=info.id)
+            committed = txn.commit(replace(state, frozen=table))
+            detail["state_seq"] = str(committed.seq)
+            hsm.record_event(op, "ok", detail, key_id=info.id)  # under the lock
+    if frozen == was:
+        hsm.record_event(op, "noop", detail, key_id=info.id)
     return FreezeResult(info.id, info.label, frozen, frozen != was)
 
 

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING
 
 from anyhsm.errors import HsmError, PolicyNotAuthenticated, SpendingPolicyRefused
 from anyhsm.policy import events
-from anyhsm.policy.anchor import BINDING_RULE, Binding, ManifestAnchor, policy_file
+from anyhsm.policy.anchor import (
+    BINDING_RULE,
+    AuditStateAnchor,
+    Binding,
+    ManifestAnchor,
+    policy_file,
+)
 from anyhsm.policy.engine import Decision, apply, compensate, evaluate
 from anyhsm.policy.rules import (
     FROZEN_RULE,
@@ -204,7 +210,9 @@ def _not_set(required: Path) -> PolicyNotAuthenticated:
 def state_store(hsm: Hsm, directory: Path) -> FileStateStore:
     """The state store of this deployment (the file store, keyed from the keystore)."""
     durable = hsm.config.audit.durability == "fsync"
-    return FileStateStore(directory, ManifestAnchor(hsm).state_key(), durable=durable)
+    key = ManifestAnchor(hsm).state_key()
+    # a state older than the newest state_seq the audit chain records is refused
+    return FileStateStore(directory, key, durable=durable, anchor=AuditStateAnchor(hsm))
 
 
 def _handle_store(hsm: Hsm, known: _Known) -> FileStateStore:
@@ -358,14 +366,15 @@ class PolicyGate:
             state = txn.read()
             new, taken = compensate(state, debits, approvals, self._clock())
             committed = txn.commit(new)
-        detail = {
-            "txid": decision.txid,
-            "debits": _debits_text(taken) or "none",
-            "approvals": str(len(approvals)),
-            "reason": _text(why),
-            "state_seq": str(committed.seq),
-        }
-        self._hsm.record_event("policy_compensate", "ok", detail)
+            detail = {
+                "txid": decision.txid,
+                "debits": _debits_text(taken) or "none",
+                "approvals": str(len(approvals)),
+                "reason": _text(why),
+                "state_seq": str(committed.seq),
+            }
+            # under the lock: the log's order of state_seq is the order of the commits
+            self._hsm.record_event("policy_compensate", "ok", detail)
 
 
 class _Grant:

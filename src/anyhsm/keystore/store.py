@@ -266,6 +266,7 @@ class Keystore:
         self._keys_str = f"{self.keys_dir}/"  # the signing path's existence check
         self._changes = ChangeCounter(path)
         self._looked: dict[str, tuple[bytes, float]] = {}  # key id -> (counter, when)
+        self._manifest_looked: tuple[bytes, float] | None = None
         self._scratch = threading.local()
         self.problems: dict[str, HsmError] = {}
         self.unacknowledged: set[str] = set()
@@ -478,6 +479,7 @@ class Keystore:
         self._aads.clear()
         self._files.clear()
         self._looked.clear()
+        self._manifest_looked = None
         self._changes.close()
         if self._anchor is not None:
             self._anchor.close()
@@ -549,6 +551,19 @@ class Keystore:
             self._reload_manifest_if_changed_locked()
 
     def _reload_manifest_if_changed_locked(self) -> None:
+        """Re-read the manifest if it changed on disk. Its ``stat`` is skipped while the
+        change counter says no writer finished since the last look (under ``RECHECK_S``
+        ago): every manifest write is a writer's, under the write lock."""
+        stamp = self._changes.stamp()
+        now = time.monotonic()
+        looked = self._manifest_looked
+        if (
+            self._manifest is not None
+            and looked is not None
+            and looked[0] == stamp
+            and now - looked[1] < RECHECK_S
+        ):
+            return
         try:
             st = os.stat(self._manifest_path())
             stat_now: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
@@ -556,6 +571,7 @@ class Keystore:
             stat_now = None
         if self._manifest is None or stat_now != self._manifest_stat:
             self._manifest = self._read_manifest()
+        self._manifest_looked = None if stamp is None else (stamp, now)
 
     def _write_manifest_file(self, manifest: Manifest, directory: Path | None = None) -> None:
         with self._manifest_lock:
@@ -1376,6 +1392,7 @@ class Keystore:
         self._header = successor._header
         self._keys_str = f"{self.keys_dir}/"
         self._looked.clear()
+        self._manifest_looked = None
         self.kdf = params
         self._master = successor._master
         self._record_key = successor._record_key

@@ -779,6 +779,11 @@ class AuditLog:
         return self._seq
 
     @property
+    def waits_per_entry(self) -> bool:
+        """Whether each append waits on the disk (fsync durability) or a forwarder."""
+        return self._durability == "fsync" or self._forwarder is not None
+
+    @property
     def key_id(self) -> int:
         return self._kid
 

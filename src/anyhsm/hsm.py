@@ -468,6 +468,22 @@ class Hsm:
             return self._active.capabilities()
         return self._route(key)[0].capabilities()
 
+    def runs_in_process(self, key: KeyRef) -> bool:
+        """Whether an operation on ``key`` is known to finish in this process without
+        waiting on a device, the network or a disk flush: the key's route is cached (no
+        lookup here), its provider declares ``in_process``, and the audit log neither
+        fsyncs nor forwards each entry. False when unsure. The service runs such
+        operations on its event loop: they take tens of microseconds, less than a hand-off
+        to a worker thread."""
+        audit = self._audit
+        hit = self._cache.get(key) if isinstance(key, str) else None
+        return (
+            hit is not None
+            and audit is not None
+            and not audit.waits_per_entry
+            and hit[0].capabilities().in_process
+        )
+
     # --- routing ----------------------------------------------------------------------------
 
     def _open_providers(self) -> list[Provider]:

@@ -130,6 +130,7 @@ class Capabilities:
     controls_nonce: bool = False  # deterministic nonces (RFC 6979 / low-R grinding) are possible
     persistent: bool = True
     can_batch: bool = False  # sign_batch: many digests with one key, derivations shared
+    in_process: bool = False  # keys used in this process's memory: no device, no network
 
     def describe(self) -> dict[str, object]:
         return {
@@ -142,6 +143,7 @@ class Capabilities:
             "controls_nonce": self.controls_nonce,
             "persistent": self.persistent,
             "batch": self.can_batch,
+            "in_process": self.in_process,
         }
 
 

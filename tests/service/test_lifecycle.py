@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import hashlib
 import json
 import os
@@ -265,6 +266,9 @@ def test_anyhsm_serve_runs_until_sigterm(deployment_config: Path) -> None:
     try:
         event = c.events("listening")[0]
         assert event["clients"] == 0 and event["tls"] is False
+        # the server extra brings uvloop, and anyhsm serve runs on it when it is there
+        uv = importlib.util.find_spec("uvloop") is not None
+        assert event["event_loop"] == ("uvloop" if uv else "asyncio")
         assert Client(c.url).ready().ready
         c.proc.send_signal(signal.SIGTERM)
         assert c.proc.wait(60) == 0

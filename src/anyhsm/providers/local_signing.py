@@ -33,6 +33,7 @@ def local_capabilities(*, persistent: bool) -> Capabilities:
         controls_nonce=True,
         persistent=persistent,
         can_batch=True,
+        in_process=True,
     )
 
 

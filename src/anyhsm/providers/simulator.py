@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from anyhsm.errors import (
     ConfigError,
@@ -185,9 +185,13 @@ class SimulatorProvider:
         )
 
     _CAPABILITIES = local_signing.local_capabilities(persistent=False)
+    _WAITING = replace(_CAPABILITIES, in_process=False)
 
     def capabilities(self) -> Capabilities:
-        return self._CAPABILITIES
+        """Those of any in-process store, except that injected latency or a hang makes
+        calls wait, as a device's do (so the service sends them to a worker)."""
+        f = self.faults
+        return self._WAITING if f.latency_ms or f.hang else self._CAPABILITIES
 
     def security_level(self) -> SecurityLevel:
         return SecurityLevel.SIMULATOR

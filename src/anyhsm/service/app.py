@@ -151,12 +151,23 @@ class Service:
     # --- running operations -------------------------------------------------------------------
 
     async def run(
-        self, caller: Caller | None, fn: Callable[[], T], *, timeout: float | None = -1.0
+        self,
+        caller: Caller | None,
+        fn: Callable[[], T],
+        *,
+        timeout: float | None = -1.0,
+        inline: bool = False,
     ) -> T:
         """Run ``fn`` (a call into the handle) in a worker thread with the audit principal
         of ``caller``; :class:`ServiceBusy` when the gate is full, :class:`RequestTimedOut`
         past the request timeout (``timeout``: seconds, None: no bound, default the
-        service's). An operation no worker has started when its time is up never starts."""
+        service's). An operation no worker has started when its time is up never starts.
+
+        ``inline``: run ``fn`` on the event loop itself, for an operation the handle says
+        finishes in this process without waiting (:meth:`anyhsm.hsm.Hsm.runs_in_process`:
+        a software signature, tens of microseconds). The hand-off to a worker and back
+        cost more than that, and the worker and the loop taking the GIL from each other
+        halved the service's rate; the gate still counts it."""
         bound = self.timeout if timeout is not None and timeout < 0 else timeout
         if not self.paused.is_set():  # a reload is running: wait for it
             try:
@@ -165,6 +176,14 @@ class Service:
                 raise RequestTimedOut("the service is reloading its configuration") from None
         self.gate.admit()
         who = caller.principal if caller is not None else SERVICE_PRINCIPAL
+        if inline:
+            try:
+                return as_principal(who, fn)
+            except HsmError as e:
+                self._observe_failure(e)
+                raise
+            finally:
+                self.gate.done()
         loop = asyncio.get_running_loop()
         # One plain future, completed by one call back into the loop (which also releases
         # the gate), and a timer: what wait_for(shield(wrap_future(...))) did with three

@@ -379,7 +379,7 @@ async def verify(request: web.Request) -> web.StreamResponse:
         res = verify_digest(svc.hsm, info.id, digest, signature, scheme, path=steps, tweak=tweak)
         return res.to_dict()
 
-    return json_response(await svc.run(caller, work))
+    return json_response(await svc.run(caller, work, inline=svc.hsm.runs_in_process(name)))
 
 
 async def psbt_finalize(request: web.Request) -> web.StreamResponse:
@@ -525,7 +525,9 @@ async def sign(request: web.Request) -> web.StreamResponse:
         m.signed(info.id, info.provider, scheme.value, "ok")
         return {**res.to_dict(), "key": name, "key_id": info.id}
 
-    return json_response(await svc.run(caller, work))
+    # A software signature takes tens of microseconds: on the loop, not via a worker
+    # (Service.run); a key not yet routed, or on a device, goes to a worker.
+    return json_response(await svc.run(caller, work, inline=svc.hsm.runs_in_process(name)))
 
 
 async def sign_batch(request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,87 @@
+"""Which operations the service runs on its event loop instead of a worker thread
+(``Hsm.runs_in_process``, ``Service.run(inline=True)``): a software or plain simulator key
+already routed, with an audit log that neither fsyncs nor forwards each entry. Anything
+that may wait (a simulated device latency, fsync durability, a key not yet routed) still
+goes to a worker, so the loop never waits on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tests.conftest import PASSPHRASE
+from tests.service.conftest import Running, simulator
+
+from anyhsm import open_hsm
+from anyhsm.deploy import FAST_DEV_KDF, init_deployment
+from anyhsm.secret import SecretBytes
+
+DIGEST = hashlib.sha256(b"inline").digest()
+
+
+def test_software_key_runs_in_process_once_routed(tmp_path: Path) -> None:
+    cfg = init_deployment(tmp_path / "dep", SecretBytes(PASSPHRASE.encode()), kdf=FAST_DEV_KDF)
+    with open_hsm(cfg, passphrase=PASSPHRASE) as hsm:
+        key = hsm.generate_key("k")
+        fresh = open_hsm(cfg, passphrase=PASSPHRASE)
+        try:
+            assert not fresh.runs_in_process("k")  # not routed yet: unsure, so a worker
+            fresh.sign("k", DIGEST)
+            assert fresh.runs_in_process("k") and fresh.runs_in_process(key.id)
+            assert not fresh.runs_in_process("no-such-key")
+        finally:
+            fresh.close()
+        assert hsm.capabilities(key.id).describe()["in_process"] is True
+
+
+def test_fsync_durability_goes_to_a_worker(tmp_path: Path) -> None:
+    cfg = init_deployment(tmp_path / "dep", SecretBytes(PASSPHRASE.encode()), kdf=FAST_DEV_KDF)
+    cfg.write_text(cfg.read_text().replace('durability = "batched"', 'durability = "fsync"'))
+    assert 'durability = "fsync"' in cfg.read_text()
+    with open_hsm(cfg, passphrase=PASSPHRASE) as hsm:
+        hsm.generate_key("k")
+        hsm.sign("k", DIGEST)
+        assert not hsm.runs_in_process("k")  # each entry waits on the disk
+
+
+def test_simulated_latency_goes_to_a_worker(tmp_path: Path) -> None:
+    slow = simulator(tmp_path / "slow", latency_ms=1)
+    plain = simulator(tmp_path / "plain")
+    try:
+        for hsm in (slow, plain):
+            hsm.generate_key("k")
+            hsm.sign("k", DIGEST)
+        assert not slow.runs_in_process("k")
+        assert plain.runs_in_process("k")
+    finally:
+        slow.close()
+        plain.close()
+
+
+def test_inline_signature_is_audited_under_the_client(
+    start: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the real server: a signature by a routed software key (the fixture made
+    the keys through this handle) runs on the loop's own thread, and is audited with the
+    client's name like one in a worker."""
+    r = start()
+    threads: list[str] = []
+    real_sign = r.hsm.sign
+
+    def observed(*args: object, **kwargs: object) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real_sign(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(r.hsm, "sign", observed)
+    c = r.client("signer")
+    assert r.hsm.runs_in_process("hot-1")
+    c.sign("hot-1", DIGEST)
+    c.sign("hot-1", DIGEST)
+    assert threads == ["anyhsm-test-service"] * 2  # the loop's thread (conftest.serve)
+    lines = r.hsm.audit_path.read_text().splitlines()
+    entries = [e for e in map(json.loads, lines) if e["op"] == "sign"]
+    assert [e["principal"] for e in entries[-2:]] == ["signer", "signer"]

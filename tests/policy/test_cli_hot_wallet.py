@@ -90,7 +90,11 @@ def test_hot_wallet_end_to_end(wallet: tuple[Deployment, list[str]]) -> None:
     check = json.loads(r.stdout)
     assert r.returncode == 0 and check["decision"] == "allow"
     assert {x["name"]: x["decision"] for x in check["rules"]} == {
-        "signing-policy": "allow",
+        "network": "allow",
+        "path": "allow",
+        "sighash": "allow",
+        "change": "allow",
+        "fee": "allow",
         "allowlist": "allow",
         "per-tx": "allow",
         "daily": "allow",

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 from anyhsm.errors import (
     AuditKeyRotated,
@@ -366,7 +366,7 @@ def _check_against_state(path: Path, state: AuditState, ring: AuditKeyRing) -> _
         if state.seq and i == 0:
             offset += len(raw) + 1  # the recorded entry itself, checked by _locate
             continue
-        body, mac, seq = _parse_line(raw)
+        body, mac, seq = parse_line(raw)
         if seq != expected or not hmac.compare_digest(
             line_mac(ring.key_for(seq)[1], prev, body), mac
         ):
@@ -422,7 +422,7 @@ def _locate(f: BinaryIO, path: Path, state: AuditState, size: int) -> int:
     f.seek(offset)
     raw = f.readline().rstrip(b"\n")
     try:
-        _, mac, seq = _parse_line(raw)
+        _, mac, seq = parse_line(raw)
     except AuditTampered:
         seq, mac = -1, b""
     if seq != state.seq or not hmac.compare_digest(mac, state.mac):
@@ -434,7 +434,7 @@ def _locate(f: BinaryIO, path: Path, state: AuditState, size: int) -> int:
     return offset
 
 
-def _parse_line(raw: bytes) -> tuple[bytes, bytes, int]:
+def parse_line(raw: bytes) -> tuple[bytes, bytes, int]:
     """(body, mac, seq) of a line in canonical form; AuditTampered otherwise."""
     split = split_line(raw)
     if split is None:
@@ -450,6 +450,15 @@ def _parse_line(raw: bytes) -> tuple[bytes, bytes, int]:
     if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
         raise AuditTampered("the entry has no valid sequence number")
     return body, mac, seq
+
+
+class Frontier(NamedTuple):
+    """The end of a verified part of a log: the offset just past its last line, that
+    line's sequence number and MAC (see :mod:`anyhsm.audit_marks`)."""
+
+    end: int
+    seq: int
+    mac: bytes
 
 
 # --- the writer ----------------------------------------------------------------------------
@@ -497,6 +506,11 @@ class AuditLog:
         )
         self._synced_seq = self._checkpointed_seq = self.state.seq
         self._checkpoint_at = 0.0
+        # latest(): the newest value of each member asked for, and where the verified part
+        # of the log ends (None until the first call); the last checkpoint made or read.
+        self._marks: dict[str, str | None] = {}
+        self._frontier: Frontier | None = None
+        self._checkpoint = (self.state.seq, self.state.mac, self.state.offset)
         self._checkpoint_blocked = False  # the last checkpoint timed out on the store's lock
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -622,6 +636,14 @@ class AuditLog:
         self._seq += 1
         self._mac = mac
         self._last_offset = self._end
+        frontier = self._frontier
+        if frontier is not None and frontier.end == self._end:  # latest() is in use
+            self._frontier = Frontier(self._end + len(data), self._seq, mac)
+            if detail:
+                for member in self._marks:
+                    value = detail.get(member)
+                    if value is not None:
+                        self._marks[member] = value
         self._end += len(data)
         return data
 
@@ -773,10 +795,60 @@ class AuditLog:
             raise
         self._checkpoint_blocked = False
         self._checkpointed_seq = seq
+        self._checkpoint = (seq, mac, offset)
 
     @property
     def last_seq(self) -> int:
         return self._seq
+
+    def latest(self, member: str) -> str | None:
+        """``detail[member]`` of the newest entry of the whole log that has it (None:
+        none), as of now and MAC-verified (:mod:`anyhsm.audit_marks`): the entries of
+        other processes appended since the last call are verified in order; the first call
+        for a member reads back from the last checkpoint and verifies up to it. A line
+        that does not verify is AuditStateMismatch. For the spending policy's state, whose
+        commits record their sequence number here (``state_seq``)."""
+        from anyhsm import audit_marks as marks
+
+        with self._lock:
+            if self._failed is not None:
+                raise AuditWriteFailed(f"the audit log {self.path} failed earlier")
+            with open(self.path, "rb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no line half-written by another
+                size = os.fstat(f.fileno()).st_size
+                ring = self._ring
+
+                def key_for(seq: int) -> SecretBytes:
+                    return ring.key_for(seq)[1]
+
+                if member not in self._marks:
+                    marks.needle(member)  # a plain member name, or ValueError
+                    base = self._checkpoint_frontier(f, size)
+                    self._marks[member] = (
+                        marks.find_before(f, member, base, self.state.genesis, key_for)
+                        if base.seq
+                        else None
+                    )
+                    if self._frontier is None or self._frontier.end > base.end:
+                        self._frontier = base  # verify on from the checkpoint, for all
+                assert self._frontier is not None  # set with the first member
+                frontier, found = marks.verify_forward(
+                    f, self._frontier, size, self._marks, key_for
+                )
+                self._frontier = frontier
+                self._marks.update(found)
+                return self._marks[member]
+
+    def _checkpoint_frontier(self, f: BinaryIO, size: int) -> Frontier:
+        """The verified start of :meth:`latest`: the last checkpointed entry (made by this
+        log, or recorded when it opened), checked to be where it was recorded."""
+        seq, mac, offset = self._checkpoint
+        if seq == 0:
+            return Frontier(0, 0, self.state.genesis)
+        state = AuditState(self.state.chain, seq, mac, offset, self.state.genesis)
+        start = _locate(f, self.path, state, size)
+        f.seek(start)
+        return Frontier(start + len(f.readline()), seq, mac)
 
     @property
     def waits_per_entry(self) -> bool:
@@ -905,7 +977,7 @@ def verify_log(path: Path, ring: AuditKeyRing, state: AuditState) -> VerifyResul
     recorded_ok = state.seq == 0
     for lineno, raw in enumerate(lines, start=1):
         try:
-            body, mac, seq = _parse_line(raw)
+            body, mac, seq = parse_line(raw)
         except AuditTampered as e:
             return _bad(lineno, count, e.message)
         if seq != expected:

@@ -399,6 +399,12 @@ class Hsm:
     def attempts(self) -> list[Attempt]:
         return list(self._attempts)
 
+    def audit_latest(self, member: str) -> str | None:
+        """``detail[member]`` of the newest audit entry that has it, MAC-verified
+        (:meth:`anyhsm.audit.AuditLog.latest`): what the spending policy's rollback
+        check reads (``state_seq``)."""
+        return self._writer().latest(member)
+
     @property
     def audit_last_seq(self) -> int:
         """The sequence number of the last audit entry this handle wrote or saw (0 for a

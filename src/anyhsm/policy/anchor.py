@@ -18,14 +18,12 @@ to it, so signers never see a binding without its file.
 
 from __future__ import annotations
 
-import os
-import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from anyhsm.errors import HsmError
+from anyhsm.errors import HsmError, PolicyNotAuthenticated
+from anyhsm.policy.state import STATE_RULE
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -85,8 +83,6 @@ class ManifestAnchor:
 
 
 STATE_SEQ = "state_seq"  # the detail member of every state commit's audit entry
-_STATE_SEQ = re.compile(rb'"state_seq":"([0-9]{1,19})"')
-_BACK_READ = 1 << 16
 
 
 class AuditStateAnchor:
@@ -98,60 +94,23 @@ class AuditStateAnchor:
     keystore manifest (and a TPM where enrolled), so the log cannot be put back with the
     state directory (up to its last checkpoint, see docs/policy.md section 6).
 
-    Read from the log file: the part appended since the last look (one open, stat and
-    read of the new bytes; the whole tail, backwards, when the file is new to it or was
-    replaced), under the audit writer's shared lock as a reader of the log."""
+    Read through :meth:`anyhsm.hsm.Hsm.audit_latest`: every line it relies on is
+    MAC-verified, other processes' entries included; an edited line fails closed."""
 
     def __init__(self, hsm: Hsm) -> None:
-        self._path = str(hsm.audit_path)
-        self._lock = threading.Lock()
-        self._seen: tuple[int, int] | None = None  # (inode, size) read up to
-        self._newest: int | None = None
+        self._hsm = hsm
 
     def newest(self) -> int | None:
-        import fcntl
-
-        try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None  # no log: the audit open refuses a missing log that has a record
-        try:
-            st = os.fstat(fd)
-            with self._lock:
-                seen, newest = self._seen, self._newest
-                if seen is not None and seen[0] == st.st_ino and seen[1] == st.st_size:
-                    return newest
-                fcntl.flock(fd, fcntl.LOCK_SH)  # no half-written line (appenders hold LOCK_EX)
-                size = os.fstat(fd).st_size
-                if seen is not None and seen[0] == st.st_ino and seen[1] <= size:
-                    found = _last_seq(os.pread(fd, size - seen[1], seen[1]))
-                    newest = newest if found is None else max(found, newest or 0)
-                else:
-                    newest = _scan_back(fd, size)
-                self._seen, self._newest = (st.st_ino, size), newest
-                return newest
-        finally:
-            os.close(fd)
-
-
-def _last_seq(data: bytes) -> int | None:
-    found = None
-    for m in _STATE_SEQ.finditer(data):
-        found = max(found or 0, int(m.group(1)))
-    return found
-
-
-def _scan_back(fd: int, size: int) -> int | None:
-    """The newest state_seq in the file, reading backwards from its end."""
-    end = size
-    while end > 0:
-        start = max(0, end - _BACK_READ)
-        chunk = os.pread(fd, end - start + (64 if end < size else 0), start)
-        found = _last_seq(chunk)
-        if found is not None:
-            return found
-        end = start
-    return None
+        value = self._hsm.audit_latest(STATE_SEQ)
+        if value is None:
+            return None
+        if not value.isdigit() or len(value) > 19:
+            raise PolicyNotAuthenticated(
+                f"the audit log records a malformed policy state number {value[:32]!r}",
+                hint="run 'anyhsm audit verify'",
+                rules=[STATE_RULE],
+            )
+        return int(value)
 
 
 __all__ = [

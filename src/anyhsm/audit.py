@@ -813,6 +813,14 @@ class AuditLog:
         with self._lock:
             if self._failed is not None:
                 raise AuditWriteFailed(f"the audit log {self.path} failed earlier")
+            frontier = self._frontier
+            if (
+                member in self._marks
+                and frontier is not None
+                and frontier.end == self._end
+                and os.lseek(self._fd, 0, os.SEEK_END) == self._end
+            ):
+                return self._marks[member]  # verified to the end; nobody appended since
             with open(self.path, "rb") as f:
                 fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no line half-written by another
                 size = os.fstat(f.fileno()).st_size

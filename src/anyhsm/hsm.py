@@ -934,6 +934,14 @@ class Hsm:
     def get_key(self, key: KeyRef) -> KeyInfo:
         return self._route(key, fresh=True)[1]
 
+    def key_info(self, key: KeyRef) -> KeyInfo:
+        """Like :meth:`get_key`, from the handle's routing when it knows the key: as fresh
+        as the signing path (which looks again when a key is gone), without a lookup in
+        the store. A caller that decides from it and then signs signs by the returned
+        ``id``, so a key deleted meanwhile and replaced under its label is refused, never
+        the one signed with."""
+        return self._route(key)[1]
+
     def public_key(self, key: KeyRef) -> bytes:
         """33-byte compressed SEC1 public key."""
         return self._route(key, fresh=True)[1].public_key

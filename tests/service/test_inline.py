@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import PASSPHRASE
+from tests.service.conftest import PASSPHRASE as SERVICE_PASSPHRASE
 from tests.service.conftest import Running, simulator
 
 from anyhsm import open_hsm
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
+from anyhsm.errors import KeyNotFound
 from anyhsm.secret import SecretBytes
 
 DIGEST = hashlib.sha256(b"inline").digest()
@@ -85,3 +87,33 @@ def test_inline_signature_is_audited_under_the_client(
     lines = r.hsm.audit_path.read_text().splitlines()
     entries = [e for e in map(json.loads, lines) if e["op"] == "sign"]
     assert [e["principal"] for e in entries[-2:]] == ["signer", "signer"]
+
+
+def test_label_replaced_in_another_process_never_signs_with_the_old_key(
+    start: Callable[..., Running],
+) -> None:
+    """The service authorises from its routing (Hsm.key_info) and signs by the key's id:
+    after another handle deletes hot-1 and makes a new hot-1, a request for hot-1 is
+    refused or signed by the new key, and the next one by the new key; never the old."""
+    from anyhsm.crypto import secp256k1 as curve
+
+    r = start()
+    c = r.client("signer")
+    old = r.hsm.get_key("hot-1")
+    c.sign("hot-1", DIGEST)
+    cfg = r.hsm.config.source
+    assert cfg is not None
+    with open_hsm(cfg, passphrase=SERVICE_PASSPHRASE) as other:
+        other.delete_key(old.id)
+        new = other.generate_key("hot-1")
+    outcomes = []
+    for _ in range(2):
+        try:
+            outcomes.append(c.sign("hot-1", DIGEST))
+        except KeyNotFound:
+            outcomes.append(None)
+    assert outcomes[-1] is not None
+    for sig in outcomes:
+        if sig is not None:
+            assert curve.ecdsa_verify(new.public_key, DIGEST, sig)
+            assert not curve.ecdsa_verify(old.public_key, DIGEST, sig)

@@ -294,15 +294,18 @@ class Service:
             lambda: self.hsm.record_event("service_auth", "refused", entry, error=code),
         )
 
-    def authorized_key(self, caller: Caller, name: str) -> KeyInfo:
-        """The key ``name`` (label or id) if ``caller`` may use it. In a worker thread.
+    def authorized_key(self, caller: Caller, name: str, *, fresh: bool = False) -> KeyInfo:
+        """The key ``name`` (label or id) if ``caller`` may use it (in the operation's
+        thread: a worker, or the loop for an inline one).
         Forbidden (audited) for a key outside the client's list, and for a name that is not
         a key when the client could not have had such a key either: a client learns
         nothing about keys that are not its own."""
         client = caller.client
         assert client is not None
         try:
-            info = self.hsm.get_key(name)
+            # From the routing, unless ``fresh`` (the answer is the key's description):
+            # the operations that follow go by info.id (see Hsm.key_info).
+            info = self.hsm.get_key(name) if fresh else self.hsm.key_info(name)
         except KeyNotFound:
             if client.may_name(name):
                 raise

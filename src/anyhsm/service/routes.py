@@ -273,7 +273,7 @@ async def keys(request: web.Request) -> web.StreamResponse:
 async def key_show(request: web.Request) -> web.StreamResponse:
     svc, caller = await _caller(request, Op.READ)
     name = _key_name(request)
-    info = await svc.run(caller, lambda: svc.authorized_key(caller, name))
+    info = await svc.run(caller, lambda: svc.authorized_key(caller, name, fresh=True))
     return json_response(key_json(info))
 
 
@@ -356,7 +356,7 @@ async def descriptor_address(request: web.Request) -> web.StreamResponse:
     text = _str(body, "descriptor", max_len=4096)
 
     def work() -> dict[str, object]:
-        info = svc.authorized_key(caller, name)
+        info = svc.authorized_key(caller, name, fresh=True)
         return {"address": address_of(svc.hsm, info, text)}
 
     return json_response(await svc.run(caller, work))

@@ -130,3 +130,145 @@ def test_transaction_serialisation_is_its_parts(seed: int) -> None:
             full = base[:4] + b"\x00\x01" + base[4:] + stacks + lock
             assert tx.serialize() == full
             assert Transaction.parse(full) == tx
+
+
+def _walk(key: bytearray, chain: bytes, path: tuple[int, ...]) -> tuple[bytes, bytes, bytes]:
+    """(child key, chain code, parent public key) one step at a time, each step given its
+    parent's public key computed afresh: the plain reading of BIP32's CKDpriv."""
+    cur, parent_pub = bytearray(key), b""
+    for index in path:
+        parent_pub = ec.public_key(cur)
+        cur, chain = ec.bip32_ckd_priv(cur, chain, index, parent_pub)
+    return bytes(cur), chain, parent_pub
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_derive_priv_computes_public_keys_only_where_used(seed: int) -> None:
+    # bip32_derive_priv skips the public keys a hardened step does not use: the same
+    # child, chain code, parent and own public key as the step-by-step walk
+    rng = random.Random(seed)
+    key, chain = ec.bip32_master(bytearray(rng.randbytes(32)))
+    for _ in range(12):
+        path = tuple(
+            rng.randrange(4) | (HARDENED if rng.random() < 0.5 else 0)
+            for _ in range(rng.randrange(6))
+        )
+        child, child_chain, parent_pub, pub = ec.bip32_derive_priv(key, chain, path)
+        want_key, want_chain, want_parent = _walk(key, chain, path)
+        assert (bytes(child), child_chain, parent_pub) == (want_key, want_chain, want_parent)
+        assert pub == ec.public_key(child)
+
+
+def _general(data: bytes, allow_witness: bool) -> Transaction | None:
+    """The general (stream) reader's answer: the transaction, or None when it refuses."""
+    from anyhsm.bitcoin.encoding import as_stream
+    from anyhsm.errors import TransactionError
+
+    stream = as_stream(data)
+    try:
+        tx = Transaction.read_from(stream, allow_witness=allow_witness)
+    except TransactionError:
+        return None
+    return None if stream.read(1) else tx
+
+
+def _random_tx(rng: random.Random) -> Transaction:
+    def script() -> bytes:
+        return rng.randbytes(rng.choice([0, 1, 22, 25, 34, 252, 253, 300, 70_000]))
+
+    inputs = [
+        TxIn(OutPoint(rng.randbytes(32), rng.randrange(2**32)), script(), rng.randrange(2**32))
+        for _ in range(
+            rng.choice([1, 2, 5, 252, 253]) if rng.random() < 0.1 else 1 + rng.randrange(4)
+        )
+    ]
+    if rng.random() < 0.5:
+        for i in inputs:
+            i.witness = [script() for _ in range(rng.randrange(4))]
+    outputs = [
+        TxOut(rng.choice([0, 1, 546, 21_000_000 * 100_000_000]), script())
+        for _ in range(rng.randrange(4))
+    ]
+    return Transaction(rng.randrange(-(2**31), 2**31), inputs, outputs, rng.randrange(2**32))
+
+
+def _damaged(rng: random.Random, data: bytes) -> bytes:
+    what = rng.randrange(5)
+    at = rng.randrange(len(data))
+    if what == 0:
+        return data[:at]
+    if what == 1:
+        return data + rng.randbytes(rng.randrange(1, 3))
+    if what == 2:
+        return (
+            data[:at] + bytes([rng.choice([0x00, 0x01, 0xFC, 0xFD, 0xFE, 0xFF])]) + data[at + 1 :]
+        )
+    if what == 3:
+        return data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1 :]
+    return data[:at] + data[at + 1 :]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_transaction_reader_agrees_with_the_general_one(seed: int) -> None:
+    # Transaction.parse reads well-formed data by offsets: on every input (valid or
+    # damaged) it gives the general reader's transaction, or leaves the data to it
+    from anyhsm.bitcoin.tx import _parse_fast
+
+    rng = random.Random(seed)
+    fast_taken = 0
+    for _ in range(150):
+        tx = _random_tx(rng)
+        for raw in (tx.serialize(), tx.serialize(include_witness=False)):
+            samples = [raw] + [_damaged(rng, raw) for _ in range(8)]
+            for data in samples:
+                for allow_witness in (True, False):
+                    fast = _parse_fast(data, allow_witness)
+                    general = _general(data, allow_witness)
+                    if fast is not None:
+                        fast_taken += 1
+                        assert fast == general
+                        assert fast.serialize() == data or fast.serialize(False) == data
+            assert Transaction.parse(raw) == _general(raw, True)
+    assert fast_taken > 300  # the fast reader took most valid transactions
+
+
+def _general_map(raw: bytes, pos: int) -> tuple[list[tuple[bytes, bytes]], int] | None:
+    from io import BytesIO
+
+    from anyhsm.bitcoin.psbt import _read_map
+    from anyhsm.errors import PsbtError
+
+    stream = BytesIO(raw)
+    stream.seek(pos)
+    try:
+        records = _read_map(stream, len(raw), "map")
+    except PsbtError:
+        return None
+    return records, stream.tell()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_map_reader_agrees_with_the_general_one(seed: int) -> None:
+    # a PSBT's maps are read by offsets: the general reader's records and end offset,
+    # or left to it (which then reads them or refuses with its error)
+    from anyhsm.bitcoin.psbt import _read_map_fast
+
+    rng = random.Random(seed)
+    taken = 0
+    for _ in range(200):
+        pairs = [
+            (
+                rng.randbytes(rng.choice([1, 2, 34, 253])),
+                rng.randbytes(rng.choice([0, 1, 72, 252, 253, 70_000])),
+            )
+            for _ in range(rng.randrange(5))
+        ]
+        raw = b"".join(var_bytes(k) + var_bytes(v) for k, v in pairs) + b"\x00"
+        raw = rng.randbytes(rng.randrange(3)) + raw  # the map need not start at 0
+        for data in [raw] + [_damaged(rng, raw) for _ in range(8)]:
+            for pos in {0, 1, 2} & set(range(len(data) + 1)):
+                fast = _read_map_fast(data, pos)
+                if fast is not None:
+                    taken += 1
+                    assert fast == _general_map(data, pos)
+    assert taken > 200

@@ -196,6 +196,18 @@ class KeyOrigin:
         object.__setattr__(self, "fingerprint", bytes(self.fingerprint))
         object.__setattr__(self, "path", _as_path(self.path))
 
+    @classmethod
+    def unchecked(cls, fingerprint: bytes, path: tuple[int, ...]) -> KeyOrigin:
+        """A key origin from values valid by construction (a reader's 4 bytes and
+        unsigned 32-bit steps, such as a PSBT key origin's ``struct.unpack``): the checks
+        of ``__post_init__`` skipped, which cost more than decoding the field."""
+        if type(fingerprint) is not bytes or len(fingerprint) != 4 or type(path) is not tuple:
+            return cls(fingerprint, path)
+        origin = object.__new__(cls)
+        object.__setattr__(origin, "fingerprint", fingerprint)
+        object.__setattr__(origin, "path", path)
+        return origin
+
     def to_string(self, hardened_marker: str = "'", *, brackets: bool = True) -> str:
         body = self.fingerprint.hex()
         if self.path:

@@ -484,7 +484,19 @@ class Psbt:
                 "not a PSBT: the data does not start with the magic bytes 'psbt\\xff'",
                 field="magic",
             )
-        global_records = _read_map(stream, len(raw), "global map")
+        size = len(raw)
+
+        def read_map(where: str) -> list[Record]:
+            # by offsets; the stream reader for what the fast one does not take (and for
+            # every malformed map, so that the error is its own)
+            at = stream.tell()
+            found = _read_map_fast(raw, at)
+            if found is None:
+                return _read_map(stream, size, where)
+            stream.seek(found[1])
+            return found[0]
+
+        global_records = read_map("global map")
         g, unsigned_tx, counts = _parse_globals(global_records)
         version = g.version_field or 0
         if unsigned_tx is not None:
@@ -493,12 +505,12 @@ class Psbt:
             n_in, n_out = counts
         inputs = []
         for i in range(n_in):
-            records = _read_map(stream, len(raw), f"input {i}")
+            records = read_map(f"input {i}")
             tx_in = unsigned_tx.inputs[i] if unsigned_tx is not None else None
             inputs.append(PsbtInput.from_records(records, version=version, index=i, tx_in=tx_in))
         outputs = []
         for i in range(n_out):
-            records = _read_map(stream, len(raw), f"output {i}")
+            records = read_map(f"output {i}")
             tx_out = unsigned_tx.outputs[i] if unsigned_tx is not None else None
             outputs.append(
                 PsbtOutput.from_records(records, version=version, index=i, tx_out=tx_out)
@@ -568,6 +580,53 @@ _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 def _is_hex(text: str) -> bool:
     return len(text) % 2 == 0 and all(c in _HEX_DIGITS for c in text)
+
+
+def _read_map_fast(raw: bytes, pos: int) -> tuple[list[Record], int] | None:
+    """The records of the map at ``pos`` and the offset after its separator, read by
+    offsets; None for anything :func:`_read_map` should read instead: a map missing or
+    cut short, a key or value length that is not a one-byte or canonical 0xFD/0xFE
+    compact size, a value over the bound (tests/bitcoin/test_fast_paths.py compares
+    the two)."""
+    n = len(raw)
+    records: list[Record] = []
+    try:
+        if pos >= n:
+            return None
+        while True:
+            key_len = raw[pos]
+            pos += 1
+            if key_len == 0:
+                return records, pos
+            if key_len >= 0xFD:
+                return None
+            key_end = pos + key_len
+            value_len = raw[key_end]
+            value_at = key_end + 1
+            if value_len >= 0xFD:
+                if value_len == 0xFD:
+                    value_len, floor, value_at = (
+                        int.from_bytes(raw[value_at : value_at + 2], "little"),
+                        0xFD,
+                        value_at + 2,
+                    )
+                elif value_len == 0xFE:
+                    value_len, floor, value_at = (
+                        int.from_bytes(raw[value_at : value_at + 4], "little"),
+                        0x10000,
+                        value_at + 4,
+                    )
+                else:
+                    return None
+                if value_at > n or value_len < floor or value_len > _MAX_VALUE:
+                    return None
+            end = value_at + value_len
+            if end > n:
+                return None
+            records.append((raw[pos:key_end], raw[value_at:end]))
+            pos = end
+    except IndexError:
+        return None
 
 
 def _read_map(stream: BytesIO, size: int, where: str) -> list[Record]:

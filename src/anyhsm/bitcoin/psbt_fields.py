@@ -8,6 +8,7 @@ name and the map's position, so every message says which field is wrong.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -16,7 +17,7 @@ from io import BytesIO
 from anyhsm.bitcoin.bip32 import KeyOrigin
 from anyhsm.bitcoin.encoding import compact_size, read_compact_size, read_exact, var_bytes
 from anyhsm.crypto.secp256k1 import CURVE_ORDER, valid_public_key
-from anyhsm.errors import Bip32Error, EncodingError, PsbtError
+from anyhsm.errors import EncodingError, PsbtError
 
 MAGIC = b"psbt\xff"
 
@@ -112,25 +113,29 @@ V2_ONLY_INPUT = frozenset(
 V2_ONLY_OUTPUT = frozenset({OutputType.AMOUNT, OutputType.SCRIPT})
 
 
+_NAMES: dict[type[IntEnum], dict[int, str]] = {
+    enum: {int(t): f"{prefix}_{t.name}" for t in enum}
+    for enum, prefix in (
+        (GlobalType, "PSBT_GLOBAL"),
+        (InputType, "PSBT_IN"),
+        (OutputType, "PSBT_OUT"),
+    )
+}  # the field names, made once (every field of every PSBT read is named)
+
+
 def global_name(key_type: int) -> str:
-    try:
-        return f"PSBT_GLOBAL_{GlobalType(key_type).name}"
-    except ValueError:
-        return f"PSBT_GLOBAL unknown type 0x{key_type:02x}"
+    name = _NAMES[GlobalType].get(key_type)
+    return name if name is not None else f"PSBT_GLOBAL unknown type 0x{key_type:02x}"
 
 
 def input_name(key_type: int) -> str:
-    try:
-        return f"PSBT_IN_{InputType(key_type).name}"
-    except ValueError:
-        return f"PSBT_IN unknown type 0x{key_type:02x}"
+    name = _NAMES[InputType].get(key_type)
+    return name if name is not None else f"PSBT_IN unknown type 0x{key_type:02x}"
 
 
 def output_name(key_type: int) -> str:
-    try:
-        return f"PSBT_OUT_{OutputType(key_type).name}"
-    except ValueError:
-        return f"PSBT_OUT unknown type 0x{key_type:02x}"
+    name = _NAMES[OutputType].get(key_type)
+    return name if name is not None else f"PSBT_OUT unknown type 0x{key_type:02x}"
 
 
 # --- small typed values -------------------------------------------------------------------
@@ -212,6 +217,8 @@ class UnknownField:
 
 def split_key(key: bytes) -> tuple[int, bytes]:
     """(key type, key data) of a raw key; the key type is a compact size."""
+    if key and key[0] < 0xFD:  # a one-byte key type: every type BIP174 defines
+        return key[0], key[1:]
     stream = BytesIO(key)
     try:
         key_type = read_compact_size(stream, "key type")
@@ -286,11 +293,8 @@ def decode_origin(data: bytes) -> KeyOrigin:
             f"key origin is {len(data)} bytes, it must be a 4-byte fingerprint "
             "followed by 4 bytes per derivation step"
         )
-    path = tuple(int.from_bytes(data[i : i + 4], "little") for i in range(4, len(data), 4))
-    try:
-        return KeyOrigin(data[:4], path)
-    except Bip32Error as e:  # unreachable for well-sized data, kept as a translation point
-        raise PsbtError(f"key origin is invalid: {e.message}") from None
+    # a 4-byte fingerprint and unsigned 32-bit steps by construction: what KeyOrigin checks
+    return KeyOrigin.unchecked(data[:4], struct.unpack(f"<{len(data) // 4 - 1}I", data[4:]))
 
 
 def encode_tap_origin(value: TapKeyOrigin) -> bytes:

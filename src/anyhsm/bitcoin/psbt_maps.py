@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 from anyhsm.bitcoin.bip32 import KeyOrigin
@@ -81,18 +80,35 @@ _PREIMAGE_HASHES: dict[int, tuple[int, Callable[[bytes], bytes]]] = {
 }
 
 
-@contextmanager
-def field_context(name: str, where: str) -> Iterator[None]:
+class _FieldContext:
+    """See :func:`field_context` (a class: entered twice per field of every PSBT read, a
+    generator-based context manager cost more than most fields' decoding)."""
+
+    __slots__ = ("name", "where")
+
+    def __init__(self, name: str, where: str) -> None:
+        self.name = name
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, e: BaseException | None, tb: object) -> None:
+        if e is None:
+            return
+        name, where = self.name, self.where
+        if isinstance(e, PsbtError):
+            if e.field is not None:
+                return
+            raise PsbtError(f"{name}: {e.message} ({where})", field=name) from None
+        if isinstance(e, (BitcoinError, ValueError, IndexError, OverflowError)):
+            detail = e.message if isinstance(e, BitcoinError) else str(e)
+            raise PsbtError(f"{name}: {detail} ({where})", field=name) from None
+
+
+def field_context(name: str, where: str) -> _FieldContext:
     """Turn any decoding failure inside the block into PsbtError naming ``name`` at ``where``."""
-    try:
-        yield
-    except PsbtError as e:
-        if e.field is not None:
-            raise
-        raise PsbtError(f"{name}: {e.message} ({where})", field=name) from None
-    except (BitcoinError, ValueError, IndexError, OverflowError) as e:
-        detail = e.message if isinstance(e, BitcoinError) else str(e)
-        raise PsbtError(f"{name}: {detail} ({where})", field=name) from None
+    return _FieldContext(name, where)
 
 
 def iter_fields(
@@ -314,6 +330,7 @@ class PsbtInput:
         where = f"input {index}"
         inp = cls(previous_txid=b"\x00" * 32, output_index=0)
         seen: set[int] = set()
+        utxo_bytes: bytes | None = None
         for key_type, name, key_data, key, value in iter_fields(
             records, input_name, "PSBT_IN", where
         ):
@@ -321,6 +338,8 @@ class PsbtInput:
                 raise PsbtError(f"{name}: not allowed in PSBT version 0 ({where})", field=name)
             with field_context(name, where):
                 inp._read_field(key_type, key_data, key, value)
+            if key_type == InputType.NON_WITNESS_UTXO:
+                utxo_bytes = value
             seen.add(key_type)
         if tx_in is not None:
             inp.previous_txid = tx_in.prevout.txid
@@ -333,17 +352,25 @@ class PsbtInput:
                     raise PsbtError(
                         f"{name}: missing (required in PSBT version 2) ({where})", field=name
                     )
-        inp._check_utxos(where)
+        inp._check_utxos(where, utxo_bytes)
         inp.proprietary.sort(key=lambda p: p.key)  # held in the order they are written
         inp.unknown.sort(key=lambda u: u.key)
         return inp
 
-    def _check_utxos(self, where: str) -> None:
+    def _check_utxos(self, where: str, utxo_bytes: bytes | None = None) -> None:
+        """``utxo_bytes``: the field's value the transaction was parsed from. Without the
+        segwit marker (byte 4 is an input count, not 0) it is the transaction's
+        serialisation without witness, byte for byte (the reader takes canonical
+        encodings only), so its hash is the txid without serialising again."""
         utxo = self.non_witness_utxo
         if utxo is None:
             return
         name = input_name(InputType.NON_WITNESS_UTXO)
-        if utxo.txid() != self.previous_txid:
+        if utxo_bytes is not None and len(utxo_bytes) > 4 and utxo_bytes[4] != 0:
+            txid = sha256d(utxo_bytes)
+        else:
+            txid = utxo.txid()
+        if txid != self.previous_txid:
             raise PsbtError(
                 f"{name}: transaction id {utxo.txid_hex()} does not match the input's "
                 f"previous txid {self.previous_txid[::-1].hex()} ({where})",

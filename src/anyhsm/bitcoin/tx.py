@@ -81,6 +81,11 @@ class TxOut:
 
     @classmethod
     def parse(cls, data: bytes) -> TxOut:
+        n = len(data)
+        if type(data) is bytes and n >= 9 and data[8] < 0xFD and n == 9 + data[8]:
+            value = int.from_bytes(data[:8], "little", signed=True)
+            if 0 <= value <= MAX_MONEY:  # else the reader's error
+                return cls(value, data[9:])
         stream = as_stream(data)
         out = cls.read_from(stream)
         if stream.read(1):
@@ -181,6 +186,12 @@ class Transaction:
                 data = bytes.fromhex(data.strip())
             except ValueError:
                 raise TransactionError("transaction hex is not valid hexadecimal") from None
+        if type(data) is bytes and cls is Transaction:
+            fast = _parse_fast(data, allow_witness)
+            if fast is not None:
+                return fast
+        # anything the fast reader does not take (and every malformed transaction, so that
+        # the error is the general reader's)
         stream = as_stream(data)
         tx = cls.read_from(stream, allow_witness=allow_witness)
         if stream.read(1):
@@ -195,3 +206,109 @@ class Transaction:
         total = len(self.serialize(include_witness=True))
         weight = base * 3 + total
         return (weight + 3) // 4
+
+
+def _parse_fast(data: bytes, allow_witness: bool) -> Transaction | None:
+    """``Transaction.parse`` of well-formed data by offsets instead of a stream (a signer
+    parses every input's previous transaction): the same transaction, or None for
+    anything it does not take, which the general reader then parses or refuses with its
+    error. It takes a subset: counts and lengths as one-byte or canonical 0xFD/0xFE
+    compact sizes (at most 252 inputs, outputs and witness items), amounts in range, no
+    trailing bytes, segwit only with a witness (tests/bitcoin/test_fast_paths.py compares
+    it with the general reader on valid and damaged transactions)."""
+    n = len(data)
+    try:
+        version = int.from_bytes(data[0:4], "little", signed=True)
+        count = data[4]
+        pos = 5
+        segwit = False
+        if count == 0:
+            if not allow_witness or data[5] != 1:
+                return None
+            count, pos, segwit = data[6], 7, True
+            if count == 0:
+                return None
+        if count >= 0xFD:
+            return None
+        inputs: list[TxIn] = []
+        for _ in range(count):
+            end = pos + 36
+            size = data[end]
+            pos = end + 1
+            if size >= 0xFD:
+                size, pos = _fast_size(data, size, pos)
+            script_end = pos + size
+            seq_end = script_end + 4
+            if seq_end > n:
+                return None
+            inputs.append(
+                TxIn(
+                    OutPoint(
+                        data[end - 36 : end - 4], int.from_bytes(data[end - 4 : end], "little")
+                    ),
+                    data[pos:script_end],
+                    int.from_bytes(data[script_end:seq_end], "little"),
+                )
+            )
+            pos = seq_end
+        count = data[pos]
+        pos += 1
+        if count >= 0xFD:
+            return None
+        outputs: list[TxOut] = []
+        for _ in range(count):
+            value = int.from_bytes(data[pos : pos + 8], "little", signed=True)
+            size = data[pos + 8]
+            pos += 9
+            if size >= 0xFD:
+                size, pos = _fast_size(data, size, pos)
+            end = pos + size
+            if end > n or not 0 <= value <= MAX_MONEY:
+                return None
+            outputs.append(TxOut(value, data[pos:end]))
+            pos = end
+        if segwit:
+            for txin in inputs:
+                items = data[pos]
+                pos += 1
+                if items >= 0xFD:
+                    return None
+                witness = []
+                for _ in range(items):
+                    size = data[pos]
+                    pos += 1
+                    if size >= 0xFD:
+                        size, pos = _fast_size(data, size, pos)
+                    end = pos + size
+                    if end > n:
+                        return None
+                    witness.append(data[pos:end])
+                    pos = end
+                txin.witness = witness
+            if not any(i.witness for i in inputs):
+                return None
+        if pos + 4 != n:
+            return None
+        return Transaction(version, inputs, outputs, int.from_bytes(data[pos:], "little"))
+    except (IndexError, _NotFast):
+        return None
+
+
+class _NotFast(Exception):
+    """A compact size the fast reader leaves to the general one."""
+
+
+def _fast_size(data: bytes, first: int, pos: int) -> tuple[int, int]:
+    """A 0xFD or 0xFE compact size at ``pos`` (after its first byte), canonical only."""
+    if first == 0xFD:
+        end, minimum = pos + 2, 0xFD
+    elif first == 0xFE:
+        end, minimum = pos + 4, 0x10000
+    else:
+        raise _NotFast
+    if end > len(data):
+        raise _NotFast
+    value = int.from_bytes(data[pos:end], "little")
+    if value < minimum or value > 4_000_000:  # read_var_bytes's limit
+        raise _NotFast
+    return value, end

@@ -344,19 +344,24 @@ def bip32_derive_priv(
 ) -> tuple[bytearray, bytes, bytes, bytes]:
     """Walk ``path``; returns (child key, chain code, parent pubkey, own pubkey).
 
-    Intermediate keys are wiped; the caller wipes the returned key.
+    Intermediate keys are wiped; the caller wipes the returned key. A public key is
+    computed (a point multiplication, as costly as the HMAC and tweak of a step) only
+    where one is used: before a non-hardened step, for the parent and for the child.
     """
     cur = bytearray(key)
+    last = len(path) - 1
     parent_pub = b""
-    pub = public_key(cur)
     try:
-        for index in path:
-            parent_pub = pub
-            nxt, chain = bip32_ckd_priv(cur, chain, index)
+        for depth, index in enumerate(path):
+            pub: bytes | None = None
+            if index < HARDENED or depth == last:
+                pub = public_key(cur)
+                if depth == last:
+                    parent_pub = pub
+            nxt, chain = bip32_ckd_priv(cur, chain, index, pub if index < HARDENED else None)
             cur[:] = bytes(32)
             cur = nxt
-            pub = public_key(cur)
-        return cur, chain, parent_pub, pub
+        return cur, chain, parent_pub, public_key(cur)
     except BaseException:
         cur[:] = bytes(32)
         raise

@@ -284,7 +284,7 @@ def check_control_block(cb: bytes) -> bytes:
 
 
 def encode_origin(origin: KeyOrigin) -> bytes:
-    return origin.fingerprint + b"".join(i.to_bytes(4, "little") for i in origin.path)
+    return origin.fingerprint + struct.pack(f"<{len(origin.path)}I", *origin.path)
 
 
 def decode_origin(data: bytes) -> KeyOrigin:

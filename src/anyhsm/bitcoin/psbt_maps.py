@@ -80,6 +80,14 @@ _PREIMAGE_HASHES: dict[int, tuple[int, Callable[[bytes], bytes]]] = {
 }
 
 
+_PREIMAGE_FIELDS: dict[int, str] = {
+    InputType.RIPEMD160: "ripemd160_preimages",
+    InputType.SHA256: "sha256_preimages",
+    InputType.HASH160: "hash160_preimages",
+    InputType.HASH256: "hash256_preimages",
+}
+
+
 class _FieldContext:
     """See :func:`field_context` (a class: entered twice per field of every PSBT read, a
     generator-based context manager cost more than most fields' decoding)."""
@@ -439,12 +447,8 @@ class PsbtInput:
             self.unknown.append(UnknownField(key, value))
 
     def _preimages(self, key_type: int) -> dict[bytes, bytes]:
-        return {
-            InputType.RIPEMD160: self.ripemd160_preimages,
-            InputType.SHA256: self.sha256_preimages,
-            InputType.HASH160: self.hash160_preimages,
-            InputType.HASH256: self.hash256_preimages,
-        }[InputType(key_type)]
+        found: dict[bytes, bytes] = getattr(self, _PREIMAGE_FIELDS[key_type])
+        return found
 
     def records(self, version: int) -> list[Record]:
         """This map's records in Bitcoin Core's order (see the module docstring)."""
@@ -469,30 +473,44 @@ class PsbtInput:
         one(T.SIGHASH_TYPE, u32le(self.sighash_type))
         one(T.REDEEM_SCRIPT, self.redeem_script)
         one(T.WITNESS_SCRIPT, self.witness_script)
-        out += keyed(
-            T.BIP32_DERIVATION, ((k, encode_origin(v)) for k, v in self.bip32_derivations.items())
-        )
+        # (each keyed field only when present: most are empty, and this runs per input of
+        # every PSBT written)
+        if self.bip32_derivations:
+            out += keyed(
+                T.BIP32_DERIVATION,
+                ((k, encode_origin(v)) for k, v in self.bip32_derivations.items()),
+            )
         for key_type in _PREIMAGE_HASHES:
-            out += keyed(key_type, self._preimages(key_type).items())
+            preimages = self._preimages(key_type)
+            if preimages:
+                out += keyed(key_type, preimages.items())
         one(T.TAP_KEY_SIG, self.tap_key_sig)
-        out += keyed(T.TAP_SCRIPT_SIG, ((x + h, s) for (x, h), s in self.tap_script_sigs.items()))
-        leaves = sorted(
-            self.tap_leaf_scripts.items(),
-            key=lambda kv: (kv[1].script, kv[1].leaf_version, len(kv[0]), kv[0]),
-        )
-        out += [(b"\x15" + cb, ls.script + bytes([ls.leaf_version])) for cb, ls in leaves]
-        out += keyed(
-            T.TAP_BIP32_DERIVATION,
-            ((k, _tap_origin_sorted(v)) for k, v in self.tap_bip32_derivations.items()),
-        )
+        if self.tap_script_sigs:
+            out += keyed(
+                T.TAP_SCRIPT_SIG, ((x + h, s) for (x, h), s in self.tap_script_sigs.items())
+            )
+        if self.tap_leaf_scripts:
+            leaves = sorted(
+                self.tap_leaf_scripts.items(),
+                key=lambda kv: (kv[1].script, kv[1].leaf_version, len(kv[0]), kv[0]),
+            )
+            out += [(b"\x15" + cb, ls.script + bytes([ls.leaf_version])) for cb, ls in leaves]
+        if self.tap_bip32_derivations:
+            out += keyed(
+                T.TAP_BIP32_DERIVATION,
+                ((k, _tap_origin_sorted(v)) for k, v in self.tap_bip32_derivations.items()),
+            )
         one(T.TAP_INTERNAL_KEY, self.tap_internal_key)
         one(T.TAP_MERKLE_ROOT, self.tap_merkle_root)
-        out += keyed(
-            T.MUSIG2_PARTICIPANT_PUBKEYS,
-            ((k, encode_musig2_participants(v)) for k, v in self.musig2_participants.items()),
-        )
-        out += _musig2_records(T.MUSIG2_PUB_NONCE, self.musig2_pub_nonces)
-        out += _musig2_records(T.MUSIG2_PARTIAL_SIG, self.musig2_partial_sigs)
+        if self.musig2_participants:
+            out += keyed(
+                T.MUSIG2_PARTICIPANT_PUBKEYS,
+                ((k, encode_musig2_participants(v)) for k, v in self.musig2_participants.items()),
+            )
+        if self.musig2_pub_nonces:
+            out += _musig2_records(T.MUSIG2_PUB_NONCE, self.musig2_pub_nonces)
+        if self.musig2_partial_sigs:
+            out += _musig2_records(T.MUSIG2_PARTIAL_SIG, self.musig2_partial_sigs)
         one(T.FINAL_SCRIPTSIG, self.final_scriptsig)
         if self.final_scriptwitness is not None:
             one(T.FINAL_SCRIPTWITNESS, encode_witness(self.final_scriptwitness))

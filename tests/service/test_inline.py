@@ -117,3 +117,40 @@ def test_label_replaced_in_another_process_never_signs_with_the_old_key(
         if sig is not None:
             assert curve.ecdsa_verify(new.public_key, DIGEST, sig)
             assert not curve.ecdsa_verify(old.public_key, DIGEST, sig)
+
+
+def test_psbts_of_in_process_keys_run_in_the_one_local_worker(
+    start: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PSBT (and a batch) of a routed software key runs in the single local worker;
+    one for "every key the client may use" (keys not known up front) in the pool."""
+    from tests.bitcoin.test_signer import Spend, build_psbt
+
+    from anyhsm.ops import psbt as opsbt
+    from anyhsm.ops import signing as osigning
+
+    r = start()
+    assert r.wallet is not None
+    threads: list[str] = []
+    real_psbt, real_batch = opsbt.sign_psbt, osigning.sign_digests
+
+    def psbt_observed(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        return real_psbt(*args, **kwargs)  # type: ignore[arg-type]
+
+    def batch_observed(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        return real_batch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(opsbt, "sign_psbt", psbt_observed)
+    monkeypatch.setattr(osigning, "sign_digests", batch_observed)
+    c = r.client("signer")
+    psbt = build_psbt([Spend("p2wpkh", [r.wallet.key("m/84h/1h/0h/0/0")])])
+    c.sign_psbt("w", psbt)  # routes w first (pool), then:
+    c.sign_psbt("w", psbt)
+    c.sign_many("hot-1", [DIGEST, DIGEST])
+    body = {"psbt": psbt.to_base64(), "all_keys": True}
+    status, _body, _h = c.request("POST", "/v1/psbt/sign", body)
+    assert status == 200
+    assert threads[1:3] == ["anyhsm-local_0", "anyhsm-local_0"]
+    assert threads[3].startswith("anyhsm-op")

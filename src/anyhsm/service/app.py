@@ -114,6 +114,12 @@ class Service:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_concurrency, thread_name_prefix="anyhsm-op"
         )
+        # Longer work on keys held in this process (PSBTs, batches) runs here, one at a
+        # time: it holds the GIL, so more threads only added hand-offs of it (+30-70 % CPU
+        # per PSBT measured with 2-4 workers); devices' calls overlap in the pool above.
+        self.local_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="anyhsm-local"
+        )
         self.gate = Gate(settings.max_concurrency, settings.max_pending)
         self.idempotency = IdempotencyStore(
             settings.idempotency_entries, settings.idempotency_ttl_s
@@ -157,6 +163,7 @@ class Service:
         *,
         timeout: float | None = -1.0,
         inline: bool = False,
+        local: bool = False,
     ) -> T:
         """Run ``fn`` (a call into the handle) in a worker thread with the audit principal
         of ``caller``; :class:`ServiceBusy` when the gate is full, :class:`RequestTimedOut`
@@ -167,7 +174,8 @@ class Service:
         finishes in this process without waiting (:meth:`anyhsm.hsm.Hsm.runs_in_process`:
         a software signature, tens of microseconds). The hand-off to a worker and back
         cost more than that, and the worker and the loop taking the GIL from each other
-        halved the service's rate; the gate still counts it."""
+        halved the service's rate; the gate still counts it. ``local``: longer work on
+        keys held in this process goes to the one local worker (see ``local_executor``)."""
         bound = self.timeout if timeout is not None and timeout < 0 else timeout
         if not self.paused.is_set():  # a reload is running: wait for it
             try:
@@ -196,7 +204,8 @@ class Service:
             loop.call_soon_threadsafe(_deliver, cfut, afut, gate)
 
         try:
-            cfut = self.executor.submit(as_principal, who, fn)
+            pool = self.local_executor if local else self.executor
+            cfut = pool.submit(as_principal, who, fn)
         except RuntimeError:  # the pool is shut down
             gate.done()
             raise
@@ -731,7 +740,9 @@ def create_app(
             stop()
         svc.stopping = True
         svc.gate.closed = True
-        await asyncio.get_running_loop().run_in_executor(None, svc.executor.shutdown, True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, svc.executor.shutdown, True)
+        await loop.run_in_executor(None, svc.local_executor.shutdown, True)
 
     app.on_startup.append(startup)
     app.on_cleanup.append(cleanup)

@@ -569,8 +569,10 @@ async def sign_batch(request: web.Request) -> web.StreamResponse:
         ]
         return {"results": results, "scheme": scheme.value, "key": name, "key_id": info.id}
 
+    local = svc.hsm.runs_in_process(name)
+
     async def compute() -> web.Response:
-        return json_response(await svc.run(caller, work, timeout=None))
+        return json_response(await svc.run(caller, work, timeout=None, local=local))
 
     return await svc.idempotent(request, caller, raw, compute)
 
@@ -622,8 +624,10 @@ async def psbt_sign(request: web.Request) -> web.StreamResponse:
         m.signed(key_id, provider, "psbt", "ok", max(res.signatures, 1))
         return res.to_dict()
 
+    local = names is not None and all(svc.hsm.runs_in_process(n) for n in names)
+
     async def compute() -> web.Response:
-        return json_response(await svc.run(caller, work, timeout=None))
+        return json_response(await svc.run(caller, work, timeout=None, local=local))
 
     return await svc.idempotent(request, caller, raw, compute)
 

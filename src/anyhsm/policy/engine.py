@@ -68,7 +68,9 @@ REFUSE = "refuse"
 
 def sat(amount: int) -> str:
     """``12000000 sat (0.12 BTC)``."""
-    btc = f"{amount / 100_000_000:.8f}".rstrip("0").rstrip(".")
+    whole, frac = divmod(abs(amount), 100_000_000)  # exact, and cheaper than a float's text
+    sign = "-" if amount < 0 else ""
+    btc = f"{sign}{whole}.{frac:08d}".rstrip("0") if frac else f"{sign}{whole}"
     return f"{amount} sat ({btc} BTC)"
 
 
@@ -247,7 +249,7 @@ def evaluate(
                 RuleResult(FROZEN_RULE, REFUSE, f"key {k.label} is frozen since {since}{why}")
             )
     for k in spend.keys:
-        if not policy.rules_for(k.label, k.id):
+        if not any(r.applies_to(k.label, k.id) for r in policy.rules):  # rules_for, lazily
             results.append(
                 RuleResult(
                     NO_RULE,

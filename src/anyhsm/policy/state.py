@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import hmac
 import json
 import os
@@ -441,7 +440,7 @@ class FileStateStore:
 
     def _mac(self, seq: int, body: bytes) -> str:
         data = b"anyhsm/v1/policy-state\x00%d\x00" % seq + body
-        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+        return hmac.digest(self._key, data, "sha256").hex()  # one call: read and commit
 
     def encode(self, state: PolicyState) -> bytes:
         body = self._encoder.body(state)

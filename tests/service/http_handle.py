@@ -32,9 +32,9 @@ from anyhsm.types import Capabilities, KeyInfo, KeyType, SecurityLevel, SignPara
 
 class HttpHandle:
     interface = "http"
-    # one plain digest per sign; a batch reports malformed items one by one (Vault's
-    # batch_input) where the library refuses the whole batch, so sign_many differs
-    missing = FEATURES
+    # a batch reports malformed items one by one (Vault's batch_input) where the library
+    # refuses the whole batch, so sign_many differs; path and tweak are offered
+    missing = FEATURES - {"sign_path", "tweak"}
 
     def __init__(self, admin: Hsm, served: Hsm, client: Client) -> None:
         self._admin = admin  # key management (no endpoint for it)
@@ -103,8 +103,10 @@ class HttpHandle:
         *,
         params: SignParams | None = None,
     ) -> bytes:
-        assert params is None or params == SignParams(), "the service signs plain digests"
-        return self.client.sign(key, digest, scheme)
+        p = params or SignParams()
+        assert p.aux_rand is None and not p.grind_low_r, "the service takes path and tweak"
+        path = _path_text(p.path) if p.path else None
+        return self.client.sign(key, digest, scheme, path=path, tweak=p.tweak)
 
     def sign_many(
         self, key: str, requests: Sequence[tuple[bytes, SigScheme, SignParams | None]]
@@ -120,8 +122,8 @@ class HttpHandle:
         *,
         path: tuple[int, ...] = (),
     ) -> bool:
-        assert path == (), "the service verifies against the key itself"
-        return self.client.verify(key, digest, signature, scheme)
+        text = _path_text(path) if path else None
+        return self.client.verify(key, digest, signature, scheme, path=text)
 
     def health(self) -> CliHealth:
         report = self.client.health()

@@ -63,6 +63,13 @@ def looks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+def delete_in_another_process(dep: Path, key_id: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _DELETE, str(dep), key_id], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def record_path(dep: Path, key_id: str) -> Path:
     hits = list((dep.parent / "keystore").glob(f"keys*/{key_id}.json"))
     assert len(hits) == 1
@@ -89,13 +96,7 @@ def test_key_deleted_by_another_process_is_refused_at_once(deployment: Path, clo
         key = hsm.generate_key("revoked")
         hsm.sign(key.id, DIGEST)
         hsm.sign(key.id, DIGEST)  # cached and verified: the fast path is armed
-        done = subprocess.run(
-            [sys.executable, "-c", _DELETE, str(deployment), key.id],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+        delete_in_another_process(deployment, key.id)
         # No clock movement: the other process's delete bumped the counter.
         with pytest.raises(KeyNotFound):
             hsm.sign(key.id, DIGEST)
@@ -134,13 +135,7 @@ def test_replaced_counter_file_is_reopened(deployment: Path, clock: Clock) -> No
         clock.now += RECHECK_S + 0.01
         hsm.sign(key.id, DIGEST)  # full look: reopens the counter at its path
         hsm.sign(other.id, DIGEST)
-        done = subprocess.run(
-            [sys.executable, "-c", _DELETE, str(deployment), key.id],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+        delete_in_another_process(deployment, key.id)
         with pytest.raises(KeyNotFound):
             hsm.sign(key.id, DIGEST)
 

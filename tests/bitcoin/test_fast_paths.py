@@ -272,3 +272,24 @@ def test_fast_map_reader_agrees_with_the_general_one(seed: int) -> None:
                     taken += 1
                     assert fast == _general_map(data, pos)
     assert taken > 200
+
+
+def test_bech32_checksum_table_is_bip173_s_loop() -> None:
+    # _polymod XORs a table entry per character: BIP173's reference loop's checksums
+    from anyhsm.bitcoin.encoding import _polymod
+
+    gen = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+
+    def reference(values: list[int]) -> int:
+        chk = 1
+        for v in values:
+            top = chk >> 25
+            chk = (chk & 0x1FFFFFF) << 5 ^ v
+            for i in range(5):
+                chk ^= gen[i] if ((top >> i) & 1) else 0
+        return chk
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        values = [rng.randrange(32) for _ in range(rng.randrange(100))]
+        assert _polymod(values) == reference(values)

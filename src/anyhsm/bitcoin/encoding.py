@@ -135,14 +135,25 @@ _BECH32_CONST = 1
 _BECH32M_CONST = 0x2BC830A3
 
 
+_GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+# BIP173's inner loop (XOR generator i when bit i of the top five bits is set) as a table
+# of the 32 possible XORs: one lookup per character instead of five tests (every change
+# and destination address a signer reports is encoded, every allowlisted one decoded)
+_GEN_XOR = tuple(
+    _GEN[0] * (t & 1)
+    ^ _GEN[1] * (t >> 1 & 1)
+    ^ _GEN[2] * (t >> 2 & 1)
+    ^ _GEN[3] * (t >> 3 & 1)
+    ^ _GEN[4] * (t >> 4 & 1)
+    for t in range(32)
+)
+
+
 def _polymod(values: list[int]) -> int:
-    gen = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
     chk = 1
+    table = _GEN_XOR
     for v in values:
-        top = chk >> 25
-        chk = (chk & 0x1FFFFFF) << 5 ^ v
-        for i in range(5):
-            chk ^= gen[i] if ((top >> i) & 1) else 0
+        chk = ((chk & 0x1FFFFFF) << 5 ^ v) ^ table[chk >> 25]
     return chk
 
 

@@ -157,6 +157,8 @@ def test_derive_priv_computes_public_keys_only_where_used(seed: int) -> None:
         want_key, want_chain, want_parent = _walk(key, chain, path)
         assert (bytes(child), child_chain, parent_pub) == (want_key, want_chain, want_parent)
         assert pub == ec.public_key(child)
+        alone = ec.bip32_derive_secret(key, chain, path)  # the signing path's derivation
+        assert bytes(alone) == want_key
 
 
 def _general(data: bytes, allow_witness: bool) -> Transaction | None:

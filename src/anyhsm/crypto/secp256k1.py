@@ -348,20 +348,38 @@ def bip32_derive_priv(
     computed (a point multiplication, as costly as the HMAC and tweak of a step) only
     where one is used: before a non-hardened step, for the parent and for the child.
     """
+    cur, chain, parent_pub = _walk(key, chain, path, keep_parent=True)
+    try:
+        return cur, chain, parent_pub, public_key(cur)
+    except BaseException:
+        cur[:] = bytes(32)
+        raise
+
+
+def bip32_derive_secret(key: bytearray, chain: bytes, path: tuple[int, ...]) -> bytearray:
+    """The child private key at ``path`` alone (the caller wipes it): what signing needs,
+    without the two public keys :func:`bip32_derive_priv` also returns."""
+    return _walk(key, chain, path, keep_parent=False)[0]
+
+
+def _walk(
+    key: bytearray, chain: bytes, path: tuple[int, ...], *, keep_parent: bool
+) -> tuple[bytearray, bytes, bytes]:
+    """(child key, chain code, parent pubkey or b"") of ``path``; intermediates wiped."""
     cur = bytearray(key)
     last = len(path) - 1
     parent_pub = b""
     try:
         for depth, index in enumerate(path):
             pub: bytes | None = None
-            if index < HARDENED or depth == last:
+            if index < HARDENED or (keep_parent and depth == last):
                 pub = public_key(cur)
                 if depth == last:
                     parent_pub = pub
             nxt, chain = bip32_ckd_priv(cur, chain, index, pub if index < HARDENED else None)
             cur[:] = bytes(32)
             cur = nxt
-        return cur, chain, parent_pub, public_key(cur)
+        return cur, chain, parent_pub if keep_parent else b""
     except BaseException:
         cur[:] = bytes(32)
         raise

@@ -136,7 +136,7 @@ def sign(
     if key_type is KeyType.BIP32 or key_type is KeyType.BIP32_NODE:  # HD_KEY_TYPES, unhashed
         master, chain = hd_master(key_type, secret)
         try:
-            child, _, _, _ = curve.bip32_derive_priv(master, chain, params.path)
+            child = curve.bip32_derive_secret(master, chain, params.path)
         finally:
             master[:] = bytes(32)
         try:

@@ -6,6 +6,7 @@ goes to a worker, so the loop never waits on it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -19,7 +20,7 @@ from tests.service.conftest import Running, simulator
 
 from anyhsm import open_hsm
 from anyhsm.deploy import FAST_DEV_KDF, init_deployment
-from anyhsm.errors import KeyNotFound
+from anyhsm.errors import HsmError, KeyNotFound
 from anyhsm.secret import SecretBytes
 
 DIGEST = hashlib.sha256(b"inline").digest()
@@ -119,15 +120,18 @@ def test_label_replaced_in_another_process_never_signs_with_the_old_key(
             assert not curve.ecdsa_verify(old.public_key, DIGEST, sig)
 
 
-def test_psbts_of_in_process_keys_run_in_the_one_local_worker(
-    start: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+def test_where_psbts_and_batches_run(
+    start: Callable[..., Running], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A PSBT (and a batch) of a routed software key runs in the single local worker;
-    one for "every key the client may use" (keys not known up front) in the pool."""
+    """For routed software keys: a small PSBT on the loop; a batch in the one local
+    worker; a PSBT for "every key the client may use" (keys not known up front) in the
+    pool; and under an active spending policy (its state lock may be held by another
+    process) the PSBT in the local worker, never on the loop."""
     from tests.bitcoin.test_signer import Spend, build_psbt
 
     from anyhsm.ops import psbt as opsbt
     from anyhsm.ops import signing as osigning
+    from anyhsm.ops.policy import set_policy
 
     r = start()
     assert r.wallet is not None
@@ -152,5 +156,12 @@ def test_psbts_of_in_process_keys_run_in_the_one_local_worker(
     body = {"psbt": psbt.to_base64(), "all_keys": True}
     status, _body, _h = c.request("POST", "/v1/psbt/sign", body)
     assert status == 200
-    assert threads[1:3] == ["anyhsm-local_0", "anyhsm-local_0"]
+    assert threads[1:3] == ["anyhsm-test-service", "anyhsm-local_0"]
     assert threads[3].startswith("anyhsm-op")
+    policy = tmp_path / "spending.toml"
+    policy.write_text('[[rules]]\nname = "any"\nmax_per_tx_sat = 100000000\n')
+    set_policy(r.hsm, policy)
+    del threads[:]
+    with contextlib.suppress(HsmError):  # allowed or refused: where it ran is checked
+        c.sign_psbt("w", psbt)
+    assert threads == ["anyhsm-local_0"]

@@ -30,7 +30,7 @@ import secrets
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -232,6 +232,24 @@ class Service:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def in_process(self, names: Sequence[str]) -> bool:
+        """Whether operations on the keys ``names`` finish in this process without waiting
+        on a device, the network or the disk (:meth:`anyhsm.hsm.Hsm.runs_in_process`)."""
+        return bool(names) and all(self.hsm.runs_in_process(n) for n in names)
+
+    def may_run_inline(self, names: Sequence[str]) -> bool:
+        """:meth:`in_process`, and no spending policy is active: signing under one takes
+        the policy state's lock, which another process may hold, and the event loop must
+        never wait on it (such operations go to the local worker)."""
+        from anyhsm.policy.enforce import load_active
+
+        if not self.in_process(names):
+            return False
+        try:
+            return load_active(self.hsm) is None
+        except HsmError:
+            return False  # the worker raises it, as for any request
 
     def _observe_failure(self, e: HsmError) -> None:
         if isinstance(e, AuditError):

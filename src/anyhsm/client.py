@@ -518,13 +518,17 @@ class Client:
         scheme: SigScheme = SigScheme.ECDSA,
         *,
         idempotency_key: str | None = None,
+        path: str | None = None,
+        tweak: bytes | None = None,
     ) -> list[bytes | HsmError]:
-        """One result per digest, in order: its signature, or the error for that item."""
+        """One result per digest, in order: its signature, or the error for that item
+        (by the key, or its child at ``path``, tweaked by ``tweak``, as :meth:`sign`)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        body: dict[str, object] = {"digests": [d.hex() for d in digests], "scheme": scheme.value}
         obj = self._json(
             "POST",
             f"/v1/keys/{self._key(key)}/sign-batch",
-            {"digests": [d.hex() for d in digests], "scheme": scheme.value},
+            _derive(body, path, tweak),
             headers=headers,
         )
         results = obj.get("results")

@@ -182,3 +182,29 @@ def test_too_many_psbt_keys(service: Running) -> None:
     body = {"keys": ["w"] * 65, "psbt": psbt.to_base64()}
     with pytest.raises(RequestTooLarge):
         service.client("signer").request("POST", "/v1/psbt/sign", body)
+
+
+def test_batch_at_a_path_and_with_a_tweak(service: Running) -> None:
+    """sign-batch takes path and tweak as sign does: every item is the child's (tweaked)
+    signature, a malformed item still fails alone, and a bad path fails the batch."""
+    assert service.wallet is not None
+    c = service.client("signer")
+    digests = [hashlib.sha256(bytes([i])).digest() for i in range(3)]
+    results = c.sign_batch("w", [*digests, b"\x00" * 31], path=PATH)
+    child = service.wallet.pub(PATH)
+    for d, r in zip(digests, results[:3], strict=True):
+        assert isinstance(r, bytes) and curve.ecdsa_verify(child, d, r)
+        assert r == c.sign("w", d, path=PATH)
+    assert isinstance(results[3], InvalidDigest)
+    tweak = hashlib.sha256(b"batch tweak").digest()
+    path = "m/86'/1'/0'/0/2"
+    tweaked = c.sign_batch("w", digests, SigScheme.SCHNORR, path=path, tweak=tweak)
+    xo, _ = curve.xonly_tweak_add(curve.xonly(service.wallet.pub(path)), tweak)
+    assert all(
+        isinstance(s, bytes) and curve.schnorr_verify(xo, d, s)
+        for d, s in zip(digests, tweaked, strict=True)
+    )
+    with pytest.raises(Bip32Error):
+        c.sign_batch("w", digests, path="m/not-a-path")
+    with pytest.raises(UnsupportedOperation):
+        c.sign_batch("hot-1", digests, path=PATH)  # a single key cannot derive

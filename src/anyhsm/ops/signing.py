@@ -93,13 +93,20 @@ class BatchSignatures(Data):
 
 
 def sign_digests(
-    hsm: Hsm, key: KeyRef, digests: Sequence[bytes], scheme: SigScheme = SigScheme.ECDSA
+    hsm: Hsm,
+    key: KeyRef,
+    digests: Sequence[bytes],
+    scheme: SigScheme = SigScheme.ECDSA,
+    *,
+    path: Sequence[int] = (),
+    tweak: bytes | None = None,
 ) -> BatchSignatures:
-    """Sign several digests with one key: each digest is checked first (a malformed one
-    fails alone, as its item's error), then every valid one is signed in ONE call of
-    :meth:`Hsm.sign_many` (one audit entry for the batch). A failure of the signing
-    itself (the key, the provider, the policy; the spending policy's raw-digest rule, as
-    :func:`sign_digest`) is raised for the whole batch."""
+    """Sign several digests with one key (or, HD keys, its child at ``path``; ``tweak``:
+    a BIP341 tweak applied first, Schnorr), as :func:`sign_digest` signs one: each digest
+    is checked first (a malformed one fails alone, as its item's error), then every valid
+    one is signed in ONE call of :meth:`Hsm.sign_many` (one audit entry for the batch).
+    A failure of the signing itself (the key, the provider, the policy; the spending
+    policy's raw-digest rule, as :func:`sign_digest`) is raised for the whole batch."""
     from anyhsm.policy import guard_digest
 
     guard_digest(hsm, key)
@@ -119,8 +126,9 @@ def sign_digests(
                     ),
                 )
             )
+    params = SignParams(path=tuple(path), tweak=tweak) if path or tweak is not None else None
     if valid:
-        sigs = hsm.sign_many(key, [(d, scheme, None) for _, d in valid])
+        sigs = hsm.sign_many(key, [(d, scheme, params) for _, d in valid])
         for (n, _), sig in zip(valid, sigs, strict=True):
             items[n] = BatchItem(n, signature=sig)
     return BatchSignatures(key, scheme, tuple(i for i in items if i is not None))

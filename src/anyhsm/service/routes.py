@@ -548,14 +548,16 @@ async def sign_batch(request: web.Request) -> web.StreamResponse:
     # an item that is not 64 hex digits is passed as no digest: the operation reports
     # it as that item's error, as it does a digest of the wrong length
     digests = [_hex32_or_empty(item) for item in items]
+    path, tweak = _path(body), _tweak(body)
     m = svc.metrics
 
     def work() -> dict[str, object]:
         info = svc.authorized_key(caller, name)
+        steps = _steps(svc, info, path)
         n = sum(1 for d in digests if len(d) == 32)
         t0 = time.perf_counter()
         try:
-            res = sign_digests(svc.hsm, info.id, digests, scheme)
+            res = sign_digests(svc.hsm, info.id, digests, scheme, path=steps, tweak=tweak)
         except HsmError:
             m.signed(info.id, info.provider, scheme.value, "error", n)
             raise

@@ -133,3 +133,61 @@ def test_no_active_policy(tmp_path: Path) -> None:
     finally:
         stop()
         dep.hsm.close()
+
+
+def test_the_approval_flow_through_the_cli_against_the_service(tmp_path: Path) -> None:
+    """``anyhsm policy request`` and ``policy approve`` under ``--addr`` (no config, only
+    the address and a token): the same request text as the service's, the approvals
+    accepted over HTTP, and then the refused PSBT signs."""
+    import json
+
+    from tests.support.cli import cli
+
+    dep = open_deployment(tmp_path / "dep")
+    dep.set(POLICY)
+    tokens = {name: new_token() for name in ("treasury", "alice")}
+    specs = (
+        ClientSpec("treasury", hash_token(tokens["treasury"]), ("hot",), frozenset({Op.SIGN_PSBT})),
+        ClientSpec("alice", hash_token(tokens["alice"]), ("hot",), frozenset({Op.APPROVE})),
+    )
+    url, _, stop = serve(dep.hsm, ServiceSettings(rate_limit_per_s=0, clients=specs))
+    try:
+        large = _large(dep)
+        psbt_file = tmp_path / "large.psbt"
+        psbt_file.write_text(large)
+        work = tmp_path / "cwd"
+        work.mkdir()
+
+        def remote(who: str, *args: str) -> dict[str, object]:
+            r = cli(
+                "--json", *args, env={"ANYHSM_ADDR": url, "ANYHSM_TOKEN": tokens[who]}, cwd=work
+            )
+            assert r.returncode == 0, r.stdout + r.stderr
+            out = json.loads(r.stdout)
+            assert isinstance(out, dict)
+            return out
+
+        req = remote(
+            "treasury", "policy", "request", str(psbt_file), "--key", "hot", "--expires", "15m"
+        )
+        assert req["txid"] == txid_of(large)
+        assert req["message"] == approval_text(
+            str(req["txid"]), str(req["policy"]), int(str(req["expires"]))
+        )
+        for approver in APPROVERS[:2]:
+            ok = remote(
+                "alice", "policy", "approve", "--psbt", str(psbt_file),
+                "--pubkey", approver.hex, "--signature", approver.sign(str(req["message"])),
+                "--expires", str(req["expires"]), "--policy", str(req["policy"]),
+            )  # fmt: skip
+            assert ok["rules"] == ["per-tx"]
+        no_key = cli(
+            "--json", "policy", "request", str(psbt_file),
+            env={"ANYHSM_ADDR": url, "ANYHSM_TOKEN": tokens["treasury"]}, cwd=work,
+        )  # fmt: skip
+        assert no_key.returncode != 0 and "--key" in no_key.stdout
+        with Client(url, tokens["treasury"]) as c:
+            assert c.sign_psbt("hot", large).signed_inputs == 1
+    finally:
+        stop()
+        dep.hsm.close()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from anyhsm.ops.admin import HealthOutcome
     from anyhsm.ops.bitcoin import AddressResult, DescriptorResult, XpubResult
     from anyhsm.ops.keys import KeyList
+    from anyhsm.ops.policy import ApprovalAccepted, ApprovalRequest
     from anyhsm.ops.signing import DigestSignature, Verification
     from anyhsm.types import Environment, KeyInfo
 
@@ -63,6 +64,10 @@ class Backend(Protocol):
     def descriptor(self, key: str, descriptor_type: str, account: int) -> DescriptorResult: ...
     def sign_psbt(self, psbt: Psbt, keys: Sequence[str] | None) -> PsbtSigned: ...
     def health(self) -> HealthOutcome: ...
+    def approval_request(self, key: str | None, psbt: Psbt, expires_in: int) -> ApprovalRequest: ...
+    def submit_approval(
+        self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None
+    ) -> ApprovalAccepted: ...
 
 
 class LocalBackend:
@@ -145,6 +150,18 @@ class LocalBackend:
 
         return health(self._hsm, self._config())
 
+    def approval_request(self, key: str | None, psbt: Psbt, expires_in: int) -> ApprovalRequest:
+        from anyhsm.ops.policy import approval_request
+
+        return approval_request(self._hsm(), psbt, key, expires_in=expires_in)
+
+    def submit_approval(
+        self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None
+    ) -> ApprovalAccepted:
+        from anyhsm.ops.policy import submit_approval
+
+        return submit_approval(self._hsm(), txid, pubkey, signature, expires, policy=policy)
+
 
 class RemoteBackend:
     """The same operations, answered by a signing service through :class:`Client`."""
@@ -209,6 +226,16 @@ class RemoteBackend:
         from anyhsm.ops.admin import HealthOutcome
 
         return HealthOutcome(self._client.health())
+
+    def approval_request(self, key: str | None, psbt: Psbt, expires_in: int) -> ApprovalRequest:
+        if key is None:
+            raise UsageError("against a service, name the key: --key LABEL")
+        return self._client.approval_request(key, psbt, expires_in=expires_in)
+
+    def submit_approval(
+        self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None
+    ) -> ApprovalAccepted:
+        return self._client.submit_approval(txid, pubkey, signature, expires, policy=policy)
 
 
 # --- reaching a service: the CLI's --addr and anyhsm-signer's, one implementation ------------

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from anyhsm.cli.app import EXIT_NEGATIVE, EXIT_OK, App, Result, SubParsers, text_value
+from anyhsm.cli.app import EXIT_NEGATIVE, EXIT_OK, App, Result, SubParsers, served, text_value
 
 if TYPE_CHECKING:
     from anyhsm.ops.policy import PolicyCheck
@@ -95,9 +95,9 @@ def cmd_check(args: argparse.Namespace, app: App) -> Result:
     return Result(res.to_dict(), check_text(res), status)
 
 
+@served
 def cmd_request(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.cli.bitcoin_cmds import _read_psbt
-    from anyhsm.ops.policy import approval_request
     from anyhsm.policy.rules import parse_duration
 
     seconds = parse_duration(args.expires)
@@ -105,8 +105,9 @@ def cmd_request(args: argparse.Namespace, app: App) -> Result:
         from anyhsm.errors import UsageError
 
         raise UsageError(f"--expires {args.expires!r}: write a duration such as 30m, 1h, 24h")
-    psbt = _read_psbt(args.file, app.config().policy.max_psbt_bytes)
-    res = approval_request(app.hsm(), psbt, args.key, expires_in=seconds)
+    cfg = app.config() if app.addr() is None else app.loaded_config()
+    psbt = _read_psbt(args.file, cfg.policy.max_psbt_bytes if cfg is not None else None)
+    res = app.backend().approval_request(args.key, psbt, seconds)
     lines = [
         f"txid: {res.txid}",
         f"policy: {res.policy}",
@@ -118,9 +119,8 @@ def cmd_request(args: argparse.Namespace, app: App) -> Result:
     return Result(res.to_dict(), lines)
 
 
+@served
 def cmd_approve(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.ops.policy import submit_approval
-
     txid = args.txid
     if args.psbt:
         from anyhsm.cli.bitcoin_cmds import _read_psbt
@@ -130,8 +130,8 @@ def cmd_approve(args: argparse.Namespace, app: App) -> Result:
         from anyhsm.errors import UsageError
 
         raise UsageError("give the transaction: --txid TXID or --psbt FILE")
-    res = submit_approval(
-        app.hsm(), txid, args.pubkey, args.signature, args.expires, policy=args.policy
+    res = app.backend().submit_approval(
+        txid, args.pubkey, args.signature, args.expires, args.policy
     )
     return Result(
         res.to_dict(),

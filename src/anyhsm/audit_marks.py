@@ -109,9 +109,11 @@ def _verified_value(
     """``detail[member]`` of the line at ``line_start`` (None if the bytes were found
     elsewhere in it), once the chain from that line to the checkpoint verifies."""
     before = next(_lines_back(f, line_start), None)
-    prev = genesis if before is None else parse_line(before[1])[1]
-    first_seq = 1 if before is None else parse_line(before[1])[2] + 1
-    frontier = Frontier(line_start, first_seq - 1, prev)
+    if before is None:
+        frontier = Frontier(line_start, 0, genesis)
+    else:
+        _, prev, prev_seq = parse_line(before[1])
+        frontier = Frontier(line_start, prev_seq, prev)
     f.seek(line_start)
     first = f.readline().rstrip(b"\n")
     value = detail_value(parse_line(first)[0], member)

@@ -163,7 +163,6 @@ def require(provider: Provider, capability: str, ok: bool, hint: str | None = No
 
 
 _NO_PARAMS = SignParams()
-_CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 def check_path(path: tuple[int, ...]) -> None:
@@ -209,7 +208,9 @@ def check_sign_request(
             raise UnsupportedOperation(provider.name, "a tweak with ECDSA")
         if len(p.tweak) != 32:
             raise InvalidDigest("a tweak must be 32 bytes")
-        if int.from_bytes(p.tweak, "big") >= _CURVE_ORDER:
+        from anyhsm.crypto.secp256k1 import CURVE_ORDER  # loaded only for a tweak
+
+        if int.from_bytes(p.tweak, "big") >= CURVE_ORDER:
             raise InvalidDigest(
                 "a tweak must be below the secp256k1 group order (BIP341 fails such a tweak)",
                 hint="a taproot tweak is tagged_hash('TapTweak', key || merkle root)",

@@ -239,17 +239,16 @@ class Service:
         return bool(names) and all(self.hsm.runs_in_process(n) for n in names)
 
     def may_run_inline(self, names: Sequence[str]) -> bool:
-        """:meth:`in_process`, and no spending policy is active: signing under one takes
-        the policy state's lock, which another process may hold, and the event loop must
-        never wait on it (such operations go to the local worker)."""
-        from anyhsm.policy.enforce import load_active
+        """:meth:`in_process`, and no spending policy is bound or required: signing under
+        one takes the policy state's lock, which another process may hold, and the event
+        loop must never wait on it (such operations go to the local worker). Only the
+        binding is read (from the manifest, cheap while the keystore is unchanged): the
+        policy itself is loaded and checked once, by the operation."""
+        from anyhsm.policy.anchor import ManifestAnchor
 
-        if not self.in_process(names):
+        if not self.in_process(names) or self.hsm.config.policy.spending_policy is not None:
             return False
-        try:
-            return load_active(self.hsm) is None
-        except HsmError:
-            return False  # the worker raises it, as for any request
+        return ManifestAnchor(self.hsm).binding() is None
 
     def _observe_failure(self, e: HsmError) -> None:
         if isinstance(e, AuditError):

@@ -37,7 +37,7 @@ same PSBT again, or with a second key of a multisig, spends the same coins.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -56,9 +56,8 @@ from anyhsm.policy.rules import (
     Action,
     Rule,
     SpendingPolicy,
-    format_duration,
 )
-from anyhsm.policy.state import Approval, Debit, PolicyState
+from anyhsm.policy.state import MAX_DEBITS, Approval, Debit, PolicyState
 from anyhsm.policy.velocity import Counter
 
 ALLOW = "allow"
@@ -99,15 +98,52 @@ class Budget:
         }
 
 
-@dataclass(frozen=True)
 class RuleResult:
-    """One rule's verdict on a spend (``decision``: allow, warn or refuse)."""
+    """One rule's verdict on a spend (``decision``: allow, warn or refuse).
 
-    name: str
-    decision: str
-    reason: str
-    approved_by: tuple[bytes, ...] = ()
-    budget: Budget | None = None
+    The reason of a rule that allowed is written only when somebody reads it (``policy
+    check``, the CLI's report): signing needs the verdicts and the names, and building
+    the text of every rule that held was most of an evaluation's cost. ``explain`` makes
+    it (a pure function of values that do not change)."""
+
+    __slots__ = ("_explain", "_reason", "approved_by", "budget", "decision", "name")
+
+    def __init__(
+        self,
+        name: str,
+        decision: str,
+        reason: str = "",
+        approved_by: tuple[bytes, ...] = (),
+        budget: Budget | None = None,
+        *,
+        explain: Callable[[], str] | None = None,
+    ) -> None:
+        self.name = name
+        self.decision = decision
+        self._reason = reason
+        self._explain = explain
+        self.approved_by = approved_by
+        self.budget = budget
+
+    @property
+    def reason(self) -> str:
+        if self._explain is not None:
+            self._reason, self._explain = self._explain(), None
+        return self._reason
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.name, self.decision, self.reason, self.approved_by, self.budget)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RuleResult):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"RuleResult(name={self.name!r}, decision={self.decision!r}, reason={self.reason!r})"
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -195,17 +231,29 @@ class _Facts:
 
     @classmethod
     def of(cls, spend: SpendSummary) -> _Facts:
-        outgoing = [o for o in spend.outputs if not o.change]
+        paid: list[tuple[bytes, int]] = []
+        kinds: set[str] = set()
+        own: list[int] = []
+        op_return = False
+        leaving = max(spend.fee, 0)
+        for o in spend.outputs:  # one pass: this runs for every PSBT signed
+            kind = o.script_type
+            if kind == "op-return":
+                op_return = True
+            if o.change:
+                continue
+            leaving += o.amount
+            kinds.add(kind)
+            if not (kind == "op-return" and o.amount == 0):
+                paid.append((o.script_pubkey, o.amount))
+            if o.not_change is not None:
+                own.append(o.index)
         return cls(
-            leaving=spend.leaving,
-            paid=tuple(
-                (o.script_pubkey, o.amount)
-                for o in outgoing
-                if not (o.script_type == "op-return" and o.amount == 0)
-            ),
-            kinds=frozenset(o.script_type for o in outgoing),
-            op_return=any(o.script_type == "op-return" for o in spend.outputs),
-            own_not_change=tuple(o.index for o in outgoing if o.not_change is not None),
+            leaving=leaving,
+            paid=tuple(paid),
+            kinds=frozenset(kinds),
+            op_return=op_return,
+            own_not_change=tuple(own),
             inputs=spend.inputs,
             outputs=len(spend.outputs),
         )
@@ -262,10 +310,10 @@ def evaluate(
     used_now: list[Approval] = []
     budgets: list[Budget] = []
     when = datetime.fromtimestamp(now, UTC)
-    debited = _debited(state, spend.txid)
+    debited = state.debited(spend.txid)
     for rule in applicable(policy, spend):
         result = _judge(
-            rule, facts, spend, signed, policy, state, now, when, own, used_now, debited
+            rule, facts, spend, signed, policy, state, now, when, own, used_now, debited, False
         )
         results.append(result)
         if result.budget is not None:
@@ -297,10 +345,14 @@ def _judge(
     when: datetime,
     own: frozenset[bytes],
     used_now: list[Approval],
-    debited: set[tuple[str, str]],
+    debited: frozenset[str],
+    text: bool,
 ) -> RuleResult:
+    """``rule``'s verdict. Without ``text`` the reasons of conditions that held are not
+    written: an allowing verdict then makes them when its reason is read, by judging
+    again with ``text`` (from the same immutable values)."""
     broken: list[str] = []
-    held: list[str] = []
+    held: list[str] | None = [] if text else None
     if rule.window is not None and not rule.window.contains(when):
         broken.append(f"outside its time window ({rule.window.text})")
     if rule.max_inputs is not None and facts.inputs > rule.max_inputs:
@@ -323,7 +375,7 @@ def _judge(
             f"output(s) {shown} pay our own key outside the change rules (own_outputs = false)"
         )
     if rule.signing_checks:
-        _builtin_conditions(rule, spend, signed, broken, held)
+        _builtin_conditions(rule, spend, signed, broken, held if held is not None else [])
     if rule.destinations is not None:
         outside = [(spk, amount) for spk, amount in facts.paid if spk not in rule.destinations]
         total = sum(a for _, a in outside)
@@ -337,7 +389,7 @@ def _judge(
                 f"{len(outside)} output(s) paying {sat(total)} go to destinations outside its "
                 f"list of {rule.destination_count}{limit}"
             )
-        else:
+        elif held is not None:
             held.append("every destination listed")
     if rule.max_per_tx_sat is not None:
         if facts.leaving > rule.max_per_tx_sat:
@@ -345,7 +397,7 @@ def _judge(
                 f"{sat(facts.leaving)} leaves (outputs that are not change, plus the fee), more "
                 f"than max_per_tx_sat = {sat(rule.max_per_tx_sat)}"
             )
-        else:
+        elif held is not None:
             held.append(f"{sat(facts.leaving)} of max {sat(rule.max_per_tx_sat)} per transaction")
     budget: Budget | None = None
     if rule.max_per_period_sat is not None and rule.period_s is not None:
@@ -353,20 +405,31 @@ def _judge(
         used = 0
         if counter is not None and counter.fits(rule.period_s, rule.bucket_width_s):
             used = counter.used(now)
-        counted = (spend.txid, rule.name) in debited
+        counted = rule.name in debited
         amount = 0 if counted else facts.leaving
-        period = format_duration(rule.period_s)
+        period = rule.period_text
         budget = Budget(rule.name, period, rule.max_per_period_sat, used, amount)
         if used + amount > rule.max_per_period_sat:
             broken.append(
                 f"{sat(amount)} would make {sat(used + amount)} in {period}, more than "
                 f"max_per_period_sat = {sat(rule.max_per_period_sat)} ({sat(budget.left)} left)"
             )
-        else:
+        elif held is not None:
             note = " (this transaction is already counted)" if counted else ""
             held.append(f"{sat(used + amount)} of {sat(rule.max_per_period_sat)} in {period}{note}")
     if not broken:
-        return RuleResult(rule.name, ALLOW, "; ".join(held) or "no condition", budget=budget)
+        if held is not None:
+            return RuleResult(rule.name, ALLOW, "; ".join(held) or "no condition", budget=budget)
+        return RuleResult(
+            rule.name,
+            ALLOW,
+            budget=budget,
+            explain=lambda: (
+                _judge(
+                    rule, facts, spend, signed, policy, state, now, when, own, [], debited, True
+                ).reason
+            ),
+        )
     reason = "; ".join(broken)
     if rule.action is Action.WARN:
         return RuleResult(rule.name, WARN, reason, budget=budget)
@@ -534,11 +597,6 @@ def _approvals_for(
     return valid, refused_own
 
 
-def _debited(state: PolicyState, txid: str) -> set[tuple[str, str]]:
-    """(txid, rule) of the debits already made for ``txid``."""
-    return {(d.txid, d.rule) for d in state.debits if d.txid == txid}
-
-
 def apply(
     policy: SpendingPolicy, spend: SpendSummary, decision: Decision, state: PolicyState, now: float
 ) -> tuple[PolicyState, tuple[Debit, ...]]:
@@ -548,11 +606,9 @@ def apply(
     assert not decision.refused
     counters = dict(state.counters)
     debits: list[Debit] = []
-    debited = _debited(state, spend.txid)
+    debited = state.debited(spend.txid)
     for rule in applicable(policy, spend):
-        if rule.max_per_period_sat is None or rule.period_s is None:
-            continue
-        if (spend.txid, rule.name) in debited:
+        if rule.max_per_period_sat is None or rule.period_s is None or rule.name in debited:
             continue
         width = rule.bucket_width_s
         counter = counters.get(rule.name)
@@ -560,16 +616,20 @@ def apply(
             counter = Counter.empty(rule.period_s, width, now)
         counters[rule.name], bucket = counter.debit(decision.amount, now)
         debits.append(Debit(spend.txid, rule.name, decision.amount, bucket))
-    used = dict(state.used)
-    for a in decision.approvals:
-        used[a.id] = a.expires
-    spent = {a.id for a in decision.approvals}
-    new = replace(
-        state,
+    pending, used = state.pending, state.used
+    if decision.approvals:  # else the same values: the encoder keeps their text
+        used = dict(used)
+        for a in decision.approvals:
+            used[a.id] = a.expires
+        spent = {a.id for a in decision.approvals}
+        pending = tuple(a for a in pending if a.id not in spent)
+    new = PolicyState(
+        seq=state.seq,
         counters=counters,
-        debits=state.debits + tuple(debits),
-        pending=tuple(a for a in state.pending if a.id not in spent),
+        debits=(state.debits + tuple(debits))[-MAX_DEBITS:],
+        pending=pending,
         used=used,
+        frozen=state.frozen,
     )
     return new.pruned(now), tuple(debits)
 

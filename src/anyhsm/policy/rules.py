@@ -28,6 +28,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from anyhsm.errors import ConfigError, HsmError
@@ -167,11 +168,17 @@ class Rule:
     def applies_to(self, label: str, key_id: str) -> bool:
         return self.keys is None or label in self.keys or key_id in self.keys
 
-    @property
+    @cached_property
     def bucket_width_s(self) -> int:
         """Seconds per velocity bucket: the period split in ``buckets``, rounded up."""
         assert self.period_s is not None
         return -(-self.period_s // self.buckets)
+
+    @cached_property
+    def period_text(self) -> str:
+        """The period as a reason shows it ("24h")."""
+        assert self.period_s is not None
+        return format_duration(self.period_s)
 
     def describe(self) -> dict[str, object]:
         """What the rule says, for ``policy show`` (no derived scripts)."""

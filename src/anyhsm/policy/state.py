@@ -26,7 +26,8 @@ import hmac
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -125,6 +126,20 @@ class PolicyState:
     pending: tuple[Approval, ...] = ()
     used: Mapping[str, int] = field(default_factory=dict)  # approval id -> its expiry
     frozen: Mapping[str, Frozen] = field(default_factory=dict)  # key id -> why
+
+    def with_seq(self, seq: int) -> PolicyState:
+        """This state numbered ``seq`` (cheaper than dataclasses.replace, once per commit)."""
+        return PolicyState(seq, self.counters, self.debits, self.pending, self.used, self.frozen)
+
+    def debited(self, txid: str) -> frozenset[str]:
+        """The rules that already debited transaction ``txid`` (kept for the last txid
+        asked: the evaluation and the debit of one decision both ask)."""
+        last: tuple[str, frozenset[str]] | None = self.__dict__.get("_debited")
+        if last is not None and last[0] == txid:
+            return last[1]
+        rules = frozenset([d.rule for d in self.debits if d.txid == txid])
+        object.__setattr__(self, "_debited", (txid, rules))
+        return rules
 
     def pruned(self, now: float) -> PolicyState:
         """Without approvals that have expired, and with at most MAX_DEBITS debits."""
@@ -335,7 +350,7 @@ class _FileTransaction:
         # after a read that failed (only the admin reset commits then) seq goes on from
         # the state given
         base = self._seq if self._seq is not None else state.seq
-        state = replace(state, seq=base + 1)
+        state = state.with_seq(base + 1)
         self._store.write_slot(self._slot, state)
         self._seq, self._slot = state.seq, 1 - self._slot
         return state
@@ -361,8 +376,8 @@ class FileStateStore:
         anchor: StateAnchor | None = None,
     ) -> None:
         self.directory = directory
-        self._slots = tuple(str(directory / name) for name in SLOT_FILES)
-        self._lock_path = str(directory / LOCK_FILE)
+        self.slot_paths = tuple(str(directory / name) for name in SLOT_FILES)
+        self.lock_path = str(directory / LOCK_FILE)
         self._key = bytes(mac_key)
         self._durable = durable
         # per slot: the header line of a record this store wrote or authenticated, and its
@@ -397,46 +412,29 @@ class FileStateStore:
             "restore the newest state",
         )
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[StateTransaction]:
+    def transaction(self) -> AbstractContextManager[StateTransaction]:
         """The exclusive ``flock`` of the lock file for the block. Uncontended, through a
         descriptor this thread keeps open (two system calls); contended, through
-        :func:`anyhsm.fsutil.file_lock` (waits with a warning, then LockTimeout)."""
-        from anyhsm.fsutil import file_lock
+        :func:`anyhsm.fsutil.file_lock` (waits with a warning, then LockTimeout). See
+        :class:`_Files` for how the kept descriptors are known to be the files."""
+        return _Locked(self)
 
-        fd = self._lock_fd()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            with file_lock(self.directory / LOCK_FILE):
-                yield _FileTransaction(self)
-            return
-        try:
-            if os.fstat(fd).st_ino != _inode(self._lock_path):
-                # the lock file was replaced (the directory removed and made again): this
-                # descriptor locks nothing anyone else locks
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                self._local.fd = None
-                _ensure_dir(self.directory)
-                with file_lock(self.directory / LOCK_FILE):
-                    yield _FileTransaction(self)
-                return
-            yield _FileTransaction(self)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def _lock_fd(self) -> int:
-        """This thread's descriptor of the lock file (opened again after a fork: a child
-        sharing its parent's open file would share its lock)."""
-        pid = os.getpid()
-        fd: int | None = getattr(self._local, "fd", None)
-        if fd is None or getattr(self._local, "pid", None) != pid:
+    def files(self) -> _Files:
+        """This thread's descriptors (opened again after a fork: a child sharing its
+        parent's open file would share its lock)."""
+        files: _Files | None = getattr(self._local, "files", None)
+        if files is None or files.pid != os.getpid():
             _ensure_dir(self.directory)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._local.fd, self._local.pid = fd, pid
-        return fd
+            files = _Files(self)
+            self._local.files = files
+        return files
+
+    def drop_files(self) -> None:
+        """Close this thread's descriptors (the next transaction opens them by path)."""
+        files: _Files | None = getattr(self._local, "files", None)
+        self._local.files = None
+        if files is not None:
+            files.close()
 
     def _mac(self, seq: int, body: bytes) -> str:
         data = b"anyhsm/v1/policy-state\x00%d\x00" % seq + body
@@ -467,21 +465,18 @@ class FileStateStore:
         return state if state.seq == seq else None
 
     def read_slot(self, index: int) -> _Slot:
-        try:
-            fd = os.open(self._slots[index], os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        """Slot ``index`` through this thread's descriptor (the caller holds the lock)."""
+        fd = self.files().slots[index]
+        if fd is None:
             self._known.pop(index, None)
             return _Slot(index, None, False)
-        try:
-            head = os.pread(fd, _HEAD_MAX, 0)
-            line, sep, _ = head.partition(b"\n")
-            known = self._known.get(index)
-            if sep and known is not None and hmac.compare_digest(known[0], line):
-                return _Slot(index, known[1], True)
-            size = os.fstat(fd).st_size
-            data = head if size <= len(head) else head + _pread_all(fd, size, len(head))
-        finally:
-            os.close(fd)
+        head = os.pread(fd, _HEAD_MAX, 0)
+        line, sep, _ = head.partition(b"\n")
+        known = self._known.get(index)
+        if sep and known is not None and hmac.compare_digest(known[0], line):
+            return _Slot(index, known[1], True)
+        size = os.fstat(fd).st_size
+        data = head if size <= len(head) else head + _pread_all(fd, size, len(head))
         state = self.decode(data)
         if state is None:
             self._known.pop(index, None)
@@ -491,17 +486,145 @@ class FileStateStore:
 
     def write_slot(self, index: int, state: PolicyState) -> None:
         data = self.encode(state)
-        fd = os.open(self._slots[index], os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            offset = 0
-            while offset < len(data):
-                offset += os.pwrite(fd, view[offset:], offset)
-            if self._durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        files = self.files()
+        fd = files.slot_for_writing(index)
+        view = memoryview(data)
+        offset = 0
+        while offset < len(data):
+            offset += os.pwrite(fd, view[offset:], offset)
+        if self._durable:
+            os.fsync(fd)
         self._known[index] = (data.partition(b"\n")[0], state)
+
+
+_RACY_NS = 2_000_000_000
+"""A directory changed this recently may change again within the same tick of the file
+system's clock, unseen in its times: its stamp is not trusted (as git's racy index)."""
+
+
+class _Files:
+    """One thread's descriptors of the lock file and the two slots, and the stamp
+    (inode, modification and change times) the directory had when they were opened.
+
+    Every transaction, once locked, compares the directory's stamp with this one (one
+    ``stat``): a file removed, created or renamed into the directory changes it, so while
+    it is equal every kept descriptor is still the file at its path; a slot overwritten in
+    place (as commits do) is read through the same descriptor. When it differs, or was
+    taken too close to the directory's last change to be trusted (:data:`_RACY_NS`), the
+    transaction looks at every file by its path: a replaced lock file is locked anew by
+    path (else two processes could hold locks on two different files), and the slots are
+    opened again."""
+
+    def __init__(self, store: FileStateStore) -> None:
+        self.store = store
+        self.pid = os.getpid()
+        self.lock = os.open(store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.slots: list[int | None] = [None, None]
+        self.stamp: tuple[int, int, int] | None = None
+        self.reopen_slots()
+
+    def reopen_slots(self) -> None:
+        """Open the slots by path again (the caller holds the lock) and take the stamp."""
+        self.stamp = None
+        try:
+            st = os.stat(self.store.directory)
+        except OSError:
+            st = None
+        for i, path in enumerate(self.store.slot_paths):
+            old = self.slots[i]
+            try:
+                self.slots[i] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self.slots[i] = None
+            if old is not None:
+                os.close(old)
+        if st is not None and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+            self.stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+    def current(self) -> bool:
+        """Whether the kept descriptors are still the files at their paths."""
+        if self.stamp is None:
+            return False
+        try:
+            st = os.stat(self.store.directory)
+        except OSError:
+            return False
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == self.stamp
+
+    def lock_is_current(self) -> bool:
+        return os.fstat(self.lock).st_ino == _inode(self.store.lock_path)
+
+    def slot_for_writing(self, index: int) -> int:
+        fd = self.slots[index]
+        if fd is None:  # created: the directory's stamp changes, so it is taken afresh
+            fd = os.open(self.store.slot_paths[index], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.slots[index] = fd
+            self.stamp = None
+        return fd
+
+    def close(self) -> None:
+        for fd in (self.lock, *self.slots):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+class _Locked:
+    """The context of :meth:`FileStateStore.transaction` (a class: a generator-based
+    context manager costs more than the two system calls it wraps)."""
+
+    __slots__ = ("_files", "_store", "_waited")
+
+    def __init__(self, store: FileStateStore) -> None:
+        self._store = store
+        self._files: _Files | None = None
+        self._waited: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> StateTransaction:
+        store = self._store
+        files = store.files()
+        try:
+            fcntl.flock(files.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            self._lock_by_path()
+            return _FileTransaction(store)
+        self._files = files
+        if not files.current():
+            if files.lock_is_current():
+                files.reopen_slots()
+            else:
+                # the lock file was replaced (the directory removed and made again): this
+                # descriptor locks nothing anyone else locks
+                fcntl.flock(files.lock, fcntl.LOCK_UN)
+                self._files = None
+                store.drop_files()
+                self._lock_by_path()
+        return _FileTransaction(store)
+
+    def _lock_by_path(self) -> None:
+        """Wait for the lock of the file at the path, then look at every file by its path
+        (the kept lock descriptor, if it is another file, is dropped)."""
+        from anyhsm.fsutil import file_lock
+
+        store = self._store
+        _ensure_dir(store.directory)
+        stack = contextlib.ExitStack()
+        stack.enter_context(file_lock(store.directory / LOCK_FILE))
+        self._waited = stack
+        files = store.files()
+        if files.lock_is_current():
+            files.reopen_slots()
+        else:
+            store.drop_files()
+            store.files()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._files is not None:
+            fcntl.flock(self._files.lock, fcntl.LOCK_UN)
+        if self._waited is not None:
+            self._waited.close()
 
 
 def _ensure_dir(directory: Path) -> None:

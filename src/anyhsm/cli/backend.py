@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from anyhsm.ops.admin import HealthOutcome
     from anyhsm.ops.bitcoin import AddressResult, DescriptorResult, XpubResult
     from anyhsm.ops.keys import KeyList
-    from anyhsm.ops.policy import ApprovalAccepted, ApprovalRequest
+    from anyhsm.ops.policy import ApprovalAccepted, ApprovalRequest, PolicyCheck
     from anyhsm.ops.signing import DigestSignature, Verification
     from anyhsm.types import Environment, KeyInfo
 
@@ -65,6 +65,7 @@ class Backend(Protocol):
     def sign_psbt(self, psbt: Psbt, keys: Sequence[str] | None) -> PsbtSigned: ...
     def health(self) -> HealthOutcome: ...
     def approval_request(self, key: str | None, psbt: Psbt, expires_in: int) -> ApprovalRequest: ...
+    def check_policy(self, key: str | None, psbt: Psbt) -> PolicyCheck: ...
     def submit_approval(
         self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None
     ) -> ApprovalAccepted: ...
@@ -155,6 +156,11 @@ class LocalBackend:
 
         return approval_request(self._hsm(), psbt, key, expires_in=expires_in)
 
+    def check_policy(self, key: str | None, psbt: Psbt) -> PolicyCheck:
+        from anyhsm.ops.policy import check_psbt
+
+        return check_psbt(self._hsm(), psbt, key)
+
     def submit_approval(
         self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None
     ) -> ApprovalAccepted:
@@ -231,6 +237,13 @@ class RemoteBackend:
         if key is None:
             raise UsageError("against a service, name the key: --key LABEL")
         return self._client.approval_request(key, psbt, expires_in=expires_in)
+
+    def check_policy(self, key: str | None, psbt: Psbt) -> PolicyCheck:
+        from anyhsm.ops.policy import PolicyCheck
+
+        if key is None:
+            raise UsageError("against a service, name the key: --key LABEL")
+        return PolicyCheck.from_dict(self._client.check_policy(key, psbt))
 
     def submit_approval(
         self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None

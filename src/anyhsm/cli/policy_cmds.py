@@ -85,12 +85,13 @@ def check_text(res: PolicyCheck) -> list[str]:
     return lines
 
 
+@served
 def cmd_check(args: argparse.Namespace, app: App) -> Result:
     from anyhsm.cli.bitcoin_cmds import _read_psbt
-    from anyhsm.ops.policy import check_psbt
 
-    psbt = _read_psbt(args.file, app.config().policy.max_psbt_bytes)
-    res = check_psbt(app.hsm(), psbt, args.key)
+    cfg = app.config() if app.addr() is None else app.loaded_config()
+    psbt = _read_psbt(args.file, cfg.policy.max_psbt_bytes if cfg is not None else None)
+    res = app.backend().check_policy(args.key, psbt)
     status = EXIT_NEGATIVE if res.decision == "refuse" else EXIT_OK
     return Result(res.to_dict(), check_text(res), status)
 

@@ -14,6 +14,7 @@ expires. ``freeze_key`` / ``unfreeze_key`` switch a key off and on. Every step i
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,6 +128,68 @@ class PolicyCheck(Data):
     rules: tuple[RuleVerdict, ...]
     budgets: tuple[dict[str, object], ...]
     warnings: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, object]) -> PolicyCheck:
+        """The check back from its :meth:`to_dict` (a service's answer to ``POST
+        /v1/policy/check``); :class:`~anyhsm.errors.ServiceError` when it is not one."""
+        try:
+            rules = obj["rules"]
+            budgets = obj["budgets"]
+            if not isinstance(rules, list) or not isinstance(budgets, list):
+                raise TypeError("rules and budgets are lists")
+            return cls(
+                decision=_text(obj["decision"]),
+                txid=_text(obj["txid"]),
+                policy=None if obj["policy"] is None else _text(obj["policy"]),
+                keys=tuple(_text(k) for k in _list(obj["keys"])),
+                amount=_int_or_none(obj["amount"]),
+                fee=_int_or_none(obj["fee"]),
+                rules=tuple(
+                    RuleVerdict(
+                        _text(r["name"]),
+                        _text(r["decision"]),
+                        _text(r["reason"]),
+                        tuple(bytes.fromhex(_text(p)) for p in _list(r.get("approved_by", []))),
+                    )
+                    for r in map(_map, rules)
+                ),
+                budgets=tuple(dict(_map(b)) for b in budgets),
+                warnings=tuple(_text(w) for w in _list(obj["warnings"])),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            from anyhsm.errors import ServiceError
+
+            raise ServiceError(
+                f"the service's policy check answer is malformed ({type(e).__name__})",
+                hint="the service and this client may be different anyhsm versions",
+            ) from None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("a string was expected")
+    return value
+
+
+def _map(value: object) -> Mapping[str, object]:
+    if not isinstance(value, dict):
+        raise TypeError("an object was expected")
+    return value
+
+
+def _list(value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise TypeError("a list was expected")
+    return value
+
+
+def _int_or_none(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("an integer was expected")
+    return value
 
 
 @dataclass(frozen=True)

@@ -157,3 +157,29 @@ def test_a_forked_child_opens_its_own_descriptors(tmp_path: Path) -> None:
         os.close(r)
         os.waitpid(pid, 0)
     assert _read(store).seq == 2
+
+
+def test_stores_made_for_one_call_leave_no_descriptor_open(tmp_path: Path) -> None:
+    """``policy check``, approvals and the raw-digest guard each make a store for one
+    call; a long-running service makes thousands. Each store's descriptors close with it
+    (before, every such store left its lock file open for the life of the process)."""
+    import gc
+
+    directory = tmp_path / "s"
+    _commit(_store(directory))
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(200):
+        store = _store(directory)
+        _read(store)
+        del store
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) - before <= 0
+    kept = _store(directory)
+    _read(kept)
+    files = kept.files()
+    lock = files.lock
+    kept.drop_files()  # closes them at once
+    assert files.slots == [None, None]
+    with pytest.raises(OSError):
+        os.fstat(lock)

@@ -27,6 +27,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -521,6 +522,9 @@ class _Files:
         self.lock = os.open(store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.slots: list[int | None] = [None, None]
         self.stamp: tuple[int, int, int] | None = None
+        # closed with this object (a store made for one call, its thread ended): the list
+        # is the one reopen_slots updates
+        self._closer = weakref.finalize(self, _close_all, self.lock, self.slots)
         self.reopen_slots()
 
     def reopen_slots(self) -> None:
@@ -563,10 +567,15 @@ class _Files:
         return fd
 
     def close(self) -> None:
-        for fd in (self.lock, *self.slots):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        self._closer()
+
+
+def _close_all(lock: int, slots: list[int | None]) -> None:
+    for fd in (lock, *slots):
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    slots[:] = [None] * len(slots)
 
 
 class _Locked:

@@ -692,6 +692,11 @@ class Client:
 
     # --- spending policy ---------------------------------------------------------------------
 
+    def show_policy(self) -> JsonObject:
+        """What ``anyhsm policy show --json`` prints: the active spending policy, its
+        budgets, frozen keys and approvals waiting (right ``admin``)."""
+        return self._json("GET", "/v1/policy", None)
+
     def check_policy(self, key: str, psbt: Psbt | bytes | str) -> JsonObject:
         """What ``anyhsm policy check --json`` prints: the spending policy's decision on
         the PSBT signed by ``key``, nothing signed or debited."""

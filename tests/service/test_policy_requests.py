@@ -267,3 +267,74 @@ def test_a_malformed_policy_check_answer_is_a_typed_error() -> None:
     ):
         with pytest.raises(ServiceError):
             PolicyCheck.from_dict(bad)
+
+
+def test_policy_show_through_the_cli_against_the_service(tmp_path: Path) -> None:
+    """``GET /v1/policy`` and ``anyhsm policy show`` under ``--addr``: the operation's
+    view (rules, built-in rules, a velocity budget, a frozen key, an approval waiting),
+    the same JSON and text as locally; right ``admin`` only (a signing client is refused
+    with 403, exit 7)."""
+    import argparse
+    import json
+    from typing import cast
+
+    from tests.support.cli import cli
+
+    from anyhsm.cli.app import App
+    from anyhsm.cli.policy_cmds import cmd_show
+    from anyhsm.ops.policy import PolicyShow, freeze_key, submit_approval
+
+    dep = open_deployment(tmp_path / "dep")
+    dep.set(
+        POLICY + '\n[[rules]]\nname = "daily"\nmax_per_period_sat = 50_000_000\nperiod = "24h"\n'
+    )
+    large = _large(dep)
+    req = approval_request(dep.hsm, large, "hot", expires_in=900)
+    submit_approval(
+        dep.hsm, req.txid, APPROVERS[0].hex, APPROVERS[0].sign(req.message), req.expires
+    )
+    freeze_key(dep.hsm, "hot", reason="incident 7")
+    tokens = {name: new_token() for name in ("operator", "treasury")}
+    specs = (
+        ClientSpec("operator", hash_token(tokens["operator"]), ("*",), frozenset({Op.ADMIN})),
+        ClientSpec("treasury", hash_token(tokens["treasury"]), ("hot",), frozenset({Op.SIGN_PSBT})),
+    )
+    url, _, stop = serve(dep.hsm, ServiceSettings(rate_limit_per_s=0, clients=specs))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    try:
+        local = show_policy(dep.hsm)
+        assert local.frozen and local.pending_approvals and local.budgets  # every part shown
+        with Client(url, tokens["operator"]) as c:
+            answer = c.show_policy()
+        assert answer.pop("schema_version") == 1 and answer == local.to_dict()
+        back = PolicyShow.from_dict(answer)
+        assert back == local
+        env = {"ANYHSM_ADDR": url, "ANYHSM_TOKEN": tokens["operator"]}
+        r = cli("--json", "policy", "show", env=env, cwd=work)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert {k: v for k, v in json.loads(r.stdout).items() if k != "schema_version"} == (
+            local.to_dict()
+        )
+        text = cli("policy", "show", env=env, cwd=work)
+        assert text.returncode == 0
+
+        class _Backend:  # the handler's text of the local view, to compare with
+            def show_policy(self) -> PolicyShow:
+                return local
+
+        class _App:
+            def backend(self) -> _Backend:
+                return _Backend()
+
+        lines = cmd_show(argparse.Namespace(), cast(App, _App())).text
+        assert text.stdout.splitlines() == lines
+        with Client(url, tokens["treasury"]) as c, pytest.raises(Forbidden):
+            c.show_policy()
+        refused = cli(
+            "--json", "policy", "show", env={**env, "ANYHSM_TOKEN": tokens["treasury"]}, cwd=work
+        )
+        assert refused.returncode == 7
+    finally:
+        stop()
+        dep.hsm.close()

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from anyhsm.ops.admin import HealthOutcome
     from anyhsm.ops.bitcoin import AddressResult, DescriptorResult, XpubResult
     from anyhsm.ops.keys import KeyList
-    from anyhsm.ops.policy import ApprovalAccepted, ApprovalRequest, PolicyCheck
+    from anyhsm.ops.policy import ApprovalAccepted, ApprovalRequest, PolicyCheck, PolicyShow
     from anyhsm.ops.signing import DigestSignature, Verification
     from anyhsm.types import Environment, KeyInfo
 
@@ -66,6 +66,7 @@ class Backend(Protocol):
     def health(self) -> HealthOutcome: ...
     def approval_request(self, key: str | None, psbt: Psbt, expires_in: int) -> ApprovalRequest: ...
     def check_policy(self, key: str | None, psbt: Psbt) -> PolicyCheck: ...
+    def show_policy(self) -> PolicyShow: ...
     def submit_approval(
         self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None
     ) -> ApprovalAccepted: ...
@@ -161,6 +162,11 @@ class LocalBackend:
 
         return check_psbt(self._hsm(), psbt, key)
 
+    def show_policy(self) -> PolicyShow:
+        from anyhsm.ops.policy import show_policy
+
+        return show_policy(self._hsm())
+
     def submit_approval(
         self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None
     ) -> ApprovalAccepted:
@@ -244,6 +250,11 @@ class RemoteBackend:
         if key is None:
             raise UsageError("against a service, name the key: --key LABEL")
         return PolicyCheck.from_dict(self._client.check_policy(key, psbt))
+
+    def show_policy(self) -> PolicyShow:
+        from anyhsm.ops.policy import PolicyShow
+
+        return PolicyShow.from_dict(self._client.show_policy())
 
     def submit_approval(
         self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None

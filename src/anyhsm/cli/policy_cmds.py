@@ -40,10 +40,9 @@ def cmd_set(args: argparse.Namespace, app: App) -> Result:
     return Result(res.to_dict(), lines)
 
 
+@served
 def cmd_show(args: argparse.Namespace, app: App) -> Result:
-    from anyhsm.ops.policy import show_policy
-
-    res = show_policy(app.hsm())
+    res = app.backend().show_policy()
     if not res.active:
         return Result(
             res.to_dict(), ["no spending policy is set (only the signing policy applies)"]

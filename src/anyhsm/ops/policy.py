@@ -103,6 +103,56 @@ class PolicyShow(Data):
     # the built-in rules, implicit from [policy] (evaluated first, for every key)
     builtin_rules: tuple[dict[str, object], ...] = ()
 
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, object]) -> PolicyShow:
+        """The view back from its :meth:`to_dict` (a service's answer to ``GET
+        /v1/policy``); :class:`~anyhsm.errors.ServiceError` when it is not one."""
+        try:
+            required = obj["required_file"]
+            principals = _map(obj["principals"])
+            return cls(
+                active=_bool(obj["active"]),
+                sha256=None if obj["sha256"] is None else _text(obj["sha256"]),
+                version=_int_or_none(obj["version"]),
+                required_file=None if required is None else Path(_text(required)),
+                description=_text(obj["description"]),
+                rules=tuple(dict(_map(r)) for r in _list(obj["rules"])),
+                principals={_text(k): [_text(p) for p in _list(v)] for k, v in principals.items()},
+                budgets=tuple(
+                    BudgetNow(
+                        _text(b["rule"]),
+                        _text(b["period"]),
+                        _int(b["limit"]),
+                        _int(b["used"]),
+                        _int(b["left"]),
+                    )
+                    for b in map(_map, _list(obj["budgets"]))
+                ),
+                frozen=tuple(
+                    FrozenKey(
+                        _text(f["key"]),
+                        _text(f["label"]),
+                        _text(f["reason"]),
+                        _int(f["since"]),
+                        None if f["by"] is None else _text(f["by"]),
+                    )
+                    for f in map(_map, _list(obj["frozen"]))
+                ),
+                pending_approvals=tuple(
+                    PendingApproval(
+                        _text(a["id"]),
+                        _text(a["txid"]),
+                        bytes.fromhex(_text(a["pubkey"])),
+                        _int(a["expires"]),
+                        None if a["submitted_by"] is None else _text(a["submitted_by"]),
+                    )
+                    for a in map(_map, _list(obj["pending_approvals"]))
+                ),
+                builtin_rules=tuple(dict(_map(r)) for r in _list(obj["builtin_rules"])),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise _malformed("policy show", e) from None
+
 
 @dataclass(frozen=True)
 class RuleVerdict(Data):
@@ -158,12 +208,29 @@ class PolicyCheck(Data):
                 warnings=tuple(_text(w) for w in _list(obj["warnings"])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            from anyhsm.errors import ServiceError
+            raise _malformed("policy check", e) from None
 
-            raise ServiceError(
-                f"the service's policy check answer is malformed ({type(e).__name__})",
-                hint="the service and this client may be different anyhsm versions",
-            ) from None
+
+def _malformed(what: str, e: Exception) -> HsmError:
+    from anyhsm.errors import ServiceError
+
+    return ServiceError(
+        f"the service's {what} answer is malformed ({type(e).__name__})",
+        hint="the service and this client may be different anyhsm versions",
+    )
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("true or false was expected")
+    return value
+
+
+def _int(value: object) -> int:
+    found = _int_or_none(value)
+    if found is None:
+        raise TypeError("an integer was expected")
+    return found
 
 
 def _text(value: object) -> str:

@@ -750,6 +750,17 @@ async def audit_tail(request: web.Request) -> web.StreamResponse:
     return json_response(await svc.run(caller, lambda: audit_show(svc.hsm, query).to_dict()))
 
 
+async def policy_show(request: web.Request) -> web.StreamResponse:
+    """``anyhsm policy show``: the active spending policy, its budgets as of now, frozen
+    keys and approvals waiting. Right ``admin``: it is the operator's view (who holds
+    which approver key, why a key was frozen); a client sees its own budget left in
+    ``/v1/policy/check`` and everyone's in ``/metrics``."""
+    from anyhsm.ops.policy import show_policy
+
+    svc, caller = await _caller(request, Op.ADMIN)
+    return json_response(await svc.run(caller, lambda: show_policy(svc.hsm).to_dict()))
+
+
 async def audit_verify(request: web.Request) -> web.StreamResponse:
     from anyhsm.ops.admin import audit_verify as verify_chain
 
@@ -774,6 +785,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/psbt/sign", Op.SIGN_PSBT, psbt_sign, idempotent=True),
     Endpoint("POST", "/v1/psbt/finalize", Op.READ, psbt_finalize),
     Endpoint("POST", "/v1/psbt/inspect", Op.READ, psbt_inspect),
+    Endpoint("GET", "/v1/policy", Op.ADMIN, policy_show),
     Endpoint("POST", "/v1/policy/check", Op.SIGN_PSBT, policy_check),
     Endpoint("POST", "/v1/policy/requests", Op.SIGN_PSBT, policy_request),
     Endpoint("POST", "/v1/policy/approvals", Op.APPROVE, policy_approve),

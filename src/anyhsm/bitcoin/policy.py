@@ -44,7 +44,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from anyhsm.bitcoin.address import address_from_script
 from anyhsm.bitcoin.bip32 import KeyOrigin, format_path
@@ -187,32 +186,6 @@ class SigningFacts:
     @property
     def refused(self) -> tuple[BuiltinVerdict, ...]:
         return tuple(v for v in self.builtin if v.refused)
-
-
-def _spend_base() -> type:
-    from anyhsm.policy.gate import SpendSummary
-
-    return SpendSummary
-
-
-if TYPE_CHECKING:
-    from anyhsm.policy.gate import SpendSummary as _SpendBase
-else:
-    _SpendBase = _spend_base()
-
-
-@dataclass(frozen=True)
-class CheckedSpend(_SpendBase):
-    """The :class:`~anyhsm.policy.gate.SpendSummary` the signer hands its gate, with the
-    facts the built-in rules judge (until SpendSummary carries them itself)."""
-
-    facts: SigningFacts | None = None
-
-
-def signing_facts(spend: object) -> SigningFacts | None:
-    """The signer's facts of a spend; None for a summary made elsewhere (a rule that
-    needs them then refuses: fail closed)."""
-    return spend.facts if isinstance(spend, CheckedSpend) else None
 
 
 @dataclass
@@ -713,7 +686,6 @@ def estimate_vsize(
 __all__ = [
     "BUILTIN_RULES",
     "BuiltinVerdict",
-    "CheckedSpend",
     "OutputReport",
     "Owner",
     "PolicyReport",
@@ -725,5 +697,4 @@ __all__ = [
     "fee_problems",
     "refusal_error",
     "sighash_problem",
-    "signing_facts",
 ]

@@ -60,7 +60,6 @@ from anyhsm.bitcoin.bip32 import HARDENED, KeyOrigin, format_path
 from anyhsm.bitcoin.capability import signing_refusal
 from anyhsm.bitcoin.encoding import hash160, sha256d
 from anyhsm.bitcoin.policy import (
-    CheckedSpend,
     OutputReport,
     PolicyReport,
     SignedInput,
@@ -973,8 +972,10 @@ def _spend_summary(
 ) -> SpendSummary:
     """What the spending policy judges: the keys that would sign, the outputs (change
     marked), the fee, and the facts of the built-in rules."""
+    from anyhsm.policy.gate import SpendSummary as Summary  # plain data, no engine
+
     keys = {j.key.info.id: j.key.info for p in plans for j in p.jobs}
-    return CheckedSpend(
+    return Summary(
         facts=facts,
         txid=txid,
         keys=tuple(keys.values()),

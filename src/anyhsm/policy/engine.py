@@ -47,7 +47,6 @@ from anyhsm.bitcoin.policy import (
     fee_problems,
     fee_text,
     sighash_problem,
-    signing_facts,
 )
 from anyhsm.policy.gate import SpendSummary
 from anyhsm.policy.rules import (
@@ -284,7 +283,7 @@ def evaluate(
 ) -> Decision:
     """The decision for ``spend`` at ``now`` (see the module doc for the order)."""
     facts = _Facts.of(spend)
-    signed = signing_facts(spend)
+    signed = spend.facts
     results: list[RuleResult] = []
     if signed is not None:  # the implicit built-in rules, as judged under [policy]
         results.extend(RuleResult(v.rule, v.decision, v.reason) for v in signed.builtin)

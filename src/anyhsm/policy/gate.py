@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from anyhsm.bitcoin.policy import OutputReport
+    from anyhsm.bitcoin.policy import OutputReport, SigningFacts
     from anyhsm.types import KeyInfo
 
 
@@ -29,7 +29,8 @@ class SpendSummary:
     ``txid``: the unsigned transaction id (display order hex), "unknown" when no v0
     transaction can be made. ``keys``: every key that would make a signature (at least
     one). ``outputs``: each output with its address and whether it is our change.
-    ``fee``, ``inputs_total``, ``outputs_total`` in satoshis; ``vsize`` estimated."""
+    ``fee``, ``inputs_total``, ``outputs_total`` in satoshis; ``vsize`` estimated;
+    ``facts``: what the built-in rules judge (the signer's findings under ``[policy]``)."""
 
     txid: str
     keys: tuple[KeyInfo, ...]
@@ -40,6 +41,9 @@ class SpendSummary:
     outputs_total: int
     vsize: int
     warnings: tuple[str, ...] = ()
+    # what the built-in rules judge, as the signer found it; None for a summary made
+    # elsewhere (a rule that needs them then refuses: fail closed)
+    facts: SigningFacts | None = None
 
     @property
     def leaving(self) -> int:

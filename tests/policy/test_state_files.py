@@ -183,3 +183,27 @@ def test_stores_made_for_one_call_leave_no_descriptor_open(tmp_path: Path) -> No
     assert files.slots == [None, None]
     with pytest.raises(OSError):
         os.fstat(lock)
+
+
+def test_a_failure_while_looking_by_path_releases_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the slots cannot be opened again (descriptors exhausted) after the
+    lock was taken; the transaction fails and the lock is not left held."""
+    import errno
+
+    directory = tmp_path / "s"
+    store = _store(directory)
+    _commit(store)  # a fresh directory: every transaction looks by path
+
+    def exhausted(self: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(state_mod._Files, "reopen_slots", exhausted)
+    with pytest.raises(OSError), store.transaction():
+        pass
+    probe = os.open(directory / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free
+    finally:
+        os.close(probe)

@@ -600,16 +600,20 @@ class _Locked:
             self._lock_by_path()
             return _FileTransaction(store)
         self._files = files
-        if not files.current():
-            if files.lock_is_current():
-                files.reopen_slots()
-            else:
-                # the lock file was replaced (the directory removed and made again): this
-                # descriptor locks nothing anyone else locks
-                fcntl.flock(files.lock, fcntl.LOCK_UN)
-                self._files = None
-                store.drop_files()
-                self._lock_by_path()
+        try:
+            if not files.current():
+                if files.lock_is_current():
+                    files.reopen_slots()
+                else:
+                    # the lock file was replaced (the directory removed and made again):
+                    # this descriptor locks nothing anyone else locks
+                    fcntl.flock(files.lock, fcntl.LOCK_UN)
+                    self._files = None
+                    store.drop_files()
+                    self._lock_by_path()
+        except BaseException:
+            self.__exit__()  # never leave the lock held by a transaction that did not start
+            raise
         return _FileTransaction(store)
 
     def _lock_by_path(self) -> None:
@@ -621,19 +625,25 @@ class _Locked:
         _ensure_dir(store.directory)
         stack = contextlib.ExitStack()
         stack.enter_context(file_lock(store.directory / LOCK_FILE))
+        try:
+            files = store.files()
+            if files.lock_is_current():
+                files.reopen_slots()
+            else:
+                store.drop_files()
+                store.files()
+        except BaseException:
+            stack.close()
+            raise
         self._waited = stack
-        files = store.files()
-        if files.lock_is_current():
-            files.reopen_slots()
-        else:
-            store.drop_files()
-            store.files()
 
     def __exit__(self, *exc: object) -> None:
-        if self._files is not None:
-            fcntl.flock(self._files.lock, fcntl.LOCK_UN)
-        if self._waited is not None:
-            self._waited.close()
+        files, waited = self._files, self._waited
+        self._files = self._waited = None
+        if files is not None:
+            fcntl.flock(files.lock, fcntl.LOCK_UN)
+        if waited is not None:
+            waited.close()
 
 
 def _ensure_dir(directory: Path) -> None:

@@ -327,3 +327,38 @@ def test_a_policy_edited_without_the_admin_step_is_refused(dep: Deployment) -> N
     assert e.value.exit_code == 7 and e.value.rules == ["policy-authenticated"]
     assert "without 'anyhsm policy set'" in e.value.message
     del path
+
+
+def test_the_reasons_of_rules_that_held(dep: Deployment) -> None:
+    """Signing does not write the reasons of the rules that held; ``policy check`` shows
+    them (written when read), with the state the decision saw: the budget before the
+    spend, and "already counted" once the transaction was debited."""
+    dest = foreign_address(RNG)
+    dep.set(
+        f"""
+        [[rules]]
+        name = "listed"
+        keys = ["hot"]
+        destinations = ["{dest}"]
+        max_per_tx_sat = 10_000_000
+        max_per_period_sat = 50_000_000
+        period = "24h"
+
+        [[rules]]
+        name = "anything"
+        """
+    )
+    psbt = _pay(dep, 2_000_000, dest)
+    before = {r.name: r.reason for r in check_psbt(dep.hsm, psbt, "hot").rules}
+    assert before["listed"] == (
+        "every destination listed; 2001000 sat (0.02001 BTC) of max 10000000 sat (0.1 BTC) "
+        "per transaction; 2001000 sat (0.02001 BTC) of 50000000 sat (0.5 BTC) in 24h"
+    )
+    assert before["anything"] == "no condition"
+    assert sign_psbt(dep.hsm, psbt, "hot").signed_inputs == 1
+    after = {r.name: r.reason for r in check_psbt(dep.hsm, psbt, "hot").rules}
+    assert after["listed"] == (
+        "every destination listed; 2001000 sat (0.02001 BTC) of max 10000000 sat (0.1 BTC) "
+        "per transaction; 2001000 sat (0.02001 BTC) of 50000000 sat (0.5 BTC) in 24h "
+        "(this transaction is already counted)"
+    )

@@ -184,10 +184,6 @@ class PolicyCheck(Data):
         """The check back from its :meth:`to_dict` (a service's answer to ``POST
         /v1/policy/check``); :class:`~anyhsm.errors.ServiceError` when it is not one."""
         try:
-            rules = obj["rules"]
-            budgets = obj["budgets"]
-            if not isinstance(rules, list) or not isinstance(budgets, list):
-                raise TypeError("rules and budgets are lists")
             return cls(
                 decision=_text(obj["decision"]),
                 txid=_text(obj["txid"]),
@@ -202,9 +198,9 @@ class PolicyCheck(Data):
                         _text(r["reason"]),
                         tuple(bytes.fromhex(_text(p)) for p in _list(r.get("approved_by", []))),
                     )
-                    for r in map(_map, rules)
+                    for r in map(_map, _list(obj["rules"]))
                 ),
-                budgets=tuple(dict(_map(b)) for b in budgets),
+                budgets=tuple(dict(_map(b)) for b in _list(obj["budgets"])),
                 warnings=tuple(_text(w) for w in _list(obj["warnings"])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:

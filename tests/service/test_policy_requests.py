@@ -338,3 +338,26 @@ def test_policy_show_through_the_cli_against_the_service(tmp_path: Path) -> None
     finally:
         stop()
         dep.hsm.close()
+
+
+def test_policy_requests_leave_no_descriptor_open(
+    served: tuple[Deployment, dict[str, Client]],
+) -> None:
+    """A long-running service answers thousands of policy checks and approval requests:
+    each makes a state store for the call, whose descriptors must close with it (before,
+    every one left the state's lock file open until the process ended)."""
+    import gc
+    import os
+
+    dep, c = served
+    large = _large(dep)
+    for _ in range(3):  # warm: the client's connection, the workers' own descriptors
+        c["treasury"].check_policy("hot", large)
+        c["treasury"].approval_request("hot", large, expires_in=600)
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(60):
+        assert c["treasury"].check_policy("hot", large)["decision"] == "refuse"
+        c["treasury"].approval_request("hot", large, expires_in=600)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 2  # slack: a pool thread started

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
         WalletDescriptors,
         XpubResult,
     )
-    from anyhsm.ops.policy import ApprovalAccepted, ApprovalRequest
+    from anyhsm.ops.policy import ApprovalAccepted, ApprovalRequest, PolicyCheck, PolicyShow
 
 JsonObject = Mapping[str, object]
 DEFAULT_ADDR = "http://127.0.0.1:8420"
@@ -167,6 +167,102 @@ def _obj(value: object) -> JsonObject:
     if not isinstance(value, dict):
         raise ServiceUnreachable("the service's answer is not a JSON object")
     return value
+
+
+def _ni(obj: JsonObject, name: str) -> int | None:
+    return None if obj.get(name) is None else _i(obj, name)
+
+
+def _list(obj: JsonObject, name: str) -> list[object]:
+    value = obj.get(name)
+    if not isinstance(value, list):
+        raise ServiceUnreachable(f"the service's answer lacks the list {name!r}")
+    return value
+
+
+def _strings(obj: JsonObject, name: str) -> tuple[str, ...]:
+    items = _list(obj, name)
+    if not all(isinstance(v, str) for v in items):
+        raise ServiceUnreachable(f"the service's answer has a {name!r} that is not all strings")
+    return tuple(str(v) for v in items)
+
+
+def _hex(text: str, name: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ServiceUnreachable(f"the service's answer has a {name!r} that is not hex") from None
+
+
+def policy_check_result(obj: JsonObject) -> PolicyCheck:
+    """:meth:`Client.check_policy`'s answer as the operation's result (what ``anyhsm
+    policy check`` prints under ``--addr``); :class:`ServiceUnreachable` when the answer
+    is not one."""
+    from anyhsm.ops.policy import PolicyCheck, RuleVerdict
+
+    rules = []
+    for r in map(_obj, _list(obj, "rules")):
+        approvers = _strings(r, "approved_by") if r.get("approved_by") is not None else ()
+        rules.append(
+            RuleVerdict(
+                _s(r, "name"),
+                _s(r, "decision"),
+                _s(r, "reason"),
+                tuple(_hex(a, "approved_by") for a in approvers),
+            )
+        )
+    return PolicyCheck(
+        decision=_s(obj, "decision"),
+        txid=_s(obj, "txid"),
+        policy=_ns(obj, "policy"),
+        keys=_strings(obj, "keys"),
+        amount=_ni(obj, "amount"),
+        fee=_ni(obj, "fee"),
+        rules=tuple(rules),
+        budgets=tuple(dict(_obj(b)) for b in _list(obj, "budgets")),
+        warnings=_strings(obj, "warnings"),
+    )
+
+
+def policy_show_result(obj: JsonObject) -> PolicyShow:
+    """:meth:`Client.show_policy`'s answer as the operation's result (what ``anyhsm
+    policy show`` prints under ``--addr``); :class:`ServiceUnreachable` when the answer
+    is not one."""
+    from anyhsm.ops.policy import BudgetNow, FrozenKey, PendingApproval, PolicyShow
+
+    active = obj.get("active")
+    if not isinstance(active, bool):
+        raise ServiceUnreachable("the service's answer lacks the boolean 'active'")
+    required = _ns(obj, "required_file")
+    principals = _obj(obj.get("principals"))
+    return PolicyShow(
+        active=active,
+        sha256=_ns(obj, "sha256"),
+        version=_ni(obj, "version"),
+        required_file=None if required is None else Path(required),
+        description=_s(obj, "description"),
+        rules=tuple(dict(_obj(r)) for r in _list(obj, "rules")),
+        principals={k: list(_strings(principals, k)) for k in principals},
+        budgets=tuple(
+            BudgetNow(_s(b, "rule"), _s(b, "period"), _i(b, "limit"), _i(b, "used"), _i(b, "left"))
+            for b in map(_obj, _list(obj, "budgets"))
+        ),
+        frozen=tuple(
+            FrozenKey(_s(f, "key"), _s(f, "label"), _s(f, "reason"), _i(f, "since"), _ns(f, "by"))
+            for f in map(_obj, _list(obj, "frozen"))
+        ),
+        pending_approvals=tuple(
+            PendingApproval(
+                _s(a, "id"),
+                _s(a, "txid"),
+                _hex(_s(a, "pubkey"), "pubkey"),
+                _i(a, "expires"),
+                _ns(a, "submitted_by"),
+            )
+            for a in map(_obj, _list(obj, "pending_approvals"))
+        ),
+        builtin_rules=tuple(dict(_obj(r)) for r in _list(obj, "builtin_rules")),
+    )
 
 
 def _psbt_text(psbt: Psbt | bytes | str) -> str:
@@ -694,12 +790,14 @@ class Client:
 
     def show_policy(self) -> JsonObject:
         """What ``anyhsm policy show --json`` prints: the active spending policy, its
-        budgets, frozen keys and approvals waiting (right ``admin``)."""
+        budgets, frozen keys and approvals waiting (right ``admin``);
+        :func:`policy_show_result` reads it into the operation's result."""
         return self._json("GET", "/v1/policy", None)
 
     def check_policy(self, key: str, psbt: Psbt | bytes | str) -> JsonObject:
         """What ``anyhsm policy check --json`` prints: the spending policy's decision on
-        the PSBT signed by ``key``, nothing signed or debited."""
+        the PSBT signed by ``key``, nothing signed or debited; :func:`policy_check_result`
+        reads it into the operation's result."""
         return self._json("POST", "/v1/policy/check", {"key": key, "psbt": _psbt_text(psbt)})
 
     def approval_request(

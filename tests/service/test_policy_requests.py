@@ -209,7 +209,8 @@ def test_policy_check_through_the_cli_against_the_service(tmp_path: Path) -> Non
     from tests.support.cli import cli
 
     from anyhsm.cli.policy_cmds import check_text
-    from anyhsm.ops.policy import PolicyCheck, check_psbt
+    from anyhsm.client import policy_check_result
+    from anyhsm.ops.policy import check_psbt
 
     dep = open_deployment(tmp_path / "dep")
     dep.set(POLICY)
@@ -230,7 +231,7 @@ def test_policy_check_through_the_cli_against_the_service(tmp_path: Path) -> Non
             assert remote["decision"] == decision
             local = check_psbt(dep.hsm, text, "hot").to_dict()
             assert {k: v for k, v in remote.items() if k != "schema_version"} == local
-            back = PolicyCheck.from_dict(remote)
+            back = policy_check_result(remote)
             assert back.to_dict() == local
             plain = cli("policy", "check", str(f), "--key", "hot", env=env, cwd=work)
             assert plain.returncode == status
@@ -246,15 +247,15 @@ def test_policy_check_through_the_cli_against_the_service(tmp_path: Path) -> Non
 
 
 def test_a_malformed_policy_check_answer_is_a_typed_error() -> None:
+    from anyhsm.client import policy_check_result
     from anyhsm.errors import ServiceError
-    from anyhsm.ops.policy import PolicyCheck
 
     good: dict[str, object] = {
         "decision": "allow", "txid": "ab" * 32, "policy": None, "keys": ["hot"],
         "amount": 5, "fee": 1, "warnings": [], "budgets": [],
         "rules": [{"name": "r", "decision": "allow", "reason": "", "approved_by": ["02" * 33]}],
     }  # fmt: skip
-    assert PolicyCheck.from_dict(good).rules[0].approved_by == (bytes.fromhex("02" * 33),)
+    assert policy_check_result(good).rules[0].approved_by == (bytes.fromhex("02" * 33),)
     for bad in (
         {**good, "rules": "r"},
         {**good, "amount": "5"},
@@ -266,7 +267,7 @@ def test_a_malformed_policy_check_answer_is_a_typed_error() -> None:
         },
     ):
         with pytest.raises(ServiceError):
-            PolicyCheck.from_dict(bad)
+            policy_check_result(bad)
 
 
 def test_policy_show_through_the_cli_against_the_service(tmp_path: Path) -> None:
@@ -282,6 +283,7 @@ def test_policy_show_through_the_cli_against_the_service(tmp_path: Path) -> None
 
     from anyhsm.cli.app import App
     from anyhsm.cli.policy_cmds import cmd_show
+    from anyhsm.client import policy_show_result
     from anyhsm.ops.policy import PolicyShow, freeze_key, submit_approval
 
     dep = open_deployment(tmp_path / "dep")
@@ -308,7 +310,7 @@ def test_policy_show_through_the_cli_against_the_service(tmp_path: Path) -> None
         with Client(url, tokens["operator"]) as c:
             answer = c.show_policy()
         assert answer.pop("schema_version") == 1 and answer == local.to_dict()
-        back = PolicyShow.from_dict(answer)
+        back = policy_show_result(answer)
         assert back == local
         env = {"ANYHSM_ADDR": url, "ANYHSM_TOKEN": tokens["operator"]}
         r = cli("--json", "policy", "show", env=env, cwd=work)

@@ -245,16 +245,16 @@ class RemoteBackend:
         return self._client.approval_request(key, psbt, expires_in=expires_in)
 
     def check_policy(self, key: str | None, psbt: Psbt) -> PolicyCheck:
-        from anyhsm.ops.policy import PolicyCheck
+        from anyhsm.client import policy_check_result
 
         if key is None:
             raise UsageError("against a service, name the key: --key LABEL")
-        return PolicyCheck.from_dict(self._client.check_policy(key, psbt))
+        return policy_check_result(self._client.check_policy(key, psbt))
 
     def show_policy(self) -> PolicyShow:
-        from anyhsm.ops.policy import PolicyShow
+        from anyhsm.client import policy_show_result
 
-        return PolicyShow.from_dict(self._client.show_policy())
+        return policy_show_result(self._client.show_policy())
 
     def submit_approval(
         self, txid: str, pubkey: str, signature: str, expires: int, policy: str | None

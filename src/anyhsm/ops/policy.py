@@ -14,7 +14,6 @@ expires. ``freeze_key`` / ``unfreeze_key`` switch a key off and on. Every step i
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,56 +102,6 @@ class PolicyShow(Data):
     # the built-in rules, implicit from [policy] (evaluated first, for every key)
     builtin_rules: tuple[dict[str, object], ...] = ()
 
-    @classmethod
-    def from_dict(cls, obj: Mapping[str, object]) -> PolicyShow:
-        """The view back from its :meth:`to_dict` (a service's answer to ``GET
-        /v1/policy``); :class:`~anyhsm.errors.ServiceError` when it is not one."""
-        try:
-            required = obj["required_file"]
-            principals = _map(obj["principals"])
-            return cls(
-                active=_bool(obj["active"]),
-                sha256=None if obj["sha256"] is None else _text(obj["sha256"]),
-                version=_int_or_none(obj["version"]),
-                required_file=None if required is None else Path(_text(required)),
-                description=_text(obj["description"]),
-                rules=tuple(dict(_map(r)) for r in _list(obj["rules"])),
-                principals={_text(k): [_text(p) for p in _list(v)] for k, v in principals.items()},
-                budgets=tuple(
-                    BudgetNow(
-                        _text(b["rule"]),
-                        _text(b["period"]),
-                        _int(b["limit"]),
-                        _int(b["used"]),
-                        _int(b["left"]),
-                    )
-                    for b in map(_map, _list(obj["budgets"]))
-                ),
-                frozen=tuple(
-                    FrozenKey(
-                        _text(f["key"]),
-                        _text(f["label"]),
-                        _text(f["reason"]),
-                        _int(f["since"]),
-                        None if f["by"] is None else _text(f["by"]),
-                    )
-                    for f in map(_map, _list(obj["frozen"]))
-                ),
-                pending_approvals=tuple(
-                    PendingApproval(
-                        _text(a["id"]),
-                        _text(a["txid"]),
-                        bytes.fromhex(_text(a["pubkey"])),
-                        _int(a["expires"]),
-                        None if a["submitted_by"] is None else _text(a["submitted_by"]),
-                    )
-                    for a in map(_map, _list(obj["pending_approvals"]))
-                ),
-                builtin_rules=tuple(dict(_map(r)) for r in _list(obj["builtin_rules"])),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise _malformed("policy show", e) from None
-
 
 @dataclass(frozen=True)
 class RuleVerdict(Data):
@@ -178,81 +127,6 @@ class PolicyCheck(Data):
     rules: tuple[RuleVerdict, ...]
     budgets: tuple[dict[str, object], ...]
     warnings: tuple[str, ...]
-
-    @classmethod
-    def from_dict(cls, obj: Mapping[str, object]) -> PolicyCheck:
-        """The check back from its :meth:`to_dict` (a service's answer to ``POST
-        /v1/policy/check``); :class:`~anyhsm.errors.ServiceError` when it is not one."""
-        try:
-            return cls(
-                decision=_text(obj["decision"]),
-                txid=_text(obj["txid"]),
-                policy=None if obj["policy"] is None else _text(obj["policy"]),
-                keys=tuple(_text(k) for k in _list(obj["keys"])),
-                amount=_int_or_none(obj["amount"]),
-                fee=_int_or_none(obj["fee"]),
-                rules=tuple(
-                    RuleVerdict(
-                        _text(r["name"]),
-                        _text(r["decision"]),
-                        _text(r["reason"]),
-                        tuple(bytes.fromhex(_text(p)) for p in _list(r.get("approved_by", []))),
-                    )
-                    for r in map(_map, _list(obj["rules"]))
-                ),
-                budgets=tuple(dict(_map(b)) for b in _list(obj["budgets"])),
-                warnings=tuple(_text(w) for w in _list(obj["warnings"])),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise _malformed("policy check", e) from None
-
-
-def _malformed(what: str, e: Exception) -> HsmError:
-    from anyhsm.errors import ServiceError
-
-    return ServiceError(
-        f"the service's {what} answer is malformed ({type(e).__name__})",
-        hint="the service and this client may be different anyhsm versions",
-    )
-
-
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError("true or false was expected")
-    return value
-
-
-def _int(value: object) -> int:
-    found = _int_or_none(value)
-    if found is None:
-        raise TypeError("an integer was expected")
-    return found
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError("a string was expected")
-    return value
-
-
-def _map(value: object) -> Mapping[str, object]:
-    if not isinstance(value, dict):
-        raise TypeError("an object was expected")
-    return value
-
-
-def _list(value: object) -> list[object]:
-    if not isinstance(value, list):
-        raise TypeError("a list was expected")
-    return value
-
-
-def _int_or_none(value: object) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError("an integer was expected")
-    return value
 
 
 @dataclass(frozen=True)
